@@ -1,0 +1,44 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Dependencies point one way: mqtapd → TapAPI → TapCore → TunKit → CTunLinux.
+// The only external package is swift-argument-parser (the executable's flags).
+let package = Package(
+    name: "mqtapd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "mqtapd", targets: ["mqtapd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // System libraries: module maps plus static-inline shims for the variadic and macro APIs.
+        .systemLibrary(
+            name: "CMicroHTTPD", pkgConfig: "libmicrohttpd",
+            providers: [.apt(["libmicrohttpd-dev"])]),
+        .systemLibrary(
+            name: "CJansson", pkgConfig: "jansson",
+            providers: [.apt(["libjansson-dev"])]),
+        // Kernel constants Swift cannot import (_IOW macros) and the non-variadic ioctl entry.
+        .target(name: "CTunLinux"),
+        // Per-queue counter block: one cache line, single-writer relaxed atomics.
+        .target(name: "CCounters"),
+        // The syscall layer: the only code that calls open/ioctl/read/write/epoll.
+        .target(name: "TunKit", dependencies: ["CTunLinux"]),
+        // Device manager, worker pool, counters. No Glibc, no ioctl.
+        .target(name: "TapCore", dependencies: ["TunKit", "CCounters"]),
+        // HTTP + JSON: the only importers of libmicrohttpd and jansson.
+        .target(name: "TapAPI", dependencies: ["TapCore", "CMicroHTTPD", "CJansson"]),
+        .executableTarget(
+            name: "mqtapd",
+            dependencies: [
+                "TapAPI", "TapCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit"]),
+        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore"]),
+        .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,2 @@
+// The counter primitives are header-only (static inline); SwiftPM needs one source file.
+#include "CCounters.h"

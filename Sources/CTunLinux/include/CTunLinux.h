@@ -1,0 +1,56 @@
+#ifndef MQTAPD_CTUNLINUX_H
+#define MQTAPD_CTUNLINUX_H
+#include <stdint.h>
+#include <net/if.h>
+// Not part of Swift's Glibc module; re-exported here for the syscall layer.
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+
+// ioctl request numbers are _IOW/_IOR macros that Swift cannot import; they are exported
+// here as constants, checked against the kernel headers in tunlinux.c.
+extern const unsigned long mqt_TUNSETIFF;
+extern const unsigned long mqt_TUNGETIFF;
+extern const unsigned long mqt_TUNSETQUEUE;
+extern const unsigned long mqt_TUNSETPERSIST;
+extern const unsigned long mqt_TUNGETFEATURES;
+extern const unsigned long mqt_SIOCGIFFLAGS;
+extern const unsigned long mqt_SIOCSIFFLAGS;
+extern const unsigned long mqt_SIOCSIFMTU;
+extern const unsigned long mqt_SIOCGIFMTU;
+extern const unsigned long mqt_SIOCSIFHWADDR;
+extern const unsigned long mqt_SIOCGIFHWADDR;
+extern const unsigned long mqt_SIOCGIFINDEX;
+
+extern const int mqt_IFF_TUN;
+extern const int mqt_IFF_TAP;
+extern const int mqt_IFF_NO_PI;
+extern const int mqt_IFF_VNET_HDR;
+extern const int mqt_IFF_MULTI_QUEUE;
+extern const int mqt_IFF_TUN_EXCL;
+extern const int mqt_IFF_ATTACH_QUEUE;
+extern const int mqt_IFF_DETACH_QUEUE;
+extern const int mqt_IFF_PERSIST;
+extern const int mqt_IFF_UP;
+
+// ioctl is variadic; this is the one non-variadic entry the syscall layer uses.
+// Returns the ioctl's result; errno is left as the call set it.
+int mqt_ioctl(int fd, unsigned long request, void *arg);
+// For requests whose argument is a plain integer (TUNSETPERSIST).
+int mqt_ioctl_value(int fd, unsigned long request, unsigned long value);
+
+// TUNSETIFF/TUNSETQUEUE/SIOC* take a struct ifreq; these fill and read the fields we use
+// so Swift never has to lay out the union by hand. `name` must be shorter than IFNAMSIZ.
+int mqt_ifreq_ioctl_flags(int fd, unsigned long request, const char *name, int *flags);
+int mqt_ifreq_ioctl_int(int fd, unsigned long request, const char *name, int *value, int which);
+int mqt_ifreq_set_hwaddr(int fd, const char *name, const uint8_t mac[6]);
+int mqt_ifreq_get_hwaddr(int fd, const char *name, uint8_t mac[6]);
+// Reads the device name bound to a tun fd (TUNGETIFF); `name` has IFNAMSIZ bytes.
+int mqt_tun_getiff(int fd, char *name, int *flags);
+
+// strerrorname_np (glibc ≥ 2.32) is declared only under _GNU_SOURCE: "E2BIG" for E2BIG.
+// Returns NULL for an unknown number.
+const char *mqt_errno_name(int err);
+
+// Names the calling thread (at most 15 characters; longer names are cut).
+void mqt_set_thread_name(const char *name);
+#endif

@@ -1,0 +1,109 @@
+#define _GNU_SOURCE
+#include "CTunLinux.h"
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/if_tun.h>
+#include <linux/sockios.h>
+#include <net/if_arp.h>
+
+const unsigned long mqt_TUNSETIFF = TUNSETIFF;
+const unsigned long mqt_TUNGETIFF = TUNGETIFF;
+const unsigned long mqt_TUNSETQUEUE = TUNSETQUEUE;
+const unsigned long mqt_TUNSETPERSIST = TUNSETPERSIST;
+const unsigned long mqt_TUNGETFEATURES = TUNGETFEATURES;
+const unsigned long mqt_SIOCGIFFLAGS = SIOCGIFFLAGS;
+const unsigned long mqt_SIOCSIFFLAGS = SIOCSIFFLAGS;
+const unsigned long mqt_SIOCSIFMTU = SIOCSIFMTU;
+const unsigned long mqt_SIOCGIFMTU = SIOCGIFMTU;
+const unsigned long mqt_SIOCSIFHWADDR = SIOCSIFHWADDR;
+const unsigned long mqt_SIOCGIFHWADDR = SIOCGIFHWADDR;
+const unsigned long mqt_SIOCGIFINDEX = SIOCGIFINDEX;
+
+const int mqt_IFF_TUN = IFF_TUN;
+const int mqt_IFF_TAP = IFF_TAP;
+const int mqt_IFF_NO_PI = IFF_NO_PI;
+const int mqt_IFF_VNET_HDR = IFF_VNET_HDR;
+const int mqt_IFF_MULTI_QUEUE = IFF_MULTI_QUEUE;
+const int mqt_IFF_TUN_EXCL = IFF_TUN_EXCL;
+const int mqt_IFF_ATTACH_QUEUE = IFF_ATTACH_QUEUE;
+const int mqt_IFF_DETACH_QUEUE = IFF_DETACH_QUEUE;
+const int mqt_IFF_PERSIST = IFF_PERSIST;
+const int mqt_IFF_UP = IFF_UP;
+
+// The values the rest of the code relies on, as the kernel ABI defines them.
+_Static_assert(TUNSETIFF == 0x400454ca, "TUNSETIFF");
+_Static_assert(TUNSETQUEUE == 0x400454d9, "TUNSETQUEUE");
+_Static_assert(IFF_MULTI_QUEUE == 0x0100, "IFF_MULTI_QUEUE");
+_Static_assert(IFNAMSIZ == 16, "IFNAMSIZ");
+
+int mqt_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+
+int mqt_ioctl_value(int fd, unsigned long request, unsigned long value) {
+    return ioctl(fd, request, value);
+}
+
+static int fill_name(struct ifreq *ifr, const char *name) {
+    memset(ifr, 0, sizeof *ifr);
+    if (name == NULL) return 0;
+    if (strlen(name) >= IFNAMSIZ) { errno = EINVAL; return -1; }
+    strncpy(ifr->ifr_name, name, IFNAMSIZ - 1);
+    return 0;
+}
+
+int mqt_ifreq_ioctl_flags(int fd, unsigned long request, const char *name, int *flags) {
+    struct ifreq ifr;
+    if (fill_name(&ifr, name) < 0) return -1;
+    ifr.ifr_flags = (short)*flags;
+    int rc = ioctl(fd, request, &ifr);
+    if (rc == 0) *flags = (unsigned short)ifr.ifr_flags;
+    return rc;
+}
+
+// which: 0 = ifr_mtu, 1 = ifr_ifindex.
+int mqt_ifreq_ioctl_int(int fd, unsigned long request, const char *name, int *value, int which) {
+    struct ifreq ifr;
+    if (fill_name(&ifr, name) < 0) return -1;
+    if (which == 0) ifr.ifr_mtu = *value; else ifr.ifr_ifindex = *value;
+    int rc = ioctl(fd, request, &ifr);
+    if (rc == 0) *value = which == 0 ? ifr.ifr_mtu : ifr.ifr_ifindex;
+    return rc;
+}
+
+int mqt_ifreq_set_hwaddr(int fd, const char *name, const uint8_t mac[6]) {
+    struct ifreq ifr;
+    if (fill_name(&ifr, name) < 0) return -1;
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+    return ioctl(fd, SIOCSIFHWADDR, &ifr);
+}
+
+int mqt_ifreq_get_hwaddr(int fd, const char *name, uint8_t mac[6]) {
+    struct ifreq ifr;
+    if (fill_name(&ifr, name) < 0) return -1;
+    int rc = ioctl(fd, SIOCGIFHWADDR, &ifr);
+    if (rc == 0) memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+    return rc;
+}
+
+int mqt_tun_getiff(int fd, char *name, int *flags) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    int rc = ioctl(fd, TUNGETIFF, &ifr);
+    if (rc == 0) {
+        memcpy(name, ifr.ifr_name, IFNAMSIZ);
+        name[IFNAMSIZ - 1] = 0;
+        *flags = (unsigned short)ifr.ifr_flags;
+    }
+    return rc;
+}
+
+const char *mqt_errno_name(int err) { return strerrorname_np(err); }
+
+void mqt_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, sizeof buf - 1);
+    buf[sizeof buf - 1] = 0;
+    pthread_setname_np(pthread_self(), buf);
+}

@@ -1,0 +1,57 @@
+import TunKit
+
+/// The kernel operations the manager needs, as a seam: the real driver calls the syscall
+/// layer; tests substitute a driver that injects `E2BIG`, `EBUSY`, `EMFILE`, … without root.
+///
+/// A driver has no policy and no state the manager relies on: it does what it is told.
+public protocol TunDriver: Sendable {
+    /// Opens one queue of `name` (creating the device on the first one) and returns its fd.
+    /// The fd must be pollable; on failure nothing stays open.
+    func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32
+    func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError)
+    func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError)
+    func close(_ fd: Int32)
+    func setUp(_ name: String, _ up: Bool) throws(SyscallError)
+    func setMTU(_ name: String, _ mtu: Int) throws(SyscallError)
+    func mtu(_ name: String) throws(SyscallError) -> Int
+    func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError)
+    func mac(_ name: String) throws(SyscallError) -> [UInt8]
+    func ifindex(_ name: String) throws(SyscallError) -> Int
+    /// Whether the queue fd is still bound to a device. False once the device was deleted
+    /// behind the daemon's back (the kernel then answers TUNGETIFF with EBADFD): how the
+    /// manager tells, for attached and detached queues alike, without racing sysfs.
+    func isBound(_ fd: Int32) -> Bool
+    /// The kernel's device counters; nil if the device is gone.
+    func statistics(_ name: String) -> [String: UInt64]?
+}
+
+/// The driver for real devices: `/dev/net/tun`, `SIOC*` ioctls and sysfs.
+public struct LinuxTunDriver: TunDriver {
+    public init() {}
+
+    public func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
+        try Tun.openQueue(name: name, flags: flags)
+    }
+    public func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
+        try Tun.setQueue(fd, enabled: enabled)
+    }
+    public func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError) {
+        try Tun.setPersist(fd, persist)
+    }
+    public func close(_ fd: Int32) { closeFD(fd) }
+    public func setUp(_ name: String, _ up: Bool) throws(SyscallError) { try Link.setUp(name, up) }
+    public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) { try Link.setMTU(name, mtu) }
+    public func mtu(_ name: String) throws(SyscallError) -> Int { try Link.mtu(name) }
+    public func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) { try Link.setMAC(name, mac) }
+    public func mac(_ name: String) throws(SyscallError) -> [UInt8] { try Link.mac(name) }
+    public func ifindex(_ name: String) throws(SyscallError) -> Int { try Link.ifindex(name) }
+    public func isBound(_ fd: Int32) -> Bool {
+        do {
+            _ = try Tun.getInterface(fd)
+            return true
+        } catch {
+            return error.errno != .badFileDescriptorState
+        }
+    }
+    public func statistics(_ name: String) -> [String: UInt64]? { (try? Link.statistics(name)) ?? nil }
+}

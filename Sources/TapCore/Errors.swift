@@ -1,0 +1,100 @@
+import TunKit
+
+/// A kernel step of building or changing a device: what an error says failed.
+public enum DeviceStep: String, Sendable, Hashable {
+    case openQueue = "open queue"
+    case attachQueue = "attach queue"
+    case detachQueue = "detach queue"
+    case setPersist = "set persist"
+    case setMAC = "set MAC address"
+    case setMTU = "set MTU"
+    case setLinkUp = "set link state"
+    case readIfindex = "read ifindex"
+    case pollQueue = "poll queue"
+}
+
+/// Everything the manager can refuse or fail with. The API maps each case to one HTTP
+/// status and `code` in one place; the manager only decides which case applies.
+public enum ManagerError: Error, Equatable, Sendable {
+    /// A field's value is out of its domain (bad name, negative count, MTU out of range…).
+    case invalidField(field: String, reason: String)
+    case deviceNotFound(name: String)
+    case queueNotFound(device: String, id: Int)
+    /// The name belongs to an interface that exists already (ours or not).
+    case nameConflict(name: String, errno: Errno?)
+    /// More queues than the device's `max_queues`, the global limit or the kernel allow.
+    case queueLimitExceeded(device: String, limit: Int, requested: Int, errno: Errno?)
+    /// A limit was asked lower than what a device already uses.
+    case limitBelowUsage(field: String, limit: Int, device: String, inUse: Int)
+    /// Removing the device's last queue would destroy it; delete the device instead.
+    case lastQueue(device: String, id: Int)
+    /// The process or the system ran out of something (EMFILE, ENFILE, ENOMEM, ENOBUFS).
+    case resourceExhausted(device: String, step: DeviceStep, call: String, errno: Errno)
+    /// The kernel refused a step for another reason; the errno says which.
+    case kernel(device: String, step: DeviceStep, call: String, errno: Errno)
+
+    /// The errno behind the error, when the kernel refused.
+    public var errno: Errno? {
+        switch self {
+        case .nameConflict(_, let e), .queueLimitExceeded(_, _, _, let e): return e
+        case .resourceExhausted(_, _, _, let e), .kernel(_, _, _, let e): return e
+        default: return nil
+        }
+    }
+
+    /// The field a client should fix, when one is to blame.
+    public var field: String? {
+        switch self {
+        case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _): return f
+        default: return nil
+        }
+    }
+
+    /// A short sentence for people; it does not repeat the errno, which travels apart.
+    public var message: String {
+        switch self {
+        case .invalidField(let field, let reason):
+            return "\(field): \(reason)"
+        case .deviceNotFound(let name):
+            return "no device named \(name)"
+        case .queueNotFound(let device, let id):
+            return "device \(device) has no queue \(id)"
+        case .nameConflict(let name, _):
+            return "an interface named \(name) already exists"
+        case .queueLimitExceeded(let device, let limit, let requested, let errno):
+            if errno != nil {
+                return "the kernel refused more queues on \(device) (its limit is \(Tun.kernelMaxQueues))"
+            }
+            return "\(device) would have \(requested) queues; the limit is \(limit)"
+        case .limitBelowUsage(let field, let limit, let device, let inUse):
+            return "\(field) \(limit) is below the \(inUse) queues device \(device) has"
+        case .lastQueue(let device, let id):
+            return "queue \(id) is the last queue of \(device); delete the device instead"
+        case .resourceExhausted(let device, let step, let call, _):
+            return "out of resources: \(step.rawValue) for \(device) failed in \(call)"
+        case .kernel(let device, let step, let call, _):
+            return "\(step.rawValue) for \(device) failed in \(call)"
+        }
+    }
+
+    /// Classifies a failed kernel step: exhaustion, a name taken, the kernel's queue limit,
+    /// or a plain kernel error.
+    static func from(_ error: SyscallError, device: String, step: DeviceStep, queuesRequested: Int = 0) -> ManagerError {
+        switch error.errno {
+        case .tooManyOpenFiles, .fileTableFull, .noMemory, .noBufferSpace:
+            return .resourceExhausted(device: device, step: step, call: error.call, errno: error.errno)
+        case .tooBig where step == .openQueue || step == .attachQueue:
+            return .queueLimitExceeded(device: device, limit: Tun.kernelMaxQueues,
+                                       requested: queuesRequested, errno: error.errno)
+        default:
+            return .kernel(device: device, step: step, call: error.call, errno: error.errno)
+        }
+    }
+}
+
+extension ManagerError: CustomStringConvertible {
+    public var description: String {
+        if let e = errno { return "\(message) (\(e.name))" }
+        return message
+    }
+}

@@ -1,0 +1,204 @@
+import TunKit
+
+public typealias DeviceKind = TunKind
+
+/// What a worker does with the frames it reads from a device's queues.
+public enum DeviceMode: String, Sendable, Hashable, CaseIterable {
+    /// Read, count, drop.
+    case sink
+    /// Write each frame back to the queue it came from; on TAP, swap the MAC addresses.
+    case echo
+}
+
+/// An Ethernet address.
+public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
+    public let bytes: [UInt8]
+
+    public init?(bytes: [UInt8]) {
+        guard bytes.count == 6 else { return nil }
+        self.bytes = bytes
+    }
+
+    /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case).
+    public init?(_ text: String) {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        var out: [UInt8] = []
+        for p in parts {
+            guard p.count == 2, let b = UInt8(p, radix: 16) else { return nil }
+            out.append(b)
+        }
+        bytes = out
+    }
+
+    public var isMulticast: Bool { bytes[0] & 1 == 1 }
+    public var isZero: Bool { bytes.allSatisfy { $0 == 0 } }
+
+    public var description: String {
+        bytes.map { b in
+            let h = String(b, radix: 16)
+            return h.count == 1 ? "0" + h : h
+        }.joined(separator: ":")
+    }
+}
+
+/// A device as a client asks for it. Defaults are the API's.
+public struct DeviceSpec: Sendable, Hashable {
+    public var name: String
+    public var kind: DeviceKind = .tap
+    public var queues: Int = 1
+    /// nil: the global limit at creation time.
+    public var maxQueues: Int?
+    public var persist = false
+    public var vnetHdr = false
+    /// nil: the kernel's default.
+    public var mtu: Int?
+    /// nil: the kernel's random address (TAP); must be nil for TUN.
+    public var mac: MACAddress?
+    public var up = true
+    public var mode: DeviceMode = .sink
+
+    public init(name: String, kind: DeviceKind = .tap, queues: Int = 1, maxQueues: Int? = nil,
+                persist: Bool = false, vnetHdr: Bool = false, mtu: Int? = nil, mac: MACAddress? = nil,
+                up: Bool = true, mode: DeviceMode = .sink) {
+        self.name = name
+        self.kind = kind
+        self.queues = queues
+        self.maxQueues = maxQueues
+        self.persist = persist
+        self.vnetHdr = vnetHdr
+        self.mtu = mtu
+        self.mac = mac
+        self.up = up
+        self.mode = mode
+    }
+}
+
+/// A change to a device; nil fields stay as they are.
+public struct DevicePatch: Sendable, Hashable {
+    public var maxQueues: Int?
+    public var up: Bool?
+    public var mtu: Int?
+    public var mode: DeviceMode?
+
+    public init(maxQueues: Int? = nil, up: Bool? = nil, mtu: Int? = nil, mode: DeviceMode? = nil) {
+        self.maxQueues = maxQueues
+        self.up = up
+        self.mtu = mtu
+        self.mode = mode
+    }
+}
+
+/// Per-queue counters, as seen from the queue fd's side.
+public struct CounterValues: Hashable, Sendable {
+    /// Frames the daemon read from the queue (the kernel transmitted them into the device).
+    public var rxPackets: UInt64 = 0
+    public var rxBytes: UInt64 = 0
+    /// Frames the daemon wrote into the queue.
+    public var txPackets: UInt64 = 0
+    public var txBytes: UInt64 = 0
+    public var rxErrors: UInt64 = 0
+    public var txErrors: UInt64 = 0
+
+    public init() {}
+
+    public static func + (a: CounterValues, b: CounterValues) -> CounterValues {
+        var s = a
+        s.rxPackets &+= b.rxPackets
+        s.rxBytes &+= b.rxBytes
+        s.txPackets &+= b.txPackets
+        s.txBytes &+= b.txBytes
+        s.rxErrors &+= b.rxErrors
+        s.txErrors &+= b.txErrors
+        return s
+    }
+}
+
+public struct QueueInfo: Hashable, Sendable {
+    /// The daemon's id, stable for the queue's life (the kernel's index is not).
+    public let id: Int
+    public let enabled: Bool
+    /// Index of the worker thread that polls this queue.
+    public let worker: Int
+    public let counters: CounterValues
+}
+
+public struct DeviceInfo: Hashable, Sendable {
+    public let name: String
+    public let kind: DeviceKind
+    public let maxQueues: Int
+    public let persist: Bool
+    public let vnetHdr: Bool
+    public let mtu: Int
+    /// nil for TUN devices, which have no link-layer address.
+    public let mac: MACAddress?
+    public let up: Bool
+    public let mode: DeviceMode
+    public let ifindex: Int
+    /// Ordered by id.
+    public let queues: [QueueInfo]
+
+    public var queueCount: Int { queues.count }
+    public var enabledQueues: Int { queues.lazy.filter(\.enabled).count }
+}
+
+public struct QueueStats: Hashable, Sendable {
+    public let id: Int
+    public let counters: CounterValues
+}
+
+public struct DeviceStats: Hashable, Sendable {
+    public let queues: [QueueStats]
+    public let total: CounterValues
+    /// `/sys/class/net/<dev>/statistics`: the kernel's view of the whole device.
+    public let kernel: [String: UInt64]
+}
+
+public struct LimitsInfo: Hashable, Sendable {
+    /// The configurable per-device queue limit; every device's `max_queues` is at most this.
+    public let maxQueues: Int
+    /// The kernel's `MAX_TAP_QUEUES`.
+    public let kernelMaxQueues: Int
+    public let devices: Int
+    /// Queues held by all devices, detached ones included (they count toward the limit).
+    public let queuesInUse: Int
+    public let openFiles: Int
+    public let openFilesLimit: UInt64
+}
+
+/// The rules the kernel applies silently (or not at all), checked before any syscall.
+public enum Validate {
+    public static let mtuRange = 68...65535
+
+    /// 1–15 characters of `[A-Za-z0-9_.-]`, starting with a letter. The kernel would
+    /// truncate a longer name and expand `%d`, and `/` or spaces would break sysfs paths.
+    public static func name(_ name: String) throws(ManagerError) {
+        let bytes = Array(name.utf8)
+        guard !bytes.isEmpty else {
+            throw .invalidField(field: "name", reason: "must not be empty")
+        }
+        guard bytes.count <= 15 else {
+            throw .invalidField(field: "name", reason: "must be at most 15 characters (IFNAMSIZ - 1)")
+        }
+        func isLetter(_ b: UInt8) -> Bool { (b >= 65 && b <= 90) || (b >= 97 && b <= 122) }
+        guard isLetter(bytes[0]) else {
+            throw .invalidField(field: "name", reason: "must start with a letter")
+        }
+        for b in bytes where !(isLetter(b) || (b >= 48 && b <= 57) || b == 95 || b == 46 || b == 45) {
+            throw .invalidField(field: "name", reason: "may contain only letters, digits, '_', '.' and '-'")
+        }
+    }
+
+    public static func mtu(_ mtu: Int) throws(ManagerError) {
+        guard mtuRange.contains(mtu) else {
+            throw .invalidField(field: "mtu", reason: "must be between \(mtuRange.lowerBound) and \(mtuRange.upperBound)")
+        }
+    }
+
+    /// `max_queues` must be something the kernel could ever honour.
+    public static func maxQueues(_ n: Int, field: String = "max_queues") throws(ManagerError) {
+        guard (1...Tun.kernelMaxQueues).contains(n) else {
+            throw .invalidField(field: field, reason: "must be between 1 and \(Tun.kernelMaxQueues)")
+        }
+    }
+}

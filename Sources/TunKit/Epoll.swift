@@ -1,0 +1,99 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunLinux
+
+/// An epoll instance. Owned by exactly one worker; `close()` is called once by that owner.
+public struct Epoll: Sendable {
+    public let fd: Int32
+
+    /// The corresponding C function is `epoll_create1(EPOLL_CLOEXEC)`.
+    public init() throws(SyscallError) {
+        fd = try retryingEINTR("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
+    }
+
+    /// Readiness to read; errors and hang-ups are always reported by the kernel.
+    public static let readable = UInt32(EPOLLIN.rawValue)
+    public static let error = UInt32(EPOLLERR.rawValue)
+    public static let hangup = UInt32(EPOLLHUP.rawValue)
+
+    /// Watches `target` for input, tagging its events with `token`.
+    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_ADD)`.
+    public func add(_ target: Int32, token: UInt64) throws(SyscallError) {
+        var ev = epoll_event()
+        ev.events = Self.readable
+        ev.data.u64 = token
+        _ = try retryingEINTR("epoll_ctl(EPOLL_CTL_ADD)") { epoll_ctl(fd, EPOLL_CTL_ADD, target, &ev) }
+    }
+
+    /// Stops watching `target`. ENOENT (not watched) is not an error: removal is idempotent.
+    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_DEL)`.
+    public func remove(_ target: Int32) throws(SyscallError) {
+        var ev = epoll_event()
+        do {
+            _ = try retryingEINTR("epoll_ctl(EPOLL_CTL_DEL)") { epoll_ctl(fd, EPOLL_CTL_DEL, target, &ev) }
+        } catch where error.errno == .noSuchFile {
+            return
+        }
+    }
+
+    /// A fixed buffer of events, allocated once per loop so waiting allocates nothing.
+    public final class Events: @unchecked Sendable {
+        // SAFETY: used only by the thread that owns the epoll loop.
+        let buffer: UnsafeMutablePointer<epoll_event>
+        public let capacity: Int
+
+        public init(capacity: Int) {
+            self.capacity = capacity
+            buffer = .allocate(capacity: capacity)
+            buffer.initialize(repeating: epoll_event(), count: capacity)
+        }
+
+        deinit { buffer.deallocate() }
+
+        @inline(__always) public func token(_ i: Int) -> UInt64 { buffer[i].data.u64 }
+        @inline(__always) public func flags(_ i: Int) -> UInt32 { buffer[i].events }
+    }
+
+    /// Waits for events; returns how many of `events` were filled (0 on EINTR).
+    /// The corresponding C function is `epoll_wait(2)`.
+    public func wait(into events: Events, timeoutMilliseconds: Int32) throws(SyscallError) -> Int {
+        let n = epoll_wait(fd, events.buffer, Int32(events.capacity), timeoutMilliseconds)
+        if n >= 0 { return Int(n) }
+        let err = Errno.current
+        if err == .interrupted { return 0 }
+        throw SyscallError(call: "epoll_wait", errno: err)
+    }
+
+    public func close() { closeFD(fd) }
+}
+
+/// An eventfd used as a doorbell: the control path rings it, the worker drains it.
+public struct EventFD: Sendable {
+    public let fd: Int32
+
+    /// The corresponding C function is `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+    public init() throws(SyscallError) {
+        fd = try retryingEINTR("eventfd") { eventfd(0, Int32(EFD_CLOEXEC) | Int32(EFD_NONBLOCK)) }
+    }
+
+    /// Adds one to the counter, waking any epoll that watches it. Cannot fail for a valid
+    /// eventfd short of counter overflow (2^64 - 2 rings), so failure traps.
+    public func signal() {
+        var one: UInt64 = 1
+        while true {
+            let n = Glibc.write(fd, &one, 8)
+            if n == 8 { return }
+            if n == -1 && errno == EINTR { continue }
+            preconditionFailure("eventfd write failed: \(Errno.current)")
+        }
+    }
+
+    /// Resets the counter to zero.
+    public func drain() {
+        var value: UInt64 = 0
+        _ = Glibc.read(fd, &value, 8)
+    }
+
+    public func close() { closeFD(fd) }
+}

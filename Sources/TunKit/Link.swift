@@ -1,0 +1,150 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunLinux
+
+/// Interface settings that go through an `AF_INET` datagram socket (`SIOC*` ioctls),
+/// and what sysfs says about an interface.
+public enum Link {
+    /// Runs `body` with a fresh control socket: one per call keeps this thread-safe and the
+    /// socket's life obvious; it costs one socket(2) on the control path only.
+    private static func withControlSocket<T>(_ body: (Int32) throws(SyscallError) -> T) throws(SyscallError) -> T {
+        let s = try retryingEINTR("socket(AF_INET, SOCK_DGRAM)") {
+            socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        }
+        defer { closeFD(s) }
+        return try body(s)
+    }
+
+    /// Brings the interface up or down. The corresponding C calls are `ioctl(SIOCGIFFLAGS)`
+    /// and `ioctl(SIOCSIFFLAGS)`.
+    public static func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
+        try withControlSocket { (s) throws(SyscallError) in
+            var flags: Int32 = 0
+            _ = try retryingEINTR("ioctl(SIOCGIFFLAGS)") {
+                name.withCString { mqt_ifreq_ioctl_flags(s, mqt_SIOCGIFFLAGS, $0, &flags) }
+            }
+            flags = up ? (flags | mqt_IFF_UP) : (flags & ~mqt_IFF_UP)
+            _ = try retryingEINTR("ioctl(SIOCSIFFLAGS)") {
+                name.withCString { mqt_ifreq_ioctl_flags(s, mqt_SIOCSIFFLAGS, $0, &flags) }
+            }
+        }
+    }
+
+    /// Whether the interface is administratively up.
+    public static func isUp(_ name: String) throws(SyscallError) -> Bool {
+        try withControlSocket { (s) throws(SyscallError) in
+            var flags: Int32 = 0
+            _ = try retryingEINTR("ioctl(SIOCGIFFLAGS)") {
+                name.withCString { mqt_ifreq_ioctl_flags(s, mqt_SIOCGIFFLAGS, $0, &flags) }
+            }
+            return flags & mqt_IFF_UP != 0
+        }
+    }
+
+    /// The corresponding C call is `ioctl(SIOCSIFMTU)`.
+    public static func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
+        try withControlSocket { (s) throws(SyscallError) in
+            var v = Int32(mtu)
+            _ = try retryingEINTR("ioctl(SIOCSIFMTU)") {
+                name.withCString { mqt_ifreq_ioctl_int(s, mqt_SIOCSIFMTU, $0, &v, 0) }
+            }
+        }
+    }
+
+    /// The corresponding C call is `ioctl(SIOCGIFMTU)`.
+    public static func mtu(_ name: String) throws(SyscallError) -> Int {
+        try withControlSocket { (s) throws(SyscallError) in
+            var v: Int32 = 0
+            _ = try retryingEINTR("ioctl(SIOCGIFMTU)") {
+                name.withCString { mqt_ifreq_ioctl_int(s, mqt_SIOCGIFMTU, $0, &v, 0) }
+            }
+            return Int(v)
+        }
+    }
+
+    /// The corresponding C call is `ioctl(SIOCSIFHWADDR)`.
+    public static func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
+        precondition(mac.count == 6, "a MAC address has 6 bytes")
+        try withControlSocket { (s) throws(SyscallError) in
+            _ = try retryingEINTR("ioctl(SIOCSIFHWADDR)") {
+                name.withCString { n in mac.withUnsafeBufferPointer { mqt_ifreq_set_hwaddr(s, n, $0.baseAddress) } }
+            }
+        }
+    }
+
+    /// The corresponding C call is `ioctl(SIOCGIFHWADDR)`.
+    public static func mac(_ name: String) throws(SyscallError) -> [UInt8] {
+        try withControlSocket { (s) throws(SyscallError) in
+            var mac = [UInt8](repeating: 0, count: 6)
+            _ = try retryingEINTR("ioctl(SIOCGIFHWADDR)") {
+                name.withCString { n in mac.withUnsafeMutableBufferPointer { mqt_ifreq_get_hwaddr(s, n, $0.baseAddress) } }
+            }
+            return mac
+        }
+    }
+
+    /// The corresponding C call is `ioctl(SIOCGIFINDEX)`.
+    public static func ifindex(_ name: String) throws(SyscallError) -> Int {
+        try withControlSocket { (s) throws(SyscallError) in
+            var v: Int32 = 0
+            _ = try retryingEINTR("ioctl(SIOCGIFINDEX)") {
+                name.withCString { mqt_ifreq_ioctl_int(s, mqt_SIOCGIFINDEX, $0, &v, 1) }
+            }
+            return Int(v)
+        }
+    }
+
+    // MARK: sysfs
+
+    private static func sysfs(_ name: String, _ leaf: String) -> String {
+        "/sys/class/net/\(name)/\(leaf)"
+    }
+
+    /// The interface's ifindex from sysfs, nil if no interface has that name.
+    public static func sysfsIfindex(_ name: String) throws(SyscallError) -> Int? {
+        guard let text = try readSmallFile(sysfs(name, "ifindex")) else { return nil }
+        return Int(text.trimmingWhitespace)
+    }
+
+    /// `/sys/class/net/<name>/tun_flags` (e.g. `0x1102`); nil if the interface is gone or
+    /// is not a tun/tap device.
+    public static func tunFlags(_ name: String) throws(SyscallError) -> TunFlags? {
+        guard let text = try readSmallFile(sysfs(name, "tun_flags")) else { return nil }
+        let t = text.trimmingWhitespace
+        let hex = t.hasPrefix("0x") ? String(t.dropFirst(2)) : t
+        return Int32(hex, radix: 16).map(TunFlags.init(rawValue:))
+    }
+
+    /// The statistics the kernel keeps for the interface, as `/sys/class/net/<name>/statistics`
+    /// lists them. Nil if the interface is gone.
+    public static func statistics(_ name: String) throws(SyscallError) -> [String: UInt64]? {
+        var out: [String: UInt64] = [:]
+        for key in Self.statisticsKeys {
+            guard let text = try readSmallFile(sysfs(name, "statistics/\(key)")) else { return nil }
+            out[key] = UInt64(text.trimmingWhitespace) ?? 0
+        }
+        return out
+    }
+
+    /// The files of `/sys/class/net/<dev>/statistics` the daemon reports.
+    public static let statisticsKeys = [
+        "rx_packets", "rx_bytes", "rx_errors", "rx_dropped",
+        "tx_packets", "tx_bytes", "tx_errors", "tx_dropped",
+    ]
+
+    /// Writes `/proc/sys/net/ipv6/conf/<name>/disable_ipv6` (so the kernel sends no router
+    /// solicitations or MLD reports of its own on the device).
+    public static func setIPv6Disabled(_ name: String, _ disabled: Bool) throws(SyscallError) {
+        try writeSmallFile("/proc/sys/net/ipv6/conf/\(name)/disable_ipv6", disabled ? "1" : "0")
+    }
+}
+
+extension String {
+    var trimmingWhitespace: String {
+        var s = Substring(self)
+        while let c = s.first, c.isWhitespace { s.removeFirst() }
+        while let c = s.last, c.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,91 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs `body` until it stops failing with EINTR, and turns -1 into a `SyscallError`
+/// naming `call`. Never used for `close`: a close interrupted on Linux has still closed.
+@inline(__always)
+func retryingEINTR<T: FixedWidthInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws(SyscallError) -> T {
+    while true {
+        let rc = body()
+        if rc != -1 { return rc }
+        let err = Errno.current
+        if err == .interrupted { continue }
+        throw SyscallError(call: call(), errno: err)
+    }
+}
+
+/// Closing an fd we own cannot fail in a way we can act on, except EBADF, which means
+/// the fd was already closed or never ours: a bug, so it traps.
+/// The corresponding C function is `close(2)`.
+public func closeFD(_ fd: Int32) {
+    let rc = Glibc.close(fd)
+    if rc == -1 {
+        let err = Errno.current
+        precondition(err != .badFileDescriptor, "close(\(fd)): EBADF — fd closed twice or never owned")
+    }
+}
+
+/// The result of a packet-path read or write: a byte count, or the errno. No throwing and
+/// no allocation, so the worker loop stays a plain loop.
+public enum IOResult: Equatable, Sendable {
+    case done(Int)
+    case failed(Errno)
+}
+
+/// Reads one frame. The corresponding C function is `read(2)`; EINTR is retried.
+@inline(__always)
+public func readFrame(_ fd: Int32, into buffer: UnsafeMutableRawPointer, capacity: Int) -> IOResult {
+    while true {
+        let n = Glibc.read(fd, buffer, capacity)
+        if n >= 0 { return .done(n) }
+        let err = errno
+        if err == EINTR { continue }
+        return .failed(Errno(err))
+    }
+}
+
+/// Writes one frame. The corresponding C function is `write(2)`; EINTR is retried.
+@inline(__always)
+public func writeFrame(_ fd: Int32, from buffer: UnsafeRawPointer, count: Int) -> IOResult {
+    while true {
+        let n = Glibc.write(fd, buffer, count)
+        if n >= 0 { return .done(n) }
+        let err = errno
+        if err == EINTR { continue }
+        return .failed(Errno(err))
+    }
+}
+
+/// Opens a file with O_CLOEXEC added. The corresponding C function is `open(2)`.
+public func openFile(_ path: String, flags: Int32) throws(SyscallError) -> Int32 {
+    try retryingEINTR("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC) }
+}
+
+/// Reads a whole small file (sysfs, procfs). Returns nil if it does not exist.
+public func readSmallFile(_ path: String) throws(SyscallError) -> String? {
+    let fd: Int32
+    do {
+        fd = try openFile(path, flags: O_RDONLY)
+    } catch where error.errno == .noSuchFile || error.errno == .noDevice {
+        return nil
+    }
+    defer { closeFD(fd) }
+    var bytes: [UInt8] = []
+    let chunk = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 8)
+    defer { chunk.deallocate() }
+    while true {
+        let n = try retryingEINTR("read(\(path))") { Glibc.read(fd, chunk, 4096) }
+        if n == 0 { break }
+        bytes.append(contentsOf: UnsafeRawBufferPointer(start: chunk, count: n))
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+/// Writes a small file in one write (sysfs, procfs knobs).
+public func writeSmallFile(_ path: String, _ text: String) throws(SyscallError) {
+    let fd = try openFile(path, flags: O_WRONLY)
+    defer { closeFD(fd) }
+    let bytes = Array(text.utf8)
+    _ = try retryingEINTR("write(\(path))") { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } }
+}

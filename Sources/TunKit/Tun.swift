@@ -1,0 +1,85 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunLinux
+
+/// TUN (layer 3) or TAP (layer 2).
+public enum TunKind: String, Sendable, Hashable, CaseIterable {
+    case tap
+    case tun
+}
+
+/// The `ifr_flags` bits of TUNSETIFF that the daemon uses.
+public struct TunFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+
+    public static let tun = TunFlags(rawValue: mqt_IFF_TUN)
+    public static let tap = TunFlags(rawValue: mqt_IFF_TAP)
+    public static let noPI = TunFlags(rawValue: mqt_IFF_NO_PI)
+    public static let vnetHdr = TunFlags(rawValue: mqt_IFF_VNET_HDR)
+    public static let multiQueue = TunFlags(rawValue: mqt_IFF_MULTI_QUEUE)
+    /// Refuse (EBUSY) if the name already exists, instead of joining that device.
+    public static let exclusive = TunFlags(rawValue: mqt_IFF_TUN_EXCL)
+    public static let persist = TunFlags(rawValue: mqt_IFF_PERSIST)
+
+    /// The flags every queue of one device must agree on (the kernel rewrites them for all
+    /// queues on each attach): what `tun_flags` in sysfs is compared against.
+    public static let deviceFeatures: TunFlags = [.tun, .tap, .noPI, .vnetHdr, .multiQueue]
+
+    /// The flags of a multiqueue device of `kind` as the daemon creates it.
+    public static func multiqueue(_ kind: TunKind, vnetHdr: Bool) -> TunFlags {
+        var f: TunFlags = [kind == .tap ? .tap : .tun, .noPI, .multiQueue]
+        if vnetHdr { f.insert(.vnetHdr) }
+        return f
+    }
+}
+
+/// The tun driver's character device, one open per queue.
+public enum Tun {
+    public static let devicePath = "/dev/net/tun"
+
+    /// The kernel's `MAX_TAP_QUEUES`: queues (attached or detached) one device can have.
+    public static let kernelMaxQueues = 256
+
+    /// Opens `/dev/net/tun` non-blocking and binds it to `name` as one more queue.
+    /// On failure the fd is closed before the error is thrown: the caller owns nothing.
+    /// The corresponding C calls are `open(2)` and `ioctl(TUNSETIFF)`.
+    public static func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
+        let fd = try openFile(devicePath, flags: O_RDWR | O_NONBLOCK)
+        var f = flags.rawValue
+        let rc = name.withCString { mqt_ifreq_ioctl_flags(fd, mqt_TUNSETIFF, $0, &f) }
+        if rc == -1 {
+            let err = Errno.current
+            closeFD(fd)
+            throw SyscallError(call: "ioctl(TUNSETIFF)", errno: err)
+        }
+        return fd
+    }
+
+    /// Detaches (`enabled == false`) or re-attaches a queue without closing it.
+    /// The corresponding C call is `ioctl(TUNSETQUEUE)`.
+    public static func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
+        var f = enabled ? mqt_IFF_ATTACH_QUEUE : mqt_IFF_DETACH_QUEUE
+        let call = enabled ? "ioctl(TUNSETQUEUE, IFF_ATTACH_QUEUE)" : "ioctl(TUNSETQUEUE, IFF_DETACH_QUEUE)"
+        _ = try retryingEINTR(call) { mqt_ifreq_ioctl_flags(fd, mqt_TUNSETQUEUE, nil, &f) }
+    }
+
+    /// Sets or clears `IFF_PERSIST`: a persistent device outlives its last fd.
+    /// The corresponding C call is `ioctl(TUNSETPERSIST)`.
+    public static func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError) {
+        _ = try retryingEINTR("ioctl(TUNSETPERSIST)") {
+            mqt_ioctl_value(fd, mqt_TUNSETPERSIST, persist ? 1 : 0)
+        }
+    }
+
+    /// The device name and flags a queue fd is bound to.
+    /// The corresponding C call is `ioctl(TUNGETIFF)`.
+    public static func getInterface(_ fd: Int32) throws(SyscallError) -> (name: String, flags: TunFlags) {
+        var buf = [CChar](repeating: 0, count: Int(IFNAMSIZ))
+        var flags: Int32 = 0
+        _ = try retryingEINTR("ioctl(TUNGETIFF)") { mqt_tun_getiff(fd, &buf, &flags) }
+        let name = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return (name, TunFlags(rawValue: flags))
+    }
+}

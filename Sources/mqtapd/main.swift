@@ -1,0 +1,3 @@
+import TapAPI
+import TapCore
+print("mqtapd")
