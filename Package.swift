@@ -36,9 +36,11 @@ let package = Package(
                 "TapAPI", "TapCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
-        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit"]),
-        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore"]),
-        .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit"]),
+        // Test helpers (frame generator, `ip` runner, privilege gate); never linked into mqtapd.
+        .target(name: "TapTestSupport", dependencies: ["TapCore", "TunKit", "CTunLinux"]),
+        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
+        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapTestSupport"]),
+        .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

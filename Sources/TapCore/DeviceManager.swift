@@ -121,7 +121,7 @@ public final class DeviceManager: Sendable {
         try Validate.name(spec.name)
         guard spec.queues >= 1 else { throw .invalidField(field: "queues", reason: "must be at least 1") }
         if let m = spec.maxQueues { try Validate.maxQueues(m) }
-        if let mtu = spec.mtu { try Validate.mtu(mtu) }
+        if let mtu = spec.mtu { try Validate.mtu(mtu, kind: spec.kind) }
         if let mac = spec.mac {
             guard spec.kind == .tap else { throw .invalidField(field: "mac", reason: "only TAP devices have a MAC address") }
             guard !mac.isMulticast, !mac.isZero else {
@@ -162,9 +162,9 @@ public final class DeviceManager: Sendable {
 
     public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
         if let m = patch.maxQueues { try Validate.maxQueues(m) }
-        if let mtu = patch.mtu { try Validate.mtu(mtu) }
         return try change { (state) throws(ManagerError) in
             var entry = try live(name, in: &state)
+            if let mtu = patch.mtu { try Validate.mtu(mtu, kind: entry.kind) }
             if let m = patch.maxQueues {
                 guard m <= state.maxQueues else {
                     throw .invalidField(field: "max_queues", reason: "must be at most the global limit \(state.maxQueues)")
@@ -218,7 +218,9 @@ public final class DeviceManager: Sendable {
         }
     }
 
-    public func removeQueue(_ name: String, id: Int) throws(ManagerError) {
+    /// Removes a queue; returns it as it was last, its final counters included.
+    @discardableResult
+    public func removeQueue(_ name: String, id: Int) throws(ManagerError) -> QueueInfo {
         try change { (state) throws(ManagerError) in
             var entry = try live(name, in: &state)
             guard let q = entry.queues[id] else { throw .queueNotFound(device: name, id: id) }
@@ -227,6 +229,8 @@ public final class DeviceManager: Sendable {
             entry.queues[id] = nil
             state.devices[name] = entry
             log("queue removed device=\(name) id=\(id) count=\(entry.queues.count)")
+            // Read after the worker let go of it: these are the final counts.
+            return Self.info(q)
         }
     }
 

@@ -5,6 +5,8 @@
 // Not part of Swift's Glibc module; re-exported here for the syscall layer.
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+// sockaddr_ll, for the test and benchmark frame senders.
+#include <linux/if_packet.h>
 
 // ioctl request numbers are _IOW/_IOR macros that Swift cannot import; they are exported
 // here as constants, checked against the kernel headers in tunlinux.c.

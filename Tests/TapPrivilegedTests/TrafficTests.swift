@@ -1,0 +1,139 @@
+import Dispatch
+import Foundation
+import Synchronization
+import TapCore
+import TapTestSupport
+import Testing
+import TunKit
+
+@Suite("traffic on real multiqueue taps", .serialized, privileged)
+struct TrafficTests {
+    @Test("sink: per-queue rx counters add up to what the kernel transmitted")
+    func sinkCountersExact() throws {
+        let f = try Fixture()
+        let dev = try f.quietDevice(queues: 4)
+        let txBefore = try f.manager.kernel(dev.name, "tx_packets")
+        let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
+        let sender = try PacketSender(ifindex: dev.ifindex)
+        let n = 20_000
+        let sent = sender.send(count: n, flows: 64, dst: dev.mac!.bytes)
+        #expect(sent == n)
+        // Settled: every frame the kernel took is either counted by a queue or dropped.
+        let settled = eventually {
+            let s = try! f.manager.stats(dev.name)
+            return s.total.rxPackets + (s.kernel["tx_dropped"]! - dropBefore) == UInt64(sent)
+        }
+        let s = try f.manager.stats(dev.name)
+        let dropped = s.kernel["tx_dropped"]! - dropBefore
+        #expect(settled, "rx \(s.total.rxPackets) + dropped \(dropped) != sent \(sent)")
+        #expect(s.total.rxPackets == s.kernel["tx_packets"]! - txBefore)
+        #expect(s.total.rxBytes == UInt64(60) * s.total.rxPackets)
+        #expect(s.queues.count == 4)
+        for q in s.queues {
+            #expect(q.counters.rxPackets > 0, "queue \(q.id) received nothing: \(s.queues)")
+        }
+        #expect(s.total.txPackets == 0)
+        #expect(s.total.rxErrors == 0)
+    }
+}
+
+@Suite("echo, detach and queue churn under traffic", .serialized, privileged)
+struct QueueTrafficTests {
+    @Test("echo: every frame read is written back; the kernel receives the same number")
+    func echoCountersMatch() throws {
+        let f = try Fixture()
+        let dev = try f.quietDevice(queues: 4, mode: .echo)
+        let rxBefore = try f.manager.kernel(dev.name, "rx_packets")
+        let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
+        let sender = try PacketSender(ifindex: dev.ifindex)
+        let sent = sender.send(count: 10_000, flows: 64, dst: dev.mac!.bytes)
+        let settled = eventually {
+            let s = try! f.manager.stats(dev.name)
+            return s.total.rxPackets + (s.kernel["tx_dropped"]! - dropBefore) == UInt64(sent)
+                && s.kernel["rx_packets"]! - rxBefore == s.total.txPackets
+        }
+        let s = try f.manager.stats(dev.name)
+        #expect(settled, "\(s)")
+        #expect(s.total.txPackets == s.total.rxPackets)
+        #expect(s.total.txBytes == s.total.rxBytes)
+        #expect(s.total.txErrors == 0)
+        #expect(s.kernel["rx_packets"]! - rxBefore == s.total.txPackets)
+        for q in s.queues {
+            #expect(q.counters.txPackets == q.counters.rxPackets, "queue \(q.id)")
+        }
+    }
+
+    @Test("a detached queue stops counting while the others go on; re-attached, it counts again")
+    func detachAndReattach() throws {
+        let f = try Fixture()
+        let dev = try f.quietDevice(queues: 4)
+        let sender = try PacketSender(ifindex: dev.ifindex)
+        let off = try f.manager.setQueueEnabled(dev.name, id: 2, false)
+        #expect(!off.enabled)
+        #expect(Host.kernelQueueCount(dev.name) == 3)
+        let frozen = try f.manager.queue(dev.name, id: 2).counters
+        let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
+        let before = try f.manager.total(dev.name).rxPackets
+        let sent = sender.send(count: 8_000, flows: 64, dst: dev.mac!.bytes)
+        let settled = eventually {
+            let s = try! f.manager.stats(dev.name)
+            return s.total.rxPackets - before + (s.kernel["tx_dropped"]! - dropBefore) == UInt64(sent)
+        }
+        #expect(settled)
+        let s = try f.manager.stats(dev.name)
+        #expect(s.queues.first { $0.id == 2 }!.counters == frozen, "a detached queue must not count")
+        for q in s.queues where q.id != 2 { #expect(q.counters.rxPackets > 0, "queue \(q.id)") }
+
+        let on = try f.manager.setQueueEnabled(dev.name, id: 2, true)
+        #expect(on.enabled)
+        #expect(Host.kernelQueueCount(dev.name) == 4)
+        _ = sender.send(count: 8_000, flows: 64, dst: dev.mac!.bytes)
+        #expect(eventually { (try? f.manager.queue(dev.name, id: 2).counters.rxPackets) ?? 0 > frozen.rxPackets })
+    }
+
+    @Test("removing a queue while traffic flows loses nothing beyond the kernel's own drops")
+    func removeUnderTraffic() throws {
+        let f = try Fixture()
+        let dev = try f.quietDevice(queues: 4)
+        let txBefore = try f.manager.kernel(dev.name, "tx_packets")
+        let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
+        // Traffic from another thread while the queue goes away.
+        let sent = Mutex(0)
+        let done = DispatchSemaphore(value: 0)
+        let (ifindex, mac) = (dev.ifindex, dev.mac!.bytes)
+        DispatchQueue.global().async {
+            let sender = try! PacketSender(ifindex: ifindex)
+            for _ in 0..<20 {
+                let n = sender.send(count: 1_000, flows: 64, dst: mac)
+                sent.withLock { $0 += n }
+                usleep(2_000)
+            }
+            done.signal()
+        }
+        #expect(eventually { (try? f.manager.queue(dev.name, id: 3).counters.rxPackets) ?? 0 > 0 })
+        let removed = try f.manager.removeQueue(dev.name, id: 3)
+        done.wait()
+        let total = sent.withLock { $0 }
+        let survivors = { () -> (rx: UInt64, dropped: UInt64, kernelTx: UInt64) in
+            let s = try! f.manager.stats(dev.name)
+            return (s.total.rxPackets, s.kernel["tx_dropped"]! - dropBefore, s.kernel["tx_packets"]! - txBefore)
+        }
+        // The kernel counts tx when a frame is read from a queue: every frame it says it
+        // transmitted was counted by exactly one queue, the removed one included.
+        #expect(eventually { let v = survivors(); return v.rx + removed.counters.rxPackets == v.kernelTx })
+        let v = survivors()
+        #expect(v.rx + removed.counters.rxPackets == v.kernelTx, "\(v) removed=\(removed.counters.rxPackets)")
+        // What is neither transmitted nor dropped can only be frames that sat in the removed
+        // queue's ring (at most its length, the device's txqueuelen) when it was closed.
+        let unaccounted = UInt64(total) - v.kernelTx - v.dropped
+        #expect(unaccounted <= 1_000, "sent \(total): \(v)")
+        #expect(Host.kernelQueueCount(dev.name) == 3)
+        #expect(try f.manager.device(dev.name).queues.map(\.id) == [0, 1, 2])
+
+        // After the removal, the remaining queues account for every frame exactly.
+        let before = survivors()
+        let sender = try PacketSender(ifindex: dev.ifindex)
+        let more = sender.send(count: 5_000, flows: 64, dst: dev.mac!.bytes)
+        #expect(eventually { let a = survivors(); return (a.rx - before.rx) + (a.dropped - before.dropped) == UInt64(more) })
+    }
+}
