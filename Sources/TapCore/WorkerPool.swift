@@ -40,7 +40,8 @@ enum WorkerCommand: Sendable {
     /// Stop polling; completes once the fd is out of the worker's epoll set, after which
     /// the control path may close it.
     case remove(key: UInt64, Completion)
-    case setMode(key: UInt64, DeviceMode)
+    /// Completes once frames read from then on get the new mode.
+    case setMode(key: UInt64, DeviceMode, Completion)
     case stop
 }
 
@@ -162,6 +163,9 @@ final class Worker: @unchecked Sendable {
         var gone = false
         reading: for _ in 0..<Self.batch {
             switch readFrame(fd, into: frame, capacity: Self.frameCapacity) {
+            case .done(0):
+                // End of file: not a frame (tun never returns it; a closed peer would).
+                break reading
             case .done(let n):
                 rxPackets &+= 1
                 rxBytes &+= UInt64(n)
@@ -255,8 +259,9 @@ final class Worker: @unchecked Sendable {
                     freeSlots.append(s)
                 }
                 done.finish()
-            case .setMode(let key, let mode):
+            case .setMode(let key, let mode, let done):
                 if let s = slotOfKey[key] { slots[s].echo = mode == .echo }
+                done.finish()
             case .stop:
                 return false
             }
@@ -327,8 +332,11 @@ final class WorkerPool: Sendable {
         try? done.wait()
     }
 
+    /// Changes what the worker does with the queue's frames; returns once it applies.
     func setMode(key: UInt64, _ mode: DeviceMode, on worker: Int) {
-        workers[worker].post(.setMode(key: key, mode))
+        let done = Completion()
+        workers[worker].post(.setMode(key: key, mode, done))
+        try? done.wait()
     }
 
     /// Stops and joins every worker. Idempotent.

@@ -1,0 +1,189 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+import TapCore
+import TunKit
+
+/// A driver with no kernel behind it: each "queue" is one end of a SOCK_SEQPACKET pair,
+/// so workers poll and read real fds and a test can write frames into a queue from the
+/// other end. Failures are injected per operation, so error paths run without root.
+final class FakeDriver: TunDriver, Sendable {
+    enum Op: Hashable, Sendable {
+        case openQueue, setQueue, setPersist, setUp, setMTU, setMAC, ifindex
+    }
+
+    struct Device: Sendable {
+        var fds: [Int32] = []
+        var detached: Set<Int32> = []
+        var persist = false
+        var up = false
+        var mtu = 1500
+        var mac: [UInt8] = [0x02, 0xfa, 0x4e, 0, 0, 1]
+        var ifindex: Int
+        var flags: TunFlags
+    }
+
+    struct State: Sendable {
+        var devices: [String: Device] = [:]
+        /// Names that exist but are not ours (like `lo`).
+        var foreign: Set<String> = ["lo"]
+        /// Queue fd → the test's end of its pair.
+        var peers: [Int32: Int32] = [:]
+        /// Queue fd → device name, for every fd handed out.
+        var owner: [Int32: String] = [:]
+        /// Planned failures: the n-th next call of an op (0 = the very next) fails.
+        var failures: [Op: [(after: Int, errno: Errno)]] = [:]
+        var calls: [Op: Int] = [:]
+        var nextIfindex = 100
+        /// Devices "deleted behind the back": their fds report EBADFD on TUNGETIFF.
+        var vanished: Set<Int32> = []
+    }
+
+    let state = Mutex(State())
+
+    /// Makes the `after`-th next call of `op` fail with `errno`.
+    func fail(_ op: Op, with errno: Errno, after: Int = 0) {
+        state.withLock { s in
+            let base = s.calls[op, default: 0]
+            s.failures[op, default: []].append((base + after, errno))
+        }
+    }
+
+    func calls(_ op: Op) -> Int { state.withLock { $0.calls[op, default: 0] } }
+    func device(_ name: String) -> Device? { state.withLock { $0.devices[name] } }
+    var openFDs: Int { state.withLock { $0.owner.count } }
+
+    /// The test's end of a queue's pair, to write frames into the queue or read echoes.
+    func peer(of fd: Int32) -> Int32? { state.withLock { $0.peers[fd] } }
+    func fds(of name: String) -> [Int32] { state.withLock { $0.devices[name]?.fds ?? [] } }
+
+    /// Simulates `ip link del`: the device disappears, its queue fds hang up.
+    func vanish(_ name: String) {
+        state.withLock { s in
+            guard let d = s.devices.removeValue(forKey: name) else { return }
+            for fd in d.fds {
+                s.vanished.insert(fd)
+                if let p = s.peers.removeValue(forKey: fd) { Glibc.close(p) }
+            }
+        }
+    }
+
+    private func check(_ op: Op, _ s: inout State, call: String) throws(SyscallError) {
+        let n = s.calls[op, default: 0]
+        s.calls[op] = n + 1
+        if let i = s.failures[op]?.firstIndex(where: { $0.after == n }) {
+            let e = s.failures[op]!.remove(at: i).errno
+            throw SyscallError(call: call, errno: e)
+        }
+    }
+
+    func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
+        try state.withLock { (s) throws(SyscallError) -> Int32 in
+            try check(.openQueue, &s, call: "open(/dev/net/tun)")
+            if s.foreign.contains(name) || (flags.contains(.exclusive) && s.devices[name] != nil) {
+                throw SyscallError(call: "ioctl(TUNSETIFF)", errno: .busy)
+            }
+            if let d = s.devices[name], d.fds.count >= Tun.kernelMaxQueues {
+                throw SyscallError(call: "ioctl(TUNSETIFF)", errno: .tooBig)
+            }
+            var pair: [Int32] = [0, 0]
+            guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0 else {
+                throw SyscallError(call: "socketpair", errno: Errno(errno))
+            }
+            if s.devices[name] == nil {
+                s.devices[name] = Device(ifindex: s.nextIfindex, flags: flags.subtracting(.exclusive))
+                s.nextIfindex += 1
+            }
+            s.devices[name]!.fds.append(pair[0])
+            s.peers[pair[0]] = pair[1]
+            s.owner[pair[0]] = name
+            return pair[0]
+        }
+    }
+
+    func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
+        try state.withLock { (s) throws(SyscallError) in
+            try check(.setQueue, &s, call: "ioctl(TUNSETQUEUE)")
+            guard let name = s.owner[fd], s.devices[name] != nil else {
+                throw SyscallError(call: "ioctl(TUNSETQUEUE)", errno: .badFileDescriptorState)
+            }
+            if enabled { s.devices[name]!.detached.remove(fd) } else { s.devices[name]!.detached.insert(fd) }
+        }
+    }
+
+    func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError) {
+        try state.withLock { (s) throws(SyscallError) in
+            try check(.setPersist, &s, call: "ioctl(TUNSETPERSIST)")
+            if let name = s.owner[fd] { s.devices[name]?.persist = persist }
+        }
+    }
+
+    func close(_ fd: Int32) {
+        state.withLock { s in
+            guard let name = s.owner.removeValue(forKey: fd) else {
+                preconditionFailure("close of an fd the fake never handed out: \(fd)")
+            }
+            Glibc.close(fd)
+            if let p = s.peers.removeValue(forKey: fd) { Glibc.close(p) }
+            s.vanished.remove(fd)
+            guard var d = s.devices[name] else { return }
+            d.fds.removeAll { $0 == fd }
+            d.detached.remove(fd)
+            s.devices[name] = d.fds.isEmpty && !d.persist ? nil : d
+        }
+    }
+
+    private func withDevice<T>(_ name: String, _ op: Op, _ call: String,
+                               _ body: (inout Device) -> T) throws(SyscallError) -> T {
+        try state.withLock { (s) throws(SyscallError) -> T in
+            try check(op, &s, call: call)
+            guard s.devices[name] != nil else { throw SyscallError(call: call, errno: .noDevice) }
+            return body(&s.devices[name]!)
+        }
+    }
+
+    func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
+        try withDevice(name, .setUp, "ioctl(SIOCSIFFLAGS)") { $0.up = up }
+    }
+    func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
+        try withDevice(name, .setMTU, "ioctl(SIOCSIFMTU)") { $0.mtu = mtu }
+    }
+    func mtu(_ name: String) throws(SyscallError) -> Int {
+        try state.withLock { (s) throws(SyscallError) -> Int in
+            guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFMTU)", errno: .noDevice) }
+            return d.mtu
+        }
+    }
+    func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
+        try withDevice(name, .setMAC, "ioctl(SIOCSIFHWADDR)") { $0.mac = mac }
+    }
+    func mac(_ name: String) throws(SyscallError) -> [UInt8] {
+        try state.withLock { (s) throws(SyscallError) -> [UInt8] in
+            guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFHWADDR)", errno: .noDevice) }
+            return d.mac
+        }
+    }
+    func ifindex(_ name: String) throws(SyscallError) -> Int {
+        try withDevice(name, .ifindex, "ioctl(SIOCGIFINDEX)") { $0.ifindex }
+    }
+    func isBound(_ fd: Int32) -> Bool {
+        state.withLock { !$0.vanished.contains(fd) && $0.owner[fd] != nil }
+    }
+    func statistics(_ name: String) -> [String: UInt64]? {
+        state.withLock { $0.devices[name] == nil ? nil : [:] }
+    }
+}
+
+/// Writes one frame into a queue from the test's end of the pair.
+@discardableResult
+func inject(_ peer: Int32, _ bytes: [UInt8]) -> Bool {
+    bytes.withUnsafeBytes { Glibc.write(peer, $0.baseAddress, $0.count) } == bytes.count
+}
+
+/// Reads one frame that a worker wrote back into a queue (echo), if any is waiting.
+func receive(_ peer: Int32) -> [UInt8]? {
+    var buf = [UInt8](repeating: 0, count: 2048)
+    let n = buf.withUnsafeMutableBytes { Glibc.read(peer, $0.baseAddress, $0.count) }
+    return n > 0 ? Array(buf[0..<n]) : nil
+}

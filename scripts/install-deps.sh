@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building and testing mqtapd needs on Debian/Ubuntu, and nothing that is
+# already there. Safe to run again. The Swift 6 toolchain itself is not an apt package:
+# it must be on PATH (https://www.swift.org/install/linux/).
+set -euo pipefail
+
+packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-venv curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v swift >/dev/null 2>&1; then
+  for d in /opt/swift/usr/bin /usr/share/swift/usr/bin; do
+    [ -x "$d/swift" ] && { echo "install-deps: add $d to PATH" >&2; break; }
+  done
+  echo "install-deps: no swift on PATH; install a Swift 6 toolchain first" >&2
+  exit 1
+fi
