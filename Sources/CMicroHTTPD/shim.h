@@ -7,19 +7,34 @@
 #include <sys/socket.h>
 #include <microhttpd.h>
 
-// MHD_start_daemon is variadic, which Swift cannot call: every option goes through one
-// MHD_OPTION_ARRAY instead, terminated by an MHD_OPTION_END entry the caller provides.
+// MHD_start_daemon is variadic, which Swift cannot call. This fixes the option list the
+// daemon uses, with every argument typed, so no function pointer is cast in Swift.
+// Threads: an internal epoll polling thread pool of `threads` threads, serving the already
+// listening socket `listen_fd` (which MHD then owns and closes on stop).
 static inline struct MHD_Daemon *
-mqt_mhd_start(unsigned int flags, uint16_t port,
+mqt_mhd_start(int listen_fd, unsigned int threads,
               MHD_AccessHandlerCallback handler, void *handler_cls,
-              struct MHD_OptionItem *options) {
-    return MHD_start_daemon(flags, port, NULL, NULL, handler, handler_cls,
-                            MHD_OPTION_ARRAY, options, MHD_OPTION_END);
+              MHD_RequestCompletedCallback completed, void *completed_cls,
+              unsigned int connection_limit, unsigned int idle_timeout_seconds,
+              size_t connection_memory_limit) {
+    // MHD_USE_ITC: MHD_quiesce_daemon (stop accepting before stopping) needs it with a pool.
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    return MHD_start_daemon(flags, 0, NULL, NULL, handler, handler_cls,
+                            MHD_OPTION_LISTEN_SOCKET, (MHD_socket)listen_fd,
+                            MHD_OPTION_THREAD_POOL_SIZE, threads,
+                            MHD_OPTION_NOTIFY_COMPLETED, completed, completed_cls,
+                            MHD_OPTION_CONNECTION_LIMIT, connection_limit,
+                            MHD_OPTION_CONNECTION_TIMEOUT, idle_timeout_seconds,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, connection_memory_limit,
+                            MHD_OPTION_END);
 }
 
-// MHD_get_daemon_info is variadic too; this reads the listen socket's fd.
-static inline int mqt_mhd_listen_fd(struct MHD_Daemon *d) {
-    const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_LISTEN_FD);
-    return info ? info->listen_fd : -1;
+#include <unistd.h>
+// A response whose body MHD copies before returning (MHD_RESPMEM_MUST_COPY).
+static inline struct MHD_Response *mqt_mhd_response_copy(size_t size, const void *data) {
+    return MHD_create_response_from_buffer(size, (void *)data, MHD_RESPMEM_MUST_COPY);
 }
+
+// Closes the listening socket that MHD_quiesce_daemon hands back (MHD no longer uses it).
+static inline void mqt_close_fd(int fd) { close(fd); }
 #endif

@@ -45,6 +45,7 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let badFileDescriptorState = Errno(EBADFD)
     public static let networkDown = Errno(ENETDOWN)
     public static let noSuchDeviceOrAddress = Errno(ENXIO)
+    public static let addressInUse = Errno(EADDRINUSE)
 }
 
 /// A failed system call: which call, and the errno it returned.

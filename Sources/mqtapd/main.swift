@@ -1,3 +1,154 @@
+import ArgumentParser
 import TapAPI
 import TapCore
-print("mqtapd")
+import TunKit
+
+/// The daemon: flags, signals, wiring. Everything else lives in the libraries.
+@main
+struct MQTapD: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mqtapd",
+        abstract: "Owns multiqueue TUN/TAP devices and serves them over an HTTP/JSON API.",
+        version: Version.current)
+
+    @Option(name: .customLong("listen"),
+            help: ArgumentHelp("Where to serve the API: unix:PATH or tcp:HOST:PORT (loopback only). Repeatable.",
+                               valueName: "address"))
+    var listen: [String] = []
+
+    @Option(help: ArgumentHelp("Directory for the daemon's state.", valueName: "dir"))
+    var stateDir = "/var/lib/mqtapd"
+
+    @Option(help: ArgumentHelp("Worker threads (default: online CPUs).", valueName: "n"))
+    var workers: Int?
+
+    @Option(help: ArgumentHelp("Initial global per-device queue limit, 1 to 256.", valueName: "n"))
+    var maxQueues = 256
+
+    @Option(help: ArgumentHelp("Largest request body in bytes.", valueName: "bytes"))
+    var maxBody = 64 * 1024
+
+    func validate() throws {
+        for a in listen {
+            do { _ = try ListenAddress(parsing: a) } catch { throw ValidationError(error.description) }
+        }
+        let addresses = listen.compactMap { try? ListenAddress(parsing: $0) }
+        if Set(addresses.map(\.description)).count != addresses.count {
+            throw ValidationError("the same --listen address is given twice")
+        }
+        if let w = workers, !(1...1024).contains(w) { throw ValidationError("--workers must be between 1 and 1024") }
+        guard (1...256).contains(maxQueues) else { throw ValidationError("--max-queues must be between 1 and 256") }
+        guard (1024...(16 << 20)).contains(maxBody) else { throw ValidationError("--max-body must be between 1024 and 16777216") }
+    }
+
+    func run() throws {
+        let log = EventLog()
+        // Before any thread starts, so that only the main thread ever receives them.
+        Signals.block([Signals.terminate, Signals.interrupt])
+
+        // Every queue is an fd: use all the fds the hard limit allows.
+        let limit = ProcessResources.fileLimit()
+        if limit.soft < limit.hard { try? ProcessResources.setFileLimit(soft: limit.hard) }
+
+        let addresses = listen.isEmpty ? [ListenAddress.defaultUnix] : listen.map { try! ListenAddress(parsing: $0) }
+        do {
+            try makeDirectories(stateDir)
+        } catch {
+            log.fail("cannot create the state directory", ["path": stateDir, "error": "\(error)"])
+        }
+
+        let manager: DeviceManager
+        do {
+            manager = try DeviceManager(workers: workers ?? ProcessResources.onlineCPUs(), maxQueues: maxQueues,
+                                        log: { log.info($0) })
+        } catch {
+            log.fail("cannot start the device manager", ["error": "\(error)"])
+        }
+
+        // Sockets first, all of them: a bad address stops the start before anything serves.
+        var sockets: [(ListenAddress, Int32)] = []
+        for a in addresses {
+            do {
+                switch a {
+                case .unix(let path):
+                    sockets.append((a, try ListenSocket.unix(path: path, mode: 0o660)))
+                case .tcp(let host, let port):
+                    let s = try ListenSocket.tcp(host: host, port: port)
+                    sockets.append((.tcp(host: host, port: s.port), s.fd))
+                }
+            } catch {
+                for (_, fd) in sockets { closeFD(fd) }
+                manager.shutdown()
+                let why = error.errno == .addressInUse ? "another mqtapd instance is serving it" : "\(error)"
+                log.fail("cannot listen on \(a)", ["address": a.description, "error": why])
+            }
+        }
+
+        let router = Router(manager: manager)
+        var limits = HTTPServer.Limits()
+        limits.bodyBytes = maxBody
+        let handler: HTTPServer.Handler = { request in
+            let start = Clock.monotonicNanoseconds()
+            let response = router.handle(request)
+            let micros = (Clock.monotonicNanoseconds() - start) / 1000
+            log.info("request", ["method": request.method, "path": request.path,
+                                 "status": String(response.status), "us": String(micros)])
+            return response
+        }
+        var servers: [HTTPServer] = []
+        for (address, fd) in sockets {
+            do {
+                servers.append(try HTTPServer(listenFD: fd, limits: limits, handler: handler,
+                                              tooLarge: { APIError.payloadTooLarge(limit: $0).response }))
+                log.info("listening", ["address": address.description])
+                // The readiness line: tools wait for it.
+                writeStderrLine("mqtapd: listening on \(address)")
+            } catch {
+                servers.forEach { $0.stop() }
+                manager.shutdown()
+                log.fail("cannot serve", ["address": address.description])
+            }
+        }
+        log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(maxQueues)])
+
+        let signal = Signals.wait([Signals.terminate, Signals.interrupt])
+        log.info("stopping", ["signal": signal == Signals.terminate ? "SIGTERM" : "SIGINT"])
+        // Stop accepting and finish in-flight requests, then the devices, then the sockets.
+        servers.forEach { $0.stop() }
+        manager.shutdown()
+        for case (.unix(let path), _) in sockets { removeFile(path) }
+        log.info("stopped")
+    }
+}
+
+/// One line per event on stderr, logfmt: `ts=… level=info msg="…" key=value`.
+struct EventLog: Sendable {
+    func info(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
+        write("info", message, fields)
+    }
+
+    func fail(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) -> Never {
+        write("error", message, fields)
+        MQTapD.exit(withError: ExitCode.failure)
+    }
+
+    private func write(_ level: String, _ message: String, _ fields: KeyValuePairs<String, String>) {
+        var line = "ts=\(Clock.timestamp()) level=\(level) msg=\(quote(message))"
+        for (k, v) in fields { line += " \(k)=\(quote(v))" }
+        writeStderrLine(line)
+    }
+
+    private func quote(_ s: String) -> String {
+        let plain = !s.isEmpty && s.allSatisfy { $0.isASCII && !$0.isWhitespace && $0 != "\"" && $0 != "=" }
+        if plain { return s }
+        return "\"" + s.replacingAll("\\", "\\\\").replacingAll("\"", "\\\"").replacingAll("\n", "\\n") + "\""
+    }
+}
+
+extension String {
+    func replacingAll(_ a: Character, _ b: String) -> String {
+        var out = ""
+        for c in self { if c == a { out += b } else { out.append(c) } }
+        return out
+    }
+}

@@ -1,0 +1,81 @@
+import TapCore
+
+/// Every error the API answers with. This file is the one place that chooses the HTTP status
+/// and `code` for an error, including every manager error.
+public struct APIError: Error, Equatable, Sendable {
+    public let status: Int
+    public let code: String
+    public let message: String
+    public var field: String?
+    public var errno: String?
+    /// For 405: the methods the path does allow.
+    public var allow: [String]?
+
+    init(_ status: Int, _ code: String, _ message: String, field: String? = nil, errno: String? = nil) {
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.errno = errno
+    }
+
+    static func invalidJSON(_ e: JSON.ParseError) -> APIError {
+        APIError(400, "invalid_json", "line \(e.line), column \(e.column): \(e.message)")
+    }
+    static func invalidJSON(_ message: String) -> APIError { APIError(400, "invalid_json", message) }
+    static func unknownField(_ field: String) -> APIError {
+        APIError(400, "unknown_field", "unknown field \(field)", field: field)
+    }
+    static func invalidField(_ field: String, _ reason: String) -> APIError {
+        APIError(400, "invalid_field", "\(field): \(reason)", field: field)
+    }
+    static func notFound(_ message: String) -> APIError { APIError(404, "not_found", message) }
+    static func methodNotAllowed(_ method: String, allow: [String]) -> APIError {
+        var e = APIError(405, "method_not_allowed", "\(method) is not allowed here; allowed: \(allow.joined(separator: ", "))")
+        e.allow = allow
+        return e
+    }
+    static func unsupportedMediaType(_ got: String?) -> APIError {
+        APIError(415, "unsupported_media_type",
+                 "the body must be application/json" + (got.map { ", not \($0)" } ?? " (Content-Type is missing)"))
+    }
+    public static func payloadTooLarge(limit: Int) -> APIError {
+        APIError(413, "payload_too_large", "the body is larger than \(limit) bytes")
+    }
+
+    /// The mapping of manager errors: by kind, not by message.
+    init(_ e: ManagerError) {
+        let errno = e.errno?.name
+        switch e {
+        case .invalidField(let field, _):
+            self.init(400, "invalid_field", e.message, field: field)
+        case .deviceNotFound, .queueNotFound:
+            self.init(404, "not_found", e.message)
+        case .nameConflict:
+            self.init(409, "name_conflict", e.message, field: "name", errno: errno)
+        case .queueLimitExceeded:
+            self.init(409, "queue_limit_exceeded", e.message, errno: errno)
+        case .limitBelowUsage(let field, _, _, _):
+            self.init(409, "limit_below_usage", e.message, field: field)
+        case .lastQueue:
+            self.init(409, "last_queue", e.message)
+        case .resourceExhausted:
+            self.init(503, "resource_exhausted", e.message, errno: errno)
+        case .kernel:
+            self.init(500, "kernel_error", e.message, errno: errno)
+        }
+    }
+
+    public var body: JSON {
+        var error: JSONObject = ["code": .string(code), "message": .string(message)]
+        if let field { error["field"] = .string(field) }
+        if let errno { error["errno"] = .string(errno) }
+        return ["error": .object(error)]
+    }
+
+    public var response: HTTPResponse {
+        var headers: [(String, String)] = []
+        if let allow { headers.append(("Allow", allow.joined(separator: ", "))) }
+        return .json(status, body, headers: headers)
+    }
+}

@@ -1,0 +1,161 @@
+import CMicroHTTPD
+import Synchronization
+
+/// An HTTP/1.1 server on libmicrohttpd, serving one listening socket. This file is the only
+/// importer of the C module.
+///
+/// MHD runs an internal pool of epoll threads; the handler runs on them, synchronously and
+/// briefly (the manager never blocks on I/O for long), so a slow or idle client holds only
+/// its own connection, bounded by the idle timeout and the connection limit.
+public final class HTTPServer: Sendable {
+    public struct Limits: Sendable {
+        /// Largest request body; a larger one gets 413 as soon as it is known to be larger.
+        public var bodyBytes = 64 * 1024
+        /// Per-connection memory for the request line and headers; past it MHD answers 431.
+        public var connectionMemory = 32 * 1024
+        public var connections = 256
+        public var idleTimeoutSeconds = 30
+        public var threads = 2
+
+        public init() {}
+    }
+
+    public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
+
+    /// What the C callbacks reach through their `cls` pointer.
+    private final class Context: Sendable {
+        let handler: Handler
+        let limits: Limits
+        let tooLarge: @Sendable (Int) -> HTTPResponse
+
+        init(handler: @escaping Handler, limits: Limits, tooLarge: @escaping @Sendable (Int) -> HTTPResponse) {
+            self.handler = handler
+            self.limits = limits
+            self.tooLarge = tooLarge
+        }
+    }
+
+    /// One request's upload, kept across the access handler's calls for that request.
+    private final class Upload {
+        var body: [UInt8] = []
+        /// A response was queued early (413); the rest of the upload is discarded.
+        var answered = false
+    }
+
+    private let context: Context
+    // SAFETY: the daemon pointer is set once in init and cleared once in stop under the
+    // mutex; MHD's own functions are thread-safe for stop/quiesce.
+    private let daemon: Mutex<OpaquePointer?>
+
+    /// Serves `listenFD` (which the server then owns and closes on stop). `tooLarge` makes
+    /// the 413 body, so the error format stays the API's.
+    public init(listenFD: Int32, limits: Limits = Limits(), handler: @escaping Handler,
+                tooLarge: @escaping @Sendable (Int) -> HTTPResponse) throws(HTTPServerError) {
+        context = Context(handler: handler, limits: limits, tooLarge: tooLarge)
+        // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
+        // run by deinit) stops the daemon, and with it every callback, before it is released.
+        let cls = Unmanaged.passUnretained(context).toOpaque()
+        let d = mqt_mhd_start(listenFD, UInt32(limits.threads), HTTPServer.access, cls,
+                              HTTPServer.completed, nil, UInt32(limits.connections),
+                              UInt32(limits.idleTimeoutSeconds), limits.connectionMemory)
+        guard let d else { throw HTTPServerError.startFailed }
+        daemon = Mutex(d)
+    }
+
+    deinit { stop() }
+
+    /// Stops accepting, lets in-flight requests finish, then stops every thread. Idempotent.
+    public func stop() {
+        let d = daemon.withLock { d in
+            defer { d = nil }
+            return d
+        }
+        guard let d else { return }
+        // Quiesce first: the listening socket stops being polled while requests finish.
+        let fd = MHD_quiesce_daemon(d)
+        MHD_stop_daemon(d)
+        if fd >= 0 { closeListening(fd) }
+    }
+
+    /// MHD_quiesce_daemon hands the listening socket back to us; it is ours to close.
+    private func closeListening(_ fd: Int32) {
+        // The syscall layer would be the place, but the HTTP layer may not depend on it;
+        // MHD has no close API, so shutdown through a zero-length response is not possible.
+        mqt_close_fd(fd)
+    }
+
+    // MARK: C callbacks
+
+    private static let access: MHD_AccessHandlerCallback = { cls, connection, url, method, _, uploadData, uploadSize, conCls in
+        // SAFETY: `cls` is the Context passed unretained in init; it outlives the daemon.
+        let context = Unmanaged<Context>.fromOpaque(cls!).takeUnretainedValue()
+        guard let connection, let uploadSize, let conCls else { return .NO }
+
+        guard let state = conCls.pointee else {
+            // First call for this request: headers are in, no body yet.
+            let upload = Upload()
+            // SAFETY: retained here, released exactly once in `completed`, which MHD calls
+            // for every request whose *con_cls we set.
+            conCls.pointee = Unmanaged.passRetained(upload).toOpaque()
+            if let length = header(connection, "Content-Length").flatMap(Int.init), length > context.limits.bodyBytes {
+                upload.answered = true
+                return queue(connection, context.tooLarge(context.limits.bodyBytes))
+            }
+            return .YES
+        }
+        // SAFETY: `state` is the Upload retained above; it lives until `completed`.
+        let upload = Unmanaged<Upload>.fromOpaque(state).takeUnretainedValue()
+
+        if uploadSize.pointee > 0 {
+            let n = uploadSize.pointee
+            uploadSize.pointee = 0  // consumed (or discarded)
+            guard !upload.answered else { return .YES }
+            if upload.body.count + n > context.limits.bodyBytes {
+                upload.answered = true
+                upload.body = []
+                return queue(connection, context.tooLarge(context.limits.bodyBytes))
+            }
+            // SAFETY: MHD guarantees `n` readable bytes at uploadData for this call only;
+            // they are copied out before returning.
+            upload.body.append(contentsOf: UnsafeRawBufferPointer(start: uploadData, count: n))
+            return .YES
+        }
+        if upload.answered { return .YES }
+
+        var headers: [String: String] = [:]
+        for name in ["Content-Type", "Content-Length", "Accept", "Host"] {
+            if let v = header(connection, name) { headers[name.lowercased()] = v }
+        }
+        let request = HTTPRequest(method: String(cString: method!), path: String(cString: url!),
+                                  headers: headers, body: upload.body)
+        upload.body = []
+        return queue(connection, context.handler(request))
+    }
+
+    private static let completed: MHD_RequestCompletedCallback = { _, _, conCls, _ in
+        guard let conCls, let state = conCls.pointee else { return }
+        // SAFETY: balances the passRetained of the access handler's first call.
+        Unmanaged<Upload>.fromOpaque(state).release()
+        conCls.pointee = nil
+    }
+
+    private static func header(_ connection: OpaquePointer, _ name: String) -> String? {
+        MHD_lookup_connection_value(connection, .HEADER_KIND, name).map { String(cString: $0) }
+    }
+
+    private static func queue(_ connection: OpaquePointer, _ response: HTTPResponse) -> MHD_Result {
+        let r = response.body.withUnsafeBytes { raw in
+            // SAFETY: MUST_COPY: MHD copies the bytes before returning, so the buffer may go.
+            mqt_mhd_response_copy(raw.count, raw.baseAddress)
+        }
+        guard let r else { return .NO }
+        defer { MHD_destroy_response(r) }
+        for (name, value) in response.headers { MHD_add_response_header(r, name, value) }
+        return MHD_queue_response(connection, UInt32(response.status), r)
+    }
+}
+
+public enum HTTPServerError: Error, Sendable {
+    /// MHD refused to start (it logs why on stderr).
+    case startFailed
+}

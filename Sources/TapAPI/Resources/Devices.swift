@@ -1,0 +1,74 @@
+import TapCore
+
+/// `/v1/devices` and `/v1/devices/{name}`.
+enum DevicesResource {
+    static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode"]
+    static let patchFields = ["max_queues", "up", "mtu", "mode"]
+
+    /// DeviceSpec from a POST body. Types are checked here; ranges and names by the manager,
+    /// which owns those rules.
+    static func decodeSpec(_ bytes: [UInt8]) throws(APIError) -> DeviceSpec {
+        let b = try Body(bytes, allowed: specFields)
+        var spec = DeviceSpec(name: try b.required("name", b.string("name")))
+        if let kind = try b.oneOf("type", DeviceKind.self) { spec.kind = kind }
+        if let q = try b.int("queues") { spec.queues = q }
+        spec.maxQueues = try b.int("max_queues")
+        if let p = try b.bool("persist") { spec.persist = p }
+        if let v = try b.bool("vnet_hdr") { spec.vnetHdr = v }
+        spec.mtu = try b.int("mtu")
+        if let text = try b.string("mac") {
+            guard let mac = MACAddress(text) else {
+                throw APIError.invalidField("mac", "must be six hex bytes like 02:00:00:00:00:01")
+            }
+            spec.mac = mac
+        }
+        if let up = try b.bool("up") { spec.up = up }
+        if let mode = try b.oneOf("mode", DeviceMode.self) { spec.mode = mode }
+        return spec
+    }
+
+    static func decodePatch(_ bytes: [UInt8]) throws(APIError) -> DevicePatch {
+        let b = try Body(bytes, allowed: patchFields)
+        return DevicePatch(maxQueues: try b.int("max_queues"), up: try b.bool("up"), mtu: try b.int("mtu"),
+                           mode: try b.oneOf("mode", DeviceMode.self))
+    }
+
+    static func encode(_ d: DeviceInfo) -> JSON {
+        var o: JSONObject = [
+            "name": .string(d.name), "type": .string(d.kind.rawValue), "max_queues": JSON(d.maxQueues),
+            "persist": .bool(d.persist), "vnet_hdr": .bool(d.vnetHdr), "mtu": JSON(d.mtu),
+        ]
+        if let mac = d.mac { o["mac"] = .string(mac.description) }
+        o["up"] = .bool(d.up)
+        o["mode"] = .string(d.mode.rawValue)
+        o["ifindex"] = JSON(d.ifindex)
+        o["queue_count"] = JSON(d.queueCount)
+        o["enabled_queues"] = JSON(d.enabledQueues)
+        o["queues"] = .array(d.queues.map(QueuesResource.encode))
+        return .object(o)
+    }
+
+    static func location(_ name: String) -> String { "/v1/devices/\(name)" }
+
+    static func list(_ m: DeviceManager) -> HTTPResponse {
+        .json(200, ["devices": .array(m.devices().map(encode))])
+    }
+
+    static func create(_ m: DeviceManager, _ r: HTTPRequest) throws -> HTTPResponse {
+        let d = try m.create(decodeSpec(r.body))
+        return .json(201, encode(d), headers: [("Location", location(d.name))])
+    }
+
+    static func get(_ m: DeviceManager, _ name: String) throws -> HTTPResponse {
+        .json(200, encode(try m.device(name)))
+    }
+
+    static func patch(_ m: DeviceManager, _ name: String, _ r: HTTPRequest) throws -> HTTPResponse {
+        .json(200, encode(try m.update(name, decodePatch(r.body))))
+    }
+
+    static func delete(_ m: DeviceManager, _ name: String) throws -> HTTPResponse {
+        try m.delete(name)
+        return .noContent
+    }
+}

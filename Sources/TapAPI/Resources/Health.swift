@@ -1,0 +1,10 @@
+/// `/v1/health`: answers as long as the daemon serves requests.
+enum HealthResource {
+    static func get() -> HTTPResponse {
+        .json(200, ["status": "ok", "version": .string(Version.current)])
+    }
+}
+
+public enum Version {
+    public static let current = "0.1.0"
+}
