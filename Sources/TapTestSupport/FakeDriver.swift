@@ -8,20 +8,22 @@ import TunKit
 /// A driver with no kernel behind it: each "queue" is one end of a SOCK_SEQPACKET pair,
 /// so workers poll and read real fds and a test can write frames into a queue from the
 /// other end. Failures are injected per operation, so error paths run without root.
-final class FakeDriver: TunDriver, Sendable {
-    enum Op: Hashable, Sendable {
+public final class FakeDriver: TunDriver, Sendable {
+    public init() {}
+
+    public enum Op: Hashable, Sendable {
         case openQueue, setQueue, setPersist, setUp, setMTU, setMAC, ifindex
     }
 
-    struct Device: Sendable {
-        var fds: [Int32] = []
-        var detached: Set<Int32> = []
-        var persist = false
-        var up = false
-        var mtu = 1500
-        var mac: [UInt8] = [0x02, 0xfa, 0x4e, 0, 0, 1]
-        var ifindex: Int
-        var flags: TunFlags
+    public struct Device: Sendable {
+        public var fds: [Int32] = []
+        public var detached: Set<Int32> = []
+        public var persist = false
+        public var up = false
+        public var mtu = 1500
+        public var mac: [UInt8] = [0x02, 0xfa, 0x4e, 0, 0, 1]
+        public var ifindex: Int
+        public var flags: TunFlags
     }
 
     struct State: Sendable {
@@ -43,23 +45,23 @@ final class FakeDriver: TunDriver, Sendable {
     let state = Mutex(State())
 
     /// Makes the `after`-th next call of `op` fail with `errno`.
-    func fail(_ op: Op, with errno: Errno, after: Int = 0) {
+    public func fail(_ op: Op, with errno: Errno, after: Int = 0) {
         state.withLock { s in
             let base = s.calls[op, default: 0]
             s.failures[op, default: []].append((base + after, errno))
         }
     }
 
-    func calls(_ op: Op) -> Int { state.withLock { $0.calls[op, default: 0] } }
-    func device(_ name: String) -> Device? { state.withLock { $0.devices[name] } }
-    var openFDs: Int { state.withLock { $0.owner.count } }
+    public func calls(_ op: Op) -> Int { state.withLock { $0.calls[op, default: 0] } }
+    public func device(_ name: String) -> Device? { state.withLock { $0.devices[name] } }
+    public var openFDs: Int { state.withLock { $0.owner.count } }
 
     /// The test's end of a queue's pair, to write frames into the queue or read echoes.
-    func peer(of fd: Int32) -> Int32? { state.withLock { $0.peers[fd] } }
-    func fds(of name: String) -> [Int32] { state.withLock { $0.devices[name]?.fds ?? [] } }
+    public func peer(of fd: Int32) -> Int32? { state.withLock { $0.peers[fd] } }
+    public func fds(of name: String) -> [Int32] { state.withLock { $0.devices[name]?.fds ?? [] } }
 
     /// Simulates `ip link del`: the device disappears, its queue fds hang up.
-    func vanish(_ name: String) {
+    public func vanish(_ name: String) {
         state.withLock { s in
             guard let d = s.devices.removeValue(forKey: name) else { return }
             for fd in d.fds {
@@ -78,7 +80,7 @@ final class FakeDriver: TunDriver, Sendable {
         }
     }
 
-    func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
+    public func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
         try state.withLock { (s) throws(SyscallError) -> Int32 in
             try check(.openQueue, &s, call: "open(/dev/net/tun)")
             if s.foreign.contains(name) || (flags.contains(.exclusive) && s.devices[name] != nil) {
@@ -102,7 +104,7 @@ final class FakeDriver: TunDriver, Sendable {
         }
     }
 
-    func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
+    public func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
         try state.withLock { (s) throws(SyscallError) in
             try check(.setQueue, &s, call: "ioctl(TUNSETQUEUE)")
             guard let name = s.owner[fd], s.devices[name] != nil else {
@@ -112,14 +114,14 @@ final class FakeDriver: TunDriver, Sendable {
         }
     }
 
-    func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError) {
+    public func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError) {
         try state.withLock { (s) throws(SyscallError) in
             try check(.setPersist, &s, call: "ioctl(TUNSETPERSIST)")
             if let name = s.owner[fd] { s.devices[name]?.persist = persist }
         }
     }
 
-    func close(_ fd: Int32) {
+    public func close(_ fd: Int32) {
         state.withLock { s in
             guard let name = s.owner.removeValue(forKey: fd) else {
                 preconditionFailure("close of an fd the fake never handed out: \(fd)")
@@ -143,46 +145,46 @@ final class FakeDriver: TunDriver, Sendable {
         }
     }
 
-    func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
+    public func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
         try withDevice(name, .setUp, "ioctl(SIOCSIFFLAGS)") { $0.up = up }
     }
-    func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
+    public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
         try withDevice(name, .setMTU, "ioctl(SIOCSIFMTU)") { $0.mtu = mtu }
     }
-    func mtu(_ name: String) throws(SyscallError) -> Int {
+    public func mtu(_ name: String) throws(SyscallError) -> Int {
         try state.withLock { (s) throws(SyscallError) -> Int in
             guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFMTU)", errno: .noDevice) }
             return d.mtu
         }
     }
-    func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
+    public func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
         try withDevice(name, .setMAC, "ioctl(SIOCSIFHWADDR)") { $0.mac = mac }
     }
-    func mac(_ name: String) throws(SyscallError) -> [UInt8] {
+    public func mac(_ name: String) throws(SyscallError) -> [UInt8] {
         try state.withLock { (s) throws(SyscallError) -> [UInt8] in
             guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFHWADDR)", errno: .noDevice) }
             return d.mac
         }
     }
-    func ifindex(_ name: String) throws(SyscallError) -> Int {
+    public func ifindex(_ name: String) throws(SyscallError) -> Int {
         try withDevice(name, .ifindex, "ioctl(SIOCGIFINDEX)") { $0.ifindex }
     }
-    func isBound(_ fd: Int32) -> Bool {
+    public func isBound(_ fd: Int32) -> Bool {
         state.withLock { !$0.vanished.contains(fd) && $0.owner[fd] != nil }
     }
-    func statistics(_ name: String) -> [String: UInt64]? {
+    public func statistics(_ name: String) -> [String: UInt64]? {
         state.withLock { $0.devices[name] == nil ? nil : [:] }
     }
 }
 
 /// Writes one frame into a queue from the test's end of the pair.
 @discardableResult
-func inject(_ peer: Int32, _ bytes: [UInt8]) -> Bool {
+public func inject(_ peer: Int32, _ bytes: [UInt8]) -> Bool {
     bytes.withUnsafeBytes { Glibc.write(peer, $0.baseAddress, $0.count) } == bytes.count
 }
 
 /// Reads one frame that a worker wrote back into a queue (echo), if any is waiting.
-func receive(_ peer: Int32) -> [UInt8]? {
+public func receive(_ peer: Int32) -> [UInt8]? {
     var buf = [UInt8](repeating: 0, count: 2048)
     let n = buf.withUnsafeMutableBytes { Glibc.read(peer, $0.baseAddress, $0.count) }
     return n > 0 ? Array(buf[0..<n]) : nil

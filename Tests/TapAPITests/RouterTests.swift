@@ -1,0 +1,154 @@
+@testable import TapAPI
+import TapCore
+import TapTestSupport
+import Testing
+
+/// The router over a manager on the fake driver: no root, no sockets.
+final class RouterFixture {
+    let driver = FakeDriver()
+    let manager: DeviceManager
+    let router: Router
+
+    init() throws {
+        manager = try DeviceManager(driver: driver, workers: 2)
+        router = Router(manager: manager)
+    }
+
+    deinit { manager.shutdown() }
+
+    func call(_ method: String, _ path: String, _ body: String? = nil, contentType: String? = "application/json") -> HTTPResponse {
+        var headers: [String: String] = [:]
+        if body != nil, let contentType { headers["content-type"] = contentType }
+        return router.handle(HTTPRequest(method: method, path: path, headers: headers, body: Array((body ?? "").utf8)))
+    }
+}
+
+extension HTTPResponse {
+    var code: String? {
+        if case .string(let s)? = json?["error"]?["code"] { return s }
+        return nil
+    }
+}
+
+@Suite("router")
+struct RouterTests {
+    @Test("routes", arguments: [
+        ("/v1/health", Route.health), ("/v1/limits", .limits), ("/v1/devices", .devices),
+        ("/v1/devices/tap0", .device("tap0")), ("/v1/devices/tap0/queues", .queues("tap0")),
+        ("/v1/devices/tap0/queues/12", .queue("tap0", 12)), ("/v1/devices/tap0/stats", .stats("tap0")),
+        ("/metrics", .metrics), ("/openapi.yaml", .spec),
+    ])
+    func routes(_ path: String, _ route: Route) {
+        #expect(Route(path: path) == route)
+    }
+
+    @Test("unknown paths", arguments: [
+        "/", "", "/v1", "/v1/", "/v1/devices/", "/v2/devices", "/v1/devices/a/queues/x", "/v1/devices/a/queues/-1",
+        "/v1/devices/a/queues/01", "/v1/devices/a/queues/1/x", "/v1/devices/a/other", "/metrics/", "/v1/health/x",
+    ])
+    func notFound(_ path: String) throws {
+        #expect(Route(path: path) == nil)
+        let f = try RouterFixture()
+        let r = f.call("GET", path)
+        #expect(r.status == 404 && r.code == "not_found")
+    }
+
+    @Test("a known path with a wrong method is 405 with Allow")
+    func methodNotAllowed() throws {
+        let f = try RouterFixture()
+        let r = f.call("DELETE", "/v1/limits")
+        #expect(r.status == 405 && r.code == "method_not_allowed")
+        #expect(r.header("Allow") == "GET, PUT")
+        #expect(f.call("PUT", "/v1/devices").header("Allow") == "GET, POST")
+        #expect(f.call("POST", "/v1/devices/a/queues/1").header("Allow") == "GET, PATCH, DELETE")
+    }
+
+    @Test("a body that is not JSON is 415 and changes nothing")
+    func mediaType() throws {
+        let f = try RouterFixture()
+        #expect(f.call("POST", "/v1/devices", #"{"name":"a"}"#, contentType: "text/plain").status == 415)
+        #expect(f.call("POST", "/v1/devices", #"{"name":"a"}"#, contentType: nil).code == "unsupported_media_type")
+        #expect(f.call("POST", "/v1/devices", #"{"name":"a"}"#, contentType: "application/json; charset=utf-8").status == 201)
+        #expect(f.driver.openFDs == 1)
+    }
+
+    @Test("create answers 201 with Location; the device reads back; delete is 204 then 404")
+    func deviceLifecycle() throws {
+        let f = try RouterFixture()
+        let r = f.call("POST", "/v1/devices", #"{"name":"vm1","queues":3}"#)
+        #expect(r.status == 201)
+        #expect(r.header("Location") == "/v1/devices/vm1")
+        #expect(r.json?["queue_count"] == 3)
+        #expect(r.json?["enabled_queues"] == 3)
+        #expect(r.json?["type"] == "tap")
+        #expect(f.call("GET", "/v1/devices/vm1").json == r.json)
+        #expect(f.call("GET", "/v1/devices").json?["devices"] == [r.json!])
+        let del = f.call("DELETE", "/v1/devices/vm1")
+        #expect(del.status == 204 && del.body.isEmpty)
+        #expect(f.call("DELETE", "/v1/devices/vm1").status == 404)
+    }
+
+    @Test("every manager error maps to its status and code")
+    func errorMapping() throws {
+        let f = try RouterFixture()
+        #expect(f.call("POST", "/v1/devices", #"{"name":"a b"}"#).code == "invalid_field")
+        _ = f.call("POST", "/v1/devices", #"{"name":"d","queues":2,"max_queues":2}"#)
+        let conflict = f.call("POST", "/v1/devices", #"{"name":"d"}"#)
+        #expect(conflict.status == 409 && conflict.code == "name_conflict")
+        let lo = f.call("POST", "/v1/devices", #"{"name":"lo"}"#)
+        #expect(lo.json?["error"]?["errno"] == "EBUSY")
+        let full = f.call("POST", "/v1/devices/d/queues", "")
+        #expect(full.status == 409 && full.code == "queue_limit_exceeded")
+        #expect(f.call("PUT", "/v1/limits", #"{"max_queues":1}"#).code == "limit_below_usage")
+        _ = f.call("DELETE", "/v1/devices/d/queues/0")
+        #expect(f.call("DELETE", "/v1/devices/d/queues/1").code == "last_queue")
+        #expect(f.call("GET", "/v1/devices/d/queues/0").status == 404)
+        f.driver.fail(.openQueue, with: .tooManyOpenFiles)
+        let exhausted = f.call("POST", "/v1/devices", #"{"name":"e"}"#)
+        #expect(exhausted.status == 503 && exhausted.code == "resource_exhausted")
+        #expect(exhausted.json?["error"]?["errno"] == "EMFILE")
+        f.driver.fail(.setMTU, with: .invalidArgument)
+        let kernel = f.call("POST", "/v1/devices", #"{"name":"e","mtu":1400}"#)
+        #expect(kernel.status == 500 && kernel.code == "kernel_error" && kernel.json?["error"]?["errno"] == "EINVAL")
+    }
+
+    @Test("queues: add, detach, re-attach, remove")
+    func queues() throws {
+        let f = try RouterFixture()
+        _ = f.call("POST", "/v1/devices", #"{"name":"q"}"#)
+        let added = f.call("POST", "/v1/devices/q/queues", #"{"count":2}"#)
+        #expect(added.status == 201)
+        #expect(added.json?["queues"].map { q -> [JSON] in if case .array(let a) = q { return a.compactMap { $0["id"] } } else { return [] } } == [1, 2])
+        let off = f.call("PATCH", "/v1/devices/q/queues/1", #"{"enabled":false}"#)
+        #expect(off.status == 200 && off.json?["enabled"] == false)
+        #expect(f.call("GET", "/v1/devices/q").json?["enabled_queues"] == 2)
+        #expect(f.call("PATCH", "/v1/devices/q/queues/1", #"{"enabled":true}"#).json?["enabled"] == true)
+        #expect(f.call("DELETE", "/v1/devices/q/queues/2").status == 204)
+        #expect(f.call("GET", "/v1/devices/q/queues").json?["queues"].map { if case .array(let a) = $0 { return a.count } else { return -1 } } == 2)
+    }
+
+    @Test("limits, stats, health, metrics, spec")
+    func readOnly() throws {
+        let f = try RouterFixture()
+        _ = f.call("POST", "/v1/devices", #"{"name":"m","queues":2}"#)
+        let limits = f.call("GET", "/v1/limits").json
+        #expect(limits?["max_queues"] == 256 && limits?["kernel_max_queues"] == 256 && limits?["queues_in_use"] == 2)
+        #expect(f.call("PUT", "/v1/limits", #"{"max_queues":8}"#).json?["max_queues"] == 8)
+        #expect(f.call("PUT", "/v1/limits", #"{"max_queues":257}"#).code == "invalid_field")
+        let stats = f.call("GET", "/v1/devices/m/stats").json
+        #expect(stats?["total"]?["rx_packets"] == 0)
+        #expect(f.call("GET", "/v1/health").json == ["status": "ok", "version": .string(Version.current)])
+        let metrics = String(decoding: f.call("GET", "/metrics").body, as: UTF8.self)
+        #expect(metrics.contains("mqtapd_queue_rx_packets_total{device=\"m\",queue=\"1\"} 0\n"))
+        #expect(metrics.contains("# TYPE mqtapd_queue_rx_packets_total counter\n"))
+        #expect(metrics.contains("mqtapd_device_queues{device=\"m\"} 2\n"))
+        #expect(metrics.contains("mqtapd_build_info{version=\"\(Version.current)\"} 1\n"))
+        #expect(f.call("GET", "/openapi.yaml").body == Array(OpenAPISpec.yaml.utf8))
+    }
+
+    @Test("a 413 body keeps the API's error format")
+    func payloadTooLarge() {
+        let r = APIError.payloadTooLarge(limit: 65536).response
+        #expect(r.status == 413 && r.code == "payload_too_large")
+    }
+}
