@@ -1,0 +1,83 @@
+"""Host-side helpers for live tests: interfaces, frames over AF_PACKET, process fds."""
+import os
+import socket
+import struct
+import subprocess
+import time
+
+
+def exists(name):
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+def tap_names():
+    return {n for n in os.listdir("/sys/class/net") if os.path.exists(f"/sys/class/net/{n}/tun_flags")}
+
+
+def kernel_queue_count(name):
+    out = subprocess.run(["ip", "-d", "link", "show", "dev", name], capture_output=True, text=True).stdout
+    parts = out.split()
+    return int(parts[parts.index("numqueues") + 1]) if "numqueues" in parts else None
+
+
+def delete_link(name):
+    if exists(name):
+        subprocess.run(["ip", "link", "del", "dev", name], capture_output=True)
+
+
+def disable_ipv6(name):
+    """No router solicitations or MLD reports of the kernel's own on a test device."""
+    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        f.write("1")
+
+
+def kernel_stats(name):
+    base = f"/sys/class/net/{name}/statistics"
+    return {k: int(open(os.path.join(base, k)).read()) for k in ("tx_packets", "tx_dropped", "rx_packets")}
+
+
+def frame(flow, dst_mac, size=60):
+    """Ethernet/IPv4/UDP, source port varied by flow so the kernel spreads flows over queues."""
+    dst = bytes.fromhex(dst_mac.replace(":", ""))
+    src = bytes.fromhex("020000000001")
+    ip_len = size - 14
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 0, 0, 64, 17, 0,
+                     bytes([198, 18, 0, 1]), bytes([198, 18, 1, flow & 0xFF]))
+    csum = sum(struct.unpack("!10H", ip))
+    while csum > 0xFFFF:
+        csum = (csum & 0xFFFF) + (csum >> 16)
+    ip = ip[:10] + struct.pack("!H", ~csum & 0xFFFF) + ip[12:]
+    udp = struct.pack("!HHHH", 10000 + flow, 5000, size - 34, 0)
+    return dst + src + b"\x08\x00" + ip + udp + bytes(size - 42)
+
+
+def send_frames(ifname, dst_mac, count, flows=64):
+    """Sends `count` frames out of `ifname` (into the tap); returns how many the kernel took."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: send only
+    s.bind((ifname, 0))
+    frames = [frame(i, dst_mac) for i in range(flows)]
+    sent = 0
+    try:
+        for i in range(count):
+            try:
+                s.send(frames[i % flows])
+                sent += 1
+            except OSError:
+                pass
+    finally:
+        s.close()
+    return sent
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle(fn, timeout=5.0):
+    """Polls `fn` until it holds or `timeout` passes (connections close asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fn():
+            return True
+        time.sleep(0.02)
+    return fn()
