@@ -3,8 +3,9 @@ SHELL := /bin/bash
 export PATH := $(PATH):/opt/swift/usr/bin
 
 ARGS ?=
+VENV := .venv-test
 
-.PHONY: deps build release run test clean
+.PHONY: deps build release run test test-swift test-live lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -15,15 +16,26 @@ build: deps
 release: deps
 	swift build -c release
 
-# Runs the daemon in the foreground (root, for /dev/net/tun). Extra flags: make run ARGS="--workers 4"
+# Runs the daemon in the foreground (as root, for /dev/net/tun), serving
+# /run/mqtapd/api.sock. Extra flags: make run ARGS="--workers 4 --listen tcp:127.0.0.1:8080"
 run: release
 	.build/release/mqtapd $(ARGS)
 
-# Every test: unit tests without root, then the privileged ones on real devices.
-# Serial, so fd-count checks see only their own test's fds.
-test: deps
+# Python tools for the live tests (pinned in Tests/live/requirements.txt), from PyPI.
+$(VENV)/.installed: Tests/live/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r Tests/live/requirements.txt
+	touch $@
+
+# Every test: the spec and the Dockerfile linted, Swift unit and privileged tests (serial, so
+# fd-count checks see only their own fds), then the live tests against the real binary
+# (every endpoint and error, responses validated against openapi.yaml, schemathesis).
+test: deps $(VENV)/.installed
+	$(VENV)/bin/openapi-spec-validator openapi.yaml
+	$(VENV)/bin/hadolint Dockerfile
 	swift build --build-tests
 	swift test --skip-build --no-parallel
+	cd Tests/live && MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" "$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf .build
+	rm -rf .build $(VENV)

@@ -55,6 +55,8 @@ public struct APIError: Error, Equatable, Sendable {
             self.init(409, "name_conflict", e.message, field: "name", errno: errno)
         case .queueLimitExceeded:
             self.init(409, "queue_limit_exceeded", e.message, errno: errno)
+        case .aboveGlobalLimit(let field, _, _):
+            self.init(409, "queue_limit_exceeded", e.message, field: field)
         case .limitBelowUsage(let field, _, _, _):
             self.init(409, "limit_below_usage", e.message, field: field)
         case .lastQueue:

@@ -121,7 +121,7 @@ public final class DeviceManager: Sendable {
         try Validate.name(spec.name)
         guard spec.queues >= 1 else { throw .invalidField(field: "queues", reason: "must be at least 1") }
         if let m = spec.maxQueues { try Validate.maxQueues(m) }
-        if let mtu = spec.mtu { try Validate.mtu(mtu, kind: spec.kind) }
+        if let mtu = spec.mtu { try Validate.mtu(mtu) }
         if let mac = spec.mac {
             guard spec.kind == .tap else { throw .invalidField(field: "mac", reason: "only TAP devices have a MAC address") }
             guard !mac.isMulticast, !mac.isZero else {
@@ -131,7 +131,7 @@ public final class DeviceManager: Sendable {
         return try change { (state) throws(ManagerError) in
             let limit = spec.maxQueues ?? state.maxQueues
             guard limit <= state.maxQueues else {
-                throw .invalidField(field: "max_queues", reason: "must be at most the global limit \(state.maxQueues)")
+                throw .aboveGlobalLimit(field: "max_queues", value: limit, limit: state.maxQueues)
             }
             guard spec.queues <= limit else {
                 throw .queueLimitExceeded(device: spec.name, limit: limit, requested: spec.queues, errno: nil)
@@ -162,12 +162,12 @@ public final class DeviceManager: Sendable {
 
     public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
         if let m = patch.maxQueues { try Validate.maxQueues(m) }
+        if let mtu = patch.mtu { try Validate.mtu(mtu) }
         return try change { (state) throws(ManagerError) in
             var entry = try live(name, in: &state)
-            if let mtu = patch.mtu { try Validate.mtu(mtu, kind: entry.kind) }
             if let m = patch.maxQueues {
                 guard m <= state.maxQueues else {
-                    throw .invalidField(field: "max_queues", reason: "must be at most the global limit \(state.maxQueues)")
+                    throw .aboveGlobalLimit(field: "max_queues", value: m, limit: state.maxQueues)
                 }
                 guard m >= entry.queues.count else {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: entry.queues.count)

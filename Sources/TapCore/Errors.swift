@@ -24,6 +24,9 @@ public enum ManagerError: Error, Equatable, Sendable {
     case nameConflict(name: String, errno: Errno?)
     /// More queues than the device's `max_queues`, the global limit or the kernel allow.
     case queueLimitExceeded(device: String, limit: Int, requested: Int, errno: Errno?)
+    /// A device limit was asked above the global limit (a conflict with the current global
+    /// limit, which can be raised, rather than a malformed value).
+    case aboveGlobalLimit(field: String, value: Int, limit: Int)
     /// A limit was asked lower than what a device already uses.
     case limitBelowUsage(field: String, limit: Int, device: String, inUse: Int)
     /// Removing the device's last queue would destroy it; delete the device instead.
@@ -45,7 +48,7 @@ public enum ManagerError: Error, Equatable, Sendable {
     /// The field a client should fix, when one is to blame.
     public var field: String? {
         switch self {
-        case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _): return f
+        case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _), .aboveGlobalLimit(let f, _, _): return f
         default: return nil
         }
     }
@@ -66,6 +69,8 @@ public enum ManagerError: Error, Equatable, Sendable {
                 return "the kernel refused more queues on \(device) (its limit is \(Tun.kernelMaxQueues))"
             }
             return "\(device) would have \(requested) queues; the limit is \(limit)"
+        case .aboveGlobalLimit(let field, let value, let limit):
+            return "\(field) \(value) is above the global limit \(limit)"
         case .limitBelowUsage(let field, let limit, let device, let inUse):
             return "\(field) \(limit) is below the \(inUse) queues device \(device) has"
         case .lastQueue(let device, let id):

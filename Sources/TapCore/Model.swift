@@ -168,10 +168,9 @@ public struct LimitsInfo: Hashable, Sendable {
 
 /// The rules the kernel applies silently (or not at all), checked before any syscall.
 public enum Validate {
-    /// The kernel's bounds: 68 up to 65535 less the link header (14 bytes on TAP).
-    public static func mtuRange(_ kind: DeviceKind) -> ClosedRange<Int> {
-        68...(kind == .tap ? 65521 : 65535)
-    }
+    /// 68 up to 65521, the kernel's TAP maximum (65535 less the Ethernet header). TUN would
+    /// take 14 bytes more; one range for both keeps the rule simple to state and to check.
+    public static let mtuRange = 68...65521
 
     /// 1–15 characters of `[A-Za-z0-9_.-]`, starting with a letter. The kernel would
     /// truncate a longer name and expand `%d`, and `/` or spaces would break sysfs paths.
@@ -192,10 +191,9 @@ public enum Validate {
         }
     }
 
-    public static func mtu(_ mtu: Int, kind: DeviceKind) throws(ManagerError) {
-        let range = mtuRange(kind)
-        guard range.contains(mtu) else {
-            throw .invalidField(field: "mtu", reason: "must be between \(range.lowerBound) and \(range.upperBound) for \(kind.rawValue)")
+    public static func mtu(_ mtu: Int) throws(ManagerError) {
+        guard mtuRange.contains(mtu) else {
+            throw .invalidField(field: "mtu", reason: "must be between \(mtuRange.lowerBound) and \(mtuRange.upperBound)")
         }
     }
 

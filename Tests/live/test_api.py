@@ -117,7 +117,8 @@ def test_queue_limit_at_256_and_at_a_lowered_limit(daemon, api, name):
         assert r.code == "queue_limit_exceeded"
         assert net.kernel_queue_count(m) == 4
         assert api.post("/v1/devices", {"name": name(), "queues": 5}).code == "queue_limit_exceeded"
-        assert api.post("/v1/devices", {"name": name(), "max_queues": 5}).code == "invalid_field"
+        r = api.post("/v1/devices", {"name": name(), "max_queues": 5})
+        assert r.code == "queue_limit_exceeded" and r.json()["error"]["field"] == "max_queues"
     finally:
         api.delete(f"/v1/devices/{m}")
         assert api.put("/v1/limits", {"max_queues": 256}).status == 200

@@ -263,7 +263,7 @@ paths:
           description: The OpenAPI document.
           content:
             application/yaml:
-              schema: { type: string }
+              schema: { type: object }
 components:
   parameters:
     DeviceName:
@@ -360,6 +360,11 @@ components:
       type: object
       additionalProperties: false
       required: [name]
+      # `mac` only for TAP: type absent (TAP is the default), type tap, or no mac.
+      anyOf:
+        - not: { required: [type] }
+        - properties: { type: { enum: [tap] } }
+        - not: { required: [mac] }
       properties:
         name: { $ref: "#/components/schemas/DeviceName" }
         type:
@@ -375,7 +380,9 @@ components:
           type: integer
           minimum: 1
           maximum: 256
-          description: Defaults to the global limit; at most the global limit.
+          description: |
+            Defaults to the global limit. Above the global limit it is a 409
+            `queue_limit_exceeded` (raise the global limit first).
         persist:
           type: boolean
           default: false
@@ -384,12 +391,14 @@ components:
         mtu:
           type: integer
           minimum: 68
-          maximum: 65535
-          description: 68 to 65521 for TAP, 68 to 65535 for TUN.
+          maximum: 65521
+          description: Defaults to the kernel's 1500.
         mac:
           type: string
-          pattern: "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
-          description: TAP only; a unicast, non-zero address.
+          pattern: "^[0-9A-Fa-f][02468AaCcEe](:[0-9A-Fa-f]{2}){5}$"
+          not:
+            pattern: "^00(:00){5}$"
+          description: TAP only; a unicast, non-zero address. Defaults to a random one.
         up: { type: boolean, default: true }
         mode: { $ref: "#/components/schemas/Mode" }
     DevicePatch:
@@ -398,7 +407,7 @@ components:
       properties:
         max_queues: { type: integer, minimum: 1, maximum: 256 }
         up: { type: boolean }
-        mtu: { type: integer, minimum: 68, maximum: 65535 }
+        mtu: { type: integer, minimum: 68, maximum: 65521 }
         mode: { $ref: "#/components/schemas/Mode" }
     Mode:
       type: string
