@@ -75,7 +75,8 @@ public final class DeviceManager: Sendable {
         relay.set(self)
     }
 
-    deinit { pool.shutdown() }
+    /// A manager dropped without `shutdown()` still closes its fds and joins its workers.
+    deinit { shutdown() }
 
     public var workerCount: Int { pool.count }
 

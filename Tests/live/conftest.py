@@ -1,9 +1,9 @@
 """Live tests: the real mqtapd binary on a temporary Unix socket and a free loopback TCP port."""
 import os
-import select
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -49,37 +49,32 @@ class Daemon:
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self.log = []
         self.port = None
+        # stderr is drained for the daemon's whole life: a full pipe would block its logging.
+        self._lines = threading.Condition()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         want = 2 if tcp else 1
-        ready = 0
         deadline = time.monotonic() + 30
-        while ready < want:
-            line = self._line(deadline)
-            if line is None:
-                raise RuntimeError("mqtapd did not get ready:\n" + "\n".join(self.log))
-            if line.startswith("mqtapd: listening on "):
-                ready += 1
-                addr = line.split("listening on ", 1)[1]
-                if addr.startswith("tcp:"):
-                    self.port = int(addr.rsplit(":", 1)[1])
+        with self._lines:
+            while True:
+                ready = [l for l in self.log if l.startswith("mqtapd: listening on ")]
+                if len(ready) >= want:
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mqtapd did not get ready:\n" + "\n".join(self.log))
+                self._lines.wait(0.2)
+        for line in ready:
+            addr = line.split("listening on ", 1)[1]
+            if addr.startswith("tcp:"):
+                self.port = int(addr.rsplit(":", 1)[1])
         self.unix = Client(unix_path=self.socket)
         self.tcp = Client(tcp_port=self.port) if tcp else None
 
-    def _line(self, deadline):
-        buf = b""
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stderr], [], [], 0.2)
-            if r:
-                c = os.read(self.proc.stderr.fileno(), 1)
-                if not c:
-                    return None
-                if c == b"\n":
-                    line = buf.decode(errors="replace")
-                    self.log.append(line)
-                    return line
-                buf += c
-            elif self.proc.poll() is not None:
-                return None
-        return None
+    def _drain(self):
+        for raw in self.proc.stderr:
+            with self._lines:
+                self.log.append(raw.decode(errors="replace").rstrip("\n"))
+                self._lines.notify_all()
 
     @property
     def pid(self):
@@ -93,8 +88,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        rest = self.proc.stderr.read().decode(errors="replace")
-        self.log.extend(rest.splitlines())
+        self._reader.join(5)
         return rc
 
 

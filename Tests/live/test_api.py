@@ -259,3 +259,20 @@ def test_metrics(api, name):
     for line in text.splitlines():
         assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
     api.delete(f"/v1/devices/{n}")
+
+
+def test_idle_and_slow_clients_do_not_block_others(daemon, api):
+    """Slowloris: many connections that send half a request and stall; others are served."""
+    stalled = []
+    try:
+        for i in range(64):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(daemon.socket)
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            stalled.append(s)
+        for _ in range(20):
+            assert api.get("/v1/health").status == 200
+        assert daemon.tcp.get("/v1/limits").status == 200
+    finally:
+        for s in stalled:
+            s.close()

@@ -73,8 +73,10 @@ def test_a_live_socket_is_not_taken_over_but_a_stale_one_is(tmpdir_short):
 
 
 def test_one_log_line_per_request(daemon, api):
-    api.get("/v1/health")
-    api.get("/v1/limits")
-    # The log is read at the end of the session; here just the readiness lines.
+    marker = f"/v1/devices/{unique_name('g')}"
+    api.get(marker)
+    assert net.settle(lambda: any(f"path={marker} status=404" in line for line in daemon.log))
+    line = next(l for l in daemon.log if f"path={marker}" in l)
+    assert line.startswith("ts=") and " level=info msg=request method=GET " in line
     assert any(line.startswith("mqtapd: listening on unix:") for line in daemon.log)
     assert any(line.startswith("mqtapd: listening on tcp:127.0.0.1:") for line in daemon.log)
