@@ -10,7 +10,7 @@
 // MHD_start_daemon is variadic, which Swift cannot call. This fixes the option list the
 // daemon uses, with every argument typed, so no function pointer is cast in Swift.
 // Threads: an internal epoll polling thread pool of `threads` threads, serving the already
-// listening socket `listen_fd` (which MHD then owns and closes on stop).
+// listening socket `listen_fd`.
 static inline struct MHD_Daemon *
 mqt_mhd_start(int listen_fd, unsigned int threads,
               MHD_AccessHandlerCallback handler, void *handler_cls,
@@ -29,12 +29,9 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
                             MHD_OPTION_END);
 }
 
-#include <unistd.h>
 // A response whose body MHD copies before returning (MHD_RESPMEM_MUST_COPY).
 static inline struct MHD_Response *mqt_mhd_response_copy(size_t size, const void *data) {
     return MHD_create_response_from_buffer(size, (void *)data, MHD_RESPMEM_MUST_COPY);
 }
 
-// Closes the listening socket that MHD_quiesce_daemon hands back (MHD no longer uses it).
-static inline void mqt_close_fd(int fd) { close(fd); }
 #endif

@@ -47,7 +47,7 @@ public final class HTTPServer: Sendable {
     // mutex; MHD's own functions are thread-safe for stop/quiesce.
     private let daemon: Mutex<OpaquePointer?>
 
-    /// Serves `listenFD` (which the server then owns and closes on stop). `tooLarge` makes
+    /// Serves `listenFD`, which stays the caller's: close it after `stop()`. `tooLarge` makes
     /// the 413 body, so the error format stays the API's.
     public init(listenFD: Int32, limits: Limits = Limits(), handler: @escaping Handler,
                 tooLarge: @escaping @Sendable (Int) -> HTTPResponse) throws(HTTPServerError) {
@@ -71,17 +71,11 @@ public final class HTTPServer: Sendable {
             return d
         }
         guard let d else { return }
-        // Quiesce first: the listening socket stops being polled while requests finish.
+        // Quiesce first: the listening socket stops being polled while requests finish, and
+        // MHD hands it back instead of closing it in MHD_stop_daemon (the caller closes it).
         let fd = MHD_quiesce_daemon(d)
+        precondition(fd >= 0, "MHD_quiesce_daemon failed: the daemon was started without MHD_USE_ITC")
         MHD_stop_daemon(d)
-        if fd >= 0 { closeListening(fd) }
-    }
-
-    /// MHD_quiesce_daemon hands the listening socket back to us; it is ours to close.
-    private func closeListening(_ fd: Int32) {
-        // The syscall layer would be the place, but the HTTP layer may not depend on it;
-        // MHD has no close API, so shutdown through a zero-length response is not possible.
-        mqt_close_fd(fd)
     }
 
     // MARK: C callbacks

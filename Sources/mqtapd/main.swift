@@ -105,6 +105,7 @@ struct MQTapD: ParsableCommand {
                 writeStderrLine("mqtapd: listening on \(address)")
             } catch {
                 servers.forEach { $0.stop() }
+                for (_, fd) in sockets { closeFD(fd) }
                 manager.shutdown()
                 log.fail("cannot serve", ["address": address.description])
             }
@@ -115,6 +116,7 @@ struct MQTapD: ParsableCommand {
         log.info("stopping", ["signal": signal == Signals.terminate ? "SIGTERM" : "SIGINT"])
         // Stop accepting and finish in-flight requests, then the devices, then the sockets.
         servers.forEach { $0.stop() }
+        for (_, fd) in sockets { closeFD(fd) }
         manager.shutdown()
         for case (.unix(let path), _) in sockets { removeFile(path) }
         log.info("stopped")
