@@ -1,7 +1,8 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Dependencies point one way: mqtapd → TapAPI → TapCore → TunKit → CTunLinux.
+// Dependencies point one way: mqtapd → TapAPI → TapCore → TunKit → CTunLinux (TapJSON
+// is a leaf both TapAPI and TapCore use).
 // The only external package is swift-argument-parser (the executable's flags).
 let package = Package(
     name: "mqtapd",
@@ -26,10 +27,12 @@ let package = Package(
         .target(name: "CCounters"),
         // The syscall layer: the only code that calls open/ioctl/read/write/epoll.
         .target(name: "TunKit", dependencies: ["CTunLinux"]),
-        // Device manager, worker pool, counters. No Glibc, no ioctl.
-        .target(name: "TapCore", dependencies: ["TunKit", "CCounters"]),
-        // HTTP + JSON: the only importers of libmicrohttpd and jansson.
-        .target(name: "TapAPI", dependencies: ["TapCore", "CMicroHTTPD", "CJansson"]),
+        // The JSON value type: the only importer of jansson (the API's bodies, the state file).
+        .target(name: "TapJSON", dependencies: ["CJansson"]),
+        // Device manager, worker pool, counters, state file. No Glibc, no ioctl.
+        .target(name: "TapCore", dependencies: ["TunKit", "CCounters", "TapJSON"]),
+        // HTTP: the only importer of libmicrohttpd; router and resources.
+        .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD"]),
         .executableTarget(
             name: "mqtapd",
             dependencies: [
@@ -38,8 +41,8 @@ let package = Package(
             ]),
         // Test helpers (frame generator, `ip` runner, privilege gate); never linked into mqtapd.
         .target(name: "TapTestSupport", dependencies: ["TapCore", "TunKit", "CTunLinux"]),
-        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
-        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapTestSupport"]),
+        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapJSON", "TapTestSupport"]),
+        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapJSON", "TapTestSupport"]),
         .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

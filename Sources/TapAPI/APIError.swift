@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// Every error the API answers with. This file is the one place that chooses the HTTP status
 /// and `code` for an error, including every manager error.
@@ -62,6 +63,10 @@ public struct APIError: Error, Equatable, Sendable {
         case .lastQueue:
             self.init(409, "last_queue", e.message)
         case .resourceExhausted:
+            self.init(503, "resource_exhausted", e.message, errno: errno)
+        case .deviceUnavailable:
+            self.init(409, "name_conflict", e.message, field: "name")
+        case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:
             self.init(500, "kernel_error", e.message, errno: errno)

@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// Reads a request body's fields strictly: the body must be a JSON object, every key must be
 /// one the endpoint knows, and every value must have the type asked for. Pure.

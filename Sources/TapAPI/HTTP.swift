@@ -1,3 +1,4 @@
+import TapJSON
 /// An HTTP request as the router sees it: already complete, body included.
 public struct HTTPRequest: Sendable {
     public var method: String

@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// The API's paths, parsed. Pure: no manager, no sockets.
 public enum Route: Equatable, Sendable {

@@ -17,6 +17,8 @@ public final class DeviceManager: Sendable {
         let worker: Int
         var enabled: Bool
         let counters: CounterBlock
+        /// When the counters started (the fd was opened): counters restart with the daemon.
+        let since: String
     }
 
     struct DeviceEntry: Sendable {
@@ -32,15 +34,38 @@ public final class DeviceManager: Sendable {
         var mode: DeviceMode
         let ifindex: Int
         var queues: [Int: QueueEntry]
+        /// Active, or kept from the state file without touching the kernel (see DeviceStatus).
+        var status: DeviceStatus = .active
+        /// For a device that is not active: the queues the state file asks for.
+        var parked: [DesiredState.Queue] = []
+        let since: String
 
         /// Any queue's fd: all are bound to the same device.
         var anyFD: Int32? { queues.values.first?.fd }
+
+        var isActive: Bool { status == .active }
+
+        var desired: DesiredState.Device {
+            let spec = DeviceSpec(name: name, kind: kind, queues: max(queues.count, parked.count), maxQueues: maxQueues,
+                                  persist: persist, vnetHdr: vnetHdr, mtu: mtu == 0 ? nil : mtu, mac: mac, up: up,
+                                  mode: mode)
+            let qs = isActive ? queues.values.sorted { $0.id < $1.id }.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
+                              : parked
+            return DesiredState.Device(spec: spec, queues: qs)
+        }
     }
 
     struct State: Sendable {
         var devices: [String: DeviceEntry] = [:]
         var maxQueues: Int
         var nextKey: UInt64 = 1
+        /// What the state file holds now; a change is saved only when this differs.
+        var saved: DesiredState?
+
+        var desired: DesiredState {
+            DesiredState(maxQueues: maxQueues,
+                         devices: devices.values.sorted { $0.name < $1.name }.map(\.desired))
+        }
 
         mutating func takeKey() -> UInt64 {
             defer { nextKey += 1 }
@@ -54,17 +79,21 @@ public final class DeviceManager: Sendable {
     private let published: Mutex<State>
     private let log: @Sendable (String) -> Void
     private let reaper = DispatchQueue(label: "mqtapd.reaper")
+    private let stateFile: StateFile?
 
     /// Starts `workers` worker threads (default: one per online CPU) with a global queue
-    /// limit of `maxQueues` (default: the kernel's 256).
+    /// limit of `maxQueues` (default: the kernel's 256). With a `stateFile`, every accepted
+    /// change is saved to it before the call returns (see `restore` for the way back).
     public init(driver: any TunDriver = LinuxTunDriver(),
                 workers: Int = ProcessResources.onlineCPUs(),
                 maxQueues: Int = Tun.kernelMaxQueues,
+                stateFile: StateFile? = nil,
                 log: @escaping @Sendable (String) -> Void = { _ in }) throws {
         try Validate.maxQueues(maxQueues)
         guard workers >= 1 else { throw ManagerError.invalidField(field: "workers", reason: "must be at least 1") }
         self.driver = driver
         self.log = log
+        self.stateFile = stateFile
         // The pool reports vanished devices before `self` exists; the relay is pointed at
         // the manager once it does.
         let relay = GoneRelay()
@@ -103,6 +132,7 @@ public final class DeviceManager: Sendable {
 
     public func stats(_ name: String) throws(ManagerError) -> DeviceStats {
         let entry = try liveSnapshot(name)
+        if let reason = entry.status.reason { throw .deviceUnavailable(name: name, reason: reason) }
         let queues = entry.queues.values.sorted { $0.id < $1.id }.map { QueueStats(id: $0.id, counters: $0.counters.read()) }
         let total = queues.reduce(CounterValues()) { $0 + $1.counters }
         return DeviceStats(queues: queues, total: total, kernel: driver.statistics(name) ?? [:])
@@ -141,7 +171,7 @@ public final class DeviceManager: Sendable {
                 guard vanished(existing) else { throw .nameConflict(name: spec.name, errno: nil) }
                 drop(existing, from: &state, reason: "deleted outside mqtapd")
             }
-            let entry = try build(spec, limit: limit, key: state.takeKey(), state: &state)
+            let entry = try build(spec, ids: Array(0..<spec.queues), limit: limit, key: state.takeKey(), state: &state)
             state.devices[spec.name] = entry
             log("device created name=\(spec.name) queues=\(spec.queues) ifindex=\(entry.ifindex)")
             return Self.info(entry)
@@ -150,6 +180,12 @@ public final class DeviceManager: Sendable {
 
     public func delete(_ name: String) throws(ManagerError) {
         try change { (state) throws(ManagerError) in
+            if let known = state.devices[name], !known.isActive {
+                // Never ours in the kernel: forgetting it touches nothing there.
+                state.devices[name] = nil
+                log("device forgotten name=\(name) status=\(known.status.name)")
+                return
+            }
             let entry = try live(name, in: &state)
             if entry.persist, let fd = entry.anyFD {
                 // Cleared first: if the kernel refuses, nothing has changed yet.
@@ -211,7 +247,7 @@ public final class DeviceManager: Sendable {
                 throw .queueLimitExceeded(device: name, limit: limit, requested: entry.queues.count + count, errno: nil)
             }
             let ids = Self.freeIDs(count, taken: entry.queues)
-            let added = try openQueues(ids: ids, for: entry, exclusiveFirst: false, state: &state)
+            let added = try openQueues(ids: ids, for: entry, state: &state)
             for q in added { entry.queues[q.id] = q }
             state.devices[name] = entry
             log("queues added device=\(name) ids=\(ids) count=\(entry.queues.count)")
@@ -239,41 +275,48 @@ public final class DeviceManager: Sendable {
     public func setQueueEnabled(_ name: String, id: Int, _ enabled: Bool) throws(ManagerError) -> QueueInfo {
         try change { (state) throws(ManagerError) in
             var entry = try live(name, in: &state)
-            guard var q = entry.queues[id] else { throw .queueNotFound(device: name, id: id) }
-            guard q.enabled != enabled else { return Self.info(q) }
-            if enabled {
-                try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
-                do throws(SyscallError) {
-                    try pool.startPolling(polled(q, of: entry), on: q.worker)
-                } catch {
-                    try? driver.setQueue(q.fd, enabled: false)
-                    throw ManagerError.from(error, device: name, step: .pollQueue)
-                }
-            } else {
-                // Out of the epoll set before the kernel detaches it: a detached queue is
-                // not the worker's to read any more.
-                pool.stopPolling(key: q.key, on: q.worker)
-                do throws(SyscallError) {
-                    try driver.setQueue(q.fd, enabled: false)
-                } catch {
-                    try? pool.startPolling(polled(q, of: entry), on: q.worker)
-                    throw ManagerError.from(error, device: name, step: .detachQueue)
-                }
-            }
-            q.enabled = enabled
-            entry.queues[id] = q
+            let q = try setEnabled(&entry, id: id, enabled)
             state.devices[name] = entry
-            log("queue \(enabled ? "enabled" : "disabled") device=\(name) id=\(id)")
             return Self.info(q)
         }
+    }
+
+    private func setEnabled(_ entry: inout DeviceEntry, id: Int, _ enabled: Bool) throws(ManagerError) -> QueueEntry {
+        let name = entry.name
+        guard var q = entry.queues[id] else { throw .queueNotFound(device: name, id: id) }
+        guard q.enabled != enabled else { return q }
+        if enabled {
+            try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
+            do throws(SyscallError) {
+                try pool.startPolling(polled(q, of: entry), on: q.worker)
+            } catch {
+                try? driver.setQueue(q.fd, enabled: false)
+                throw ManagerError.from(error, device: name, step: .pollQueue)
+            }
+        } else {
+            // Out of the epoll set before the kernel detaches it: a detached queue is
+            // not the worker's to read any more.
+            pool.stopPolling(key: q.key, on: q.worker)
+            do throws(SyscallError) {
+                try driver.setQueue(q.fd, enabled: false)
+            } catch {
+                try? pool.startPolling(polled(q, of: entry), on: q.worker)
+                throw ManagerError.from(error, device: name, step: .detachQueue)
+            }
+        }
+        q.enabled = enabled
+        entry.queues[id] = q
+        log("queue \(enabled ? "enabled" : "disabled") device=\(name) id=\(id)")
+        return q
     }
 
     /// Sets the global per-device queue limit; every device's `max_queues` is capped to it.
     public func setLimit(maxQueues: Int) throws(ManagerError) -> LimitsInfo {
         try Validate.maxQueues(maxQueues)
         try change { (state) throws(ManagerError) in
-            for entry in state.devices.values.sorted(by: { $0.name < $1.name }) where entry.queues.count > maxQueues {
-                throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queues.count)
+            for entry in state.devices.values.sorted(by: { $0.name < $1.name }) where entry.desired.queues.count > maxQueues {
+                throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name,
+                                       inUse: entry.desired.queues.count)
             }
             state.maxQueues = maxQueues
             for name in state.devices.keys { state.devices[name]!.maxQueues = min(state.devices[name]!.maxQueues, maxQueues) }
@@ -295,6 +338,84 @@ public final class DeviceManager: Sendable {
         pool.shutdown()
     }
 
+    // MARK: - Restart
+
+    /// Brings back what the state file describes; called once at start, before serving.
+    ///
+    /// A persistent device that still exists gets its queues re-attached, but only if its
+    /// `tun_flags` match (attaching with other flags would silently rewrite them for every
+    /// queue); a device that is gone is made again. Queue ids, enabled states, limits and
+    /// modes come back; counters start at zero (`since` says when). A device whose name now
+    /// belongs to something else, or that cannot be brought back, stays known with its
+    /// status and reason, and untouched. Returns one line per such device.
+    public func restore(_ desired: DesiredState) -> [String] {
+        change { state in
+            state.maxQueues = desired.maxQueues
+            state.saved = desired
+            var problems: [String] = []
+            for d in desired.devices {
+                let entry = restoreOne(d, state: &state)
+                state.devices[d.spec.name] = entry
+                if let reason = entry.status.reason {
+                    problems.append("\(d.spec.name): \(entry.status.name): \(reason)")
+                    log("device not restored name=\(d.spec.name) status=\(entry.status.name) reason=\"\(reason)\"")
+                } else {
+                    log("device restored name=\(d.spec.name) queues=\(entry.queues.count) persist=\(entry.persist)")
+                }
+            }
+            return problems
+        }
+    }
+
+    private func restoreOne(_ d: DesiredState.Device, state: inout State) -> DeviceEntry {
+        let spec = d.spec
+        let limit = min(spec.maxQueues ?? state.maxQueues, state.maxQueues)
+        func parked(_ status: DeviceStatus) -> DeviceEntry {
+            var e = DeviceEntry(key: state.takeKey(), name: spec.name, kind: spec.kind, maxQueues: limit,
+                                persist: spec.persist, vnetHdr: spec.vnetHdr, mtu: spec.mtu ?? 0, mac: spec.mac,
+                                up: spec.up, mode: spec.mode, ifindex: 0, queues: [:], since: Clock.timestamp())
+            e.status = status
+            e.parked = d.queues
+            return e
+        }
+        let join: Bool
+        switch driver.interface(spec.name) {
+        case .absent:
+            join = false
+        case .other:
+            return parked(.conflict("the name belongs to an interface that is not a tun/tap device"))
+        case .tun(let flags):
+            guard spec.persist else {
+                return parked(.conflict("a tun/tap device of that name exists that is not this daemon's "
+                    + "(a non-persistent device does not outlive its daemon)"))
+            }
+            guard flags.contains(.persist) else {
+                return parked(.conflict("a tun/tap device of that name is held by another process (it is not persistent)"))
+            }
+            let want = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
+            let have = flags.intersection(.deviceFeatures)
+            guard have == want else {
+                return parked(.conflict("its tun_flags \(have.hex) differ from the state file's \(want.hex); "
+                    + "attaching would rewrite them for every queue"))
+            }
+            join = true
+        }
+        var entry: DeviceEntry
+        do {
+            entry = try build(spec, ids: d.queues.map(\.id), limit: limit, key: state.takeKey(), join: join, state: &state)
+        } catch {
+            return parked(.failed(error.description))
+        }
+        do {
+            for q in d.queues where !q.enabled { _ = try setEnabled(&entry, id: q.id, false) }
+        } catch {
+            if entry.persist && !join, let fd = entry.anyFD { try? driver.setPersist(fd, false) }
+            release(entry)
+            return parked(.failed(error.description))
+        }
+        return entry
+    }
+
     // MARK: - Vanished devices
 
     /// Called (on the reaper queue) when a worker saw one of the device's queues fail as if
@@ -310,8 +431,9 @@ public final class DeviceManager: Sendable {
         reaper.async { [weak self] in self?.deviceLost(key: key) }
     }
 
+    /// Whether an active device was deleted behind our back (an inactive one has no fds).
     private func vanished(_ entry: DeviceEntry) -> Bool {
-        guard let fd = entry.anyFD else { return true }
+        guard entry.isActive, let fd = entry.anyFD else { return false }
         return !driver.isBound(fd)
     }
 
@@ -344,13 +466,19 @@ public final class DeviceManager: Sendable {
     /// Runs a change under the control lock and publishes the state it leaves, whether it
     /// succeeded or not (a failed change leaves the state as it was, or with a vanished
     /// device dropped).
+    ///
+    /// A change that succeeded is saved to the state file before this returns; if that
+    /// save fails, the caller gets `stateNotSaved` (the change itself stays made, and the
+    /// next successful save records it).
     private func change<T>(_ body: (inout State) throws(ManagerError) -> T) throws(ManagerError) -> T {
         try control.withLock { (state) throws(ManagerError) -> T in
             defer {
                 let copy = state
                 published.withLock { $0 = copy }
             }
-            return try body(&state)
+            let result = try body(&state)
+            if let e = save(&state) { throw e }
+            return result
         }
     }
 
@@ -360,13 +488,31 @@ public final class DeviceManager: Sendable {
                 let copy = state
                 published.withLock { $0 = copy }
             }
-            return body(&state)
+            let result = body(&state)
+            _ = save(&state)
+            return result
+        }
+    }
+
+    /// Writes the desired state if it changed; returns the error to report, if any.
+    private func save(_ state: inout State) -> ManagerError? {
+        guard let stateFile else { return nil }
+        let desired = state.desired
+        guard desired != state.saved else { return nil }
+        do {
+            try stateFile.save(desired)
+            state.saved = desired
+            return nil
+        } catch {
+            log("state file not saved path=\(stateFile.path) error=\"\(error)\"")
+            return .stateNotSaved(path: stateFile.path, call: error.call, errno: error.errno)
         }
     }
 
     /// The device called `name`, dropping it first if it vanished behind our back.
     private func live(_ name: String, in state: inout State) throws(ManagerError) -> DeviceEntry {
         guard let entry = state.devices[name] else { throw .deviceNotFound(name: name) }
+        if let reason = entry.status.reason { throw .deviceUnavailable(name: name, reason: reason) }
         guard vanished(entry) else { return entry }
         drop(entry, from: &state, reason: "deleted outside mqtapd")
         throw .deviceNotFound(name: name)
@@ -381,23 +527,28 @@ public final class DeviceManager: Sendable {
         }
     }
 
-    /// Creates the kernel device with all its queues and settings, or nothing.
-    private func build(_ spec: DeviceSpec, limit: Int, key: UInt64, state: inout State) throws(ManagerError) -> DeviceEntry {
+    /// Creates the kernel device with its queues (ids `ids`) and settings, or nothing.
+    ///
+    /// With `join`, the device exists already (a persistent one, after a restart): the
+    /// queues attach to it and a failure leaves it as it was, persistent and queue-less.
+    private func build(_ spec: DeviceSpec, ids: [Int], limit: Int, key: UInt64, join: Bool = false,
+                       state: inout State) throws(ManagerError) -> DeviceEntry {
+        precondition(!ids.isEmpty, "a device has at least one queue")
         let name = spec.name
         let flags = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
         // The first queue creates the device; IFF_TUN_EXCL makes the kernel refuse (EBUSY)
         // a name that exists, instead of silently joining that interface.
         let first: Int32
         do {
-            first = try driver.openQueue(name: name, flags: flags.union(.exclusive))
-        } catch where error.errno == .busy {
+            first = try driver.openQueue(name: name, flags: join ? flags : flags.union(.exclusive))
+        } catch where error.errno == .busy && !join {
             throw .nameConflict(name: name, errno: error.errno)
         } catch {
-            throw ManagerError.from(error, device: name, step: .openQueue, queuesRequested: spec.queues)
+            throw ManagerError.from(error, device: name, step: .openQueue, queuesRequested: ids.count)
         }
         var persistSet = false
         // Undoes the device: persistence cleared, then the one fd we hold closed, which
-        // makes the kernel destroy the device.
+        // makes the kernel destroy the device (a joined one stays, as it was).
         func discard() {
             if persistSet { try? driver.setPersist(first, false) }
             driver.close(first)
@@ -406,13 +557,13 @@ public final class DeviceManager: Sendable {
         var mac: MACAddress?
         var ifindex = 0
         do {
-            if let m = spec.mac {
+            if let m = spec.mac, !join || (try? driver.mac(name)) != m.bytes {
                 try step(name, .setMAC) { () throws(SyscallError) in try driver.setMAC(name, m.bytes) }
             }
             if let m = spec.mtu {
                 try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, m) }
             }
-            if spec.persist {
+            if spec.persist && !join {
                 try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(first, true) }
                 persistSet = true
             }
@@ -425,13 +576,13 @@ public final class DeviceManager: Sendable {
             discard()
             throw error
         }
+        let since = Clock.timestamp()
         var entry = DeviceEntry(key: key, name: name, kind: spec.kind, maxQueues: limit, persist: spec.persist,
                                 vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode,
-                                ifindex: ifindex, queues: [:])
-        // Queue 0 is the fd that created the device; the others join it.
-        let counters = CounterBlock()
-        let q0 = QueueEntry(id: 0, key: state.takeKey(), fd: first, worker: pool.reserve(), enabled: true,
-                            counters: counters)
+                                ifindex: ifindex, queues: [:], since: since)
+        // The first id goes to the fd that created (or joined) the device; the others join it.
+        let q0 = QueueEntry(id: ids[0], key: state.takeKey(), fd: first, worker: pool.reserve(), enabled: true,
+                            counters: CounterBlock(), since: since)
         do {
             try pool.startPolling(polled(q0, of: entry), on: q0.worker)
         } catch {
@@ -439,13 +590,15 @@ public final class DeviceManager: Sendable {
             discard()
             throw ManagerError.from(error, device: name, step: .pollQueue)
         }
-        entry.queues[0] = q0
+        entry.queues[q0.id] = q0
         do {
-            let more = try openQueues(ids: Array(1..<spec.queues), for: entry, exclusiveFirst: false, state: &state)
+            let more = try openQueues(ids: Array(ids.dropFirst()), for: entry, state: &state)
             for q in more { entry.queues[q.id] = q }
             if spec.up {
                 try step(name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(name, true) }
                 entry.up = true
+            } else if join {
+                try? driver.setUp(name, false)
             }
         } catch {
             if persistSet { try? driver.setPersist(first, false) }
@@ -456,15 +609,14 @@ public final class DeviceManager: Sendable {
     }
 
     /// Opens one queue per id on the existing device and starts polling them, or opens none.
-    private func openQueues(ids: [Int], for entry: DeviceEntry, exclusiveFirst: Bool,
-                            state: inout State) throws(ManagerError) -> [QueueEntry] {
+    private func openQueues(ids: [Int], for entry: DeviceEntry, state: inout State) throws(ManagerError) -> [QueueEntry] {
         let flags = TunFlags.multiqueue(entry.kind, vnetHdr: entry.vnetHdr)
         var added: [QueueEntry] = []
         for id in ids {
             do {
                 let fd = try driver.openQueue(name: entry.name, flags: flags)
                 let q = QueueEntry(id: id, key: state.takeKey(), fd: fd, worker: pool.reserve(), enabled: true,
-                                   counters: CounterBlock())
+                                   counters: CounterBlock(), since: Clock.timestamp())
                 do {
                     try pool.startPolling(polled(q, of: entry), on: q.worker)
                 } catch {
@@ -519,13 +671,13 @@ public final class DeviceManager: Sendable {
     // MARK: - Views
 
     static func info(_ q: QueueEntry) -> QueueInfo {
-        QueueInfo(id: q.id, enabled: q.enabled, worker: q.worker, counters: q.counters.read())
+        QueueInfo(id: q.id, enabled: q.enabled, worker: q.worker, counters: q.counters.read(), since: q.since)
     }
 
     static func info(_ e: DeviceEntry) -> DeviceInfo {
         DeviceInfo(name: e.name, kind: e.kind, maxQueues: e.maxQueues, persist: e.persist, vnetHdr: e.vnetHdr,
                    mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, ifindex: e.ifindex,
-                   queues: e.queues.values.sorted { $0.id < $1.id }.map(info))
+                   queues: e.queues.values.sorted { $0.id < $1.id }.map(info), status: e.status, since: e.since)
     }
 }
 

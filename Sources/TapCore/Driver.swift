@@ -23,6 +23,15 @@ public protocol TunDriver: Sendable {
     func isBound(_ fd: Int32) -> Bool
     /// The kernel's device counters; nil if the device is gone.
     func statistics(_ name: String) -> [String: UInt64]?
+    /// What has the name now: nothing, a tun/tap device (with its `tun_flags`), or another
+    /// kind of interface.
+    func interface(_ name: String) -> InterfaceState
+}
+
+public enum InterfaceState: Equatable, Sendable {
+    case absent
+    case tun(TunFlags)
+    case other
 }
 
 /// The driver for real devices: `/dev/net/tun`, `SIOC*` ioctls and sysfs.
@@ -54,4 +63,9 @@ public struct LinuxTunDriver: TunDriver {
         }
     }
     public func statistics(_ name: String) -> [String: UInt64]? { (try? Link.statistics(name)) ?? nil }
+    public func interface(_ name: String) -> InterfaceState {
+        guard case .some(.some) = try? Link.sysfsIfindex(name) else { return .absent }
+        guard case .some(.some(let flags)) = try? Link.tunFlags(name) else { return .other }
+        return .tun(flags)
+    }
 }

@@ -33,6 +33,10 @@ public enum ManagerError: Error, Equatable, Sendable {
     case lastQueue(device: String, id: Int)
     /// The process or the system ran out of something (EMFILE, ENFILE, ENOMEM, ENOBUFS).
     case resourceExhausted(device: String, step: DeviceStep, call: String, errno: Errno)
+    /// The device is known from the state file but not managed (its status says why).
+    case deviceUnavailable(name: String, reason: String)
+    /// The change was made but the state file could not be written.
+    case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
     case kernel(device: String, step: DeviceStep, call: String, errno: Errno)
 
@@ -40,7 +44,7 @@ public enum ManagerError: Error, Equatable, Sendable {
     public var errno: Errno? {
         switch self {
         case .nameConflict(_, let e), .queueLimitExceeded(_, _, _, let e): return e
-        case .resourceExhausted(_, _, _, let e), .kernel(_, _, _, let e): return e
+        case .resourceExhausted(_, _, _, let e), .kernel(_, _, _, let e), .stateNotSaved(_, _, let e): return e
         default: return nil
         }
     }
@@ -77,6 +81,10 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "queue \(id) is the last queue of \(device); delete the device instead"
         case .resourceExhausted(let device, let step, let call, _):
             return "out of resources: \(step.rawValue) for \(device) failed in \(call)"
+        case .deviceUnavailable(let name, let reason):
+            return "\(name) is not managed: \(reason)"
+        case .stateNotSaved(let path, let call, _):
+            return "the change was made but the state file \(path) was not saved (\(call))"
         case .kernel(let device, let step, let call, _):
             return "\(step.rawValue) for \(device) failed in \(call)"
         }

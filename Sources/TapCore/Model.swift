@@ -10,6 +10,33 @@ public enum DeviceMode: String, Sendable, Hashable, CaseIterable {
     case echo
 }
 
+/// Whether the daemon manages a device it knows of.
+public enum DeviceStatus: Hashable, Sendable {
+    /// Its queues are open and polled.
+    case active
+    /// Kept from the state file but not touched, because its name now belongs to another
+    /// interface or its kernel flags differ from the state file's (attaching would rewrite
+    /// them). The reason says which. Restarts try again; DELETE forgets it.
+    case conflict(String)
+    /// Kept from the state file, but bringing it back failed; the reason says why.
+    case failed(String)
+
+    public var name: String {
+        switch self {
+        case .active: return "active"
+        case .conflict: return "conflict"
+        case .failed: return "failed"
+        }
+    }
+
+    public var reason: String? {
+        switch self {
+        case .active: return nil
+        case .conflict(let r), .failed(let r): return r
+        }
+    }
+}
+
 /// An Ethernet address.
 public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
     public let bytes: [UInt8]
@@ -121,6 +148,8 @@ public struct QueueInfo: Hashable, Sendable {
     /// Index of the worker thread that polls this queue.
     public let worker: Int
     public let counters: CounterValues
+    /// When the counters started: when the queue was opened (counters restart with the daemon).
+    public let since: String
 }
 
 public struct DeviceInfo: Hashable, Sendable {
@@ -137,6 +166,9 @@ public struct DeviceInfo: Hashable, Sendable {
     public let ifindex: Int
     /// Ordered by id.
     public let queues: [QueueInfo]
+    public let status: DeviceStatus
+    /// When the daemon (re)started managing the device.
+    public let since: String
 
     public var queueCount: Int { queues.count }
     public var enabledQueues: Int { queues.lazy.filter(\.enabled).count }

@@ -172,6 +172,27 @@ public final class FakeDriver: TunDriver, Sendable {
     public func isBound(_ fd: Int32) -> Bool {
         state.withLock { !$0.vanished.contains(fd) && $0.owner[fd] != nil }
     }
+    public func interface(_ name: String) -> InterfaceState {
+        state.withLock { s in
+            if s.foreign.contains(name) { return .other }
+            guard let d = s.devices[name] else { return .absent }
+            return .tun(d.persist ? d.flags.union(.persist) : d.flags)
+        }
+    }
+
+    /// Makes `name` a tun device that exists without any fd (as a persistent device does
+    /// after its daemon died), with the given flags.
+    public func leavePersistent(_ name: String, flags: TunFlags) {
+        state.withLock { s in
+            s.devices[name] = Device(persist: true, ifindex: s.nextIfindex, flags: flags)
+            s.nextIfindex += 1
+        }
+    }
+
+    public func addForeign(_ name: String) {
+        state.withLock { _ = $0.foreign.insert(name) }
+    }
+
     public func statistics(_ name: String) -> [String: UInt64]? {
         state.withLock { $0.devices[name] == nil ? nil : [:] }
     }

@@ -46,6 +46,7 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let networkDown = Errno(ENETDOWN)
     public static let noSuchDeviceOrAddress = Errno(ENXIO)
     public static let addressInUse = Errno(EADDRINUSE)
+    public static let noSpace = Errno(ENOSPC)
 }
 
 /// A failed system call: which call, and the errno it returned.

@@ -64,6 +64,11 @@ public func openFile(_ path: String, flags: Int32) throws(SyscallError) -> Int32
 
 /// Reads a whole small file (sysfs, procfs). Returns nil if it does not exist.
 public func readSmallFile(_ path: String) throws(SyscallError) -> String? {
+    try readSmallFileBytes(path).map { String(decoding: $0, as: UTF8.self) }
+}
+
+/// Reads a whole file's bytes. Returns nil if it does not exist.
+public func readSmallFileBytes(_ path: String) throws(SyscallError) -> [UInt8]? {
     let fd: Int32
     do {
         fd = try openFile(path, flags: O_RDONLY)
@@ -79,7 +84,7 @@ public func readSmallFile(_ path: String) throws(SyscallError) -> String? {
         if n == 0 { break }
         bytes.append(contentsOf: UnsafeRawBufferPointer(start: chunk, count: n))
     }
-    return String(decoding: bytes, as: UTF8.self)
+    return bytes
 }
 
 /// Writes a small file in one write (sysfs, procfs knobs).

@@ -27,6 +27,9 @@ public struct TunFlags: OptionSet, Sendable, Hashable {
     /// queues on each attach): what `tun_flags` in sysfs is compared against.
     public static let deviceFeatures: TunFlags = [.tun, .tap, .noPI, .vnetHdr, .multiQueue]
 
+    /// As sysfs prints them: `0x1102`.
+    public var hex: String { "0x" + String(rawValue, radix: 16) }
+
     /// The flags of a multiqueue device of `kind` as the daemon creates it.
     public static func multiqueue(_ kind: TunKind, vnetHdr: Bool) -> TunFlags {
         var f: TunFlags = [kind == .tap ? .tap : .tun, .noPI, .multiQueue]

@@ -22,8 +22,9 @@ struct MQTapD: ParsableCommand {
     @Option(help: ArgumentHelp("Worker threads (default: online CPUs).", valueName: "n"))
     var workers: Int?
 
-    @Option(help: ArgumentHelp("Initial global per-device queue limit, 1 to 256.", valueName: "n"))
-    var maxQueues = 256
+    @Option(help: ArgumentHelp("Global per-device queue limit, 1 to 256 (default: the state file's, else 256).",
+                               valueName: "n"))
+    var maxQueues: Int?
 
     @Option(help: ArgumentHelp("Largest request body in bytes.", valueName: "bytes"))
     var maxBody = 64 * 1024
@@ -37,7 +38,7 @@ struct MQTapD: ParsableCommand {
             throw ValidationError("the same --listen address is given twice")
         }
         if let w = workers, !(1...1024).contains(w) { throw ValidationError("--workers must be between 1 and 1024") }
-        guard (1...256).contains(maxQueues) else { throw ValidationError("--max-queues must be between 1 and 256") }
+        if let m = maxQueues, !(1...256).contains(m) { throw ValidationError("--max-queues must be between 1 and 256") }
         guard (1024...(16 << 20)).contains(maxBody) else { throw ValidationError("--max-body must be between 1024 and 16777216") }
     }
 
@@ -51,18 +52,59 @@ struct MQTapD: ParsableCommand {
         if limit.soft < limit.hard { try? ProcessResources.setFileLimit(soft: limit.hard) }
 
         let addresses = listen.isEmpty ? [ListenAddress.defaultUnix] : listen.map { try! ListenAddress(parsing: $0) }
+
+        // One instance per state directory and per socket: the locks die with the process,
+        // so a crash never leaves them held, and a socket file left by a crash is reclaimed.
+        var locks: [FileLock] = []
+        func lock(_ path: String, _ what: String) {
+            do {
+                locks.append(try FileLock(path: path))
+            } catch {
+                let why = error.errno == .wouldBlock ? "another mqtapd instance holds \(path)" : "\(error)"
+                log.fail("cannot lock the \(what)", ["path": path, "error": why])
+            }
+        }
         do {
             try makeDirectories(stateDir)
         } catch {
             log.fail("cannot create the state directory", ["path": stateDir, "error": "\(error)"])
         }
+        lock(stateDir + "/lock", "state directory")
+        for case .unix(let path) in addresses {
+            if let slash = path.lastIndex(of: "/"), slash != path.startIndex { try? makeDirectories(String(path[..<slash])) }
+            lock(path + ".lock", "API socket \(path)")
+        }
+
+        // The desired state: an unusable file is set aside (never overwritten) and reported.
+        let stateFile = StateFile(directory: stateDir)
+        var desired: DesiredState?
+        do {
+            desired = try stateFile.load()
+        } catch .corrupt(let why) {
+            let aside = (try? stateFile.setAside(stamp: Clock.timestamp())) ?? "(could not be moved)"
+            log.error("the state file is corrupt; it was set aside and the daemon starts empty",
+                      ["path": stateFile.path, "kept_as": aside, "error": why])
+        } catch .unreadable(let e) {
+            log.fail("cannot read the state file", ["path": stateFile.path, "error": "\(e)"])
+        }
 
         let manager: DeviceManager
         do {
-            manager = try DeviceManager(workers: workers ?? ProcessResources.onlineCPUs(), maxQueues: maxQueues,
-                                        log: { log.info($0) })
+            manager = try DeviceManager(workers: workers ?? ProcessResources.onlineCPUs(),
+                                        maxQueues: maxQueues ?? desired?.maxQueues ?? 256,
+                                        stateFile: stateFile, log: { log.info($0) })
         } catch {
             log.fail("cannot start the device manager", ["error": "\(error)"])
+        }
+        if let desired {
+            for problem in manager.restore(desired) { log.error("device not restored", ["detail": problem]) }
+            if let m = maxQueues, m != desired.maxQueues {
+                do {
+                    _ = try manager.setLimit(maxQueues: m)
+                } catch {
+                    log.error("--max-queues not applied; the state file's limit stays", ["error": error.description])
+                }
+            }
         }
 
         // Sockets first, all of them: a bad address stops the start before anything serves.
@@ -110,7 +152,7 @@ struct MQTapD: ParsableCommand {
                 log.fail("cannot serve", ["address": address.description])
             }
         }
-        log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(maxQueues)])
+        log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(manager.limits().maxQueues)])
 
         let signal = Signals.wait([Signals.terminate, Signals.interrupt])
         log.info("stopping", ["signal": signal == Signals.terminate ? "SIGTERM" : "SIGINT"])
@@ -119,6 +161,7 @@ struct MQTapD: ParsableCommand {
         for (_, fd) in sockets { closeFD(fd) }
         manager.shutdown()
         for case (.unix(let path), _) in sockets { removeFile(path) }
+        locks.forEach { $0.release() }
         log.info("stopped")
     }
 }
@@ -127,6 +170,10 @@ struct MQTapD: ParsableCommand {
 struct EventLog: Sendable {
     func info(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
         write("info", message, fields)
+    }
+
+    func error(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
+        write("error", message, fields)
     }
 
     func fail(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) -> Never {

@@ -111,6 +111,7 @@ struct DecodingTests {
 }
 
 import TapCore
+import TapJSON
 
 enum DevicePatchLiteral {
     static let downEcho = DevicePatch(up: false, mode: .echo)

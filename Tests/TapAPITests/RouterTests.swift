@@ -2,6 +2,7 @@
 import TapCore
 import TapTestSupport
 import Testing
+import TapJSON
 
 /// The router over a manager on the fake driver: no root, no sockets.
 final class RouterFixture {

@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// `/v1/devices` and `/v1/devices/{name}`.
 enum DevicesResource {
@@ -45,6 +46,9 @@ enum DevicesResource {
         o["queue_count"] = JSON(d.queueCount)
         o["enabled_queues"] = JSON(d.enabledQueues)
         o["queues"] = .array(d.queues.map(QueuesResource.encode))
+        o["state"] = .string(d.status.name)
+        if let reason = d.status.reason { o["state_reason"] = .string(reason) }
+        o["since"] = .string(d.since)
         return .object(o)
     }
 

@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// `/v1/limits`: the global queue limit, and the headroom a client can see before it asks.
 enum LimitsResource {

@@ -417,7 +417,7 @@ components:
     Device:
       type: object
       additionalProperties: false
-      required: [name, type, max_queues, persist, vnet_hdr, mtu, up, mode, ifindex, queue_count, enabled_queues, queues]
+      required: [name, type, max_queues, persist, vnet_hdr, mtu, up, mode, ifindex, queue_count, enabled_queues, queues, state, since]
       properties:
         name: { type: string }
         type: { type: string, enum: [tap, tun] }
@@ -430,12 +430,31 @@ components:
           description: TAP devices only.
         up: { type: boolean }
         mode: { $ref: "#/components/schemas/Mode" }
-        ifindex: { type: integer, minimum: 1 }
-        queue_count: { type: integer, minimum: 1 }
+        ifindex:
+          type: integer
+          minimum: 0
+          description: 0 for a device that is not active.
+        queue_count: { type: integer, minimum: 0 }
         enabled_queues: { type: integer, minimum: 0 }
         queues:
           type: array
           items: { $ref: "#/components/schemas/Queue" }
+        state:
+          type: string
+          enum: [active, conflict, failed]
+          description: |
+            `active`: managed. After a restart, a device of the state file can be
+            `conflict` (its name now belongs to another interface, or its kernel flags differ
+            from the state file's, so attaching would rewrite them) or `failed` (bringing it
+            back failed). Such a device is left untouched in the kernel; DELETE forgets it,
+            the next restart tries again.
+        state_reason:
+          type: string
+          description: Why the device is not active.
+        since:
+          type: string
+          format: date-time
+          description: When the daemon (re)started managing the device.
     QueueAdd:
       type: object
       additionalProperties: false
@@ -458,7 +477,7 @@ components:
     Queue:
       type: object
       additionalProperties: false
-      required: [id, enabled, worker, counters]
+      required: [id, enabled, worker, counters, since]
       properties:
         id:
           type: integer
@@ -470,6 +489,10 @@ components:
           minimum: 0
           description: The worker thread that reads the queue.
         counters: { $ref: "#/components/schemas/Counters" }
+        since:
+          type: string
+          format: date-time
+          description: When the counters started (the queue was opened); they restart with the daemon.
     Counters:
       type: object
       additionalProperties: false

@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// `/v1/devices/{name}/queues` and `/v1/devices/{name}/queues/{id}`.
 enum QueuesResource {
@@ -23,7 +24,8 @@ enum QueuesResource {
     }
 
     static func encode(_ q: QueueInfo) -> JSON {
-        ["id": JSON(q.id), "enabled": .bool(q.enabled), "worker": JSON(q.worker), "counters": .object(encode(q.counters))]
+        ["id": JSON(q.id), "enabled": .bool(q.enabled), "worker": JSON(q.worker), "counters": .object(encode(q.counters)),
+         "since": .string(q.since)]
     }
 
     static func list(_ m: DeviceManager, _ device: String) throws -> HTTPResponse {

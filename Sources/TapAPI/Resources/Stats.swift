@@ -1,4 +1,5 @@
 import TapCore
+import TapJSON
 
 /// `/v1/devices/{name}/stats`: per queue, the total, and the kernel's device counters.
 enum StatsResource {

@@ -1,0 +1,132 @@
+import TapJSON
+import TunKit
+
+/// What users asked for, as the state file keeps it: enough to bring every device back
+/// after a restart with the same queue ids, limits, modes and enabled states.
+public struct DesiredState: Equatable, Sendable {
+    public struct Queue: Equatable, Sendable {
+        public var id: Int
+        public var enabled: Bool
+    }
+
+    public struct Device: Equatable, Sendable {
+        public var spec: DeviceSpec
+        /// Ordered by id.
+        public var queues: [Queue]
+    }
+
+    public var maxQueues: Int
+    /// Ordered by name.
+    public var devices: [Device]
+
+    public init(maxQueues: Int, devices: [Device] = []) {
+        self.maxQueues = maxQueues
+        self.devices = devices
+    }
+}
+
+/// The desired-state file (`state.json` in the state directory), written atomically after
+/// every accepted change and read once at start.
+public struct StateFile: Sendable {
+    public let path: String
+    static let version = 1
+
+    public init(directory: String) {
+        path = directory.hasSuffix("/") ? directory + "state.json" : directory + "/state.json"
+    }
+
+    public enum LoadError: Error, Equatable, Sendable {
+        case unreadable(SyscallError)
+        /// Not JSON, or not a state file of this version: the reason says where.
+        case corrupt(String)
+    }
+
+    /// The saved state, or nil if there is none yet.
+    public func load() throws(LoadError) -> DesiredState? {
+        let bytes: [UInt8]?
+        do {
+            bytes = try Files.read(path)
+        } catch {
+            throw .unreadable(error)
+        }
+        guard let bytes else { return nil }
+        do {
+            return try Self.decode(JSON.parse(bytes))
+        } catch let e as JSON.ParseError {
+            throw .corrupt("line \(e.line), column \(e.column): \(e.message)")
+        } catch let e as LoadError {
+            throw e
+        } catch {
+            throw .corrupt("\(error)")
+        }
+    }
+
+    public func save(_ state: DesiredState) throws(SyscallError) {
+        var text = Self.encode(state).text
+        text += "\n"
+        try Files.writeAtomically(path, Array(text.utf8))
+    }
+
+    /// Moves an unusable state file out of the way (never overwritten) and returns where.
+    public func setAside(stamp: String) throws(SyscallError) -> String {
+        let aside = "\(path).corrupt-\(stamp)"
+        try Files.move(path, to: aside)
+        return aside
+    }
+
+    // MARK: - Format
+
+    static func encode(_ s: DesiredState) -> JSON {
+        let devices: [JSON] = s.devices.map { d in
+            var o: JSONObject = [
+                "name": .string(d.spec.name), "type": .string(d.spec.kind.rawValue),
+                "max_queues": JSON(d.spec.maxQueues ?? s.maxQueues), "persist": .bool(d.spec.persist),
+                "vnet_hdr": .bool(d.spec.vnetHdr),
+            ]
+            if let mtu = d.spec.mtu { o["mtu"] = JSON(mtu) }
+            if let mac = d.spec.mac { o["mac"] = .string(mac.description) }
+            o["up"] = .bool(d.spec.up)
+            o["mode"] = .string(d.spec.mode.rawValue)
+            o["queues"] = .array(d.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] })
+            return .object(o)
+        }
+        return ["version": JSON(version), "max_queues": JSON(s.maxQueues), "devices": .array(devices)]
+    }
+
+    static func decode(_ j: JSON) throws(LoadError) -> DesiredState {
+        func fail(_ what: String) -> LoadError { .corrupt(what) }
+        guard case .object(let root) = j else { throw fail("not a JSON object") }
+        guard root["version"] == JSON(version) else { throw fail("version is not \(version)") }
+        guard case .int(let limit)? = root["max_queues"], (1...Int64(Tun.kernelMaxQueues)).contains(limit) else {
+            throw fail("max_queues is missing or out of range")
+        }
+        guard case .array(let items)? = root["devices"] else { throw fail("devices is missing") }
+        var devices: [DesiredState.Device] = []
+        for (i, item) in items.enumerated() {
+            let at = "devices[\(i)]"
+            guard case .string(let name)? = item["name"], case .string(let type)? = item["type"],
+                  let kind = DeviceKind(rawValue: type), case .int(let max)? = item["max_queues"],
+                  case .bool(let persist)? = item["persist"], case .bool(let vnet)? = item["vnet_hdr"],
+                  case .bool(let up)? = item["up"], case .string(let m)? = item["mode"],
+                  let mode = DeviceMode(rawValue: m), case .array(let qs)? = item["queues"], !qs.isEmpty
+            else { throw fail("\(at) is missing a field or has one of the wrong type") }
+            var spec = DeviceSpec(name: name, kind: kind, queues: qs.count, maxQueues: Int(max), persist: persist,
+                                  vnetHdr: vnet, up: up, mode: mode)
+            if case .int(let mtu)? = item["mtu"] { spec.mtu = Int(mtu) }
+            if case .string(let mac)? = item["mac"] {
+                guard let parsed = MACAddress(mac) else { throw fail("\(at).mac is not a MAC address") }
+                spec.mac = parsed
+            }
+            var queues: [DesiredState.Queue] = []
+            for q in qs {
+                guard case .int(let id)? = q["id"], id >= 0, id < Int64(Tun.kernelMaxQueues),
+                      case .bool(let enabled)? = q["enabled"] else { throw fail("\(at).queues has a bad entry") }
+                queues.append(.init(id: Int(id), enabled: enabled))
+            }
+            guard Set(queues.map(\.id)).count == queues.count else { throw fail("\(at).queues repeats an id") }
+            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }))
+        }
+        guard Set(devices.map(\.spec.name)).count == devices.count else { throw fail("a device name repeats") }
+        return DesiredState(maxQueues: Int(limit), devices: devices)
+    }
+}
