@@ -326,14 +326,17 @@ public final class DeviceManager: Sendable {
     }
 
     /// Stops the workers and closes every fd: non-persistent devices disappear with their
-    /// last fd; persistent ones stay for the next start. Idempotent.
+    /// last fd; persistent ones stay. The state file keeps every device, so the next start
+    /// brings them all back. Idempotent.
     public func shutdown() {
-        change { state in
-            for entry in state.devices.values.sorted(by: { $0.name < $1.name }) {
+        control.withLock { state in
+            for entry in state.devices.values.sorted(by: { $0.name < $1.name }) where entry.isActive {
                 release(entry)
                 log("device released name=\(entry.name) persist=\(entry.persist)")
             }
             state.devices = [:]
+            let copy = state
+            published.withLock { $0 = copy }
         }
         pool.shutdown()
     }

@@ -7,12 +7,22 @@ public struct DesiredState: Equatable, Sendable {
     public struct Queue: Equatable, Sendable {
         public var id: Int
         public var enabled: Bool
+
+        public init(id: Int, enabled: Bool) {
+            self.id = id
+            self.enabled = enabled
+        }
     }
 
     public struct Device: Equatable, Sendable {
         public var spec: DeviceSpec
         /// Ordered by id.
         public var queues: [Queue]
+
+        public init(spec: DeviceSpec, queues: [Queue]) {
+            self.spec = spec
+            self.queues = queues
+        }
     }
 
     public var maxQueues: Int
