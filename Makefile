@@ -5,7 +5,7 @@ export PATH := $(PATH):/opt/swift/usr/bin
 ARGS ?=
 VENV := .venv-test
 
-.PHONY: deps build release run test test-swift test-live lint clean
+.PHONY: deps build release run test soak clean
 
 deps:
 	@scripts/install-deps.sh
@@ -36,6 +36,12 @@ test: deps $(VENV)/.installed
 	swift build --build-tests
 	swift test --skip-build --no-parallel
 	cd Tests/live && MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" "$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider
+
+# The 5-minute soak (the regular test command runs it for 30 s).
+soak: deps $(VENV)/.installed
+	swift build
+	cd Tests/live && MQTAPD_SOAK_SECONDS=300 MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" \
+		"$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider test_soak.py
 
 clean:
 	rm -rf .build $(VENV)

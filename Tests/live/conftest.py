@@ -38,10 +38,10 @@ def unique_name(tag="d"):
 class Daemon:
     """One mqtapd process; `stop()` sends SIGTERM and returns the exit status."""
 
-    def __init__(self, tmp, *extra, tcp=True, workers=2):
+    def __init__(self, tmp, *extra, tcp=True, workers=2, prefix=()):
         self.tmp = tmp
         self.socket = os.path.join(tmp, "run", "api.sock")
-        args = [BIN, "--listen", f"unix:{self.socket}", "--state-dir", os.path.join(tmp, "state"),
+        args = list(prefix) + [BIN, "--listen", f"unix:{self.socket}", "--state-dir", os.path.join(tmp, "state"),
                 "--workers", str(workers)]
         if tcp:
             args += ["--listen", "tcp:127.0.0.1:0"]
