@@ -187,14 +187,15 @@ def test_1000_cycles_leave_no_fd_and_no_device(daemon, api):
 
 
 def test_fd_exhaustion_is_503_and_leaves_nothing(tmpdir_short):
-    # A hard limit of 64 fds: the daemon's own (~25) leave room for a few queues only.
-    d = Daemon(tmpdir_short, "--workers", "1", prefix=["prlimit", "--nofile=64:64"], tcp=False)
+    # Soft 48, hard 96: the daemon raises its soft limit to the hard one at start, and its
+    # own fds (~25) leave room for some queues, not for 128.
+    d = Daemon(tmpdir_short, "--workers", "1", prefix=["prlimit", "--nofile=48:96"], tcp=False)
     a, b = unique_name("x"), unique_name("x")
     try:
         limits = d.unix.get("/v1/limits").json()
-        assert limits["open_files_limit"] == 64
+        assert limits["open_files_limit"] == 96
         fds = net.open_fds(d.pid)
-        r = d.unix.post("/v1/devices", {"name": a, "queues": 64})
+        r = d.unix.post("/v1/devices", {"name": a, "queues": 128})
         assert r.status == 503 and r.code == "resource_exhausted" and r.json()["error"]["errno"] == "EMFILE", r
         assert not net.exists(a)
         assert net.settle(lambda: net.open_fds(d.pid) <= fds)
