@@ -5,7 +5,7 @@ export PATH := $(PATH):/opt/swift/usr/bin
 ARGS ?=
 VENV := .venv-test
 
-.PHONY: deps build release run test soak clean
+.PHONY: deps build release run test soak bench bench-tools clean
 
 deps:
 	@scripts/install-deps.sh
@@ -30,7 +30,7 @@ $(VENV)/.installed: Tests/live/requirements.txt
 # Every test: the spec and the Dockerfile linted, Swift unit and privileged tests (serial, so
 # fd-count checks see only their own fds), then the live tests against the real binary
 # (every endpoint and error, responses validated against openapi.yaml, schemathesis).
-test: deps $(VENV)/.installed
+test: deps $(VENV)/.installed bench-tools
 	$(VENV)/bin/openapi-spec-validator openapi.yaml
 	$(VENV)/bin/hadolint Dockerfile
 	swift build --build-tests
@@ -43,5 +43,16 @@ soak: deps $(VENV)/.installed
 	cd Tests/live && MQTAPD_SOAK_SECONDS=300 MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" \
 		"$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider test_soak.py
 
+# The benchmark tools: a generator and the C reference receiver.
+bench-tools: bench/gen bench/ref
+bench/gen: bench/gen.c
+	cc -O2 -Wall -Wextra -o $@ $<
+bench/ref: bench/ref.c
+	cc -O2 -Wall -Wextra -pthread -o $@ $<
+
+# The benchmarks (about 10 minutes): writes bench/RESULTS.md. Needs root.
+bench: deps release bench-tools
+	python3 bench/run.py
+
 clean:
-	rm -rf .build $(VENV)
+	rm -rf .build $(VENV) bench/gen bench/ref
