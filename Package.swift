@@ -9,6 +9,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "mqtapd", targets: ["mqtapd"]),
+        .executable(name: "mqtap", targets: ["mqtap"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -33,6 +34,11 @@ let package = Package(
         .target(name: "TapCore", dependencies: ["TunKit", "CCounters", "TapJSON"]),
         // HTTP: the only importer of libmicrohttpd; router and resources.
         .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD"]),
+        // The client side: HTTP/1.1 over the Unix socket or TCP, for the CLI.
+        .target(name: "TapClient", dependencies: ["TapJSON", "TunKit"]),
+        .executableTarget(
+            name: "mqtap",
+            dependencies: ["TapClient", "TapJSON", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(
             name: "mqtapd",
             dependencies: [

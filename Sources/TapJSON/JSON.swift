@@ -176,3 +176,26 @@ extension JSON: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral, Express
         }
     }
 }
+
+extension JSON: CustomStringConvertible {
+    /// Strings bare, everything else as compact JSON (for tables).
+    public var description: String {
+        if case .string(let s) = self { return s }
+        return text
+    }
+
+    public var string: String? {
+        if case .string(let s) = self { return s }
+        return nil
+    }
+
+    public var int: Int? {
+        if case .int(let i) = self { return Int(i) }
+        return nil
+    }
+
+    public var array: [JSON]? {
+        if case .array(let a) = self { return a }
+        return nil
+    }
+}

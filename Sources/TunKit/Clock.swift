@@ -11,6 +11,13 @@ public enum Clock {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
+    /// Sleeps the calling thread. The corresponding C function is `nanosleep(2)`.
+    public static func sleep(_ seconds: Double) {
+        var want = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - Double(Int(seconds))) * 1e9))
+        var left = timespec()
+        while nanosleep(&want, &left) == -1 && errno == EINTR { want = left }
+    }
+
     /// UTC wall-clock time as RFC 3339 with milliseconds: `2026-11-21T06:10:00.123Z`.
     public static func timestamp() -> String {
         var ts = timespec()

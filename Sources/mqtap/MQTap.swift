@@ -1,0 +1,269 @@
+import ArgumentParser
+import TapClient
+import TapJSON
+
+/// `mqtap`: mqtapd's command-line client. Tables for people, `--json` for scripts; an API
+/// error prints its code and message on stderr and exits 1 (3 if the daemon is unreachable).
+@main
+struct MQTap: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mqtap",
+        abstract: "Drive mqtapd: devices, queues, limits and per-queue counters.",
+        subcommands: [Ping.self, Device.self, Queue.self, Limits.self, Stats.self])
+}
+
+struct Connection: ParsableArguments {
+    @Option(help: ArgumentHelp("mqtapd's Unix socket.", valueName: "path"))
+    var socket = "/run/mqtapd/api.sock"
+
+    @Option(help: ArgumentHelp("mqtapd over TCP instead, e.g. http://127.0.0.1:8080.", valueName: "url"))
+    var url: String?
+
+    @Flag(help: "Print the API's JSON instead of a table.")
+    var json = false
+
+    func validate() throws {
+        if let url, APIClient.Endpoint(url: url) == nil {
+            throw ValidationError("--url must look like http://127.0.0.1:8080")
+        }
+    }
+
+    var client: APIClient {
+        APIClient(url.flatMap(APIClient.Endpoint.init(url:)) ?? .unix(socket))
+    }
+
+    /// Calls the API; on an error prints it and exits.
+    func call(_ method: String, _ path: String, _ body: JSON? = nil) throws -> JSON? {
+        let r: APIClient.Response
+        do {
+            r = try client.request(method, path, body: body)
+        } catch {
+            printError("mqtap: \(error)")
+            throw ExitCode(3)
+        }
+        if let e = r.error {
+            printError("mqtap: \(e.code): \(e.message)")
+            throw ExitCode(1)
+        }
+        return r.json
+    }
+
+    /// Prints the JSON (for --json) or the table `human` makes.
+    func show(_ value: JSON?, _ human: (JSON) -> String) {
+        if json {
+            print(value?.text ?? "{}")
+        } else if let value {
+            let text = human(value)
+            if !text.isEmpty { print(text) }
+        }
+    }
+}
+
+// MARK: - ping
+
+struct Ping: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Check that mqtapd answers (exit 0 if it does).")
+    @OptionGroup var connection: Connection
+
+    func run() throws {
+        let h = try connection.call("GET", "/v1/health")
+        connection.show(h) { "mqtapd \($0["version"]?.string ?? "?") ok" }
+    }
+}
+
+// MARK: - device
+
+struct Device: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create, list, show, change and delete devices.",
+        subcommands: [List.self, Show.self, Create.self, Set.self, Delete.self])
+
+    struct List: ParsableCommand {
+        @OptionGroup var connection: Connection
+        func run() throws {
+            let r = try connection.call("GET", "/v1/devices")
+            connection.show(r) { Table.devices($0["devices"]?.array ?? []) }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var name: String
+        func run() throws {
+            let d = try connection.call("GET", "/v1/devices/\(name)")
+            connection.show(d) { Table.device($0) }
+        }
+    }
+
+    struct Create: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var name: String
+        @Option(help: "tap or tun.") var type: String?
+        @Option var queues: Int?
+        @Option var maxQueues: Int?
+        @Flag var persist = false
+        @Flag var vnetHdr = false
+        @Option var mtu: Int?
+        @Option var mac: String?
+        @Flag(help: "Leave the link down.") var down = false
+        @Option(help: "sink or echo.") var mode: String?
+
+        func run() throws {
+            var body: JSONObject = ["name": .string(name)]
+            if let type { body["type"] = .string(type) }
+            if let queues { body["queues"] = JSON(queues) }
+            if let maxQueues { body["max_queues"] = JSON(maxQueues) }
+            if persist { body["persist"] = true }
+            if vnetHdr { body["vnet_hdr"] = true }
+            if let mtu { body["mtu"] = JSON(mtu) }
+            if let mac { body["mac"] = .string(mac) }
+            if down { body["up"] = false }
+            if let mode { body["mode"] = .string(mode) }
+            let d = try connection.call("POST", "/v1/devices", .object(body))
+            connection.show(d) { Table.device($0) }
+        }
+    }
+
+    struct Set: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Change max-queues, link state, MTU or mode.")
+        @OptionGroup var connection: Connection
+        @Argument var name: String
+        @Option var maxQueues: Int?
+        @Flag(inversion: .prefixedEnableDisable, help: "Bring the link up or down.") var up: Bool?
+        @Option var mtu: Int?
+        @Option(help: "sink or echo.") var mode: String?
+
+        func run() throws {
+            var body: JSONObject = [:]
+            if let maxQueues { body["max_queues"] = JSON(maxQueues) }
+            if let up { body["up"] = .bool(up) }
+            if let mtu { body["mtu"] = JSON(mtu) }
+            if let mode { body["mode"] = .string(mode) }
+            let d = try connection.call("PATCH", "/v1/devices/\(name)", .object(body))
+            connection.show(d) { Table.device($0) }
+        }
+    }
+
+    struct Delete: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var name: String
+        func run() throws {
+            _ = try connection.call("DELETE", "/v1/devices/\(name)")
+            connection.show(nil) { _ in "" }
+        }
+    }
+}
+
+// MARK: - queue
+
+struct Queue: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Add, list, enable (attach), disable (detach) and remove queues.",
+        subcommands: [List.self, Add.self, Enable.self, Disable.self, Remove.self])
+
+    struct List: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var device: String
+        func run() throws {
+            let r = try connection.call("GET", "/v1/devices/\(device)/queues")
+            connection.show(r) { Table.queues($0["queues"]?.array ?? []) }
+        }
+    }
+
+    struct Add: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var device: String
+        @Option var count = 1
+        func run() throws {
+            let r = try connection.call("POST", "/v1/devices/\(device)/queues", ["count": JSON(count)])
+            connection.show(r) { Table.queues($0["queues"]?.array ?? []) }
+        }
+    }
+
+    struct Enable: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var device: String
+        @Argument var id: Int
+        func run() throws {
+            let q = try connection.call("PATCH", "/v1/devices/\(device)/queues/\(id)", ["enabled": true])
+            connection.show(q) { Table.queues([$0]) }
+        }
+    }
+
+    struct Disable: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var device: String
+        @Argument var id: Int
+        func run() throws {
+            let q = try connection.call("PATCH", "/v1/devices/\(device)/queues/\(id)", ["enabled": false])
+            connection.show(q) { Table.queues([$0]) }
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument var device: String
+        @Argument var id: Int
+        func run() throws {
+            _ = try connection.call("DELETE", "/v1/devices/\(device)/queues/\(id)")
+            connection.show(nil) { _ in "" }
+        }
+    }
+}
+
+// MARK: - limits
+
+struct Limits: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show or set the global queue limit.",
+                                                    subcommands: [Show.self, Set.self])
+
+    struct Show: ParsableCommand {
+        @OptionGroup var connection: Connection
+        func run() throws {
+            let l = try connection.call("GET", "/v1/limits")
+            connection.show(l) { Table.limits($0) }
+        }
+    }
+
+    struct Set: ParsableCommand {
+        @OptionGroup var connection: Connection
+        @Argument(help: "The new global per-device queue limit, 1 to 256.") var maxQueues: Int
+        func run() throws {
+            let l = try connection.call("PUT", "/v1/limits", ["max_queues": JSON(maxQueues)])
+            connection.show(l) { Table.limits($0) }
+        }
+    }
+}
+
+// MARK: - stats
+
+struct Stats: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Per-queue counters; --watch refreshes them with rates.")
+    @OptionGroup var connection: Connection
+    @Argument var device: String
+    @Flag(help: "Refresh every --interval seconds, with packet and byte rates.") var watch = false
+    @Option(help: "Seconds between refreshes.") var interval = 1.0
+    @Option(help: "Stop after this many refreshes (default: until interrupted).") var count: Int?
+
+    func validate() throws {
+        guard interval >= 0.1 else { throw ValidationError("--interval must be at least 0.1") }
+    }
+
+    func run() throws {
+        var previous: (JSON, Double)?
+        var n = 0
+        repeat {
+            let s = try connection.call("GET", "/v1/devices/\(device)/stats") ?? .null
+            let now = Clock.seconds()
+            if connection.json {
+                print(s.text)
+            } else {
+                if watch { print("\u{1B}[H\u{1B}[2J", terminator: "") }
+                print(Table.stats(s, previous: previous.map { ($0.0, now - $0.1) }))
+            }
+            previous = (s, now)
+            n += 1
+            if watch, count.map({ n < $0 }) ?? true { Clock.sleep(interval) }
+        } while watch && count.map({ n < $0 }) ?? true
+    }
+}

@@ -1,0 +1,71 @@
+"""The mqtap CLI end to end against the live daemon: every subcommand, --json parsed, errors
+on stderr with the server's code, exit codes (0 ok, 1 API error, 3 unreachable, 64 usage)."""
+import json
+import os
+import subprocess
+
+import net
+from conftest import unique_name
+from mqtapd_client import ROOT
+
+CLI = os.environ.get("MQTAP_BIN", os.path.join(ROOT, ".build", "debug", "mqtap"))
+
+
+def mqtap(daemon, *args, tcp=False):
+    where = ["--url", f"http://127.0.0.1:{daemon.port}"] if tcp else ["--socket", daemon.socket]
+    return subprocess.run([CLI, *args, *where], capture_output=True, text=True, timeout=30)
+
+
+def js(daemon, *args, tcp=False):
+    r = mqtap(daemon, *args, "--json", tcp=tcp)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_every_subcommand(daemon):
+    n = unique_name("m")
+    try:
+        assert js(daemon, "ping")["status"] == "ok"
+        assert mqtap(daemon, "ping").stdout.startswith("mqtapd ")
+        d = js(daemon, "device", "create", n, "--queues", "3", "--mode", "echo", "--mtu", "1400", "--down")
+        assert (d["queue_count"], d["mode"], d["mtu"], d["up"]) == (3, "echo", 1400, False)
+        assert net.kernel_queue_count(n) == 3
+        assert n in [x["name"] for x in js(daemon, "device", "list")["devices"]]
+        table = mqtap(daemon, "device", "list").stdout
+        assert table.splitlines()[0].split()[:3] == ["NAME", "TYPE", "QUEUES"] and n in table
+        assert js(daemon, "device", "show", n, tcp=True)["name"] == n
+        d = js(daemon, "device", "set", n, "--enable-up", "--max-queues", "8", "--mode", "sink")
+        assert (d["up"], d["max_queues"], d["mode"]) == (True, 8, "sink")
+        added = js(daemon, "queue", "add", n, "--count", "2")["queues"]
+        assert [q["id"] for q in added] == [3, 4]
+        assert js(daemon, "queue", "disable", n, "1")["enabled"] is False
+        assert js(daemon, "queue", "enable", n, "1")["enabled"] is True
+        assert js(daemon, "queue", "remove", n, "4") == {}
+        assert [q["id"] for q in js(daemon, "queue", "list", n)["queues"]] == [0, 1, 2, 3]
+        assert "ENABLED" in mqtap(daemon, "queue", "list", n).stdout
+        s = js(daemon, "stats", n)
+        assert set(s) == {"queues", "total", "kernel"}
+        watch = mqtap(daemon, "stats", n, "--watch", "--count", "2", "--interval", "0.2")
+        assert watch.returncode == 0 and watch.stdout.count("RX_PPS") == 2
+        assert js(daemon, "limits", "show")["kernel_max_queues"] == 256
+        assert js(daemon, "limits", "set", "200")["max_queues"] == 200
+        assert js(daemon, "limits", "set", "256")["max_queues"] == 256
+        assert js(daemon, "device", "delete", n) == {}
+        assert not net.exists(n)
+    finally:
+        net.delete_link(n)
+
+
+def test_errors_exit_nonzero_with_the_servers_code(daemon, tmpdir_short):
+    r = mqtap(daemon, "device", "show", unique_name("z"))
+    assert r.returncode == 1 and r.stderr.startswith("mqtap: not_found: ")
+    r = mqtap(daemon, "device", "create", "bad name")
+    assert r.returncode == 1 and "invalid_field" in r.stderr and "name" in r.stderr
+    r = mqtap(daemon, "limits", "set", "0")
+    assert r.returncode == 1 and "invalid_field" in r.stderr
+    r = subprocess.run([CLI, "ping", "--socket", os.path.join(tmpdir_short, "nothing.sock")], capture_output=True, text=True)
+    assert r.returncode == 3 and "cannot reach mqtapd" in r.stderr
+    r = subprocess.run([CLI, "device", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 64
+    r = subprocess.run([CLI, "ping", "--url", "ftp://x"], capture_output=True, text=True)
+    assert r.returncode == 64 and "--url" in r.stderr
