@@ -51,7 +51,11 @@ struct MQTapD: ParsableCommand {
         let limit = ProcessResources.fileLimit()
         if limit.soft < limit.hard { try? ProcessResources.setFileLimit(soft: limit.hard) }
 
-        let addresses = listen.isEmpty ? [ListenAddress.defaultUnix] : listen.map { try! ListenAddress(parsing: $0) }
+        // Socket activation: systemd passes listening sockets (LISTEN_FDS); without --listen
+        // they are all the daemon serves.
+        let inherited = Systemd.listenFDs()
+        let addresses = listen.isEmpty ? (inherited.isEmpty ? [ListenAddress.defaultUnix] : [])
+            : listen.map { try! ListenAddress(parsing: $0) }
 
         // One instance per state directory and per socket: the locks die with the process,
         // so a crash never leaves them held, and a socket file left by a crash is reclaimed.
@@ -109,6 +113,10 @@ struct MQTapD: ParsableCommand {
 
         // Sockets first, all of them: a bad address stops the start before anything serves.
         var sockets: [(ListenAddress, Int32)] = []
+        for fd in inherited {
+            sockets.append((.unix(path: Systemd.unixPath(of: fd) ?? "inherited-fd-\(fd)"), fd))
+        }
+        let ownSocketsFrom = sockets.count
         for a in addresses {
             do {
                 switch a {
@@ -153,14 +161,18 @@ struct MQTapD: ParsableCommand {
             }
         }
         log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(manager.limits().maxQueues)])
+        // Type=notify: ready only now, with the state restored and every socket served.
+        Systemd.notify("READY=1\nSTATUS=serving")
 
         let signal = Signals.wait([Signals.terminate, Signals.interrupt])
+        Systemd.notify("STOPPING=1")
         log.info("stopping", ["signal": signal == Signals.terminate ? "SIGTERM" : "SIGINT"])
         // Stop accepting and finish in-flight requests, then the devices, then the sockets.
         servers.forEach { $0.stop() }
         for (_, fd) in sockets { closeFD(fd) }
         manager.shutdown()
-        for case (.unix(let path), _) in sockets { removeFile(path) }
+        // Socket files systemd made are systemd's to remove.
+        for case (.unix(let path), _) in sockets[ownSocketsFrom...] { removeFile(path) }
         locks.forEach { $0.release() }
         log.info("stopped")
     }
