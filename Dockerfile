@@ -18,7 +18,9 @@ COPY Package.swift openapi.yaml ./
 COPY Sources ./Sources
 COPY Tests ./Tests
 RUN swift build -c release --static-swift-stdlib --product mqtapd \
- && install -m 0755 "$(swift build -c release --show-bin-path)/mqtapd" /usr/local/bin/mqtapd
+ && swift build -c release --static-swift-stdlib --product mqtap \
+ && install -m 0755 "$(swift build -c release --show-bin-path)/mqtapd" "$(swift build -c release --show-bin-path)/mqtap" \
+    /usr/local/bin/
 
 FROM debian:bookworm-slim
 # Only the two C libraries mqtapd links (the Swift runtime is static). Unpinned for the same
@@ -27,7 +29,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libmicrohttpd12 libjansson4 \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /usr/local/bin/mqtapd /usr/local/bin/mqtapd
+COPY --from=build /usr/local/bin/mqtapd /usr/local/bin/mqtap /usr/local/bin/
 VOLUME ["/var/lib/mqtapd", "/run/mqtapd"]
 ENTRYPOINT ["/usr/local/bin/mqtapd"]
 CMD ["--listen", "unix:/run/mqtapd/api.sock", "--state-dir", "/var/lib/mqtapd"]
