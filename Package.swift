@@ -3,7 +3,7 @@ import PackageDescription
 
 // Dependencies point one way: mqtapd → TapAPI → TapCore → TunKit → CTunLinux (TapJSON
 // is a leaf both TapAPI and TapCore use).
-// The only external package is swift-argument-parser (the executable's flags).
+// External packages: swift-argument-parser (flags) and swift-log (the logging API).
 let package = Package(
     name: "mqtapd",
     platforms: [.macOS(.v15)],
@@ -13,6 +13,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // Logging API; the daemon's one handler writes logfmt or JSON lines.
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         // System libraries: module maps plus static-inline shims for the variadic and macro APIs.
@@ -31,7 +33,7 @@ let package = Package(
         // The JSON value type: the only importer of jansson (the API's bodies, the state file).
         .target(name: "TapJSON", dependencies: ["CJansson"]),
         // Device manager, worker pool, counters, state file. No Glibc, no ioctl.
-        .target(name: "TapCore", dependencies: ["TunKit", "CCounters", "TapJSON"]),
+        .target(name: "TapCore", dependencies: ["TunKit", "CCounters", "TapJSON", .product(name: "Logging", package: "swift-log")]),
         // HTTP: the only importer of libmicrohttpd; router and resources.
         .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD"]),
         // The client side: HTTP/1.1 over the Unix socket or TCP, for the CLI.
@@ -42,12 +44,14 @@ let package = Package(
         .executableTarget(
             name: "mqtapd",
             dependencies: [
-                "TapAPI", "TapCore",
+                "TapAPI", "TapCore", "TapJSON",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]),
         // Test helpers (frame generator, `ip` runner, privilege gate); never linked into mqtapd.
         .target(name: "TapTestSupport", dependencies: ["TapCore", "TunKit", "CTunLinux"]),
-        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapJSON", "TapTestSupport"]),
+        .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapJSON", "TapTestSupport",
+                                                      .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapJSON", "TapTestSupport"]),
         .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
     ],

@@ -45,6 +45,13 @@ public struct HTTPResponse: Sendable, Equatable {
 
     public var json: JSON? { try? JSON.parse(body) }
 
+    /// For an error response made by `APIError`: its code and errno, for the request log.
+    public var errorInfo: (code: String, errno: String?)? {
+        guard status >= 400, case .string(let code)? = json?["error"]?["code"] else { return nil }
+        if case .string(let e)? = json?["error"]?["errno"] { return (code, e) }
+        return (code, nil)
+    }
+
     public static func == (a: HTTPResponse, b: HTTPResponse) -> Bool {
         a.status == b.status && a.body == b.body && a.headers.map { "\($0.0):\($0.1)" } == b.headers.map { "\($0.0):\($0.1)" }
     }

@@ -1,4 +1,5 @@
 import Dispatch
+import Logging
 import Synchronization
 import TunKit
 
@@ -77,7 +78,7 @@ public final class DeviceManager: Sendable {
     private let pool: WorkerPool
     private let control: Mutex<State>
     private let published: Mutex<State>
-    private let log: @Sendable (String) -> Void
+    private let logger: Logger
     private let reaper = DispatchQueue(label: "mqtapd.reaper")
     private let stateFile: StateFile?
 
@@ -88,16 +89,17 @@ public final class DeviceManager: Sendable {
                 workers: Int = ProcessResources.onlineCPUs(),
                 maxQueues: Int = Tun.kernelMaxQueues,
                 stateFile: StateFile? = nil,
-                log: @escaping @Sendable (String) -> Void = { _ in }) throws {
+                logger: Logger = Logger(label: "mqtapd", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         try Validate.maxQueues(maxQueues)
         guard workers >= 1 else { throw ManagerError.invalidField(field: "workers", reason: "must be at least 1") }
         self.driver = driver
-        self.log = log
+        self.logger = logger
         self.stateFile = stateFile
         // The pool reports vanished devices before `self` exists; the relay is pointed at
         // the manager once it does.
         let relay = GoneRelay()
-        pool = try WorkerPool(count: workers) { key in relay.forward(key) }
+        pool = try WorkerPool(count: workers, onGone: { key in relay.forward(key) },
+                              onErrors: { key, queue, report in relay.errors(key, queue, report) })
         let state = State(maxQueues: maxQueues)
         control = Mutex(state)
         published = Mutex(state)
@@ -173,7 +175,7 @@ public final class DeviceManager: Sendable {
             }
             let entry = try build(spec, ids: Array(0..<spec.queues), limit: limit, key: state.takeKey(), state: &state)
             state.devices[spec.name] = entry
-            log("device created name=\(spec.name) queues=\(spec.queues) ifindex=\(entry.ifindex)")
+            logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(entry.ifindex)"])
             return Self.info(entry)
         }
     }
@@ -183,7 +185,7 @@ public final class DeviceManager: Sendable {
             if let known = state.devices[name], !known.isActive {
                 // Never ours in the kernel: forgetting it touches nothing there.
                 state.devices[name] = nil
-                log("device forgotten name=\(name) status=\(known.status.name)")
+                logger.info("device forgotten", metadata: ["device": "\(name)", "status": "\(known.status.name)"])
                 return
             }
             let entry = try live(name, in: &state)
@@ -193,7 +195,7 @@ public final class DeviceManager: Sendable {
             }
             release(entry)
             state.devices[name] = nil
-            log("device deleted name=\(name)")
+            logger.info("device deleted", metadata: ["device": "\(name)"])
         }
     }
 
@@ -250,7 +252,7 @@ public final class DeviceManager: Sendable {
             let added = try openQueues(ids: ids, for: entry, state: &state)
             for q in added { entry.queues[q.id] = q }
             state.devices[name] = entry
-            log("queues added device=\(name) ids=\(ids) count=\(entry.queues.count)")
+            logger.info("queues added", metadata: ["device": "\(name)", "queue": "\(ids.map(String.init).joined(separator: ","))", "count": "\(entry.queues.count)"])
             return added.map(Self.info)
         }
     }
@@ -265,7 +267,7 @@ public final class DeviceManager: Sendable {
             close(q)
             entry.queues[id] = nil
             state.devices[name] = entry
-            log("queue removed device=\(name) id=\(id) count=\(entry.queues.count)")
+            logger.info("queue removed", metadata: ["device": "\(name)", "queue": "\(id)", "count": "\(entry.queues.count)"])
             // Read after the worker let go of it: these are the final counts.
             return Self.info(q)
         }
@@ -306,7 +308,7 @@ public final class DeviceManager: Sendable {
         }
         q.enabled = enabled
         entry.queues[id] = q
-        log("queue \(enabled ? "enabled" : "disabled") device=\(name) id=\(id)")
+        logger.info(enabled ? "queue enabled" : "queue disabled", metadata: ["device": "\(name)", "queue": "\(id)"])
         return q
     }
 
@@ -320,7 +322,7 @@ public final class DeviceManager: Sendable {
             }
             state.maxQueues = maxQueues
             for name in state.devices.keys { state.devices[name]!.maxQueues = min(state.devices[name]!.maxQueues, maxQueues) }
-            log("limit set max_queues=\(maxQueues)")
+            logger.info("limit set", metadata: ["max_queues": "\(maxQueues)"])
         }
         return limits()
     }
@@ -332,7 +334,7 @@ public final class DeviceManager: Sendable {
         control.withLock { state in
             for entry in state.devices.values.sorted(by: { $0.name < $1.name }) where entry.isActive {
                 release(entry)
-                log("device released name=\(entry.name) persist=\(entry.persist)")
+                logger.info("device released", metadata: ["device": "\(entry.name)", "persist": "\(entry.persist)"])
             }
             state.devices = [:]
             let copy = state
@@ -361,9 +363,9 @@ public final class DeviceManager: Sendable {
                 state.devices[d.spec.name] = entry
                 if let reason = entry.status.reason {
                     problems.append("\(d.spec.name): \(entry.status.name): \(reason)")
-                    log("device not restored name=\(d.spec.name) status=\(entry.status.name) reason=\"\(reason)\"")
+                    logger.error("device not restored", metadata: ["device": "\(d.spec.name)", "status": "\(entry.status.name)", "reason": "\(reason)"])
                 } else {
-                    log("device restored name=\(d.spec.name) queues=\(entry.queues.count) persist=\(entry.persist)")
+                    logger.info("device restored", metadata: ["device": "\(d.spec.name)", "queues": "\(entry.queues.count)", "persist": "\(entry.persist)"])
                 }
             }
             return problems
@@ -430,6 +432,22 @@ public final class DeviceManager: Sendable {
         }
     }
 
+    /// A worker's rate-limited report of failed reads or writes on a queue.
+    fileprivate func reportErrors(device key: UInt64, queue qkey: UInt64, _ report: ErrorReport) {
+        // Called on a worker thread: the log write (which may block) happens elsewhere.
+        reaper.async { [weak self] in self?.logErrors(device: key, queue: qkey, report) }
+    }
+
+    private func logErrors(device key: UInt64, queue qkey: UInt64, _ report: ErrorReport) {
+        let s = published.withLock { $0 }
+        guard let entry = s.devices.values.first(where: { $0.key == key }) else { return }
+        let id = entry.queues.values.first { $0.key == qkey }?.id
+        logger.warning("queue i/o errors", metadata: [
+            "device": "\(entry.name)", "queue": "\(id.map(String.init) ?? "?")", "errno": "\(report.errno.name)",
+            "direction": "\(report.write ? "write" : "read")", "suppressed": "\(report.suppressed)",
+        ])
+    }
+
     fileprivate func scheduleLost(key: UInt64) {
         reaper.async { [weak self] in self?.deviceLost(key: key) }
     }
@@ -443,7 +461,7 @@ public final class DeviceManager: Sendable {
     private func drop(_ entry: DeviceEntry, from state: inout State, reason: String) {
         release(entry)
         state.devices[entry.name] = nil
-        log("device gone name=\(entry.name) reason=\"\(reason)\"")
+        logger.warning("device gone", metadata: ["device": "\(entry.name)", "reason": "\(reason)"])
     }
 
     /// Drops every device of `snapshot` that vanished; returns the state as it is after.
@@ -507,7 +525,7 @@ public final class DeviceManager: Sendable {
             state.saved = desired
             return nil
         } catch {
-            log("state file not saved path=\(stateFile.path) error=\"\(error)\"")
+            logger.error("state file not saved", metadata: ["path": "\(stateFile.path)", "errno": "\(error.errno.name)", "call": "\(error.call)"])
             return .stateNotSaved(path: stateFile.path, call: error.call, errno: error.errno)
         }
     }
@@ -690,10 +708,20 @@ private final class GoneRelay: Sendable {
 
     func set(_ manager: DeviceManager) {
         target.withLock { $0 = { [weak manager] key in manager?.scheduleLost(key: key) } }
+        errorTarget.withLock {
+            $0 = { [weak manager] device, queue, report in manager?.reportErrors(device: device, queue: queue, report) }
+        }
     }
+
+    private let errorTarget = Mutex<(@Sendable (UInt64, UInt64, ErrorReport) -> Void)?>(nil)
 
     func forward(_ key: UInt64) {
         let t = target.withLock { $0 }
         t?(key)
+    }
+
+    func errors(_ device: UInt64, _ queue: UInt64, _ report: ErrorReport) {
+        let t = errorTarget.withLock { $0 }
+        t?(device, queue, report)
     }
 }

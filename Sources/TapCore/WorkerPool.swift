@@ -17,6 +17,14 @@ struct PolledQueue: Sendable {
     let macOffset: Int?
 }
 
+/// A worker's note that reads or writes on a queue failed: at most one per queue per second
+/// (`suppressed` counts the failures in between), so a failing queue cannot flood the log.
+struct ErrorReport: Sendable {
+    let errno: Errno
+    let write: Bool
+    let suppressed: UInt64
+}
+
 /// The control path waits on this until the worker has done what it was asked.
 final class Completion: @unchecked Sendable {
     // SAFETY (@unchecked): `error` is written by the worker before `signal()` and read by
@@ -56,6 +64,7 @@ final class Worker: @unchecked Sendable {
     private let bell: EventFD
     private let mailbox = Mutex<[WorkerCommand]>([])
     private let onGone: @Sendable (UInt64) -> Void
+    private let onErrors: @Sendable (UInt64, UInt64, ErrorReport) -> Void
     private var thread: NamedThread?
 
     private struct Slot {
@@ -68,6 +77,9 @@ final class Worker: @unchecked Sendable {
         var echo = false
         var macOffset = -1
         var polled = false
+        /// Rate limit of error reports: when the last went out, and failures since.
+        var lastReport: UInt64 = 0
+        var unreported: UInt64 = 0
     }
 
     private var slots: [Slot] = []
@@ -83,9 +95,11 @@ final class Worker: @unchecked Sendable {
     /// Frames read from one queue before the worker looks at its other queues.
     static let batch = 64
 
-    init(index: Int, onGone: @escaping @Sendable (UInt64) -> Void) throws(SyscallError) {
+    init(index: Int, onGone: @escaping @Sendable (UInt64) -> Void,
+         onErrors: @escaping @Sendable (UInt64, UInt64, ErrorReport) -> Void) throws(SyscallError) {
         self.index = index
         self.onGone = onGone
+        self.onErrors = onErrors
         epoll = try Epoll()
         do {
             bell = try EventFD()
@@ -161,6 +175,7 @@ final class Worker: @unchecked Sendable {
         var rxPackets: UInt64 = 0, rxBytes: UInt64 = 0, rxErrors: UInt64 = 0
         var txPackets: UInt64 = 0, txBytes: UInt64 = 0, txErrors: UInt64 = 0
         var gone = false
+        var lastError: (Errno, Bool)?
         reading: for _ in 0..<Self.batch {
             switch readFrame(fd, into: frame, capacity: Self.frameCapacity) {
             case .done(0):
@@ -171,11 +186,16 @@ final class Worker: @unchecked Sendable {
                 rxBytes &+= UInt64(n)
                 guard echo else { continue }
                 if macOffset >= 0 && n >= macOffset + 12 { swapMACs(frame + macOffset) }
-                if case .done(let w) = writeFrame(fd, from: frame, count: n), w == n {
+                switch writeFrame(fd, from: frame, count: n) {
+                case .done(let w) where w == n:
                     txPackets &+= 1
                     txBytes &+= UInt64(n)
-                } else {
+                case .done:
                     txErrors &+= 1
+                    lastError = (.ioError, true)
+                case .failed(let e):
+                    txErrors &+= 1
+                    lastError = (e, true)
                 }
             case .failed(let e):
                 switch e.rawValue {
@@ -186,6 +206,7 @@ final class Worker: @unchecked Sendable {
                     gone = true
                 default:
                     rxErrors &+= 1
+                    lastError = (e, false)
                 }
                 break reading
             }
@@ -200,7 +221,18 @@ final class Worker: @unchecked Sendable {
         }
         if rxErrors != 0 { mqt_counter_add(&counters.pointee.rx_errors, rxErrors) }
         if txErrors != 0 { mqt_counter_add(&counters.pointee.tx_errors, txErrors) }
+        if let (errno, write) = lastError { noteErrors(s, errno, write: write, count: rxErrors &+ txErrors) }
         if gone { lose(s) }
+    }
+
+    /// Off the fast path (only after a failure): report at most once a second per queue.
+    private func noteErrors(_ s: Int, _ errno: Errno, write: Bool, count: UInt64) {
+        slots[s].unreported &+= count
+        let now = Clock.monotonicNanoseconds()
+        guard now &- slots[s].lastReport >= 1_000_000_000 else { return }
+        onErrors(slots[s].device, slots[s].key, ErrorReport(errno: errno, write: write, suppressed: slots[s].unreported &- 1))
+        slots[s].lastReport = now
+        slots[s].unreported = 0
     }
 
     /// Swaps destination and source MAC in place, so the echoed frame goes back to its sender.
@@ -281,13 +313,15 @@ final class WorkerPool: Sendable {
     var count: Int { workers.count }
 
     /// Starts `count` workers. `onGone` is called on a worker thread with a device's key
-    /// when one of its queues reports that the device vanished; it must not block.
-    init(count: Int, onGone: @escaping @Sendable (UInt64) -> Void) throws(SyscallError) {
+    /// when one of its queues reports that the device vanished; `onErrors` with a device's
+    /// and a queue's key when reads or writes failed (rate-limited). Neither may block.
+    init(count: Int, onGone: @escaping @Sendable (UInt64) -> Void,
+         onErrors: @escaping @Sendable (UInt64, UInt64, ErrorReport) -> Void = { _, _, _ in }) throws(SyscallError) {
         precondition(count >= 1, "a pool needs at least one worker")
         var made: [Worker] = []
         do {
             for i in 0..<count {
-                let w = try Worker(index: i, onGone: onGone)
+                let w = try Worker(index: i, onGone: onGone, onErrors: onErrors)
                 try w.start()
                 made.append(w)
             }

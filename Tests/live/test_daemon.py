@@ -75,8 +75,26 @@ def test_a_live_socket_is_not_taken_over_but_a_stale_one_is(tmpdir_short):
 def test_one_log_line_per_request(daemon, api):
     marker = f"/v1/devices/{unique_name('g')}"
     api.get(marker)
-    assert net.settle(lambda: any(f"path={marker} status=404" in line for line in daemon.log))
+    assert net.settle(lambda: any(f"path={marker} " in line and " status=404" in line for line in daemon.log))
     line = next(l for l in daemon.log if f"path={marker}" in l)
-    assert line.startswith("ts=") and " level=info msg=request method=GET " in line
+    fields = dict(f.split("=", 1) for f in line.split(" "))
+    assert line.startswith("ts=") and fields["level"] == "info" and fields["msg"] == "request"
+    assert fields["method"] == "GET" and fields["status"] == "404" and fields["code"] == "not_found"
+    assert fields["device"] == marker.rsplit("/", 1)[1] and int(fields["request_id"]) > 0
     assert any(line.startswith("mqtapd: listening on unix:") for line in daemon.log)
     assert any(line.startswith("mqtapd: listening on tcp:127.0.0.1:") for line in daemon.log)
+
+
+def test_json_log_format(tmpdir_short):
+    import json as _json
+    d = Daemon(tmpdir_short, "--log-format", "json", tcp=False)
+    try:
+        d.unix.get("/v1/devices/nothing-here")
+        assert net.settle(lambda: any('"path":"/v1/devices/nothing-here"' in l for l in d.log))
+    finally:
+        assert d.stop() == 0
+    records = [_json.loads(l) for l in d.log if l.startswith("{")]
+    req = next(r for r in records if r.get("path") == "/v1/devices/nothing-here")
+    assert req["msg"] == "request" and req["status"] == "404" and req["device"] == "nothing-here" and req["code"] == "not_found"
+    assert all({"ts", "level", "msg"} <= r.keys() for r in records)
+    assert any(r["msg"] == "stopped" for r in records)

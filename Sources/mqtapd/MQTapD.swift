@@ -1,6 +1,8 @@
 import ArgumentParser
+import Logging
 import TapAPI
 import TapCore
+import Synchronization
 import TunKit
 
 /// The daemon: flags, signals, wiring. Everything else lives in the libraries.
@@ -29,6 +31,9 @@ struct MQTapD: ParsableCommand {
     @Option(help: ArgumentHelp("Largest request body in bytes.", valueName: "bytes"))
     var maxBody = 64 * 1024
 
+    @Option(help: ArgumentHelp("Log lines as logfmt or json.", valueName: "format"))
+    var logFormat = "logfmt"
+
     func validate() throws {
         for a in listen {
             do { _ = try ListenAddress(parsing: a) } catch { throw ValidationError(error.description) }
@@ -40,10 +45,12 @@ struct MQTapD: ParsableCommand {
         if let w = workers, !(1...1024).contains(w) { throw ValidationError("--workers must be between 1 and 1024") }
         if let m = maxQueues, !(1...256).contains(m) { throw ValidationError("--max-queues must be between 1 and 256") }
         guard (1024...(16 << 20)).contains(maxBody) else { throw ValidationError("--max-body must be between 1024 and 16777216") }
+        guard LineLogHandler.Format(rawValue: logFormat) != nil else { throw ValidationError("--log-format must be logfmt or json") }
     }
 
     func run() throws {
-        let log = EventLog()
+        let format = LineLogHandler.Format(rawValue: logFormat)!
+        let log = EventLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
         // Before any thread starts, so that only the main thread ever receives them.
         Signals.block([Signals.terminate, Signals.interrupt])
 
@@ -96,7 +103,7 @@ struct MQTapD: ParsableCommand {
         do {
             manager = try DeviceManager(workers: workers ?? ProcessResources.onlineCPUs(),
                                         maxQueues: maxQueues ?? desired?.maxQueues ?? 256,
-                                        stateFile: stateFile, log: { log.info($0) })
+                                        stateFile: stateFile, logger: log.logger)
         } catch {
             log.fail("cannot start the device manager", ["error": "\(error)"])
         }
@@ -137,12 +144,28 @@ struct MQTapD: ParsableCommand {
         let router = Router(manager: manager)
         var limits = HTTPServer.Limits()
         limits.bodyBytes = maxBody
+        let requestIDs = Atomic<UInt64>(0)
         let handler: HTTPServer.Handler = { request in
             let start = Clock.monotonicNanoseconds()
+            let id = requestIDs.add(1, ordering: .relaxed).newValue
             let response = router.handle(request)
             let micros = (Clock.monotonicNanoseconds() - start) / 1000
-            log.info("request", ["method": request.method, "path": request.path,
-                                 "status": String(response.status), "us": String(micros)])
+            var fields: Logger.Metadata = [
+                "request_id": "\(id)", "method": "\(request.method)", "path": "\(request.path)",
+                "status": "\(response.status)", "us": "\(micros)",
+            ]
+            if case .device(let d)? = Route(path: request.path) { fields["device"] = "\(d)" }
+            if case .queues(let d)? = Route(path: request.path) { fields["device"] = "\(d)" }
+            if case .stats(let d)? = Route(path: request.path) { fields["device"] = "\(d)" }
+            if case .queue(let d, let q)? = Route(path: request.path) {
+                fields["device"] = "\(d)"
+                fields["queue"] = "\(q)"
+            }
+            if let e = response.errorInfo {
+                fields["code"] = "\(e.code)"
+                if let errno = e.errno { fields["errno"] = "\(errno)" }
+            }
+            log.logger.log(level: response.status >= 500 ? .error : .info, "request", metadata: fields)
             return response
         }
         var servers: [HTTPServer] = []
@@ -178,38 +201,26 @@ struct MQTapD: ParsableCommand {
     }
 }
 
-/// One line per event on stderr, logfmt: `ts=… level=info msg="…" key=value`.
+/// The executable's log calls: string fields, a helper that exits.
 struct EventLog: Sendable {
+    let logger: Logger
+
     func info(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
-        write("info", message, fields)
+        logger.info("\(message)", metadata: Self.metadata(fields))
     }
 
     func error(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
-        write("error", message, fields)
+        logger.error("\(message)", metadata: Self.metadata(fields))
     }
 
     func fail(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) -> Never {
-        write("error", message, fields)
+        logger.critical("\(message)", metadata: Self.metadata(fields))
         MQTapD.exit(withError: ExitCode.failure)
     }
 
-    private func write(_ level: String, _ message: String, _ fields: KeyValuePairs<String, String>) {
-        var line = "ts=\(Clock.timestamp()) level=\(level) msg=\(quote(message))"
-        for (k, v) in fields { line += " \(k)=\(quote(v))" }
-        writeStderrLine(line)
-    }
-
-    private func quote(_ s: String) -> String {
-        let plain = !s.isEmpty && s.allSatisfy { $0.isASCII && !$0.isWhitespace && $0 != "\"" && $0 != "=" }
-        if plain { return s }
-        return "\"" + s.replacingAll("\\", "\\\\").replacingAll("\"", "\\\"").replacingAll("\n", "\\n") + "\""
-    }
-}
-
-extension String {
-    func replacingAll(_ a: Character, _ b: String) -> String {
-        var out = ""
-        for c in self { if c == a { out += b } else { out.append(c) } }
-        return out
+    private static func metadata(_ fields: KeyValuePairs<String, String>) -> Logger.Metadata {
+        var m: Logger.Metadata = [:]
+        for (k, v) in fields { m[k] = "\(v)" }
+        return m
     }
 }

@@ -1,0 +1,55 @@
+import Logging
+import TapJSON
+import TunKit
+
+/// One line per event on stderr, logfmt (`ts=… level=info msg="…" device=tap0`) or JSON
+/// (`{"ts":…,"level":…,"msg":…,"device":…}`), written with a single write(2) so lines from
+/// different threads never interleave.
+struct LineLogHandler: LogHandler {
+    enum Format: String, CaseIterable {
+        case logfmt
+        case json
+    }
+
+    let format: Format
+    var logLevel: Logger.Level = .info
+    var metadata: Logger.Metadata = [:]
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String,
+             file: String, function: String, line: UInt) {
+        var fields = metadata
+        if let extra { fields.merge(extra) { $1 } }
+        let ts = Clock.timestamp()
+        let lvl = level == .warning ? "warn" : level.rawValue
+        switch format {
+        case .logfmt:
+            var text = "ts=\(ts) level=\(lvl) msg=\(Self.quote(message.description))"
+            for (k, v) in fields.sorted(by: { $0.key < $1.key }) { text += " \(k)=\(Self.quote(v.description))" }
+            writeStderrLine(text)
+        case .json:
+            var o: JSONObject = ["ts": .string(ts), "level": .string(lvl), "msg": .string(message.description)]
+            for (k, v) in fields.sorted(by: { $0.key < $1.key }) { o[k] = .string(v.description) }
+            writeStderrLine(JSON.object(o).text)
+        }
+    }
+
+    static func quote(_ s: String) -> String {
+        let plain = !s.isEmpty && s.allSatisfy { $0.isASCII && !$0.isWhitespace && $0 != "\"" && $0 != "=" }
+        if plain { return s }
+        var out = "\""
+        for c in s {
+            switch c {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
+        return out + "\""
+    }
+}
