@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CTunLinux
 
 /// Time and the log stream, for the executable's one-line-per-event log.
 public enum Clock {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CTunLinux
 
 /// Durable files: the daemon's state file and its single-instance locks.
 public enum Files {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CTunLinux
 
 /// Runs `body` until it stops failing with EINTR, and turns -1 into a `SyscallError`
 /// naming `call`. Never used for `close`: a close interrupted on Linux has still closed.

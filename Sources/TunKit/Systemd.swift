@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CTunLinux
 
 /// The two systemd protocols the daemon speaks, without libsystemd: socket activation
 /// (`LISTEN_FDS`) and readiness notification (`NOTIFY_SOCKET`).
