@@ -35,6 +35,7 @@ test: deps $(VENV)/.installed bench-tools
 	$(VENV)/bin/hadolint Dockerfile
 	swift build --build-tests
 	swift test --skip-build --no-parallel
+	scripts/container-test.sh
 	cd Tests/live && MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" "$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider
 
 # The 5-minute soak (the regular test command runs it for 30 s).
