@@ -7,6 +7,11 @@
 #include <linux/if_tun.h>
 #include <linux/sockios.h>
 #include <net/if_arp.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/if_link.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 const unsigned long mqt_TUNSETIFF = TUNSETIFF;
 const unsigned long mqt_TUNGETIFF = TUNGETIFF;
@@ -106,4 +111,53 @@ void mqt_set_thread_name(const char *name) {
     strncpy(buf, name, sizeof buf - 1);
     buf[sizeof buf - 1] = 0;
     pthread_setname_np(pthread_self(), buf);
+}
+
+int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) return -errno;
+    struct {
+        struct nlmsghdr nh;
+        struct ifinfomsg ifi;
+    } req;
+    memset(&req, 0, sizeof req);
+    req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
+    req.nh.nlmsg_type = RTM_GETLINK;
+    req.nh.nlmsg_flags = NLM_F_REQUEST;
+    req.nh.nlmsg_seq = 1;
+    req.ifi.ifi_family = AF_UNSPEC;
+    req.ifi.ifi_index = ifindex;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    if (sendto(fd, &req, req.nh.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    // One RTM_NEWLINK (or an error) answers; its attributes fit in 32 KiB with room to spare.
+    static __thread char buf[32768];
+    ssize_t n;
+    do { n = recv(fd, buf, sizeof buf, 0); } while (n < 0 && errno == EINTR);
+    int e = n < 0 ? errno : 0;
+    close(fd);
+    if (n < 0) return -e;
+    for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
+        if (nh->nlmsg_type == NLMSG_ERROR) {
+            struct nlmsgerr *err = NLMSG_DATA(nh);
+            return err->error ? err->error : -EIO;
+        }
+        if (nh->nlmsg_type != RTM_NEWLINK) continue;
+        struct ifinfomsg *ifi = NLMSG_DATA(nh);
+        int len = (int)IFLA_PAYLOAD(nh);
+        for (struct rtattr *a = IFLA_RTA(ifi); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+            if (a->rta_type != IFLA_STATS64 || RTA_PAYLOAD(a) < sizeof(struct rtnl_link_stats64)) continue;
+            struct rtnl_link_stats64 st;
+            memcpy(&st, RTA_DATA(a), sizeof st);  // attributes are only 4-byte aligned
+            out->rx_packets = st.rx_packets; out->tx_packets = st.tx_packets;
+            out->rx_bytes = st.rx_bytes; out->tx_bytes = st.tx_bytes;
+            out->rx_errors = st.rx_errors; out->tx_errors = st.tx_errors;
+            out->rx_dropped = st.rx_dropped; out->tx_dropped = st.tx_dropped;
+            return 0;
+        }
+    }
+    return -EIO;
 }

@@ -137,7 +137,7 @@ public final class DeviceManager: Sendable {
         if let reason = entry.status.reason { throw .deviceUnavailable(name: name, reason: reason) }
         let queues = entry.queues.values.sorted { $0.id < $1.id }.map { QueueStats(id: $0.id, counters: $0.counters.read()) }
         let total = queues.reduce(CounterValues()) { $0 + $1.counters }
-        return DeviceStats(queues: queues, total: total, kernel: driver.statistics(name) ?? [:])
+        return DeviceStats(queues: queues, total: total, kernel: driver.statistics(ifindex: entry.ifindex) ?? [:])
     }
 
     public func limits() -> LimitsInfo {

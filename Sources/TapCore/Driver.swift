@@ -21,8 +21,9 @@ public protocol TunDriver: Sendable {
     /// behind the daemon's back (the kernel then answers TUNGETIFF with EBADFD): how the
     /// manager tells, for attached and detached queues alike, without racing sysfs.
     func isBound(_ fd: Int32) -> Bool
-    /// The kernel's device counters; nil if the device is gone.
-    func statistics(_ name: String) -> [String: UInt64]?
+    /// The kernel's device counters (`/sys/class/net/<dev>/statistics`); nil if the device
+    /// is gone.
+    func statistics(ifindex: Int) -> [String: UInt64]?
     /// What has the name now: nothing, a tun/tap device (with its `tun_flags`), or another
     /// kind of interface.
     func interface(_ name: String) -> InterfaceState
@@ -62,7 +63,7 @@ public struct LinuxTunDriver: TunDriver {
             return error.errno != .badFileDescriptorState
         }
     }
-    public func statistics(_ name: String) -> [String: UInt64]? { (try? Link.statistics(name)) ?? nil }
+    public func statistics(ifindex: Int) -> [String: UInt64]? { (try? Link.statistics(ifindex: ifindex)) ?? nil }
     public func interface(_ name: String) -> InterfaceState {
         guard case .some(.some) = try? Link.sysfsIfindex(name) else { return .absent }
         guard case .some(.some(let flags)) = try? Link.tunFlags(name) else { return .other }

@@ -193,8 +193,8 @@ public final class FakeDriver: TunDriver, Sendable {
         state.withLock { _ = $0.foreign.insert(name) }
     }
 
-    public func statistics(_ name: String) -> [String: UInt64]? {
-        state.withLock { $0.devices[name] == nil ? nil : [:] }
+    public func statistics(ifindex: Int) -> [String: UInt64]? {
+        state.withLock { s in s.devices.values.contains { $0.ifindex == ifindex } ? [:] : nil }
     }
 }
 

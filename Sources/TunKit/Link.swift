@@ -127,6 +127,19 @@ public enum Link {
         return out
     }
 
+    /// The same counters through one rtnetlink request (`RTM_GETLINK`, `IFLA_STATS64`); nil
+    /// if no interface has that index. The corresponding C function is `mqt_link_stats64`.
+    public static func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
+        var st = mqt_link_stats()
+        let rc = mqt_link_stats64(Int32(ifindex), &st)
+        if rc == -ENODEV { return nil }
+        if rc < 0 { throw SyscallError(call: "RTM_GETLINK(\(ifindex))", errno: Errno(-rc)) }
+        return [
+            "rx_packets": st.rx_packets, "rx_bytes": st.rx_bytes, "rx_errors": st.rx_errors, "rx_dropped": st.rx_dropped,
+            "tx_packets": st.tx_packets, "tx_bytes": st.tx_bytes, "tx_errors": st.tx_errors, "tx_dropped": st.tx_dropped,
+        ]
+    }
+
     /// The files of `/sys/class/net/<dev>/statistics` the daemon reports.
     public static let statisticsKeys = [
         "rx_packets", "rx_bytes", "rx_errors", "rx_dropped",

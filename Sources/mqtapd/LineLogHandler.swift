@@ -39,7 +39,8 @@ struct LineLogHandler: LogHandler {
     }
 
     static func quote(_ s: String) -> String {
-        let plain = !s.isEmpty && s.allSatisfy { $0.isASCII && !$0.isWhitespace && $0 != "\"" && $0 != "=" }
+        // Bytes, not Characters: this runs for every field of every request.
+        let plain = !s.isEmpty && s.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "=") }
         if plain { return s }
         var out = "\""
         for c in s {

@@ -154,12 +154,14 @@ struct MQTapD: ParsableCommand {
                 "request_id": "\(id)", "method": "\(request.method)", "path": "\(request.path)",
                 "status": "\(response.status)", "us": "\(micros)",
             ]
-            if case .device(let d)? = Route(path: request.path) { fields["device"] = "\(d)" }
-            if case .queues(let d)? = Route(path: request.path) { fields["device"] = "\(d)" }
-            if case .stats(let d)? = Route(path: request.path) { fields["device"] = "\(d)" }
-            if case .queue(let d, let q)? = Route(path: request.path) {
+            switch Route(path: request.path) {
+            case .device(let d)?, .queues(let d)?, .stats(let d)?:
+                fields["device"] = "\(d)"
+            case .queue(let d, let q)?:
                 fields["device"] = "\(d)"
                 fields["queue"] = "\(q)"
+            default:
+                break
             }
             if let e = response.errorInfo {
                 fields["code"] = "\(e.code)"
