@@ -3,6 +3,73 @@ import Glibc
 #endif
 import CTunLinux
 
+/// A socket address (Unix path, IPv4 or IPv6), built once and handed to bind, connect or
+/// sendto. The one place that lays out `sockaddr_*` structures.
+struct SocketAddress {
+    private var storage = sockaddr_storage()
+    let length: socklen_t
+    let family: Int32
+
+    /// A Unix address; `@name` is an abstract-namespace name.
+    static func unix(_ path: String) throws(SyscallError) -> SocketAddress {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        var bytes = Array(path.utf8)
+        guard !bytes.isEmpty, bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw SyscallError(call: "sockaddr_un(\(path))", errno: Errno(ENAMETOOLONG))
+        }
+        if bytes[0] == UInt8(ascii: "@") { bytes[0] = 0 }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
+        // Abstract names are exactly their bytes long; paths are NUL-terminated.
+        let length = MemoryLayout<sa_family_t>.size + bytes.count + (bytes[0] == 0 ? 0 : 1)
+        return SocketAddress(addr, length: length, family: AF_UNIX)
+    }
+
+    /// `host` is an IPv4 or IPv6 literal, or `localhost` (127.0.0.1).
+    static func inet(host: String, port: Int) throws(SyscallError) -> SocketAddress {
+        let h = host == "localhost" ? "127.0.0.1" : host
+        var v4 = sockaddr_in()
+        if inet_pton(AF_INET, h, &v4.sin_addr) == 1 {
+            v4.sin_family = sa_family_t(AF_INET)
+            v4.sin_port = UInt16(port).bigEndian
+            return SocketAddress(v4, length: MemoryLayout<sockaddr_in>.size, family: AF_INET)
+        }
+        var v6 = sockaddr_in6()
+        if inet_pton(AF_INET6, h, &v6.sin6_addr) == 1 {
+            v6.sin6_family = sa_family_t(AF_INET6)
+            v6.sin6_port = UInt16(port).bigEndian
+            return SocketAddress(v6, length: MemoryLayout<sockaddr_in6>.size, family: AF_INET6)
+        }
+        throw SyscallError(call: "inet_pton(\(host))", errno: .invalidArgument)
+    }
+
+    private init<T>(_ addr: T, length: Int, family: Int32) {
+        precondition(MemoryLayout<T>.size <= MemoryLayout<sockaddr_storage>.size)
+        // SAFETY: sockaddr_storage is large and aligned enough for every sockaddr_* type.
+        withUnsafeMutableBytes(of: &storage) { raw in
+            withUnsafeBytes(of: addr) { raw.copyMemory(from: $0) }
+        }
+        self.length = socklen_t(length)
+        self.family = family
+    }
+
+    func withSockaddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        withUnsafeBytes(of: storage) { raw in
+            // SAFETY: the storage holds a sockaddr_* whose first field is the family, as the
+            // socket calls expect; `length` says how much of it is the address.
+            body(raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), length)
+        }
+    }
+
+    /// A new socket of this address's family. The corresponding C function is `socket(2)`.
+    func socket(_ type: __socket_type, flags: Int32 = 0) throws(SyscallError) -> Int32 {
+        let family = self.family
+        return try retryingEINTR("socket(\(family == AF_UNIX ? "AF_UNIX" : family == AF_INET ? "AF_INET" : "AF_INET6"))") {
+            Glibc.socket(family, Int32(type.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | flags, 0)
+        }
+    }
+}
+
 /// Listening sockets for the API, made here so that the HTTP layer only serves them.
 public enum ListenSocket {
     /// A Unix socket at `path` with permissions `mode`, its directory created if missing.
@@ -10,29 +77,17 @@ public enum ListenSocket {
     /// A socket file left by a crashed instance is replaced; one that a live instance still
     /// accepts on is not: that fails with EADDRINUSE, and the caller says which path.
     public static func unix(path: String, mode: UInt32 = 0o660) throws(SyscallError) -> Int32 {
-        let maxPath = MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1
-        guard path.utf8.count <= maxPath else {
-            throw SyscallError(call: "bind(\(path))", errno: Errno(ENAMETOOLONG))
-        }
+        let address = try SocketAddress.unix(path)
         if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
             try makeDirectories(String(path[..<slash]))
         }
         if access(path, F_OK) == 0 {
-            if isAcceptingUnix(path) { throw SyscallError(call: "bind(\(path))", errno: Errno(EADDRINUSE)) }
+            if isAcceptingUnix(path) { throw SyscallError(call: "bind(\(path))", errno: .addressInUse) }
             _ = unlink(path)
         }
-        let fd = try retryingEINTR("socket(AF_UNIX)") {
-            socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        }
+        let fd = try address.socket(SOCK_STREAM, flags: Int32(SOCK_NONBLOCK.rawValue))
         do throws(SyscallError) {
-            var addr = unixAddress(path)
-            _ = try retryingEINTR("bind(\(path))") {
-                withUnsafePointer(to: &addr) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                    }
-                }
-            }
+            _ = try retryingEINTR("bind(\(path))") { address.withSockaddr { bind(fd, $0, $1) } }
             _ = try retryingEINTR("chmod(\(path))") { chmod(path, mode_t(mode)) }
             _ = try retryingEINTR("listen(\(path))") { listen(fd, 128) }
         } catch {
@@ -45,37 +100,12 @@ public enum ListenSocket {
     /// A TCP socket on `host` (an IPv4 or IPv6 literal, or `localhost`) and `port` (0: any
     /// free port). Returns the fd and the port it got.
     public static func tcp(host: String, port: Int) throws(SyscallError) -> (fd: Int32, port: Int) {
-        let h = host == "localhost" ? "127.0.0.1" : host
-        var v4 = sockaddr_in()
-        var v6 = sockaddr_in6()
-        let isV4 = inet_pton(AF_INET, h, &v4.sin_addr) == 1
-        let isV6 = !isV4 && inet_pton(AF_INET6, h, &v6.sin6_addr) == 1
-        guard isV4 || isV6 else { throw SyscallError(call: "inet_pton(\(host))", errno: .invalidArgument) }
-        let family = isV4 ? AF_INET : AF_INET6
-        let fd = try retryingEINTR("socket(AF_INET)") {
-            socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        }
+        let address = try SocketAddress.inet(host: host, port: port)
+        let fd = try address.socket(SOCK_STREAM, flags: Int32(SOCK_NONBLOCK.rawValue))
         do throws(SyscallError) {
             var one: Int32 = 1
             _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-            let call = "bind(\(host):\(port))"
-            if isV4 {
-                v4.sin_family = sa_family_t(AF_INET)
-                v4.sin_port = UInt16(port).bigEndian
-                _ = try retryingEINTR(call) {
-                    withUnsafePointer(to: &v4) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-                    }
-                }
-            } else {
-                v6.sin6_family = sa_family_t(AF_INET6)
-                v6.sin6_port = UInt16(port).bigEndian
-                _ = try retryingEINTR(call) {
-                    withUnsafePointer(to: &v6) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
-                    }
-                }
-            }
+            _ = try retryingEINTR("bind(\(host):\(port))") { address.withSockaddr { bind(fd, $0, $1) } }
             _ = try retryingEINTR("listen(\(host):\(port))") { listen(fd, 128) }
             var bound = sockaddr_in6()
             var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
@@ -94,24 +124,57 @@ public enum ListenSocket {
 
     /// Whether something accepts connections on the Unix socket at `path`.
     public static func isAcceptingUnix(_ path: String) -> Bool {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return false }
+        guard let address = try? SocketAddress.unix(path), let fd = try? address.socket(SOCK_STREAM) else { return false }
         defer { closeFD(fd) }
-        var addr = unixAddress(path)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        return rc == 0
+        return address.withSockaddr { connect(fd, $0, $1) } == 0
+    }
+}
+
+/// A connected stream socket for a client (the `mqtap` CLI): Unix or TCP, with a timeout.
+public final class ClientSocket {
+    public let fd: Int32
+
+    private init(fd: Int32) { self.fd = fd }
+
+    deinit { closeFD(fd) }
+
+    public static func unix(_ path: String, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
+        try connect(SocketAddress.unix(path), "connect(\(path))", timeoutSeconds)
     }
 
-    private static func unixAddress(_ path: String) -> sockaddr_un {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            let bytes = Array(path.utf8.prefix(raw.count - 1))
-            raw.copyBytes(from: bytes)
+    /// `host` is an IPv4 or IPv6 literal, or `localhost`.
+    public static func tcp(host: String, port: Int, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
+        try connect(SocketAddress.inet(host: host, port: port), "connect(\(host):\(port))", timeoutSeconds)
+    }
+
+    private static func connect(_ address: SocketAddress, _ call: String, _ timeout: Int) throws(SyscallError) -> ClientSocket {
+        let s = ClientSocket(fd: try address.socket(SOCK_STREAM))
+        var tv = timeval(tv_sec: timeout, tv_usec: 0)
+        _ = setsockopt(s.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(s.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = try retryingEINTR(call) { address.withSockaddr { Glibc.connect(s.fd, $0, $1) } }
+        return s
+    }
+
+    public func sendAll(_ bytes: [UInt8]) throws(SyscallError) {
+        var offset = 0
+        while offset < bytes.count {
+            let n = try retryingEINTR("send") {
+                bytes.withUnsafeBytes { send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
+            }
+            offset += n
         }
-        return addr
+    }
+
+    /// Reads until the peer closes.
+    public func readAll() throws(SyscallError) -> [UInt8] {
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = try retryingEINTR("recv") { chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) } }
+            if n == 0 { return out }
+            out.append(contentsOf: chunk[0..<n])
+        }
     }
 }
 
@@ -156,7 +219,4 @@ public enum Signals {
         while sigwait(&set, &received) != 0 {}
         return received
     }
-
-    /// Sends `signal` to this process (tests, and a second way to stop).
-    public static func raise(_ signal: Int32) { kill(getpid(), signal) }
 }

@@ -42,116 +42,12 @@ public enum Systemd {
     /// (`NOTIFY_SOCKET`, a path or an abstract `@name`). Returns whether it was sent.
     @discardableResult
     public static func notify(_ state: String) -> Bool {
-        guard let raw = getenv("NOTIFY_SOCKET") else { return false }
-        let path = String(cString: raw)
-        guard !path.isEmpty, path.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) else { return false }
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return false }
+        guard let raw = getenv("NOTIFY_SOCKET"), let address = try? SocketAddress.unix(String(cString: raw)),
+              let fd = try? address.socket(SOCK_DGRAM) else { return false }
         defer { closeFD(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        var bytes = Array(path.utf8)
-        if bytes.first == UInt8(ascii: "@") { bytes[0] = 0 }  // abstract namespace
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        let len = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
         let message = Array(state.utf8)
-        let n = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                message.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, 0, sa, len) }
-            }
-        }
+        let n = address.withSockaddr { sa, len in message.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, 0, sa, len) } }
         return n == message.count
     }
 }
 
-/// A connected stream socket for a client (the `mqtap` CLI): Unix or TCP, with a timeout.
-public final class ClientSocket {
-    public let fd: Int32
-
-    private init(fd: Int32) { self.fd = fd }
-
-    deinit { closeFD(fd) }
-
-    public static func unix(_ path: String, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
-        let fd = try retryingEINTR("socket(AF_UNIX)") {
-            socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        }
-        let s = ClientSocket(fd: fd)
-        s.setTimeout(timeoutSeconds)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            throw SyscallError(call: "connect(\(path))", errno: Errno(ENAMETOOLONG))
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        _ = try retryingEINTR("connect(\(path))") {
-            withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-        }
-        return s
-    }
-
-    /// `host` is an IPv4 or IPv6 literal, or `localhost`.
-    public static func tcp(host: String, port: Int, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
-        let h = host == "localhost" ? "127.0.0.1" : host
-        var v4 = sockaddr_in()
-        var v6 = sockaddr_in6()
-        let isV4 = inet_pton(AF_INET, h, &v4.sin_addr) == 1
-        guard isV4 || inet_pton(AF_INET6, h, &v6.sin6_addr) == 1 else {
-            throw SyscallError(call: "inet_pton(\(host))", errno: .invalidArgument)
-        }
-        let fd = try retryingEINTR("socket(AF_INET)") {
-            socket(isV4 ? AF_INET : AF_INET6, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        }
-        let s = ClientSocket(fd: fd)
-        s.setTimeout(timeoutSeconds)
-        let call = "connect(\(host):\(port))"
-        if isV4 {
-            v4.sin_family = sa_family_t(AF_INET)
-            v4.sin_port = UInt16(port).bigEndian
-            _ = try retryingEINTR(call) {
-                withUnsafePointer(to: &v4) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-                }
-            }
-        } else {
-            v6.sin6_family = sa_family_t(AF_INET6)
-            v6.sin6_port = UInt16(port).bigEndian
-            _ = try retryingEINTR(call) {
-                withUnsafePointer(to: &v6) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
-                }
-            }
-        }
-        return s
-    }
-
-    private func setTimeout(_ seconds: Int) {
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    }
-
-    public func sendAll(_ bytes: [UInt8]) throws(SyscallError) {
-        var offset = 0
-        while offset < bytes.count {
-            let n = try retryingEINTR("send") {
-                bytes.withUnsafeBytes { send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
-            }
-            offset += n
-        }
-    }
-
-    /// Reads until the peer closes.
-    public func readAll() throws(SyscallError) -> [UInt8] {
-        var out: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = try retryingEINTR("recv") { chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) } }
-            if n == 0 { return out }
-            out.append(contentsOf: chunk[0..<n])
-        }
-    }
-}
