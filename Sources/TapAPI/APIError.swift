@@ -40,6 +40,11 @@ public struct APIError: Error, Equatable, Sendable {
         APIError(415, "unsupported_media_type",
                  "the body must be application/json" + (got.map { ", not \($0)" } ?? " (Content-Type is missing)"))
     }
+    /// An error no case above describes: a bug, reported as such rather than hidden.
+    static func internalError(_ error: any Error) -> APIError {
+        APIError(500, "internal_error", "unexpected error: \(error)")
+    }
+
     public static func payloadTooLarge(limit: Int) -> APIError {
         APIError(413, "payload_too_large", "the body is larger than \(limit) bytes")
     }

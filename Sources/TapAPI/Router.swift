@@ -65,7 +65,7 @@ public struct Router: Sendable {
         } catch let e as ManagerError {
             return APIError(e).response
         } catch {
-            return APIError(500, "internal_error", "\(error)").response
+            return APIError.internalError(error).response
         }
     }
 

@@ -82,7 +82,9 @@ final class Worker: @unchecked Sendable {
         var unreported: UInt64 = 0
     }
 
-    private var slots: [Slot] = []
+    // Only the worker thread touches these (see the SAFETY note above), so the dynamic
+    // exclusivity checks Swift would make on every packet-path access are skipped.
+    @exclusivity(unchecked) private var slots: [Slot] = []
     private var freeSlots: [Int] = []
     private var slotOfKey: [UInt64: Int] = [:]
     /// One frame buffer per worker, reused for every read: no allocation per frame.
