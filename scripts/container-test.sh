@@ -42,9 +42,11 @@ ctx=$(mktemp -d)
 ctr=""
 pid=""
 cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  [ -n "$ctr" ] && buildah rm "$ctr" >/dev/null 2>&1
+  local status=$?
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  if [ -n "$ctr" ]; then buildah rm "$ctr" >/dev/null 2>&1 || true; fi
   rm -rf "$ctx"
+  exit "$status"
 }
 trap cleanup EXIT
 mkdir -p "$ctx/bin"
