@@ -34,27 +34,26 @@ public enum IOResult: Equatable, Sendable {
     case failed(Errno)
 }
 
-/// Reads one frame. The corresponding C function is `read(2)`; EINTR is retried.
+/// Reads one frame. The corresponding system call is `read(2)` (made directly, without
+/// glibc's cancellation handling); EINTR is retried.
 @inline(__always)
 public func readFrame(_ fd: Int32, into buffer: UnsafeMutableRawPointer, capacity: Int) -> IOResult {
     while true {
-        let n = Glibc.read(fd, buffer, capacity)
+        let n = mqt_read(fd, buffer, UInt(capacity))
         if n >= 0 { return .done(n) }
-        let err = errno
-        if err == EINTR { continue }
-        return .failed(Errno(err))
+        if n == -Int(EINTR) { continue }
+        return .failed(Errno(Int32(-n)))
     }
 }
 
-/// Writes one frame. The corresponding C function is `write(2)`; EINTR is retried.
+/// Writes one frame. The corresponding system call is `write(2)`; EINTR is retried.
 @inline(__always)
 public func writeFrame(_ fd: Int32, from buffer: UnsafeRawPointer, count: Int) -> IOResult {
     while true {
-        let n = Glibc.write(fd, buffer, count)
+        let n = mqt_write(fd, buffer, UInt(count))
         if n >= 0 { return .done(n) }
-        let err = errno
-        if err == EINTR { continue }
-        return .failed(Errno(err))
+        if n == -Int(EINTR) { continue }
+        return .failed(Errno(Int32(-n)))
     }
 }
 

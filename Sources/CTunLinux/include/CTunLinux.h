@@ -59,6 +59,20 @@ typedef struct mqt_link_stats {
 // eight sysfs files. Returns 0, or -errno (-ENODEV if there is no such interface).
 int mqt_link_stats64(int ifindex, mqt_link_stats *out);
 
+// read(2) and write(2) for the packet path, without glibc's cancellation-point wrapper (two
+// extra calls per frame that a thread nobody cancels never needs). -errno on failure.
+#include <errno.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline long mqt_read(int fd, void *buf, unsigned long len) {
+    long n = syscall(SYS_read, fd, buf, len);
+    return n < 0 ? -errno : n;
+}
+static inline long mqt_write(int fd, const void *buf, unsigned long len) {
+    long n = syscall(SYS_write, fd, buf, len);
+    return n < 0 ? -errno : n;
+}
+
 // strerrorname_np (glibc ≥ 2.32) is declared only under _GNU_SOURCE: "E2BIG" for E2BIG.
 // Returns NULL for an unknown number.
 const char *mqt_errno_name(int err);
