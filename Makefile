@@ -45,10 +45,12 @@ soak: deps $(VENV)/.installed
 		"$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider test_soak.py
 
 # The benchmark tools: a generator and the C reference receiver.
-bench-tools: bench/gen bench/ref
+bench-tools: bench/gen bench/ref bench/uring
 bench/gen: bench/gen.c
 	cc -O2 -Wall -Wextra -o $@ $<
 bench/ref: bench/ref.c
+	cc -O2 -Wall -Wextra -pthread -o $@ $<
+bench/uring: bench/uring.c
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
 # The benchmarks (about 10 minutes): writes bench/RESULTS.md. Needs root.
@@ -56,4 +58,4 @@ bench: deps release bench-tools
 	python3 bench/run.py
 
 clean:
-	rm -rf .build $(VENV) bench/gen bench/ref
+	rm -rf .build $(VENV) bench/gen bench/ref bench/uring

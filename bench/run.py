@@ -30,12 +30,15 @@ BENCH = os.path.join(ROOT, "bench")
 DAEMON = os.path.join(ROOT, ".build", "release", "mqtapd")
 GEN = os.path.join(BENCH, "gen")
 REF = os.path.join(BENCH, "ref")
+URING = os.path.join(BENCH, "uring")
 PREFIX = f"mqb{os.getpid() % 10000}"
 GEN_CPU, RX_CPU = "0", "1"
 # Traffic under which the control plane is measured: steady, leaving CPU for the API (at full
 # rate the generator and the workers fill both cores of a 2-core machine, and what is then
 # measured is the scheduler).
 BACKGROUND_PPS = 100_000
+# The io_uring multishot receiver needs Linux >= 6.7.
+URING_OK = False
 
 
 # ---------------------------------------------------------------- helpers
@@ -135,12 +138,12 @@ class Daemon:
 
 # ---------------------------------------------------------------- data plane
 
-def run_reference(name, queues, size, seconds):
-    p = subprocess.Popen(["taskset", "-c", RX_CPU, REF, "--name", name, "--queues", str(queues)],
+def run_reference(name, queues, size, seconds, exe=REF, threads="ref-q"):
+    p = subprocess.Popen(["taskset", "-c", RX_CPU, exe, "--name", name, "--queues", str(queues)],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     try:
-        return measure(name, p.pid, "ref-q", size, seconds, lambda: None)
+        return measure(name, p.pid, threads, size, seconds, lambda: None)
     finally:
         p.send_signal(signal.SIGTERM)
         counts = json.loads(p.stdout.readline())["queues"]
@@ -192,13 +195,15 @@ def data_plane(args, report):
     queue_counts = [1, 2] if args.quick else [1, 2, 4]
     for queues in queue_counts:
         for size in sizes:
-            ref, dmn = [], []
+            ref, dmn, uring = [], [], []
             daemon = Daemon(workers=queues)
             try:
                 for rep in range(args.reps):
-                    # Alternate, so drift on the machine hits both alike.
+                    # Alternate, so drift on the machine hits all alike.
                     ref.append(run_reference(f"{PREFIX}r", queues, size, args.seconds))
                     dmn.append(run_daemon(daemon, f"{PREFIX}d", queues, size, args.seconds))
+                    if URING_OK:
+                        uring.append(run_reference(f"{PREFIX}u", queues, size, args.seconds, URING, "uring-q"))
             finally:
                 daemon.stop()
             kpps_ratio = [d["kpps"] / r["kpps"] for r, d in zip(ref, dmn)]
@@ -215,6 +220,11 @@ def data_plane(args, report):
                 "exact": all(d["exact"] for d in dmn),
                 "spread": dmn[-1]["spread"],
             }
+            if uring:
+                u = [x["ns_per_frame"] / r["ns_per_frame"] for r, x in zip(ref, uring)]
+                row["uring_ns"] = statistics.median(x["ns_per_frame"] for x in uring)
+                row["uring_kpps"] = statistics.median(x["kpps"] for x in uring)
+                row["uring_ratio"] = (min(u), statistics.median(u), max(u))
             rows.append(row)
             print(f"  {queues} queue(s), {size} B: ref {row['ref_kpps']:.0f} kpps {row['ref_ns']:.0f} ns/frame | "
                   f"mqtapd {row['daemon_kpps']:.0f} kpps {row['daemon_ns']:.0f} ns/frame | "
@@ -515,6 +525,30 @@ def write_report(path, report, args):
         "sends as fast as it can.",
         "",
     ]
+    with_uring = [r for r in dp if "uring_ratio" in r]
+    if with_uring:
+        lines += [
+            "### A batched receive path: io_uring multishot reads",
+            "",
+            "`bench/uring.c` is the reference with each queue read by io_uring multishot reads "
+            "(`IORING_OP_READ_MULTISHOT` into a provided-buffer ring, one ring per queue thread) instead of "
+            "`read()`, measured in the same alternation:",
+            "",
+            "| queues | frame | read() ns/frame | io_uring ns/frame | io_uring / read() | io_uring kpps |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['queues']} | {r['size']} B | {r['ref_ns']:.0f} | {r['uring_ns']:.0f} | {fmt_ratio(r['uring_ratio'])} | "
+                  f"{r['uring_kpps']:.0f} |" for r in with_uring]
+        better = all(r["uring_ratio"][1] < 1 for r in with_uring)
+        lines += [
+            "",
+            ("io_uring costs less CPU per frame than read() here: a worker option is worth building."
+             if better else
+             "On this machine io_uring multishot reads do not cost less CPU per frame than plain read() "
+             "(on a tun fd a multishot read is driven by poll wake-ups and task work for every frame), so "
+             "mqtapd's workers keep read()."),
+            "",
+        ]
     prof = report.get("profile")
     if prof:
         lines += [
@@ -589,6 +623,8 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (it creates TAP devices)")
+    global URING_OK
+    URING_OK = os.access(URING, os.X_OK) and tuple(int(x) for x in platform.release().split(".")[:2]) >= (6, 7)
     for exe in (DAEMON, GEN, REF):
         if not os.access(exe, os.X_OK):
             sys.exit(f"bench: {exe} is missing; run `make bench`")

@@ -2,8 +2,11 @@
 receiver's queues, and every frame is accounted for. Timing is never asserted here."""
 import json
 import os
+import platform
 import signal
 import subprocess
+
+import pytest
 
 import net
 from conftest import unique_name
@@ -11,11 +14,17 @@ from mqtapd_client import ROOT
 
 GEN = os.path.join(ROOT, "bench", "gen")
 REF = os.path.join(ROOT, "bench", "ref")
+URING = os.path.join(ROOT, "bench", "uring")
+NEW_ENOUGH = tuple(int(x) for x in platform.release().split(".")[:2]) >= (6, 7)
 
 
-def test_generator_and_reference_receiver():
+@pytest.mark.parametrize("receiver", [
+    REF,
+    pytest.param(URING, marks=pytest.mark.skipif(not NEW_ENOUGH, reason="io_uring multishot reads need Linux >= 6.7")),
+])
+def test_generator_and_receivers(receiver):
     name = unique_name("b")
-    ref = subprocess.Popen([REF, "--name", name, "--queues", "2"], stdout=subprocess.PIPE, text=True)
+    ref = subprocess.Popen([receiver, "--name", name, "--queues", "2"], stdout=subprocess.PIPE, text=True)
     try:
         assert ref.stdout.readline().strip() == "ready"
         out = subprocess.run([GEN, "--dev", name, "--dst", "02:00:00:00:00:02", "--count", "20000", "--size", "64",
