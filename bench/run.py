@@ -148,6 +148,11 @@ def run_reference(name, queues, size, seconds, exe=REF, threads="ref-q"):
         p.send_signal(signal.SIGTERM)
         counts = json.loads(p.stdout.readline())["queues"]
         p.wait(10)
+        # io_uring releases its file references asynchronously: wait until the device is gone
+        # so the next run can make it again.
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/sys/class/net/{name}") and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def run_daemon(daemon, name, queues, size, seconds):
