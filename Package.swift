@@ -52,7 +52,7 @@ let package = Package(
         .target(name: "TapTestSupport", dependencies: ["TapCore", "TunKit", "CTunLinux"]),
         .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapJSON", "TapTestSupport",
                                                       .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapJSON", "TapTestSupport"]),
+        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapJSON", "TapClient", "TapTestSupport"]),
         .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -117,25 +117,13 @@ public struct APIClient: Sendable {
         var i = 0
         while i < data.count {
             guard let lineEnd = data[i...].firstRange(of: [13, 10]) else { break }
-            let sizeText = String(decoding: data[i..<lineEnd.lowerBound], as: UTF8.self).split(separator: ";").first ?? ""
-            guard let size = Int(sizeText.trimmingCharacters(in: .whitespaces), radix: 16), size > 0 else { break }
+            let sizeText = String(decoding: data[i..<lineEnd.lowerBound], as: UTF8.self)
+                .split(separator: ";").first.map { $0.filter { $0 != " " && $0 != "\t" } } ?? ""
+            guard let size = Int(sizeText, radix: 16), size > 0 else { break }
             let start = lineEnd.upperBound
             out.append(contentsOf: data[start..<min(start + size, data.count)])
             i = start + size + 2
         }
         return out
     }
-}
-
-extension Substring {
-    func trimmingCharacters(in _: WhitespaceSet) -> String {
-        var s = self
-        while s.first == " " || s.first == "\t" { s.removeFirst() }
-        while s.last == " " || s.last == "\t" { s.removeLast() }
-        return String(s)
-    }
-}
-
-struct WhitespaceSet {
-    static let whitespaces = WhitespaceSet()
 }
