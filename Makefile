@@ -48,9 +48,9 @@ soak: deps $(VENV)/.installed
 bench-tools: bench/gen bench/ref bench/uring
 bench/gen: bench/gen.c
 	cc -O2 -Wall -Wextra -o $@ $<
-bench/ref: bench/ref.c
+bench/ref: bench/ref.c bench/tap.h
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
-bench/uring: bench/uring.c
+bench/uring: bench/uring.c bench/tap.h
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
 # The benchmarks (about 10 minutes): writes bench/RESULTS.md. Needs root.

@@ -7,6 +7,7 @@
 // Prints "ready", then on SIGTERM/SIGINT one JSON line with per-queue frame counts. Threads
 // are named uring-q<N>. Frames up to 2048 bytes (the benchmark's sizes).
 #define _GNU_SOURCE
+#include "tap.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_tun.h>
@@ -119,32 +120,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: uring --name NAME --queues 1..64\n");
         return 2;
     }
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    sigset_t set = block_stop_signals();
+    int fds[MAX_QUEUES];
+    if (make_multiqueue_tap(name, n, 1, fds) < 0) return 1;
     for (int i = 0; i < n; i++) {
-        int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
-        if (fd < 0) { perror("uring: open /dev/net/tun"); return 1; }
-        struct ifreq ifr = {0};
-        strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
-        ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE | (i == 0 ? IFF_TUN_EXCL : 0);
-        if (ioctl(fd, TUNSETIFF, &ifr) < 0) { perror("uring: TUNSETIFF"); return 1; }
-        queues[i].fd = fd;
+        queues[i].fd = fds[i];
         queues[i].index = i;
     }
-    char path[128];
-    snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", name);
-    FILE *f = fopen(path, "w");
-    if (f) { fputs("1", f); fclose(f); }
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    struct ifreq up = {0};
-    strncpy(up.ifr_name, name, IFNAMSIZ - 1);
-    ioctl(s, SIOCGIFFLAGS, &up);
-    up.ifr_flags |= IFF_UP;
-    if (ioctl(s, SIOCSIFFLAGS, &up) < 0) { perror("uring: SIOCSIFFLAGS"); return 1; }
-    close(s);
     for (int i = 0; i < n; i++) pthread_create(&queues[i].thread, NULL, reader, &queues[i]);
     printf("ready\n");
     fflush(stdout);
