@@ -46,6 +46,8 @@ cleanup() {
   if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   if [ -n "$ctr" ]; then buildah rm "$ctr" >/dev/null 2>&1 || true; fi
   rm -rf "$ctx"
+  # Each build leaves the previous image untagged; keep only the base and the last build.
+  buildah rmi --prune >/dev/null 2>&1 || true
   exit "$status"
 }
 trap cleanup EXIT
