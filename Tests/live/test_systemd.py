@@ -15,7 +15,12 @@ from mqtapd_client import ROOT, Client
 UNITS = os.path.join(ROOT, "deploy", "systemd")
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+# Skipped only outside CI: in CI (CI=true) a missing tool is an install step missing, so the
+# test runs and fails.
+IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze") and not IN_CI, reason="systemd-analyze is not installed")
 def test_units_verify(tmpdir_short):
     for unit in ("mqtapd.service", "mqtapd.socket"):
         text = open(os.path.join(UNITS, unit)).read()
@@ -32,7 +37,8 @@ def test_units_verify(tmpdir_short):
         assert line in service, line
 
 
-@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is not installed")
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate") and not IN_CI,
+                    reason="systemd-socket-activate is not installed")
 def test_serves_an_inherited_socket(tmpdir_short):
     path = os.path.join(tmpdir_short, "activated.sock")
     proc = subprocess.Popen(["systemd-socket-activate", "-l", path, BIN, "--state-dir", os.path.join(tmpdir_short, "state")],
