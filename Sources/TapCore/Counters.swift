@@ -10,6 +10,8 @@ public final class CounterBlock: @unchecked Sendable {
 
     public init() {
         // Aligned to 64 bytes and 64 bytes long: each block is a cache line of its own.
+        // SAFETY: fresh raw memory of the struct's size, bound once to it and initialised
+        // right below; freed in deinit, after the last worker that wrote it let go of it.
         pointer = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<mqt_counters>.size, alignment: 64)
             .bindMemory(to: mqt_counters.self, capacity: 1)
         pointer.initialize(to: mqt_counters())

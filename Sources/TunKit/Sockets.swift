@@ -110,6 +110,7 @@ public enum ListenSocket {
             var bound = sockaddr_in6()
             var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
             _ = try retryingEINTR("getsockname") {
+                // SAFETY: sockaddr_in6 is large enough for either family; `len` says so.
                 withUnsafeMutablePointer(to: &bound) {
                     $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
                 }

@@ -29,6 +29,7 @@ public enum Systemd {
     public static func unixPath(of fd: Int32) -> String? {
         var addr = sockaddr_un()
         var len = socklen_t(MemoryLayout<sockaddr_un>.size)
+        // SAFETY: the kernel writes at most `len` bytes, the size of the sockaddr_un given.
         let rc = withUnsafeMutablePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
         }

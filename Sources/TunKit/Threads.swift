@@ -30,6 +30,7 @@ public final class NamedThread: @unchecked Sendable {
             return nil
         }, context)
         if rc != 0 {
+            // SAFETY: no thread was started, so nothing else will take the box back.
             Unmanaged<Start>.fromOpaque(context).release()
             throw SyscallError(call: "pthread_create", errno: Errno(rc))
         }
