@@ -7,7 +7,9 @@
 #include <linux/if_tun.h>
 #include <net/if.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -39,6 +41,29 @@ static int make_multiqueue_tap(const char *name, int n, int nonblock, int *fds) 
     close(s);
     if (rc < 0) { perror("SIOCSIFFLAGS"); return -1; }
     return 0;
+}
+
+// `--name NAME --queues N`; exits with a usage line naming `program` if they are wrong.
+static void parse_receiver_args(int argc, char **argv, const char *program, int max_queues,
+                                const char **name, int *queues) {
+    *name = NULL;
+    *queues = 1;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--name")) *name = argv[i + 1];
+        else if (!strcmp(argv[i], "--queues")) *queues = atoi(argv[i + 1]);
+    }
+    if (!*name || strlen(*name) >= IFNAMSIZ || *queues < 1 || *queues > max_queues) {
+        fprintf(stderr, "usage: %s --name NAME --queues 1..%d\n", program, max_queues);
+        exit(2);
+    }
+}
+
+// The line a receiver prints when it stops: {"queues":[frames per queue]}.
+static void print_counts(const volatile uint64_t *const *counts, int n) {
+    printf("{\"queues\":[");
+    for (int i = 0; i < n; i++) printf("%s%llu", i ? "," : "", (unsigned long long)*counts[i]);
+    printf("]}\n");
+    fflush(stdout);
 }
 
 // SIGTERM and SIGINT, blocked in every thread so that main can sigwait for them.

@@ -110,16 +110,9 @@ static void *reader(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    const char *name = NULL;
-    int n = 1;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--name")) name = argv[i + 1];
-        else if (!strcmp(argv[i], "--queues")) n = atoi(argv[i + 1]);
-    }
-    if (!name || strlen(name) >= IFNAMSIZ || n < 1 || n > MAX_QUEUES) {
-        fprintf(stderr, "usage: uring --name NAME --queues 1..64\n");
-        return 2;
-    }
+    const char *name;
+    int n;
+    parse_receiver_args(argc, argv, "uring", MAX_QUEUES, &name, &n);
     sigset_t set = block_stop_signals();
     int fds[MAX_QUEUES];
     if (make_multiqueue_tap(name, n, 1, fds) < 0) return 1;
@@ -132,9 +125,8 @@ int main(int argc, char **argv) {
     fflush(stdout);
     int sig;
     sigwait(&set, &sig);
-    printf("{\"queues\":[");
-    for (int i = 0; i < n; i++) printf("%s%llu", i ? "," : "", (unsigned long long)queues[i].frames);
-    printf("]}\n");
-    fflush(stdout);
+    const volatile uint64_t *counts[MAX_QUEUES];
+    for (int i = 0; i < n; i++) counts[i] = &queues[i].frames;
+    print_counts(counts, n);
     return 0;
 }

@@ -39,10 +39,7 @@ public enum Files {
     }
 
     /// The whole file, or nil if it does not exist.
-    public static func read(_ path: String) throws(SyscallError) -> [UInt8]? {
-        guard let text = try readSmallFileBytes(path) else { return nil }
-        return text
-    }
+    public static func read(_ path: String) throws(SyscallError) -> [UInt8]? { try readWholeFile(path) }
 
     /// Moves a file aside (`rename(2)`), e.g. a corrupt state file kept for inspection.
     public static func move(_ from: String, to: String) throws(SyscallError) {

@@ -62,13 +62,13 @@ public func openFile(_ path: String, flags: Int32) throws(SyscallError) -> Int32
     try retryingEINTR("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC) }
 }
 
-/// Reads a whole small file (sysfs, procfs). Returns nil if it does not exist.
+/// Reads a whole small file (sysfs, procfs) as text. Returns nil if it does not exist.
 public func readSmallFile(_ path: String) throws(SyscallError) -> String? {
-    try readSmallFileBytes(path).map { String(decoding: $0, as: UTF8.self) }
+    try Files.read(path).map { String(decoding: $0, as: UTF8.self) }
 }
 
-/// Reads a whole file's bytes. Returns nil if it does not exist.
-public func readSmallFileBytes(_ path: String) throws(SyscallError) -> [UInt8]? {
+/// Reads a whole file's bytes. Returns nil if it (or, in sysfs, its device) does not exist.
+func readWholeFile(_ path: String) throws(SyscallError) -> [UInt8]? {
     let fd: Int32
     do {
         fd = try openFile(path, flags: O_RDONLY)
