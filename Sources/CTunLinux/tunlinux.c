@@ -1,7 +1,9 @@
 #define _GNU_SOURCE
 #include "CTunLinux.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <linux/if_tun.h>
@@ -160,4 +162,60 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
         }
     }
     return -EIO;
+}
+
+// Each thread's armed fd. Static TLS of the executable, so the handler's read of it touches no
+// allocator; an int read whole, written only by its own thread.
+static __thread volatile int kick_fd = -1;
+
+static void kick_handler(int sig) {
+    (void)sig;
+    // Async-signal-safe: fcntl is on POSIX's list, and errno is put back for the code the
+    // signal interrupted.
+    int saved = errno;
+    int fd = kick_fd;
+    if (fd >= 0) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl >= 0 && !(fl & O_NONBLOCK)) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    }
+    errno = saved;
+}
+
+static int kick_installed;
+
+static void kick_install_once(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = kick_handler;
+    sigemptyset(&sa.sa_mask);
+    // SA_RESTART: no other thread's system call sees EINTR from a kick, and the interrupted
+    // read restarts to find its fd non-blocking.
+    sa.sa_flags = SA_RESTART;
+    kick_installed = sigaction(SIGURG, &sa, NULL) == 0 ? 0 : -errno;
+}
+
+int mqt_kick_install(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, kick_install_once);
+    return kick_installed;
+}
+
+int mqt_kick_unblock(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGURG);
+    int rc = pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    return -rc;
+}
+
+void mqt_kick_arm(int fd) { kick_fd = fd; }
+
+int mqt_kick(pthread_t thread) { return pthread_kill(thread, SIGURG); }
+
+int mqt_set_nonblocking(int fd, int on) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) return -errno;
+    int want = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+    if (want != fl && fcntl(fd, F_SETFL, want) < 0) return -errno;
+    return 0;
 }

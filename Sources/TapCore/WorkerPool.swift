@@ -54,15 +54,26 @@ enum WorkerCommand: Sendable {
 }
 
 /// One worker thread: an epoll loop over the queue fds it owns and an eventfd doorbell.
+///
+/// A worker that owns exactly one queue reads it with blocking reads instead (`solo`): one
+/// system call per frame, sleeping inside read() as a plain C receiver does. Through epoll
+/// every wake-up costs an epoll_wait and a read that ends in EAGAIN on top of the frames,
+/// about 10% more CPU per frame at one queue (bench/RESULTS.md). Commands reach a solo worker
+/// by a kick (TunKit's `Kick`), which cannot be lost between its check and its read.
 final class Worker: @unchecked Sendable {
-    // SAFETY (@unchecked): `slots`, `freeSlots`, `slotOfKey`, `frame` and `events` are
-    // touched only by the worker thread (from `run`); the control path reaches the worker
-    // only through `mailbox` (a Mutex) and `bell` (an eventfd), and reads `thread` only
-    // from `join`, after `start` has set it.
+    // SAFETY (@unchecked): `slots`, `freeSlots`, `slotOfKey`, `polledCount`, `frame` and
+    // `events` are touched only by the worker thread (from `run`); the control path reaches
+    // the worker only through `mailbox` (a Mutex), `pending` and `soloing` (atomics), `bell`
+    // (an eventfd) and a kick, and reads `thread` only after `start` has set it (the pool is
+    // not shared before every worker has started).
     let index: Int
     private let epoll: Epoll
     private let bell: EventFD
     private let mailbox = Mutex<[WorkerCommand]>([])
+    /// Commands wait in the mailbox: set by `post`, cleared by `runCommands`.
+    private let pending = Atomic<Bool>(false)
+    /// The worker reads its only queue with blocking reads, so a command needs a kick.
+    private let soloing = Atomic<Bool>(false)
     private let onGone: @Sendable (UInt64) -> Void
     private let onErrors: @Sendable (UInt64, UInt64, ErrorReport) -> Void
     private var thread: NamedThread?
@@ -76,10 +87,18 @@ final class Worker: @unchecked Sendable {
         var owner: CounterBlock?
         var echo = false
         var macOffset = -1
+        /// The worker reads this queue.
         var polled = false
+        /// The fd is in the epoll set (a solo queue is not).
+        var watched = false
         /// Rate limit of error reports: when the last went out, and failures since.
         var lastReport: UInt64 = 0
         var unreported: UInt64 = 0
+    }
+
+    /// What one read of a queue came to.
+    private enum ReadOutcome {
+        case frame, empty, gone, failed
     }
 
     // Only the worker thread touches these (see the SAFETY note above), so the dynamic
@@ -87,6 +106,7 @@ final class Worker: @unchecked Sendable {
     @exclusivity(unchecked) private var slots: [Slot] = []
     private var freeSlots: [Int] = []
     private var slotOfKey: [UInt64: Int] = [:]
+    private var polledCount = 0
     /// One frame buffer per worker, reused for every read: no allocation per frame.
     private let frame: UnsafeMutableRawPointer
     private let events = Epoll.Events(capacity: 64)
@@ -102,6 +122,7 @@ final class Worker: @unchecked Sendable {
         self.index = index
         self.onGone = onGone
         self.onErrors = onErrors
+        try Kick.install()
         epoll = try Epoll()
         do {
             bell = try EventFD()
@@ -133,12 +154,27 @@ final class Worker: @unchecked Sendable {
 
     func post(_ command: WorkerCommand) {
         mailbox.withLock { $0.append(command) }
+        // Sequentially consistent, with the worker's store of `soloing` and load of `pending`
+        // in the opposite order: either the worker sees the command before it blocks, or
+        // this sees that it blocks (or may) and kicks it.
+        pending.store(true, ordering: .sequentiallyConsistent)
         bell.signal()
+        if soloing.load(ordering: .sequentiallyConsistent) { thread?.kick() }
     }
 
     private func run() {
+        do {
+            try Kick.prepareThread()
+        } catch {
+            preconditionFailure("worker \(index): \(error)")
+        }
         var running = true
         while running {
+            if polledCount == 1 && !pending.load(ordering: .sequentiallyConsistent) {
+                solo(slots.firstIndex(where: \.polled)!)
+                if pending.load(ordering: .sequentiallyConsistent) { running = runCommands() }
+                continue
+            }
             let n: Int
             do {
                 n = try epoll.wait(into: events, timeoutMilliseconds: -1)
@@ -167,69 +203,102 @@ final class Worker: @unchecked Sendable {
         }
     }
 
-    /// Reads up to `batch` frames from one queue; the packet path: no lock, no allocation.
+    /// Reads up to `batch` frames from one queue (non-blocking, after epoll said readable).
     @inline(__always)
     private func service(_ s: Int) {
+        for _ in 0..<Self.batch {
+            switch readOne(s) {
+            case .frame: continue
+            case .gone: lose(s)
+            case .empty, .failed: break
+            }
+            return
+        }
+    }
+
+    /// Reads the worker's only queue with blocking reads until a command is posted (a kick
+    /// makes the fd non-blocking, so the read returns) or the queue fails.
+    private func solo(_ s: Int) {
+        let fd = slots[s].fd
+        // Out of the epoll set while solo, not merely muted: a watched fd costs the sender of
+        // every frame an epoll callback, which slowed the generator in bench by ~10%. It goes
+        // back in when a second queue comes (`add`), where a failure can be reported.
+        if slots[s].watched {
+            try? epoll.remove(fd)
+            slots[s].watched = false
+        }
+        do {
+            try setNonBlocking(fd, false)
+        } catch {
+            preconditionFailure("worker \(index): \(error) on a queue fd it owns")
+        }
+        // The fd stays open while armed: the control path closes a queue's fd only after the
+        // worker has completed its `remove`, which runs after this returns.
+        Kick.arm(fd)
+        soloing.store(true, ordering: .sequentiallyConsistent)
+        var outcome = ReadOutcome.frame
+        while case .frame = outcome, !pending.load(ordering: .sequentiallyConsistent) {
+            outcome = readOne(s)
+        }
+        soloing.store(false, ordering: .sequentiallyConsistent)
+        Kick.disarm()
+        if case .gone = outcome { lose(s) }
+    }
+
+    /// Puts a queue fd in the epoll set, non-blocking (a solo read or a kick may have left it
+    /// either way).
+    private func watch(_ s: Int) throws(SyscallError) {
+        try setNonBlocking(slots[s].fd, true)
+        try epoll.add(slots[s].fd, token: UInt64(s))
+        slots[s].watched = true
+    }
+
+    /// One read of a queue, the frame counted (and echoed) as it arrives, so the counters are
+    /// current even when the next read sleeps. The packet path: no lock, no allocation.
+    @inline(__always)
+    private func readOne(_ s: Int) -> ReadOutcome {
         let fd = slots[s].fd
         let counters = slots[s].counters!
-        let echo = slots[s].echo
-        let macOffset = slots[s].macOffset
-        var rxPackets: UInt64 = 0, rxBytes: UInt64 = 0, rxErrors: UInt64 = 0
-        var txPackets: UInt64 = 0, txBytes: UInt64 = 0, txErrors: UInt64 = 0
-        var gone = false
-        var lastError: (Errno, Bool)?
-        reading: for _ in 0..<Self.batch {
-            switch readFrame(fd, into: frame, capacity: Self.frameCapacity) {
-            case .done(0):
-                // End of file: not a frame (tun never returns it; a closed peer would).
-                break reading
-            case .done(let n):
-                rxPackets &+= 1
-                rxBytes &+= UInt64(n)
-                guard echo else { continue }
-                if macOffset >= 0 && n >= macOffset + 12 { swapMACs(frame + macOffset) }
-                switch writeFrame(fd, from: frame, count: n) {
-                case .done(let w) where w == n:
-                    txPackets &+= 1
-                    txBytes &+= UInt64(n)
-                case .done:
-                    txErrors &+= 1
-                    lastError = (.ioError, true)
-                case .failed(let e):
-                    txErrors &+= 1
-                    lastError = (e, true)
-                }
+        switch readFrame(fd, into: frame, capacity: Self.frameCapacity) {
+        case .done(0):
+            // End of file: tun never returns it; a closed peer (a vanished queue) does.
+            return .gone
+        case .done(let n):
+            mqt_counter_add(&counters.pointee.rx_packets, 1)
+            mqt_counter_add(&counters.pointee.rx_bytes, UInt64(n))
+            guard slots[s].echo else { return .frame }
+            let macOffset = slots[s].macOffset
+            if macOffset >= 0 && n >= macOffset + 12 { swapMACs(frame + macOffset) }
+            switch writeFrame(fd, from: frame, count: n) {
+            case .done(let w) where w == n:
+                mqt_counter_add(&counters.pointee.tx_packets, 1)
+                mqt_counter_add(&counters.pointee.tx_bytes, UInt64(n))
+            case .done:
+                mqt_counter_add(&counters.pointee.tx_errors, 1)
+                noteError(s, .ioError, write: true)
             case .failed(let e):
-                switch e.rawValue {
-                case Errno.wouldBlock.rawValue:
-                    break
-                case Errno.badFileDescriptorState.rawValue, Errno.badAddress.rawValue:
-                    // The device was deleted behind our back (reads give EFAULT, then EBADFD).
-                    gone = true
-                default:
-                    rxErrors &+= 1
-                    lastError = (e, false)
-                }
-                break reading
+                mqt_counter_add(&counters.pointee.tx_errors, 1)
+                noteError(s, e, write: true)
+            }
+            return .frame
+        case .failed(let e):
+            switch e.rawValue {
+            case Errno.wouldBlock.rawValue:
+                return .empty
+            case Errno.badFileDescriptorState.rawValue, Errno.badAddress.rawValue:
+                // The device was deleted behind our back (reads give EFAULT, then EBADFD).
+                return .gone
+            default:
+                mqt_counter_add(&counters.pointee.rx_errors, 1)
+                noteError(s, e, write: false)
+                return .failed
             }
         }
-        if rxPackets != 0 {
-            mqt_counter_add(&counters.pointee.rx_packets, rxPackets)
-            mqt_counter_add(&counters.pointee.rx_bytes, rxBytes)
-        }
-        if txPackets != 0 {
-            mqt_counter_add(&counters.pointee.tx_packets, txPackets)
-            mqt_counter_add(&counters.pointee.tx_bytes, txBytes)
-        }
-        if rxErrors != 0 { mqt_counter_add(&counters.pointee.rx_errors, rxErrors) }
-        if txErrors != 0 { mqt_counter_add(&counters.pointee.tx_errors, txErrors) }
-        if let (errno, write) = lastError { noteErrors(s, errno, write: write, count: rxErrors &+ txErrors) }
-        if gone { lose(s) }
     }
 
     /// Off the fast path (only after a failure): report at most once a second per queue.
-    private func noteErrors(_ s: Int, _ errno: Errno, write: Bool, count: UInt64) {
-        slots[s].unreported &+= count
+    private func noteError(_ s: Int, _ errno: Errno, write: Bool) {
+        slots[s].unreported &+= 1
         let now = Clock.monotonicNanoseconds()
         guard now &- slots[s].lastReport >= 1_000_000_000 else { return }
         onErrors(slots[s].device, slots[s].key, ErrorReport(errno: errno, write: write, suppressed: slots[s].unreported &- 1))
@@ -250,13 +319,17 @@ final class Worker: @unchecked Sendable {
     /// The queue's device is gone: stop polling it (an fd whose device vanished reports
     /// POLLERR forever; left in the set it would spin the loop) and tell the manager.
     private func lose(_ s: Int) {
-        try? epoll.remove(slots[s].fd)
+        if slots[s].watched { try? epoll.remove(slots[s].fd) }
+        slots[s].watched = false
         slots[s].polled = false
+        polledCount -= 1
         onGone(slots[s].device)
     }
 
     /// Runs queued commands; false once told to stop.
     private func runCommands() -> Bool {
+        // Cleared before the mailbox is taken: a command posted after the take sets it again.
+        pending.store(false, ordering: .sequentiallyConsistent)
         bell.drain()
         let commands = mailbox.withLock { box in
             let taken = box
@@ -266,6 +339,16 @@ final class Worker: @unchecked Sendable {
         for command in commands {
             switch command {
             case .add(let q, let done):
+                // A solo queue goes back into the epoll set first; if it cannot, the new
+                // queue is refused and the worker stays as it was.
+                if polledCount == 1, let only = slots.firstIndex(where: { $0.polled && !$0.watched }) {
+                    do {
+                        try watch(only)
+                    } catch {
+                        done.finish(error)
+                        continue
+                    }
+                }
                 let s: Int
                 if let free = freeSlots.popLast() {
                     s = free
@@ -274,11 +357,11 @@ final class Worker: @unchecked Sendable {
                     s = slots.count - 1
                 }
                 slots[s] = Slot(key: q.key, device: q.device, fd: q.fd, counters: q.counters.pointer,
-                                owner: q.counters, echo: q.mode == .echo, macOffset: q.macOffset ?? -1,
-                                polled: false)
+                                owner: q.counters, echo: q.mode == .echo, macOffset: q.macOffset ?? -1)
                 do {
-                    try epoll.add(q.fd, token: UInt64(s))
+                    try watch(s)
                     slots[s].polled = true
+                    polledCount += 1
                     slotOfKey[q.key] = s
                     done.finish()
                 } catch {
@@ -288,7 +371,8 @@ final class Worker: @unchecked Sendable {
                 }
             case .remove(let key, let done):
                 if let s = slotOfKey.removeValue(forKey: key) {
-                    if slots[s].polled { try? epoll.remove(slots[s].fd) }
+                    if slots[s].watched { try? epoll.remove(slots[s].fd) }
+                    if slots[s].polled { polledCount -= 1 }
                     slots[s] = Slot()
                     freeSlots.append(s)
                 }

@@ -4,10 +4,8 @@ import Glibc
 import CTunLinux
 
 /// A named OS thread that runs one closure and is joined explicitly.
-public final class NamedThread: @unchecked Sendable {
-    // SAFETY (@unchecked): `handle` is written once in init before the thread can be joined,
-    // and read only by `join()`, which the owner calls once.
-    private var handle: pthread_t
+public final class NamedThread: Sendable {
+    let handle: pthread_t
 
     private final class Start {
         let name: String

@@ -1,5 +1,6 @@
 #ifndef MQTAPD_CTUNLINUX_H
 #define MQTAPD_CTUNLINUX_H
+#include <pthread.h>
 #include <stdint.h>
 #include <net/if.h>
 // Not part of Swift's Glibc module; re-exported here for the syscall layer.
@@ -72,6 +73,22 @@ static inline long mqt_write(int fd, const void *buf, unsigned long len) {
     long n = syscall(SYS_write, fd, buf, len);
     return n < 0 ? -errno : n;
 }
+
+// Waking a thread that sleeps in a blocking read() of a queue (see TunKit's Kick).
+// The thread arms its fd; a SIGURG sent to that thread (pthread_kill) runs a handler that sets
+// O_NONBLOCK on the armed fd. A read already asleep is interrupted and restarted (SA_RESTART)
+// as a non-blocking read; a read about to start cannot block either. So no wake-up is lost
+// between "nothing to do" and entering read(), which a plain signal could not promise.
+// Installs the handler process-wide (idempotent); 0 or -errno.
+int mqt_kick_install(void);
+// Unblocks the kick signal in the calling thread; 0 or -errno.
+int mqt_kick_unblock(void);
+// Arms the calling thread's fd (-1: disarmed). Only the calling thread's handler reads it.
+void mqt_kick_arm(int fd);
+// Sends the kick signal to a thread; 0 or an errno value (pthread_kill's convention).
+int mqt_kick(pthread_t thread);
+// Sets or clears O_NONBLOCK; 0 or -errno.
+int mqt_set_nonblocking(int fd, int on);
 
 // strerrorname_np (glibc ≥ 2.32) is declared only under _GNU_SOURCE: "E2BIG" for E2BIG.
 // Returns NULL for an unknown number.
