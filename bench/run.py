@@ -138,8 +138,8 @@ class Daemon:
 
 # ---------------------------------------------------------------- data plane
 
-def run_reference(name, queues, size, seconds, exe=REF, threads="ref-q"):
-    p = subprocess.Popen(["taskset", "-c", RX_CPU, exe, "--name", name, "--queues", str(queues)],
+def run_reference(name, queues, size, seconds, exe=REF, threads="ref-q", extra=()):
+    p = subprocess.Popen(["taskset", "-c", RX_CPU, exe, "--name", name, "--queues", str(queues), *extra],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     try:
@@ -194,46 +194,64 @@ def measure(dev, pid, thread_prefix, size, seconds, _stats):
     }
 
 
+def ratios(base, other, key):
+    r = [o[key] / b[key] for b, o in zip(base, other)]
+    return (min(r), statistics.median(r), max(r))
+
+
 def data_plane(args, report):
     rows = []
     sizes = [64, 1514]
     queue_counts = [1, 2] if args.quick else [1, 2, 4]
     for queues in queue_counts:
         for size in sizes:
-            ref, dmn, uring = [], [], []
+            ref, dmn, uring, shared, ref_epoll = [], [], [], [], []
+            # One worker per queue, as the reference has one thread per queue: each worker
+            # owns one queue and sleeps inside read(). With several queues, also one worker
+            # for all of them: the epoll loop that shares a worker between queues.
             daemon = Daemon(workers=queues)
+            one_worker = Daemon(workers=1) if queues > 1 else None
             try:
                 for rep in range(args.reps):
                     # Alternate, so drift on the machine hits all alike.
                     ref.append(run_reference(f"{PREFIX}r", queues, size, args.seconds))
                     dmn.append(run_daemon(daemon, f"{PREFIX}d", queues, size, args.seconds))
+                    if one_worker:
+                        shared.append(run_daemon(one_worker, f"{PREFIX}s", queues, size, args.seconds))
+                    else:
+                        ref_epoll.append(run_reference(f"{PREFIX}e", queues, size, args.seconds, extra=("--mode", "epoll")))
                     if URING_OK:
                         uring.append(run_reference(f"{PREFIX}u", queues, size, args.seconds, URING, "uring-q"))
             finally:
                 daemon.stop()
-            kpps_ratio = [d["kpps"] / r["kpps"] for r, d in zip(ref, dmn)]
-            cpu_ratio = [d["ns_per_frame"] / r["ns_per_frame"] for r, d in zip(ref, dmn)]
+                if one_worker:
+                    one_worker.stop()
             row = {
                 "queues": queues, "size": size,
                 "ref_kpps": statistics.median(r["kpps"] for r in ref),
                 "daemon_kpps": statistics.median(d["kpps"] for d in dmn),
                 "ref_ns": statistics.median(r["ns_per_frame"] for r in ref),
                 "daemon_ns": statistics.median(d["ns_per_frame"] for d in dmn),
-                "kpps_ratio": (min(kpps_ratio), statistics.median(kpps_ratio), max(kpps_ratio)),
-                "cpu_ratio": (min(cpu_ratio), statistics.median(cpu_ratio), max(cpu_ratio)),
+                "kpps_ratio": ratios(ref, dmn, "kpps"),
+                "cpu_ratio": ratios(ref, dmn, "ns_per_frame"),
                 "ref_dropped": sum(r["dropped"] for r in ref), "daemon_dropped": sum(d["dropped"] for d in dmn),
                 "exact": all(d["exact"] for d in dmn),
                 "spread": dmn[-1]["spread"],
             }
-            if uring:
-                u = [x["ns_per_frame"] / r["ns_per_frame"] for r, x in zip(ref, uring)]
-                row["uring_ns"] = statistics.median(x["ns_per_frame"] for x in uring)
-                row["uring_kpps"] = statistics.median(x["kpps"] for x in uring)
-                row["uring_ratio"] = (min(u), statistics.median(u), max(u))
+            for key, runs in (("shared", shared), ("ref_epoll", ref_epoll), ("uring", uring)):
+                if runs:
+                    row[f"{key}_ns"] = statistics.median(x["ns_per_frame"] for x in runs)
+                    row[f"{key}_kpps"] = statistics.median(x["kpps"] for x in runs)
+                    row[f"{key}_ratio"] = ratios(ref, runs, "ns_per_frame")
+                    row[f"{key}_kpps_ratio"] = ratios(ref, runs, "kpps")
+            if shared:
+                row["exact"] = row["exact"] and all(x["exact"] for x in shared)
             rows.append(row)
             print(f"  {queues} queue(s), {size} B: ref {row['ref_kpps']:.0f} kpps {row['ref_ns']:.0f} ns/frame | "
                   f"mqtapd {row['daemon_kpps']:.0f} kpps {row['daemon_ns']:.0f} ns/frame | "
-                  f"kpps x{row['kpps_ratio'][1]:.3f} cpu x{row['cpu_ratio'][1]:.3f}", flush=True)
+                  f"kpps x{row['kpps_ratio'][1]:.3f} cpu x{row['cpu_ratio'][1]:.3f}"
+                  + (f" | 1 worker cpu x{row['shared_ratio'][1]:.3f}" if shared else "")
+                  + (f" | C epoll loop cpu x{row['ref_epoll_ratio'][1]:.3f}" if ref_epoll else ""), flush=True)
     report["data_plane"] = rows
 
 
@@ -530,6 +548,42 @@ def write_report(path, report, args):
         "sends as fast as it can.",
         "",
     ]
+    with_epoll = [r for r in dp if "ref_epoll_ratio" in r]
+    if with_epoll:
+        lines += [
+            "### Why a worker that owns one queue sleeps inside read()",
+            "",
+            "The reference run with `--mode epoll` (the same C program, each queue non-blocking, `epoll_wait` then "
+            "`read()` until `EAGAIN`) against its blocking loop, at one queue:",
+            "",
+            "| queues | frame | blocking ns/frame | epoll ns/frame | epoll / blocking CPU | epoll / blocking kpps |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['queues']} | {r['size']} B | {r['ref_ns']:.0f} | {r['ref_epoll_ns']:.0f} | {fmt_ratio(r['ref_epoll_ratio'])} | "
+                  f"{fmt_ratio(r['ref_epoll_kpps_ratio'])} |" for r in with_epoll]
+        lines += [
+            "",
+            "An epoll loop pays an `epoll_wait` and a read that ends in `EAGAIN` per wake-up, and a watched fd costs "
+            "the sender an epoll callback per frame. So a mqtapd worker that owns exactly one queue takes it out of "
+            "its epoll set and sleeps inside a blocking `read()`, like the reference; commands reach it by a signal "
+            "whose handler makes the fd non-blocking (no wake-up can be lost). The data-plane table above is that "
+            "mode (one worker per queue).",
+            "",
+        ]
+    with_shared = [r for r in dp if "shared_ratio" in r]
+    if with_shared:
+        lines += [
+            "### Queues sharing one worker (the epoll loop)",
+            "",
+            "mqtapd started with `--workers 1`, so one worker polls every queue of the device through epoll, "
+            "against the reference's one thread per queue:",
+            "",
+            "| queues | frame | reference ns/frame | mqtapd, 1 worker ns/frame | CPU/frame ratio | kpps ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['queues']} | {r['size']} B | {r['ref_ns']:.0f} | {r['shared_ns']:.0f} | {fmt_ratio(r['shared_ratio'])} | "
+                  f"{fmt_ratio(r['shared_kpps_ratio'])} |" for r in with_shared]
+        lines += [""]
     with_uring = [r for r in dp if "uring_ratio" in r]
     if with_uring:
         lines += [
@@ -560,8 +614,8 @@ def write_report(path, report, args):
             "### Where a worker's time goes",
             "",
             f"perf, sampling one worker at 1 queue and 64 B: {prof['kernel']:.1f}% of its samples are in the kernel "
-            "(the tun read itself: syscall entry, `tun_do_read`, the copy, freeing the skb; and sleeping in epoll). "
-            "The rest, by symbol:",
+            "(the tun read itself: syscall entry, `tun_do_read`, the copy, freeing the skb; and the context switches "
+            "of sleeping in it). The rest, by symbol:",
             "",
             "| share | object | symbol |",
             "|---|---|---|",
@@ -569,10 +623,10 @@ def write_report(path, report, args):
         lines += [f"| {share:.2f}% | {dso} | `{sym[:70]}` |" for share, dso, sym in prof["user_top"]]
         lines += [
             "",
-            f"So mqtapd's own code is {100 - prof['kernel']:.1f}% of a worker's time; what remains between mqtapd "
-            "and the reference is one more system call per wake-up (mqtapd reads until `EAGAIN` and sleeps in `epoll_wait`, "
-            "the reference sleeps inside a blocking `read`). Fewer system calls per frame need a batched receive "
-            "path (io_uring multishot reads), not a faster loop.",
+            f"So mqtapd's own code is {100 - prof['kernel']:.1f}% of a worker's time (`syscall` is glibc's "
+            "system-call entry, which mqtapd calls instead of `read()` to skip the cancellation-point wrapper). "
+            "Like the reference, a worker makes one system call per frame; fewer would need a batched receive path, "
+            "and io_uring is not one on a tun fd (above).",
             "",
         ]
     lines += [

@@ -19,12 +19,13 @@ NEW_ENOUGH = tuple(int(x) for x in platform.release().split(".")[:2]) >= (6, 7)
 
 
 @pytest.mark.parametrize("receiver", [
-    REF,
-    pytest.param(URING, marks=pytest.mark.skipif(not NEW_ENOUGH, reason="io_uring multishot reads need Linux >= 6.7")),
-])
+    [REF],
+    [REF, "--mode", "epoll"],
+    pytest.param([URING], marks=pytest.mark.skipif(not NEW_ENOUGH, reason="io_uring multishot reads need Linux >= 6.7")),
+], ids=["ref", "ref-epoll", "uring"])
 def test_generator_and_receivers(receiver):
     name = unique_name("b")
-    ref = subprocess.Popen([receiver, "--name", name, "--queues", "2"], stdout=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(receiver + ["--name", name, "--queues", "2"], stdout=subprocess.PIPE, text=True)
     try:
         assert ref.stdout.readline().strip() == "ready"
         out = subprocess.run([GEN, "--dev", name, "--dst", "02:00:00:00:00:02", "--count", "20000", "--size", "64",
@@ -49,3 +50,5 @@ def test_generator_and_receivers(receiver):
 def test_generator_refuses_bad_arguments():
     r = subprocess.run([GEN, "--size", "10"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+    r = subprocess.run([REF, "--name", unique_name("b"), "--queues", "1", "--mode", "poll"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--mode" in r.stderr
