@@ -15,28 +15,32 @@ public enum Route: Equatable, Sendable {
 
     /// Nil for a path the API does not have.
     public init?(path: String) {
-        let parts = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
-        guard path.hasPrefix("/") else { return nil }
-        switch parts {
-        case ["v1", "health"]: self = .health
-        case ["v1", "limits"]: self = .limits
-        case ["v1", "devices"]: self = .devices
-        case ["metrics"]: self = .metrics
-        case ["openapi.yaml"]: self = .spec
-        default:
-            guard parts.count >= 3, parts[0] == "v1", parts[1] == "devices", !parts[2].isEmpty else { return nil }
-            let name = parts[2]
+        guard path.utf8.first == UInt8(ascii: "/") else { return nil }
+        // Substrings compared in place: no String per segment, no array literal per case.
+        let parts = path.utf8.dropFirst().split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
+        func part(_ i: Int) -> Substring { Substring(parts[i]) }
+        switch parts.count {
+        case 1 where part(0) == "metrics": self = .metrics
+        case 1 where part(0) == "openapi.yaml": self = .spec
+        case 2 where part(0) == "v1" && part(1) == "health": self = .health
+        case 2 where part(0) == "v1" && part(1) == "limits": self = .limits
+        case 2 where part(0) == "v1" && part(1) == "devices": self = .devices
+        case 3...5:
+            guard part(0) == "v1", part(1) == "devices", !parts[2].isEmpty else { return nil }
+            let name = String(part(2))
             switch parts.count {
             case 3: self = .device(name)
-            case 4 where parts[3] == "queues": self = .queues(name)
-            case 4 where parts[3] == "stats": self = .stats(name)
-            case 5 where parts[3] == "queues":
+            case 4 where part(3) == "queues": self = .queues(name)
+            case 4 where part(3) == "stats": self = .stats(name)
+            case 5 where part(3) == "queues":
                 // Ids are small non-negative integers; anything else names no queue.
-                guard parts[4].count <= 9, parts[4].allSatisfy(\.isASCII), let id = Int(parts[4]), id >= 0,
-                      String(id) == parts[4] else { return nil }
+                let text = part(4)
+                guard text.utf8.count <= 9, text.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }),
+                      let id = Int(text), String(id) == text else { return nil }
                 self = .queue(name, id)
             default: return nil
             }
+        default: return nil
         }
     }
 

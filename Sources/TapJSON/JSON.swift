@@ -75,15 +75,22 @@ public enum JSON: Equatable, Sendable {
         let root = makeJansson()
         defer { mqt_json_decref(root) }
         let flags = Int(JSON_COMPACT | JSON_ENCODE_ANY)
-        let size = json_dumpb(root, nil, 0, flags)
-        var out = [UInt8](repeating: 0, count: size)
-        out.withUnsafeMutableBufferPointer { buf in
-            // SAFETY: json_dumpb writes at most `size` bytes, the size it just reported.
-            buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: size) {
-                _ = json_dumpb(root, $0, size, flags)
+        // One pass in the common case: a buffer of a size most responses fit, and a second
+        // pass only when json_dumpb reports (as it does either way) that it needed more.
+        var capacity = 4096
+        while true {
+            var needed = 0
+            let out = [UInt8](unsafeUninitializedCapacity: capacity) { buf, count in
+                // SAFETY: json_dumpb writes at most `capacity` bytes into the buffer and
+                // returns the size of the whole text; bytes viewed as CChar are still bytes.
+                needed = buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: capacity) {
+                    json_dumpb(root, $0, capacity, flags)
+                }
+                count = needed <= capacity ? needed : 0
             }
+            if needed <= capacity { return out }
+            capacity = needed
         }
-        return out
     }
 
     public var text: String { String(decoding: serialized(), as: UTF8.self) }
@@ -96,21 +103,38 @@ public enum JSON: Equatable, Sendable {
         case .int(let i): return json_integer(json_int_t(i))
         case .double(let d): return json_real(d)
         case .string(let s):
-            if s.isEmpty { return json_string("") }
-            var s = s
-            // SAFETY: jansson copies the `count` bytes (valid UTF-8, as every Swift String is).
-            return s.withUTF8 { buf in
-                buf.withMemoryRebound(to: CChar.self) { json_stringn($0.baseAddress!, $0.count) }
-            }
+            // Swift strings are valid UTF-8, so jansson's check is skipped; it copies the bytes.
+            return Self.withBytes(of: s) { json_stringn_nocheck($0, $1) }
         case .array(let items):
             let a = json_array()!
             for item in items { json_array_append_new(a, item.makeJansson()) }
             return a
         case .object(let o):
             let obj = json_object()!
-            // json_object_set_new takes the value's reference.
-            for (k, v) in o.entries { json_object_set_new(obj, k, v.makeJansson()) }
+            // json_object_setn_new_nocheck takes the value's reference and copies the key.
+            for (k, v) in o.entries {
+                _ = Self.withBytes(of: k) { json_object_setn_new_nocheck(obj, $0, $1, v.makeJansson()) }
+            }
             return obj
+        }
+    }
+
+    /// A string's UTF-8 bytes as jansson takes them (pointer and length, no NUL needed),
+    /// without the copy into a C string that passing a String to a `const char *` makes.
+    private static func withBytes<R>(of s: String, _ body: (UnsafePointer<CChar>, Int) -> R) -> R {
+        if let r = s.utf8.withContiguousStorageIfAvailable({ buf in
+            // SAFETY: a native string's UTF-8 storage, valid for the closure; jansson copies
+            // what it keeps. An empty buffer may have no base address: any valid pointer
+            // does for zero bytes.
+            let base = UnsafeRawPointer(buf.baseAddress) ?? UnsafeRawPointer(bitPattern: 1)!
+            return body(base.assumingMemoryBound(to: CChar.self), buf.count)
+        }) {
+            return r
+        }
+        var copy = s
+        return copy.withUTF8 { buf in
+            let base = UnsafeRawPointer(buf.baseAddress) ?? UnsafeRawPointer(bitPattern: 1)!
+            return body(base.assumingMemoryBound(to: CChar.self), buf.count)
         }
     }
 }

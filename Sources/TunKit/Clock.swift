@@ -26,12 +26,26 @@ public enum Clock {
         var t = tm()
         var secs = ts.tv_sec
         gmtime_r(&secs, &t)
-        func pad(_ v: Int32, _ n: Int) -> String {
-            let s = String(v)
-            return String(repeating: "0", count: max(0, n - s.count)) + s
+        // Digits written straight into the string's storage: this runs for every log line.
+        return String(unsafeUninitializedCapacity: 24) { buf in
+            var i = 0
+            func digits(_ value: Int32, _ width: Int) {
+                var v = Int(value)
+                for k in stride(from: width - 1, through: 0, by: -1) {
+                    buf[i + k] = UInt8(ascii: "0") + UInt8(v % 10)
+                    v /= 10
+                }
+                i += width
+            }
+            func put(_ c: Unicode.Scalar) {
+                buf[i] = UInt8(ascii: c)
+                i += 1
+            }
+            digits(t.tm_year + 1900, 4); put("-"); digits(t.tm_mon + 1, 2); put("-"); digits(t.tm_mday, 2)
+            put("T"); digits(t.tm_hour, 2); put(":"); digits(t.tm_min, 2); put(":"); digits(t.tm_sec, 2)
+            put("."); digits(Int32(ts.tv_nsec / 1_000_000), 3); put("Z")
+            return i
         }
-        return "\(pad(t.tm_year + 1900, 4))-\(pad(t.tm_mon + 1, 2))-\(pad(t.tm_mday, 2))T"
-            + "\(pad(t.tm_hour, 2)):\(pad(t.tm_min, 2)):\(pad(t.tm_sec, 2)).\(pad(Int32(ts.tv_nsec / 1_000_000), 3))Z"
     }
 }
 

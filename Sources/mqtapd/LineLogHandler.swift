@@ -22,18 +22,34 @@ struct LineLogHandler: LogHandler {
 
     func log(level: Logger.Level, message: Logger.Message, metadata extra: Logger.Metadata?, source: String,
              file: String, function: String, line: UInt) {
+        // Every request is logged: no merge when only one side has fields, one string grown once.
         var fields = metadata
-        if let extra { fields.merge(extra) { $1 } }
+        if let extra {
+            if fields.isEmpty { fields = extra } else { fields.merge(extra) { $1 } }
+        }
         let ts = Clock.timestamp()
         let lvl = level == .warning ? "warn" : level.rawValue
+        let sorted = fields.sorted(by: { $0.key < $1.key })
         switch format {
         case .logfmt:
-            var text = "ts=\(ts) level=\(lvl) msg=\(Self.quote(message.description))"
-            for (k, v) in fields.sorted(by: { $0.key < $1.key }) { text += " \(k)=\(Self.quote(v.description))" }
+            var text = ""
+            text.reserveCapacity(160)
+            text += "ts="
+            text += ts
+            text += " level="
+            text += lvl
+            text += " msg="
+            text += Self.quote(message.description)
+            for (k, v) in sorted {
+                text += " "
+                text += k
+                text += "="
+                text += Self.quote(v.description)
+            }
             writeStderrLine(text)
         case .json:
             var o: JSONObject = ["ts": .string(ts), "level": .string(lvl), "msg": .string(message.description)]
-            for (k, v) in fields.sorted(by: { $0.key < $1.key }) { o[k] = .string(v.description) }
+            for (k, v) in sorted { o[k] = .string(v.description) }
             writeStderrLine(JSON.object(o).text)
         }
     }

@@ -43,6 +43,20 @@ struct JSONTests {
         }
     }
 
+    @Test("texts larger than the first buffer, empty strings and keys, non-ASCII keys")
+    func sizes() throws {
+        // The serialiser dumps into 4 KiB first and again at the size jansson reports.
+        for n in [0, 1, 4080, 4086, 4087, 4088, 4096, 100_000] {
+            let v = JSON.object(["k": .string(String(repeating: "x", count: n))])
+            let text = v.serialized()
+            #expect(text.count == n + 8, "n=\(n)")
+            #expect(try JSON.parse(text) == v)
+        }
+        let odd = JSON.object(["": .string(""), "ключ": .string("значение"), "a\"b": .array([.string("\n")])])
+        #expect(odd.text == #"{"":"","ключ":"значение","a\"b":["\n"]}"#)
+        #expect(try JSON.parse(odd.text) == odd)
+    }
+
     @Test("u64 counters saturate instead of wrapping")
     func counters() {
         #expect(JSON(UInt64.max) == .int(Int64.max))

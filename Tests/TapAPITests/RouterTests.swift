@@ -37,7 +37,8 @@ struct RouterTests {
         ("/v1/health", Route.health), ("/v1/limits", .limits), ("/v1/devices", .devices),
         ("/v1/devices/tap0", .device("tap0")), ("/v1/devices/tap0/queues", .queues("tap0")),
         ("/v1/devices/tap0/queues/12", .queue("tap0", 12)), ("/v1/devices/tap0/stats", .stats("tap0")),
-        ("/metrics", .metrics), ("/openapi.yaml", .spec),
+        ("/metrics", .metrics), ("/openapi.yaml", .spec), ("/v1/devices/tä0", .device("tä0")),
+        ("/v1/devices/a/queues/0", .queue("a", 0)), ("/v1/devices/a/queues/999999999", .queue("a", 999_999_999)),
     ])
     func routes(_ path: String, _ route: Route) {
         #expect(Route(path: path) == route)
@@ -46,6 +47,8 @@ struct RouterTests {
     @Test("unknown paths", arguments: [
         "/", "", "/v1", "/v1/", "/v1/devices/", "/v2/devices", "/v1/devices/a/queues/x", "/v1/devices/a/queues/-1",
         "/v1/devices/a/queues/01", "/v1/devices/a/queues/1/x", "/v1/devices/a/other", "/metrics/", "/v1/health/x",
+        "/v1/devices/a/queues/+1", "/v1/devices/a/queues/1000000000", "/v1//devices", "/v1/devices/a/queues/",
+        "/v1/devices/a/stats/", "//v1/health", "v1/health", "/V1/health",
     ])
     func notFound(_ path: String) throws {
         #expect(Route(path: path) == nil)

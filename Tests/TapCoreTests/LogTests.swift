@@ -6,6 +6,7 @@ import Synchronization
 import TapCore
 import TapTestSupport
 import Testing
+import TunKit
 
 /// Keeps every log record, for tests.
 final class CapturedLog: Sendable {
@@ -71,5 +72,25 @@ struct LogTests {
         #expect(reports.count <= 2, "\(reports.count) reports for 200 failures within a second")
         #expect(reports.first?.metadata["errno"] == "EPIPE")
         #expect(reports.first?.metadata["device"] == "e" && reports.first?.metadata["queue"] == "0")
+    }
+}
+
+@Suite("log timestamps")
+struct TimestampTests {
+    @Test("RFC 3339 UTC with milliseconds, and the current time")
+    func format() throws {
+        let before = time(nil)
+        let ts = Clock.timestamp()
+        let after = time(nil)
+        let match = try #require(ts.wholeMatch(of: /(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{3})Z/))
+        var t = tm()
+        t.tm_year = Int32(match.1)! - 1900
+        t.tm_mon = Int32(match.2)! - 1
+        t.tm_mday = Int32(match.3)!
+        t.tm_hour = Int32(match.4)!
+        t.tm_min = Int32(match.5)!
+        t.tm_sec = Int32(match.6)!
+        let seconds = timegm(&t)
+        #expect(seconds >= before && seconds <= after, "\(ts)")
     }
 }

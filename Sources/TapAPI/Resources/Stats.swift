@@ -4,10 +4,9 @@ import TapJSON
 /// `/v1/devices/{name}/stats`: per queue, the total, and the kernel's device counters.
 enum StatsResource {
     static func encode(_ s: DeviceStats) -> JSON {
+        // The id, then the counters: concatenated, as the keys are known to differ.
         let queues: [JSON] = s.queues.map { q in
-            var o: JSONObject = ["id": JSON(q.id)]
-            for (k, v) in QueuesResource.encode(q.counters).entries { o[k] = v }
-            return .object(o)
+            .object(JSONObject([(key: "id", value: JSON(q.id))] + QueuesResource.encode(q.counters).entries))
         }
         let kernel = JSONObject(s.kernel.sorted { $0.key < $1.key }.map { (key: $0.key, value: JSON($0.value)) })
         return ["queues": .array(queues), "total": .object(QueuesResource.encode(s.total)), "kernel": .object(kernel)]
