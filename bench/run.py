@@ -112,10 +112,10 @@ class API:
 
 
 class Daemon:
-    def __init__(self, workers, cpus=RX_CPU):
+    def __init__(self, workers, cpus=RX_CPU, wrapper=(), exe=DAEMON):
         self.tmp = tempfile.mkdtemp(prefix="mqtapd-bench-")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", cpus, DAEMON, "--listen", "tcp:127.0.0.1:0", "--listen", f"unix:{self.tmp}/api.sock",
+            ["taskset", "-c", cpus, *wrapper, exe, "--listen", "tcp:127.0.0.1:0", "--listen", f"unix:{self.tmp}/api.sock",
              "--state-dir", f"{self.tmp}/state", "--workers", str(workers)],
             stderr=subprocess.PIPE, text=True)
         self.port = None
@@ -452,6 +452,66 @@ def churn(daemon, name, secs):
             "changes": churned["changes"], "exact": base["exact"] and churned["exact"]}
 
 
+# ---------------------------------------------------------------- instructions
+
+def callgrind(args, report):
+    """Instructions per stats request and per received frame, counted by callgrind: unlike
+    time, the same for the same binary and inputs whatever else the machine is doing."""
+    if not shutil.which("valgrind"):
+        report["callgrind"] = None
+        return
+    tmp = tempfile.mkdtemp(prefix="mqtapd-cg-")
+    # valgrind 3.19 (Debian 12) cannot read the toolchain's DWARF 5: a copy without debug
+    # info keeps the symbol table, which is all callgrind's per-function counts need.
+    exe = os.path.join(tmp, "mqtapd")
+    shutil.copy(DAEMON, exe)
+    subprocess.run(["strip", "--strip-debug", exe], check=True)
+    out = os.path.join(tmp, "callgrind.out")
+    requests, frames = (200, 2_000) if args.quick else (1_000, 20_000)
+    daemon = Daemon(workers=1, wrapper=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"), exe=exe)
+    try:
+        stats_dev, rx_dev = f"{PREFIX}c", f"{PREFIX}f"
+        st, _ = daemon.api.call("POST", "/v1/devices", {"name": stats_dev, "queues": 4, "up": False})
+        assert st == 201
+        for _ in range(requests):
+            st, _ = daemon.api.call("GET", f"/v1/devices/{stats_dev}/stats")
+            assert st == 200
+        daemon.api.call("DELETE", f"/v1/devices/{stats_dev}")
+        # One queue on the one worker: the blocking-read loop.
+        daemon.api.call("POST", "/v1/devices", {"name": rx_dev, "queues": 1, "up": False})
+        with open(f"/proc/sys/net/ipv6/conf/{rx_dev}/disable_ipv6", "w") as f:
+            f.write("1")
+        daemon.api.call("PATCH", f"/v1/devices/{rx_dev}", {"up": True})
+        gen(rx_dev, mac_of(rx_dev), 64, count=frames, pps=20_000)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st, s = daemon.api.call("GET", f"/v1/devices/{rx_dev}/stats")
+            if s["total"]["rx_packets"] == s["kernel"]["tx_packets"]:
+                break
+            time.sleep(0.2)
+        received = s["total"]["rx_packets"]
+        daemon.api.call("DELETE", f"/v1/devices/{rx_dev}")
+    finally:
+        daemon.stop()
+    try:
+        text = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", out],
+                              capture_output=True, text=True, check=True).stdout
+
+        def inclusive(fragment):
+            counts = [int(m.group(1).replace(",", "")) for m in re.finditer(r"^\s*([\d,]+) \([\s\d.]+%\)\s+\S*" + fragment, text, re.M)]
+            return max(counts, default=0)
+        report["callgrind"] = {
+            "requests": requests, "frames": received,
+            "per_request": inclusive(r"\$s6TapAPI10HTTPServerC6access") / requests,
+            "per_frame": inclusive(r"\$s7TapCore6WorkerC3run") / max(received, 1),
+        }
+    finally:
+        subprocess.run(["rm", "-rf", tmp])
+    c = report["callgrind"]
+    print(f"  callgrind: {c['per_request']:.0f} instructions per stats request, "
+          f"{c['per_frame']:.0f} user-space instructions per frame", flush=True)
+
+
 # ---------------------------------------------------------------- scale
 
 def scale(args, report):
@@ -632,6 +692,18 @@ def write_report(path, report, args):
     lines += [
         "## Control plane",
         "",
+    ]
+    cg = report.get("callgrind")
+    if cg:
+        lines += [
+            f"Instructions, counted by callgrind (the same for the same binary and inputs, whatever else the machine "
+            f"does): **{cg['per_request']:,.0f} per `GET /v1/devices/{{name}}/stats`** of a 4-queue device (everything "
+            f"the request runs in mqtapd, libmicrohttpd and jansson, over {cg['requests']} requests), and "
+            f"**{cg['per_frame']:,.0f} user-space instructions per frame** a worker reads from its only queue "
+            f"({cg['frames']} frames; the kernel's part of a read is not counted).",
+            "",
+        ]
+    lines += [
         f"`GET /v1/devices/{{name}}/stats` of a 4-queue device, wrk over TCP loopback (1 thread, 8 connections):",
         "",
         "| | req/s | p50 ms | p99 ms |",
@@ -693,6 +765,7 @@ def main():
     profile_worker(args, report)
     print("control plane:", flush=True)
     control_plane(args, report)
+    callgrind(args, report)
     print("scale:", flush=True)
     scale(args, report)
     write_report(args.out, report, args)
