@@ -4,7 +4,7 @@
 # it must be on PATH (https://www.swift.org/install/linux/).
 set -euo pipefail
 
-packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-venv curl gcc libc6-dev util-linux wrk systemd buildah debootstrap valgrind binutils)
+packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-venv curl gcc libc6-dev util-linux wrk systemd buildah debootstrap valgrind binutils linux-perf)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
