@@ -608,21 +608,24 @@ def write_report(path, report, args):
         "sends as fast as it can.",
         "",
     ]
+    def table(title, intro, header, rows):
+        """A report section: its heading, a sentence, and a Markdown table."""
+        return [f"### {title}", "", intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *("| " + " | ".join(cells) + " |" for cells in rows), ""]
+
+    def cell(r):
+        return [str(r["queues"]), f"{r['size']} B"]
+
     with_epoll = [r for r in dp if "ref_epoll_ratio" in r]
     if with_epoll:
-        lines += [
-            "### Why a worker that owns one queue sleeps inside read()",
-            "",
+        lines += table(
+            "Why a worker that owns one queue sleeps inside read()",
             "The reference run with `--mode epoll` (the same C program, each queue non-blocking, `epoll_wait` then "
             "`read()` until `EAGAIN`) against its blocking loop, at one queue:",
-            "",
-            "| queues | frame | blocking ns/frame | epoll ns/frame | epoll / blocking CPU | epoll / blocking kpps |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['queues']} | {r['size']} B | {r['ref_ns']:.0f} | {r['ref_epoll_ns']:.0f} | {fmt_ratio(r['ref_epoll_ratio'])} | "
-                  f"{fmt_ratio(r['ref_epoll_kpps_ratio'])} |" for r in with_epoll]
+            ["queues", "frame", "blocking ns/frame", "epoll ns/frame", "epoll / blocking CPU", "epoll / blocking kpps"],
+            [cell(r) + [f"{r['ref_ns']:.0f}", f"{r['ref_epoll_ns']:.0f}", fmt_ratio(r["ref_epoll_ratio"]),
+                        fmt_ratio(r["ref_epoll_kpps_ratio"])] for r in with_epoll])
         lines += [
-            "",
             "An epoll loop pays an `epoll_wait` and a read that ends in `EAGAIN` per wake-up, and a watched fd costs "
             "the sender an epoll callback per frame. So a mqtapd worker that owns exactly one queue takes it out of "
             "its epoll set and sleeps inside a blocking `read()`, like the reference; commands reach it by a signal "
@@ -632,35 +635,25 @@ def write_report(path, report, args):
         ]
     with_shared = [r for r in dp if "shared_ratio" in r]
     if with_shared:
-        lines += [
-            "### Queues sharing one worker (the epoll loop)",
-            "",
+        lines += table(
+            "Queues sharing one worker (the epoll loop)",
             "mqtapd started with `--workers 1`, so one worker polls every queue of the device through epoll, "
             "against the reference's one thread per queue:",
-            "",
-            "| queues | frame | reference ns/frame | mqtapd, 1 worker ns/frame | CPU/frame ratio | kpps ratio |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['queues']} | {r['size']} B | {r['ref_ns']:.0f} | {r['shared_ns']:.0f} | {fmt_ratio(r['shared_ratio'])} | "
-                  f"{fmt_ratio(r['shared_kpps_ratio'])} |" for r in with_shared]
-        lines += [""]
+            ["queues", "frame", "reference ns/frame", "mqtapd, 1 worker ns/frame", "CPU/frame ratio", "kpps ratio"],
+            [cell(r) + [f"{r['ref_ns']:.0f}", f"{r['shared_ns']:.0f}", fmt_ratio(r["shared_ratio"]),
+                        fmt_ratio(r["shared_kpps_ratio"])] for r in with_shared])
     with_uring = [r for r in dp if "uring_ratio" in r]
     if with_uring:
-        lines += [
-            "### A batched receive path: io_uring multishot reads",
-            "",
+        lines += table(
+            "A batched receive path: io_uring multishot reads",
             "`bench/uring.c` is the reference with each queue read by io_uring multishot reads "
             "(`IORING_OP_READ_MULTISHOT` into a provided-buffer ring, one ring per queue thread) instead of "
             "`read()`, measured in the same alternation:",
-            "",
-            "| queues | frame | read() ns/frame | io_uring ns/frame | io_uring / read() | io_uring kpps |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['queues']} | {r['size']} B | {r['ref_ns']:.0f} | {r['uring_ns']:.0f} | {fmt_ratio(r['uring_ratio'])} | "
-                  f"{r['uring_kpps']:.0f} |" for r in with_uring]
+            ["queues", "frame", "read() ns/frame", "io_uring ns/frame", "io_uring / read()", "io_uring kpps"],
+            [cell(r) + [f"{r['ref_ns']:.0f}", f"{r['uring_ns']:.0f}", fmt_ratio(r["uring_ratio"]),
+                        f"{r['uring_kpps']:.0f}"] for r in with_uring])
         better = all(r["uring_ratio"][1] < 1 for r in with_uring)
         lines += [
-            "",
             ("io_uring costs less CPU per frame than read() here: a worker option is worth building."
              if better else
              "On this machine io_uring multishot reads do not cost less CPU per frame than plain read() "

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import Synchronization
 import TapCore
 import TapTestSupport
 import Testing
@@ -34,6 +39,31 @@ final class Fixture {
     deinit {
         manager.shutdown()
         for n in names { Host.deleteLink(n) }
+    }
+}
+
+/// Frames sent to a device from another thread, in bursts 2 ms apart, while a test changes it.
+final class BackgroundTraffic: Sendable {
+    private let sent = Mutex(0)
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ dev: DeviceInfo, bursts: Int, of count: Int) {
+        let (ifindex, mac) = (dev.ifindex, dev.mac!.bytes)
+        DispatchQueue.global().async { [self] in
+            let sender = try! PacketSender(ifindex: ifindex)
+            for _ in 0..<bursts {
+                let n = sender.send(count: count, flows: 64, dst: mac)
+                sent.withLock { $0 += n }
+                usleep(2_000)
+            }
+            done.signal()
+        }
+    }
+
+    /// Waits for the last burst; returns how many frames the kernel took.
+    func wait() -> Int {
+        done.wait()
+        return sent.withLock { $0 }
     }
 }
 

@@ -101,22 +101,10 @@ struct QueueTrafficTests {
         let txBefore = try f.manager.kernel(dev.name, "tx_packets")
         let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
         // Traffic from another thread while the queue goes away.
-        let sent = Mutex(0)
-        let done = DispatchSemaphore(value: 0)
-        let (ifindex, mac) = (dev.ifindex, dev.mac!.bytes)
-        DispatchQueue.global().async {
-            let sender = try! PacketSender(ifindex: ifindex)
-            for _ in 0..<20 {
-                let n = sender.send(count: 1_000, flows: 64, dst: mac)
-                sent.withLock { $0 += n }
-                usleep(2_000)
-            }
-            done.signal()
-        }
+        let traffic = BackgroundTraffic(dev, bursts: 20, of: 1_000)
         #expect(eventually { (try? f.manager.queue(dev.name, id: 3).counters.rxPackets) ?? 0 > 0 })
         let removed = try f.manager.removeQueue(dev.name, id: 3)
-        done.wait()
-        let total = sent.withLock { $0 }
+        let total = traffic.wait()
         let survivors = { () -> (rx: UInt64, dropped: UInt64, kernelTx: UInt64) in
             let s = try! f.manager.stats(dev.name)
             return (s.total.rxPackets, s.kernel["tx_dropped"]! - dropBefore, s.kernel["tx_packets"]! - txBefore)
@@ -176,18 +164,7 @@ struct SoloTrafficTests {
         let f = try Fixture(workers: 1)
         let dev = try f.quietDevice(queues: 1)
         let before = try f.manager.stats(dev.name).kernel
-        let sent = Mutex(0)
-        let done = DispatchSemaphore(value: 0)
-        let (ifindex, mac) = (dev.ifindex, dev.mac!.bytes)
-        DispatchQueue.global().async {
-            let sender = try! PacketSender(ifindex: ifindex)
-            for _ in 0..<40 {
-                let n = sender.send(count: 500, flows: 64, dst: mac)
-                sent.withLock { $0 += n }
-                usleep(2_000)
-            }
-            done.signal()
-        }
+        let traffic = BackgroundTraffic(dev, bursts: 40, of: 500)
         // One queue (blocking read) → two (epoll) → one again, five times, under traffic.
         var removed: UInt64 = 0
         for _ in 0..<5 {
@@ -196,8 +173,7 @@ struct SoloTrafficTests {
             removed += try f.manager.removeQueue(dev.name, id: added[0].id).counters.rxPackets
             usleep(5_000)
         }
-        done.wait()
-        let total = UInt64(sent.withLock { $0 })
+        let total = UInt64(traffic.wait())
         let tally = { () -> (rx: UInt64, kernelTx: UInt64, dropped: UInt64) in
             let s = try! f.manager.stats(dev.name)
             return (s.total.rxPackets + removed, s.kernel["tx_packets"]! - before["tx_packets"]!,
