@@ -60,6 +60,17 @@ public enum Host {
 
     public static func exists(_ name: String) -> Bool { linkDetails(name) != nil }
 
+    /// The kernel's counters of an interface read from sysfs, one file each: the oracle the
+    /// daemon's rtnetlink read (`Link.statistics(ifindex:)`) is checked against. Nil if it is gone.
+    public static func sysfsStatistics(_ name: String) throws -> [String: UInt64]? {
+        var out: [String: UInt64] = [:]
+        for key in Link.statisticsKeys {
+            guard let text = try readSmallFile("/sys/class/net/\(name)/statistics/\(key)") else { return nil }
+            out[key] = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        }
+        return out
+    }
+
     /// Deletes an interface if it exists (test cleanup; ignores "not found").
     public static func deleteLink(_ name: String) {
         if exists(name) { run(["ip", "link", "del", "dev", name]) }

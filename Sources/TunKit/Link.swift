@@ -116,19 +116,10 @@ public enum Link {
         return Int32(hex, radix: 16).map(TunFlags.init(rawValue:))
     }
 
-    /// The statistics the kernel keeps for the interface, as `/sys/class/net/<name>/statistics`
-    /// lists them. Nil if the interface is gone.
-    public static func statistics(_ name: String) throws(SyscallError) -> [String: UInt64]? {
-        var out: [String: UInt64] = [:]
-        for key in Self.statisticsKeys {
-            guard let text = try readSmallFile(sysfs(name, "statistics/\(key)")) else { return nil }
-            out[key] = UInt64(text.trimmingWhitespace) ?? 0
-        }
-        return out
-    }
-
-    /// The same counters through one rtnetlink request (`RTM_GETLINK`, `IFLA_STATS64`); nil
-    /// if no interface has that index. The corresponding C function is `mqt_link_stats64`.
+    /// The statistics the kernel keeps for the interface (the counters `statisticsKeys` of
+    /// `/sys/class/net/<dev>/statistics`) through one rtnetlink request (`RTM_GETLINK`,
+    /// `IFLA_STATS64`); nil if no interface has that index. The corresponding C function is
+    /// `mqt_link_stats64`.
     public static func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
         var st = mqt_link_stats()
         let rc = mqt_link_stats64(Int32(ifindex), &st)
@@ -140,7 +131,7 @@ public enum Link {
         ]
     }
 
-    /// The files of `/sys/class/net/<dev>/statistics` the daemon reports.
+    /// The counters of `/sys/class/net/<dev>/statistics` the daemon reports.
     public static let statisticsKeys = [
         "rx_packets", "rx_bytes", "rx_errors", "rx_dropped",
         "tx_packets", "tx_bytes", "tx_errors", "tx_dropped",
