@@ -88,6 +88,8 @@ public struct APIError: Error, Equatable, Sendable {
     public var response: HTTPResponse {
         var headers: [(String, String)] = []
         if let allow { headers.append(("Allow", allow.joined(separator: ", "))) }
-        return .json(status, body, headers: headers)
+        var r = HTTPResponse.json(status, body, headers: headers)
+        r.errorInfo = (code, errno)
+        return r
     }
 }

@@ -7,6 +7,9 @@ public struct HTTPRequest: Sendable {
     /// Lower-cased header names.
     public var headers: [String: String]
     public var body: [UInt8]
+    /// For an error response made by `APIError`: its code and errno, carried for the request
+    /// log so that nothing parses the body back.
+    public var errorInfo: (code: String, errno: String?)?
 
     public init(method: String, path: String, headers: [String: String] = [:], body: [UInt8] = []) {
         self.method = method
@@ -22,6 +25,9 @@ public struct HTTPResponse: Sendable, Equatable {
     public var status: Int
     public var headers: [(String, String)]
     public var body: [UInt8]
+    /// For an error response made by `APIError`: its code and errno, carried for the request
+    /// log so that nothing parses the body back.
+    public var errorInfo: (code: String, errno: String?)?
 
     public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
         self.status = status
@@ -45,12 +51,6 @@ public struct HTTPResponse: Sendable, Equatable {
 
     public var json: JSON? { try? JSON.parse(body) }
 
-    /// For an error response made by `APIError`: its code and errno, for the request log.
-    public var errorInfo: (code: String, errno: String?)? {
-        guard status >= 400, case .string(let code)? = json?["error"]?["code"] else { return nil }
-        if case .string(let e)? = json?["error"]?["errno"] { return (code, e) }
-        return (code, nil)
-    }
 
     public static func == (a: HTTPResponse, b: HTTPResponse) -> Bool {
         a.status == b.status && a.body == b.body && a.headers.map { "\($0.0):\($0.1)" } == b.headers.map { "\($0.0):\($0.1)" }

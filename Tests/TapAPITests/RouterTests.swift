@@ -2,6 +2,7 @@
 import TapCore
 import TapTestSupport
 import Testing
+import TunKit
 import TapJSON
 
 /// The router over a manager on the fake driver: no root, no sockets.
@@ -154,5 +155,15 @@ struct RouterTests {
     func payloadTooLarge() {
         let r = APIError.payloadTooLarge(limit: 65536).response
         #expect(r.status == 413 && r.code == "payload_too_large")
+        #expect(r.errorInfo?.code == "payload_too_large" && r.errorInfo?.errno == nil)
+    }
+
+    @Test("error responses carry their code and errno for the request log; others carry none")
+    func errorInfo() throws {
+        let f = try RouterFixture()
+        #expect(f.call("GET", "/v1/devices/nope").errorInfo?.code == "not_found")
+        #expect(f.call("GET", "/v1/health").errorInfo == nil)
+        let kernel = APIError(ManagerError.kernel(device: "d", step: .openQueue, call: "open", errno: .ioError)).response
+        #expect(kernel.errorInfo?.code == kernel.code && kernel.errorInfo?.errno == "EIO")
     }
 }
