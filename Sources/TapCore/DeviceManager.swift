@@ -115,11 +115,22 @@ public final class DeviceManager: Sendable {
 
     public func devices() -> [DeviceInfo] {
         let snapshot = reapVanished(published.withLock { $0 })
-        return snapshot.devices.values.sorted { $0.name < $1.name }.map(Self.info)
+        return snapshot.devices.values.sorted { $0.name < $1.name }.map { Self.info(kernelLink($0)) }
     }
 
     public func device(_ name: String) throws(ManagerError) -> DeviceInfo {
-        Self.info(try liveSnapshot(name))
+        Self.info(kernelLink(try liveSnapshot(name)))
+    }
+
+    /// The entry with `up` and `mtu` as the kernel has them now: `ip link` may have changed
+    /// them behind the daemon's back. What was last set through the API stays where the
+    /// kernel cannot be asked (a device that is not active), and is what a restart applies.
+    private func kernelLink(_ entry: DeviceEntry) -> DeviceEntry {
+        guard entry.isActive else { return entry }
+        var e = entry
+        if let up = try? driver.isUp(e.name) { e.up = up }
+        if let mtu = try? driver.mtu(e.name) { e.mtu = mtu }
+        return e
     }
 
     public func queues(_ name: String) throws(ManagerError) -> [QueueInfo] {
@@ -212,21 +223,28 @@ public final class DeviceManager: Sendable {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: entry.queues.count)
                 }
             }
+            // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
+            // `ip link` changed behind the daemon's back.
+            let now = kernelLink(entry)
             var undo: [() -> Void] = []
-            if let up = patch.up, up != entry.up {
-                try step(name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(name, up) }
-                undo.append { [driver] in try? driver.setUp(name, !up) }
+            if let up = patch.up {
+                if up != now.up {
+                    try step(name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(name, up) }
+                    undo.append { [driver] in try? driver.setUp(name, !up) }
+                }
                 entry.up = up
             }
-            if let mtu = patch.mtu, mtu != entry.mtu {
-                let old = entry.mtu
-                do throws(ManagerError) {
-                    try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, mtu) }
-                } catch {
-                    undo.reversed().forEach { $0() }
-                    throw error
+            if let mtu = patch.mtu {
+                if mtu != now.mtu {
+                    let old = now.mtu
+                    do throws(ManagerError) {
+                        try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, mtu) }
+                    } catch {
+                        undo.reversed().forEach { $0() }
+                        throw error
+                    }
+                    undo.append { [driver] in try? driver.setMTU(name, old) }
                 }
-                undo.append { [driver] in try? driver.setMTU(name, old) }
                 entry.mtu = mtu
             }
             if let mode = patch.mode, mode != entry.mode {
@@ -235,7 +253,7 @@ public final class DeviceManager: Sendable {
             }
             if let m = patch.maxQueues { entry.maxQueues = m }
             state.devices[name] = entry
-            return Self.info(entry)
+            return Self.info(kernelLink(entry))
         }
     }
 

@@ -148,6 +148,12 @@ public final class FakeDriver: TunDriver, Sendable {
     public func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
         try withDevice(name, .setUp, "ioctl(SIOCSIFFLAGS)") { $0.up = up }
     }
+    public func isUp(_ name: String) throws(SyscallError) -> Bool {
+        try state.withLock { (s) throws(SyscallError) -> Bool in
+            guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFFLAGS)", errno: .noDevice) }
+            return d.up
+        }
+    }
     public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
         try withDevice(name, .setMTU, "ioctl(SIOCSIFMTU)") { $0.mtu = mtu }
     }

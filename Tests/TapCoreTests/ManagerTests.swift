@@ -239,6 +239,34 @@ struct ManagerTests {
         #expect(d.up && d.mtu == 2000 && d.mode == .echo)
     }
 
+    @Test("up and mtu read back as the kernel has them; a PATCH puts back what changed behind the back")
+    func linkBehindBack() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d"))
+        // What `ip link set d down mtu 9000` does: the driver changed, not through the manager.
+        try f.driver.setUp("d", false)
+        try f.driver.setMTU("d", 9000)
+        let seen = try f.manager.device("d")
+        #expect(!seen.up && seen.mtu == 9000)
+        #expect(f.manager.devices().map { [$0.up ? 1 : 0, $0.mtu] } == [[0, 9000]])
+
+        // The recorded values were up and 1500: a PATCH to them must still reach the kernel.
+        let sets = (f.driver.calls(.setUp), f.driver.calls(.setMTU))
+        let back = try f.manager.update("d", DevicePatch(up: true, mtu: 1500))
+        #expect(back.up && back.mtu == 1500)
+        #expect(f.driver.device("d")?.up == true && f.driver.device("d")?.mtu == 1500)
+        #expect((f.driver.calls(.setUp), f.driver.calls(.setMTU)) == (sets.0 + 1, sets.1 + 1))
+
+        // A PATCH to what the kernel already has asks nothing of it, but is recorded.
+        try f.driver.setMTU("d", 4000)
+        let mtuSets = f.driver.calls(.setMTU)
+        #expect(try f.manager.update("d", DevicePatch(mtu: 4000)).mtu == 4000)
+        #expect(f.driver.calls(.setMTU) == mtuSets)
+        // A PATCH of another field reports the kernel's values too.
+        try f.driver.setUp("d", false)
+        #expect(try !f.manager.update("d", DevicePatch(mode: .echo)).up)
+    }
+
     @Test("delete: persistent devices are cleared; unknown names are not found")
     func delete() throws {
         let f = try FakeFixture()

@@ -238,6 +238,18 @@ struct LifecycleTests {
         try f.manager.delete(name)
         try f.manager.delete(tun)
     }
+
+    @Test("ip link changes to up and mtu show in the API; a PATCH puts them back")
+    func linkChangedBehindBack() throws {
+        let f = try Fixture()
+        let dev = try f.quietDevice(queues: 2)
+        #expect(Host.run(["ip", "link", "set", "dev", dev.name, "down", "mtu", "9000"]).status == 0)
+        let seen = try f.manager.device(dev.name)
+        #expect(!seen.up && seen.mtu == 9000)
+        let back = try f.manager.update(dev.name, DevicePatch(up: true, mtu: 1500))
+        #expect(back.up && back.mtu == 1500)
+        #expect(try Link.isUp(dev.name) && Link.mtu(dev.name) == 1500)
+    }
 }
 
 /// The RLIMIT_NOFILE under which exactly `free` more fds can be opened: the limit bounds fd

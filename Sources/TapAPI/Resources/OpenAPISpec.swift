@@ -424,11 +424,19 @@ components:
         max_queues: { type: integer, minimum: 1, maximum: 256 }
         persist: { type: boolean }
         vnet_hdr: { type: boolean }
-        mtu: { type: integer }
+        mtu:
+          type: integer
+          description: >-
+            As the kernel has it now (an `ip link` change shows here). A restart of the daemon
+            applies the last value set through the API.
         mac:
           type: string
           description: TAP devices only.
-        up: { type: boolean }
+        up:
+          type: boolean
+          description: >-
+            Whether the link is up, as the kernel has it now. A restart of the daemon applies
+            the last value set through the API.
         mode: { $ref: "#/components/schemas/Mode" }
         ifindex:
           type: integer
