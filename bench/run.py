@@ -5,7 +5,7 @@ control plane under load, and a scale run. Writes bench/RESULTS.md and prints a 
 Every figure that matters is a ratio against a reference measured in the same run,
 alternating, several repetitions: these machines are shared and noisy.
 
-    python3 bench/run.py [--reps 3] [--seconds 3] [--quick] [--out bench/RESULTS.md]
+    python3 bench/run.py [--reps 7] [--seconds 2] [--quick] [--out bench/RESULTS.md]
 
 Needs root (it makes TAP devices), the release build of mqtapd, bench/gen and bench/ref
 (`make bench` builds all three), and wrk. Traffic goes only to the devices it creates.
@@ -740,8 +740,8 @@ def write_report(path, report, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=3)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=2)
     ap.add_argument("--quick", action="store_true", help="a smoke run: fewer cells, shorter windows")
     ap.add_argument("--out", default=os.path.join(BENCH, "RESULTS.md"))
     args = ap.parse_args()
