@@ -213,9 +213,12 @@ def data_plane(args, report):
             one_worker = Daemon(workers=1) if queues > 1 else None
             try:
                 for rep in range(args.reps):
-                    # Alternate, so drift on the machine hits all alike.
-                    ref.append(run_reference(f"{PREFIX}r", queues, size, args.seconds))
-                    dmn.append(run_daemon(daemon, f"{PREFIX}d", queues, size, args.seconds))
+                    # Alternate, so drift on the machine hits all alike; and swap which of the
+                    # two goes first every other repetition, so neither always follows the other.
+                    pair = [lambda: ref.append(run_reference(f"{PREFIX}r", queues, size, args.seconds)),
+                            lambda: dmn.append(run_daemon(daemon, f"{PREFIX}d", queues, size, args.seconds))]
+                    for run in pair if rep % 2 == 0 else reversed(pair):
+                        run()
                     if one_worker:
                         shared.append(run_daemon(one_worker, f"{PREFIX}s", queues, size, args.seconds))
                     else:
@@ -585,7 +588,8 @@ def write_report(path, report, args):
         "# mqtapd benchmark results",
         "",
         f"Machine: {machine()}. Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{args.reps} repetitions of {args.seconds} s per cell, reference and daemon alternating.",
+        f"{args.reps} repetitions of {args.seconds} s per cell, reference and daemon alternating (which goes first "
+        "swaps every repetition).",
         f"The generator (`bench/gen`, AF_PACKET + sendmmsg, 1024 flows) runs on CPU {GEN_CPU}; the receivers "
         f"(the C reference's `ref-q*` threads, mqtapd's `mqtapd-w*` workers, one per queue) on CPU {RX_CPU}.",
         "Received kpps is the kernel's `tx_packets` of the device over the window (the kernel counts a frame when a "
