@@ -53,7 +53,7 @@ bench/ref: bench/ref.c bench/tap.h
 bench/uring: bench/uring.c bench/tap.h
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
-# The benchmarks (about 10 minutes): writes bench/RESULTS.md. Needs root.
+# The benchmarks (about 8 minutes): writes bench/RESULTS.md. Needs root.
 bench: deps release bench-tools
 	python3 bench/run.py
 
