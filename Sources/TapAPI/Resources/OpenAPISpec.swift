@@ -46,7 +46,9 @@ paths:
       summary: Set the global per-device queue limit.
       description: |
         Caps every device's `max_queues`. Refused with 409 `limit_below_usage` if a device
-        already has more queues (detached ones count).
+        already has more queues (detached ones count), or asks for more: a device kept from the
+        state file as `conflict` or `failed` counts with the queues it would be made with, so
+        the refusal can name a device whose queues are not in `queues_in_use`.
       requestBody:
         required: true
         content:
@@ -339,7 +341,9 @@ components:
         queues_in_use:
           type: integer
           minimum: 0
-          description: Queues of all devices, detached ones included.
+          description: >-
+            Open queues of all devices, detached ones included (a `conflict` or `failed` device
+            has none open).
         open_files: { type: integer, minimum: 0 }
         open_files_limit: { type: integer, minimum: 0 }
     LimitsUpdate:
