@@ -28,15 +28,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define MAX_QUEUES 256
-
-struct queue {
-    int fd;
-    pthread_t thread;
-    int index;
-    _Alignas(64) volatile uint64_t frames;  // written by its thread only; read at exit
-    char pad[56];
-};
 
 static struct queue queues[MAX_QUEUES];
 static int use_epoll;
@@ -90,22 +81,5 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    // Signals are taken by sigwait in main only.
-    sigset_t set = block_stop_signals();
-    int fds[MAX_QUEUES];
-    if (make_multiqueue_tap(name, n, use_epoll, fds) < 0) return 1;
-    for (int i = 0; i < n; i++) {
-        queues[i].fd = fds[i];
-        queues[i].index = i;
-    }
-    for (int i = 0; i < n; i++) pthread_create(&queues[i].thread, NULL, reader, &queues[i]);
-    printf("ready\n");
-    fflush(stdout);
-
-    int sig;
-    sigwait(&set, &sig);
-    const volatile uint64_t *counts[MAX_QUEUES];
-    for (int i = 0; i < n; i++) counts[i] = &queues[i].frames;
-    print_counts(counts, n);
-    return 0;  // exit closes every fd; the device goes with the last one
+    return run_receivers(name, n, use_epoll, queues, reader);
 }

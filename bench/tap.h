@@ -4,6 +4,7 @@
 #define MQTAPD_BENCH_TAP_H
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <linux/if_tun.h>
 #include <net/if.h>
 #include <signal.h>
@@ -74,5 +75,41 @@ static sigset_t block_stop_signals(void) {
     sigaddset(&set, SIGINT);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     return set;
+}
+
+// The kernel's MAX_TAP_QUEUES.
+#define MAX_QUEUES 256
+
+// One receiving thread per queue, counting the frames it reads.
+struct queue {
+    int fd;
+    int index;
+    pthread_t thread;
+    _Alignas(64) volatile uint64_t frames;  // written by its thread only; read at exit
+    char pad[56];
+};
+
+// What a receiver's main does once its arguments are read: makes the device, starts
+// `reader` on each queue, prints "ready", and on SIGTERM/SIGINT prints the per-queue counts.
+// Returns main's exit code; the exit closes every fd, and the device goes with the last one.
+static int run_receivers(const char *name, int n, int nonblock, struct queue *queues,
+                         void *(*reader)(void *)) {
+    // Signals are taken by sigwait here only.
+    sigset_t set = block_stop_signals();
+    int fds[MAX_QUEUES];
+    if (n > MAX_QUEUES || make_multiqueue_tap(name, n, nonblock, fds) < 0) return 1;
+    for (int i = 0; i < n; i++) {
+        queues[i].fd = fds[i];
+        queues[i].index = i;
+    }
+    for (int i = 0; i < n; i++) pthread_create(&queues[i].thread, NULL, reader, &queues[i]);
+    printf("ready\n");
+    fflush(stdout);
+    int sig;
+    sigwait(&set, &sig);
+    const volatile uint64_t *counts[MAX_QUEUES];
+    for (int i = 0; i < n; i++) counts[i] = &queues[i].frames;
+    print_counts(counts, n);
+    return 0;
 }
 #endif

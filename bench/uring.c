@@ -28,14 +28,9 @@
 #define OP_READ_MULTISHOT 49  // not yet in Debian 12's kernel headers
 #define NBUF 512
 #define BUFSZ 2048
-#define MAX_QUEUES 64
+#define URING_MAX_QUEUES 64  // each queue maps its own ring and buffers
 
-struct queue {
-    int fd, index;
-    pthread_t thread;
-    _Alignas(64) volatile uint64_t frames;
-};
-static struct queue queues[MAX_QUEUES];
+static struct queue queues[URING_MAX_QUEUES];
 
 static void *reader(void *arg) {
     struct queue *q = arg;
@@ -112,21 +107,6 @@ static void *reader(void *arg) {
 int main(int argc, char **argv) {
     const char *name;
     int n;
-    parse_receiver_args(argc, argv, "uring", MAX_QUEUES, &name, &n);
-    sigset_t set = block_stop_signals();
-    int fds[MAX_QUEUES];
-    if (make_multiqueue_tap(name, n, 1, fds) < 0) return 1;
-    for (int i = 0; i < n; i++) {
-        queues[i].fd = fds[i];
-        queues[i].index = i;
-    }
-    for (int i = 0; i < n; i++) pthread_create(&queues[i].thread, NULL, reader, &queues[i]);
-    printf("ready\n");
-    fflush(stdout);
-    int sig;
-    sigwait(&set, &sig);
-    const volatile uint64_t *counts[MAX_QUEUES];
-    for (int i = 0; i < n; i++) counts[i] = &queues[i].frames;
-    print_counts(counts, n);
-    return 0;
+    parse_receiver_args(argc, argv, "uring", URING_MAX_QUEUES, &name, &n);
+    return run_receivers(name, n, 1, queues, reader);
 }
