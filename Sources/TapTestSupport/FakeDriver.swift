@@ -145,32 +145,31 @@ public final class FakeDriver: TunDriver, Sendable {
         }
     }
 
+    /// A getter: no failure injection, only "no such device".
+    private func read<T>(_ name: String, _ call: String, _ field: (Device) -> T) throws(SyscallError) -> T {
+        try state.withLock { (s) throws(SyscallError) -> T in
+            guard let d = s.devices[name] else { throw SyscallError(call: call, errno: .noDevice) }
+            return field(d)
+        }
+    }
+
     public func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
         try withDevice(name, .setUp, "ioctl(SIOCSIFFLAGS)") { $0.up = up }
     }
     public func isUp(_ name: String) throws(SyscallError) -> Bool {
-        try state.withLock { (s) throws(SyscallError) -> Bool in
-            guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFFLAGS)", errno: .noDevice) }
-            return d.up
-        }
+        try read(name, "ioctl(SIOCGIFFLAGS)") { $0.up }
     }
     public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
         try withDevice(name, .setMTU, "ioctl(SIOCSIFMTU)") { $0.mtu = mtu }
     }
     public func mtu(_ name: String) throws(SyscallError) -> Int {
-        try state.withLock { (s) throws(SyscallError) -> Int in
-            guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFMTU)", errno: .noDevice) }
-            return d.mtu
-        }
+        try read(name, "ioctl(SIOCGIFMTU)") { $0.mtu }
     }
     public func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
         try withDevice(name, .setMAC, "ioctl(SIOCSIFHWADDR)") { $0.mac = mac }
     }
     public func mac(_ name: String) throws(SyscallError) -> [UInt8] {
-        try state.withLock { (s) throws(SyscallError) -> [UInt8] in
-            guard let d = s.devices[name] else { throw SyscallError(call: "ioctl(SIOCGIFHWADDR)", errno: .noDevice) }
-            return d.mac
-        }
+        try read(name, "ioctl(SIOCGIFHWADDR)") { $0.mac }
     }
     public func ifindex(_ name: String) throws(SyscallError) -> Int {
         try withDevice(name, .ifindex, "ioctl(SIOCGIFINDEX)") { $0.ifindex }
