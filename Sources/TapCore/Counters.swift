@@ -2,11 +2,12 @@ import CCounters
 
 /// One queue's counter block: one cache line, written only by the queue's worker (relaxed
 /// stores, no read-modify-write needed with a single writer) and read lock-free by anyone.
+/// The only code that touches `mqt_counters`.
 public final class CounterBlock: @unchecked Sendable {
-    // SAFETY (@unchecked): the memory is written only through `mqt_counter_add` by the one
-    // worker that owns the queue, and read only through `mqt_counter_load`; both are
-    // 64-bit relaxed atomics, so readers never see a torn value and never race on the line.
-    let pointer: UnsafeMutablePointer<mqt_counters>
+    // SAFETY (@unchecked): the memory is written only through `Writer` by the one worker
+    // that owns the queue, and read only through `read()`; both are 64-bit relaxed atomics,
+    // so readers never see a torn value and never race on the line.
+    private let pointer: UnsafeMutablePointer<mqt_counters>
 
     public init() {
         // Aligned to 64 bytes and 64 bytes long: each block is a cache line of its own.
@@ -33,4 +34,30 @@ public final class CounterBlock: @unchecked Sendable {
 
     /// The address, for the test that checks each block has a cache line of its own.
     public var address: UInt { UInt(bitPattern: pointer) }
+
+    /// The writer side, for the queue's one worker: a plain pointer, so the packet path
+    /// touches no reference count. The worker keeps the block alive while it holds this.
+    var writer: Writer { Writer(pointer) }
+
+    /// Adds to one block's counters. Only the queue's worker holds one.
+    struct Writer {
+        private let p: UnsafeMutablePointer<mqt_counters>
+
+        fileprivate init(_ p: UnsafeMutablePointer<mqt_counters>) { self.p = p }
+
+        /// A frame of `bytes` read from the queue.
+        @inline(__always) func received(_ bytes: Int) {
+            mqt_counter_add(&p.pointee.rx_packets, 1)
+            mqt_counter_add(&p.pointee.rx_bytes, UInt64(bytes))
+        }
+
+        /// A frame of `bytes` written into the queue.
+        @inline(__always) func sent(_ bytes: Int) {
+            mqt_counter_add(&p.pointee.tx_packets, 1)
+            mqt_counter_add(&p.pointee.tx_bytes, UInt64(bytes))
+        }
+
+        @inline(__always) func readFailed() { mqt_counter_add(&p.pointee.rx_errors, 1) }
+        @inline(__always) func writeFailed() { mqt_counter_add(&p.pointee.tx_errors, 1) }
+    }
 }

@@ -248,7 +248,7 @@ public final class DeviceManager: Sendable {
                 entry.mtu = mtu
             }
             if let mode = patch.mode, mode != entry.mode {
-                for q in entry.queues.values where q.enabled { pool.setMode(key: q.key, mode, on: q.worker) }
+                for q in entry.queues.values where q.enabled { pool.setAction(key: q.key, QueueAction.of(mode, kind: entry.kind, vnetHdr: entry.vnetHdr), on: q.worker) }
                 entry.mode = mode
             }
             if let m = patch.maxQueues { entry.maxQueues = m }
@@ -677,8 +677,8 @@ public final class DeviceManager: Sendable {
     }
 
     private func polled(_ q: QueueEntry, of entry: DeviceEntry) -> PolledQueue {
-        PolledQueue(key: q.key, device: entry.key, fd: q.fd, counters: q.counters, mode: entry.mode,
-                    macOffset: entry.kind == .tap ? (entry.vnetHdr ? Self.vnetHeaderSize : 0) : nil)
+        PolledQueue(key: q.key, device: entry.key, fd: q.fd, counters: q.counters,
+                    action: QueueAction.of(entry.mode, kind: entry.kind, vnetHdr: entry.vnetHdr))
     }
 
     /// `sizeof(struct virtio_net_hdr)`, the kernel's default vnet header size.

@@ -3,9 +3,11 @@ import Glibc
 #endif
 import CTunLinux
 
-/// An epoll instance. Owned by exactly one worker; `close()` is called once by that owner.
-public struct Epoll: Sendable {
+/// An epoll instance, and the owner of its fd: closed once, when the owner goes.
+public struct Epoll: ~Copyable, Sendable {
     public let fd: Int32
+
+    deinit { closeFD(fd) }
 
     /// The corresponding C function is `epoll_create1(EPOLL_CLOEXEC)`.
     public init() throws(SyscallError) {
@@ -65,12 +67,14 @@ public struct Epoll: Sendable {
         throw SyscallError(call: "epoll_wait", errno: err)
     }
 
-    public func close() { closeFD(fd) }
 }
 
-/// An eventfd used as a doorbell: the control path rings it, the worker drains it.
-public struct EventFD: Sendable {
+/// An eventfd used as a doorbell (the control path rings it, a worker drains it), and the
+/// owner of its fd: closed once, when the owner goes.
+public struct EventFD: ~Copyable, Sendable {
     public let fd: Int32
+
+    deinit { closeFD(fd) }
 
     /// The corresponding C function is `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
     public init() throws(SyscallError) {
@@ -94,6 +98,4 @@ public struct EventFD: Sendable {
         var value: UInt64 = 0
         _ = Glibc.read(fd, &value, 8)
     }
-
-    public func close() { closeFD(fd) }
 }

@@ -1,0 +1,21 @@
+/// What a worker does with each frame it reads from a queue. A new way of handling frames is
+/// one new case here and one arm in `Worker.readOne`.
+enum QueueAction: Sendable, Equatable {
+    /// Count and drop.
+    case sink
+    /// Write the frame back into the queue it came from. `macOffset` is where the Ethernet
+    /// header starts (after a vnet header, if any), so the addresses can be swapped and the
+    /// frame goes back to its sender; nil for TUN, whose frames have no MAC addresses.
+    case echo(macOffset: Int?)
+
+    /// `sizeof(struct virtio_net_hdr)`, the kernel's default vnet header size.
+    static let vnetHeaderSize = 10
+
+    /// The action for a device's mode.
+    static func of(_ mode: DeviceMode, kind: DeviceKind, vnetHdr: Bool) -> QueueAction {
+        switch mode {
+        case .sink: return .sink
+        case .echo: return .echo(macOffset: kind == .tap ? (vnetHdr ? vnetHeaderSize : 0) : nil)
+        }
+    }
+}

@@ -1,0 +1,86 @@
+import TunKit
+
+/// A worker's queues, by slot index (the epoll token) and by key (how commands name them).
+/// Only the worker's thread touches it.
+struct SlotTable {
+    struct Slot {
+        var key: UInt64 = 0
+        var device: UInt64 = 0
+        /// Borrowed from the queue's owner, which keeps it open until the slot is removed.
+        var fd: Int32 = -1
+        var counters = CounterBlock.Writer?.none
+        /// Keeps the block `counters` writes to alive while the slot points at it.
+        var owner: CounterBlock?
+        var action = QueueAction.sink
+        /// The worker reads this queue.
+        var polled = false
+        /// The fd is in the epoll set (a solo queue is not).
+        var watched = false
+        /// Rate limit of error reports: when the last went out, and failures since.
+        var lastReport: UInt64 = 0
+        var unreported: UInt64 = 0
+    }
+
+    private(set) var slots: [Slot] = []
+    private var free: [Int] = []
+    private var byKey: [UInt64: Int] = [:]
+    /// Slots being read; kept as a count because the loop looks at it on every turn.
+    private(set) var polledCount = 0
+
+    @inline(__always) subscript(s: Int) -> Slot {
+        get { slots[s] }
+        _modify { yield &slots[s] }
+    }
+
+    /// Whether `s` names a slot that is being read (an epoll token may be stale).
+    @inline(__always) func isPolled(_ s: Int) -> Bool { s < slots.count && slots[s].polled }
+
+    /// The slot of the only polled queue, when there is exactly one.
+    var onlyPolled: Int? { polledCount == 1 ? slots.firstIndex(where: \.polled) : nil }
+
+    /// A slot for `q`, not yet polled.
+    mutating func insert(_ q: PolledQueue) -> Int {
+        let s: Int
+        if let f = free.popLast() {
+            s = f
+        } else {
+            slots.append(Slot())
+            s = slots.count - 1
+        }
+        slots[s] = Slot(key: q.key, device: q.device, fd: q.fd, counters: q.counters.writer, owner: q.counters,
+                        action: q.action)
+        return s
+    }
+
+    /// Marks a slot as read (after its fd is watched or it goes solo).
+    mutating func startPolling(_ s: Int) {
+        slots[s].polled = true
+        polledCount += 1
+        byKey[slots[s].key] = s
+    }
+
+    /// Stops reading a slot but keeps it (a vanished queue, until the control path removes it).
+    mutating func stopPolling(_ s: Int) {
+        guard slots[s].polled else { return }
+        slots[s].polled = false
+        polledCount -= 1
+    }
+
+    /// Frees a slot that was inserted but never polled.
+    mutating func discard(_ s: Int) {
+        slots[s] = Slot()
+        free.append(s)
+    }
+
+    func slot(key: UInt64) -> Int? { byKey[key] }
+
+    /// Forgets the slot of `key`; returns it as it was, for the caller to unwatch its fd.
+    mutating func remove(key: UInt64) -> Slot? {
+        guard let s = byKey.removeValue(forKey: key) else { return nil }
+        let old = slots[s]
+        if old.polled { polledCount -= 1 }
+        slots[s] = Slot()
+        free.append(s)
+        return old
+    }
+}
