@@ -41,7 +41,8 @@ struct Body {
     func int(_ key: String, in range: ClosedRange<Int>? = nil) throws(APIError) -> Int? {
         guard let v = object[key] else { return nil }
         guard case .int(let i) = v else { throw APIError.invalidField(key, "must be an integer, not \(v.typeName)") }
-        if let range, !range.contains(Int(i)) {
+        // Compared as Int64, before any conversion or arithmetic: no value traps.
+        if let range, !(Int64(range.lowerBound)...Int64(range.upperBound)).contains(i) {
             throw APIError.invalidField(key, "must be between \(range.lowerBound) and \(range.upperBound)")
         }
         return Int(i)

@@ -44,14 +44,41 @@ public enum Route: Equatable, Sendable {
         }
     }
 
-    public var allowed: [String] {
+    /// The device a route names, if any.
+    public var device: String? {
         switch self {
-        case .health, .stats, .metrics, .spec: return ["GET"]
-        case .limits: return ["GET", "PUT"]
-        case .devices, .queues: return ["GET", "POST"]
-        case .device, .queue: return ["GET", "PATCH", "DELETE"]
+        case .device(let n), .queues(let n), .queue(let n, _), .stats(let n): return n
+        case .health, .limits, .devices, .metrics, .spec: return nil
         }
     }
+
+    /// The queue id a route names, if any.
+    public var queueID: Int? {
+        if case .queue(_, let id) = self { return id }
+        return nil
+    }
+
+    /// The route without its parameters: what the router's table is keyed by.
+    public enum Kind: Hashable, Sendable {
+        case health, limits, devices, device, queues, queue, stats, metrics, spec
+    }
+
+    public var kind: Kind {
+        switch self {
+        case .health: return .health
+        case .limits: return .limits
+        case .devices: return .devices
+        case .device: return .device
+        case .queues: return .queues
+        case .queue: return .queue
+        case .stats: return .stats
+        case .metrics: return .metrics
+        case .spec: return .spec
+        }
+    }
+
+    /// The methods the route answers, as the router's table has them (for `Allow`).
+    public var allowed: [String] { Router.methods(of: kind) }
 }
 
 /// Turns requests into responses: one exhaustive match of route and method, and the one
@@ -73,31 +100,52 @@ public struct Router: Sendable {
         }
     }
 
+    /// A handler gets the manager, the parsed route (for its parameters) and the request.
+    typealias Handler = @Sendable (DeviceManager, Route, HTTPRequest) throws -> HTTPResponse
+
+    /// Every (route, method) the API answers, and who answers it. `Allow` is derived from
+    /// this table, so a method is allowed exactly where a handler exists.
+    static let table: [Route.Kind: [(method: String, handler: Handler)]] = [
+        .health: [("GET", { _, _, _ in HealthResource.get() })],
+        .limits: [
+            ("GET", { m, _, _ in LimitsResource.get(m) }),
+            ("PUT", { m, _, r in try LimitsResource.put(m, r) }),
+        ],
+        .devices: [
+            ("GET", { m, _, _ in DevicesResource.list(m) }),
+            ("POST", { m, _, r in try DevicesResource.create(m, r) }),
+        ],
+        .device: [
+            ("GET", { m, route, _ in try DevicesResource.get(m, route.device!) }),
+            ("PATCH", { m, route, r in try DevicesResource.patch(m, route.device!, r) }),
+            ("DELETE", { m, route, _ in try DevicesResource.delete(m, route.device!) }),
+        ],
+        .queues: [
+            ("GET", { m, route, _ in try QueuesResource.list(m, route.device!) }),
+            ("POST", { m, route, r in try QueuesResource.add(m, route.device!, r) }),
+        ],
+        .queue: [
+            ("GET", { m, route, _ in try QueuesResource.get(m, route.device!, route.queueID!) }),
+            ("PATCH", { m, route, r in try QueuesResource.patch(m, route.device!, route.queueID!, r) }),
+            ("DELETE", { m, route, _ in try QueuesResource.delete(m, route.device!, route.queueID!) }),
+        ],
+        .stats: [("GET", { m, route, _ in try StatsResource.get(m, route.device!) })],
+        .metrics: [("GET", { m, _, _ in MetricsResource.get(m) })],
+        .spec: [("GET", { _, _, _ in SpecResource.get() })],
+    ]
+
+    static func methods(of kind: Route.Kind) -> [String] { table[kind, default: []].map(\.method) }
+
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {
         guard let route = Route(path: r.path) else { throw APIError.notFound("no such path: \(r.path)") }
-        guard route.allowed.contains(r.method) else { throw APIError.methodNotAllowed(r.method, allow: route.allowed) }
+        let endpoints = Self.table[route.kind, default: []]
+        guard let handler = endpoints.first(where: { $0.method == r.method })?.handler else {
+            throw APIError.methodNotAllowed(r.method, allow: endpoints.map(\.method))
+        }
         if ["POST", "PUT", "PATCH"].contains(r.method) && !r.body.isEmpty && !Self.isJSON(r.contentType) {
             throw APIError.unsupportedMediaType(r.contentType)
         }
-        let m = manager
-        switch (route, r.method) {
-        case (.health, _): return HealthResource.get()
-        case (.limits, "GET"): return LimitsResource.get(m)
-        case (.limits, _): return try LimitsResource.put(m, r)
-        case (.devices, "GET"): return DevicesResource.list(m)
-        case (.devices, _): return try DevicesResource.create(m, r)
-        case (.device(let n), "GET"): return try DevicesResource.get(m, n)
-        case (.device(let n), "PATCH"): return try DevicesResource.patch(m, n, r)
-        case (.device(let n), _): return try DevicesResource.delete(m, n)
-        case (.queues(let n), "GET"): return try QueuesResource.list(m, n)
-        case (.queues(let n), _): return try QueuesResource.add(m, n, r)
-        case (.queue(let n, let id), "GET"): return try QueuesResource.get(m, n, id)
-        case (.queue(let n, let id), "PATCH"): return try QueuesResource.patch(m, n, id, r)
-        case (.queue(let n, let id), _): return try QueuesResource.delete(m, n, id)
-        case (.stats(let n), _): return try StatsResource.get(m, n)
-        case (.metrics, _): return MetricsResource.get(m)
-        case (.spec, _): return SpecResource.get()
-        }
+        return try handler(manager, route, r)
     }
 
     /// `application/json`, with or without parameters (`; charset=utf-8`).

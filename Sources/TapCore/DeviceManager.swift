@@ -163,7 +163,7 @@ public final class DeviceManager: Sendable {
 
     public func create(_ spec: DeviceSpec) throws(ManagerError) -> DeviceInfo {
         try Validate.name(spec.name)
-        guard spec.queues >= 1 else { throw .invalidField(field: "queues", reason: "must be at least 1") }
+        try Validate.queueCount(spec.queues, field: "queues")
         if let m = spec.maxQueues { try Validate.maxQueues(m) }
         if let mtu = spec.mtu { try Validate.mtu(mtu) }
         if let mac = spec.mac {
@@ -259,7 +259,7 @@ public final class DeviceManager: Sendable {
 
     /// Adds `count` queues with the smallest free ids.
     public func addQueues(_ name: String, count: Int = 1) throws(ManagerError) -> [QueueInfo] {
-        guard count >= 1 else { throw .invalidField(field: "count", reason: "must be at least 1") }
+        try Validate.queueCount(count, field: "count")
         return try change { (state) throws(ManagerError) in
             var entry = try live(name, in: &state)
             let limit = min(entry.maxQueues, state.maxQueues)

@@ -204,6 +204,17 @@ public enum Validate {
     /// take 14 bytes more; one range for both keeps the rule simple to state and to check.
     public static let mtuRange = 68...65521
 
+    /// Queue counts and limits: 1 up to the kernel's `MAX_TAP_QUEUES`.
+    public static let queueCountRange = 1...Tun.kernelMaxQueues
+
+    /// A count of queues (`queues`, `count`): within `queueCountRange`, so no later sum of
+    /// counts can overflow.
+    public static func queueCount(_ n: Int, field: String) throws(ManagerError) {
+        guard queueCountRange.contains(n) else {
+            throw .invalidField(field: field, reason: "must be between 1 and \(Tun.kernelMaxQueues)")
+        }
+    }
+
     /// 1–15 characters of `[A-Za-z0-9_.-]`, starting with a letter. The kernel would
     /// truncate a longer name and expand `%d`, and `/` or spaces would break sysfs paths.
     public static func name(_ name: String) throws(ManagerError) {
@@ -231,8 +242,6 @@ public enum Validate {
 
     /// `max_queues` must be something the kernel could ever honour.
     public static func maxQueues(_ n: Int, field: String = "max_queues") throws(ManagerError) {
-        guard (1...Tun.kernelMaxQueues).contains(n) else {
-            throw .invalidField(field: field, reason: "must be between 1 and \(Tun.kernelMaxQueues)")
-        }
+        try queueCount(n, field: field)
     }
 }

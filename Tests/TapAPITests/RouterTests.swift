@@ -166,4 +166,59 @@ struct RouterTests {
         let kernel = APIError(ManagerError.kernel(device: "d", step: .openQueue, call: "open", errno: .ioError)).response
         #expect(kernel.errorInfo?.code == kernel.code && kernel.errorInfo?.errno == "EIO")
     }
+
+    @Test("a value outside the schema's range is 400 invalid_field naming the field, and changes nothing", arguments: [
+        ("POST", "/v1/devices", #"{"name":"r","queues":0}"#, "queues"),
+        ("POST", "/v1/devices", #"{"name":"r","queues":257}"#, "queues"),
+        ("POST", "/v1/devices", #"{"name":"r","queues":300}"#, "queues"),
+        ("POST", "/v1/devices", #"{"name":"r","queues":-9223372036854775808}"#, "queues"),
+        ("POST", "/v1/devices", #"{"name":"r","max_queues":0}"#, "max_queues"),
+        ("POST", "/v1/devices", #"{"name":"r","max_queues":257}"#, "max_queues"),
+        ("POST", "/v1/devices", #"{"name":"r","mtu":67}"#, "mtu"),
+        ("POST", "/v1/devices", #"{"name":"r","mtu":65522}"#, "mtu"),
+        ("PATCH", "/v1/devices/d", #"{"max_queues":0}"#, "max_queues"),
+        ("PATCH", "/v1/devices/d", #"{"max_queues":257}"#, "max_queues"),
+        ("PATCH", "/v1/devices/d", #"{"mtu":67}"#, "mtu"),
+        ("PATCH", "/v1/devices/d", #"{"mtu":9223372036854775807}"#, "mtu"),
+        ("PUT", "/v1/limits", #"{"max_queues":0}"#, "max_queues"),
+        ("PUT", "/v1/limits", #"{"max_queues":257}"#, "max_queues"),
+        ("POST", "/v1/devices/d/queues", #"{"count":0}"#, "count"),
+        ("POST", "/v1/devices/d/queues", #"{"count":257}"#, "count"),
+        ("POST", "/v1/devices/d/queues", #"{"count":9223372036854775807}"#, "count"),
+    ])
+    func outOfSchema(_ method: String, _ path: String, _ body: String, _ field: String) throws {
+        let f = try RouterFixture()
+        #expect(f.call("POST", "/v1/devices", #"{"name":"d","queues":2}"#).status == 201)
+        let before = f.call("GET", "/v1/devices").body
+        let limits = f.call("GET", "/v1/limits").body
+        let r = f.call(method, path, body)
+        #expect(r.status == 400 && r.code == "invalid_field")
+        #expect(r.json?["error"]?["field"] == .string(field))
+        #expect(f.call("GET", "/v1/devices").body == before)
+        #expect(f.call("GET", "/v1/limits").body == limits)
+        #expect(f.driver.openFDs == 2)
+    }
+
+    @Test("Allow comes from the routing table: every route kind has handlers, and each listed method is served")
+    func routingTable() throws {
+        let f = try RouterFixture()
+        let samples: [Route.Kind: String] = [
+            .health: "/v1/health", .limits: "/v1/limits", .devices: "/v1/devices", .device: "/v1/devices/x",
+            .queues: "/v1/devices/x/queues", .queue: "/v1/devices/x/queues/0", .stats: "/v1/devices/x/stats",
+            .metrics: "/metrics", .spec: "/openapi.yaml",
+        ]
+        for (kind, path) in samples {
+            #expect(Route(path: path)?.kind == kind)
+            let methods = Router.methods(of: kind)
+            #expect(!methods.isEmpty)
+            for m in ["GET", "PUT", "POST", "PATCH", "DELETE", "HEAD", "OPTIONS"] {
+                let r = f.call(m, path, m == "GET" || m == "DELETE" ? nil : "{}")
+                if methods.contains(m) {
+                    #expect(r.status != 405, "\(m) \(path)")
+                } else {
+                    #expect(r.status == 405 && r.header("Allow") == methods.joined(separator: ", "), "\(m) \(path)")
+                }
+            }
+        }
+    }
 }

@@ -100,7 +100,12 @@ def test_queue_limit_at_256_and_at_a_lowered_limit(daemon, api, name):
     r = api.post(f"/v1/devices/{n}/queues")
     assert r.status == 409 and r.code == "queue_limit_exceeded", r
     assert net.kernel_queue_count(n) == 256
-    assert api.post("/v1/devices", {"name": name(), "queues": 257}).code == "queue_limit_exceeded"
+    # Outside the schema (1..256) is a malformed value, not a state conflict.
+    r = api.post("/v1/devices", {"name": name(), "queues": 257})
+    assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == "queues", r
+    r = api.post(f"/v1/devices/{n}/queues", {"count": 9223372036854775807})
+    assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == "count", r
+    assert net.kernel_queue_count(n) == 256
     assert api.delete(f"/v1/devices/{n}").status == 204
     assert net.settle(lambda: net.open_fds(daemon.pid) <= fds), "the 256 queue fds are closed"
 

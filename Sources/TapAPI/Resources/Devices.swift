@@ -6,17 +6,17 @@ enum DevicesResource {
     static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode"]
     static let patchFields = ["max_queues", "up", "mtu", "mode"]
 
-    /// DeviceSpec from a POST body. Types are checked here; ranges and names by the manager,
-    /// which owns those rules.
+    /// DeviceSpec from a POST body. Types and the schema's ranges are checked here, before
+    /// any arithmetic; names and the rules that depend on state by the manager.
     static func decodeSpec(_ bytes: [UInt8]) throws(APIError) -> DeviceSpec {
         let b = try Body(bytes, allowed: specFields)
         var spec = DeviceSpec(name: try b.required("name", b.string("name")))
         if let kind = try b.oneOf("type", DeviceKind.self) { spec.kind = kind }
-        if let q = try b.int("queues") { spec.queues = q }
-        spec.maxQueues = try b.int("max_queues")
+        if let q = try b.int("queues", in: Validate.queueCountRange) { spec.queues = q }
+        spec.maxQueues = try b.int("max_queues", in: Validate.queueCountRange)
         if let p = try b.bool("persist") { spec.persist = p }
         if let v = try b.bool("vnet_hdr") { spec.vnetHdr = v }
-        spec.mtu = try b.int("mtu")
+        spec.mtu = try b.int("mtu", in: Validate.mtuRange)
         if let text = try b.string("mac") {
             guard let mac = MACAddress(text) else {
                 throw APIError.invalidField("mac", "must be six hex bytes like 02:00:00:00:00:01")
@@ -30,7 +30,8 @@ enum DevicesResource {
 
     static func decodePatch(_ bytes: [UInt8]) throws(APIError) -> DevicePatch {
         let b = try Body(bytes, allowed: patchFields)
-        return DevicePatch(maxQueues: try b.int("max_queues"), up: try b.bool("up"), mtu: try b.int("mtu"),
+        return DevicePatch(maxQueues: try b.int("max_queues", in: Validate.queueCountRange), up: try b.bool("up"),
+                           mtu: try b.int("mtu", in: Validate.mtuRange),
                            mode: try b.oneOf("mode", DeviceMode.self))
     }
 

@@ -5,7 +5,7 @@ import TapJSON
 enum LimitsResource {
     static func decodePut(_ bytes: [UInt8]) throws(APIError) -> Int {
         let b = try Body(bytes, allowed: ["max_queues"])
-        return try b.required("max_queues", b.int("max_queues"))
+        return try b.required("max_queues", b.int("max_queues", in: Validate.queueCountRange))
     }
 
     static func encode(_ l: LimitsInfo) -> JSON {

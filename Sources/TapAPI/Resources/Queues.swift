@@ -6,7 +6,7 @@ enum QueuesResource {
     /// POST body: optional `{"count": k}`.
     static func decodeAdd(_ bytes: [UInt8]) throws(APIError) -> Int {
         let b = try Body(bytes, allowed: ["count"], required: false)
-        return try b.int("count") ?? 1
+        return try b.int("count", in: Validate.queueCountRange) ?? 1
     }
 
     /// PATCH body: `{"enabled": bool}`.
