@@ -69,8 +69,16 @@ public struct APIError: Error, Equatable, Sendable {
             self.init(409, "last_queue", e.message)
         case .resourceExhausted:
             self.init(503, "resource_exhausted", e.message, errno: errno)
-        case .deviceUnavailable:
-            self.init(409, "name_conflict", e.message, field: "name")
+        case .deviceNotActive:
+            self.init(409, "device_not_active", e.message)
+        case .featureMissing(_, let field):
+            if let field {
+                self.init(400, "feature_unsupported", e.message, field: field)
+            } else {
+                self.init(500, "feature_unsupported", e.message)
+            }
+        case .shuttingDown:
+            self.init(503, "shutting_down", e.message)
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:

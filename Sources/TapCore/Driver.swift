@@ -24,10 +24,12 @@ public protocol TunDriver: Sendable {
     func isBound(_ fd: Int32) -> Bool
     /// The kernel's device counters (`/sys/class/net/<dev>/statistics`); nil if the device
     /// is gone.
-    func statistics(ifindex: Int) -> [String: UInt64]?
+    func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]?
     /// What has the name now: nothing, a tun/tap device (with its `tun_flags`), or another
     /// kind of interface.
-    func interface(_ name: String) -> InterfaceState
+    func interface(_ name: String) throws(SyscallError) -> InterfaceState
+    /// The `IFF_*` flags the kernel's tun driver supports (`TUNGETFEATURES`).
+    func features() throws(SyscallError) -> TunFlags
 }
 
 public enum InterfaceState: Equatable, Sendable {
@@ -65,10 +67,13 @@ public struct LinuxTunDriver: TunDriver {
             return error.errno != .badFileDescriptorState
         }
     }
-    public func statistics(ifindex: Int) -> [String: UInt64]? { (try? Link.statistics(ifindex: ifindex)) ?? nil }
-    public func interface(_ name: String) -> InterfaceState {
-        guard case .some(.some) = try? Link.sysfsIfindex(name) else { return .absent }
-        guard case .some(.some(let flags)) = try? Link.tunFlags(name) else { return .other }
+    public func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
+        try Link.statistics(ifindex: ifindex)
+    }
+    public func interface(_ name: String) throws(SyscallError) -> InterfaceState {
+        guard try Link.sysfsIfindex(name) != nil else { return .absent }
+        guard let flags = try Link.tunFlags(name) else { return .other }
         return .tun(flags)
     }
+    public func features() throws(SyscallError) -> TunFlags { try Tun.features() }
 }

@@ -8,9 +8,13 @@ public enum DeviceStep: String, Sendable, Hashable {
     case setPersist = "set persist"
     case setMAC = "set MAC address"
     case setMTU = "set MTU"
+    case readMTU = "read MTU"
+    case readMAC = "read MAC address"
     case setLinkUp = "set link state"
     case readIfindex = "read ifindex"
     case pollQueue = "poll queue"
+    /// Looking at what has the name now (sysfs), before restoring a device.
+    case inspect = "inspect interface"
 }
 
 /// Everything the manager can refuse or fail with. The API maps each case to one HTTP
@@ -33,8 +37,13 @@ public enum ManagerError: Error, Equatable, Sendable {
     case lastQueue(device: String, id: Int)
     /// The process or the system ran out of something (EMFILE, ENFILE, ENOMEM, ENOBUFS).
     case resourceExhausted(device: String, step: DeviceStep, call: String, errno: Errno)
-    /// The device is known from the state file but not managed (its status says why).
-    case deviceUnavailable(name: String, reason: String)
+    /// The device is kept from the state file but not held (its status says why).
+    case deviceNotActive(name: String, status: DeviceStatus)
+    /// The kernel lacks a tun feature (`TUNGETFEATURES`); `field` names the spec field that
+    /// asks for it, nil when the daemon itself needs it.
+    case featureMissing(feature: String, field: String?)
+    /// The manager is stopping: no change is accepted any more.
+    case shuttingDown
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -53,6 +62,7 @@ public enum ManagerError: Error, Equatable, Sendable {
     public var field: String? {
         switch self {
         case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _), .aboveGlobalLimit(let f, _, _): return f
+        case .featureMissing(_, let f): return f
         default: return nil
         }
     }
@@ -81,8 +91,12 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "queue \(id) is the last queue of \(device); delete the device instead"
         case .resourceExhausted(let device, let step, let call, _):
             return "out of resources: \(step.rawValue) for \(device) failed in \(call)"
-        case .deviceUnavailable(let name, let reason):
-            return "\(name) is not managed: \(reason)"
+        case .deviceNotActive(let name, let status):
+            return "\(name) is not active (\(status.name)): \(status.reason ?? "")"
+        case .featureMissing(let feature, let field):
+            return (field.map { "\($0): " } ?? "") + "this kernel's tun driver lacks \(feature)"
+        case .shuttingDown:
+            return "the daemon is shutting down; no change is accepted"
         case .stateNotSaved(let path, let call, _):
             return "the change was made but the state file \(path) was not saved (\(call))"
         case .kernel(let device, let step, let call, _):

@@ -158,12 +158,14 @@ public struct DeviceInfo: Hashable, Sendable {
     public let maxQueues: Int
     public let persist: Bool
     public let vnetHdr: Bool
-    public let mtu: Int
+    /// nil for a kept device whose state file entry names none.
+    public let mtu: Int?
     /// nil for TUN devices, which have no link-layer address.
     public let mac: MACAddress?
     public let up: Bool
     public let mode: DeviceMode
-    public let ifindex: Int
+    /// nil for a device that is not active (it is not held in the kernel).
+    public let ifindex: Int?
     /// Ordered by id.
     public let queues: [QueueInfo]
     public let status: DeviceStatus
@@ -182,8 +184,17 @@ public struct QueueStats: Hashable, Sendable {
 public struct DeviceStats: Hashable, Sendable {
     public let queues: [QueueStats]
     public let total: CounterValues
-    /// `/sys/class/net/<dev>/statistics`: the kernel's view of the whole device.
-    public let kernel: [String: UInt64]
+    /// `/sys/class/net/<dev>/statistics`: the kernel's view of the whole device; nil if it
+    /// could not be read (`kernelError` says why).
+    public let kernel: [String: UInt64]?
+    public let kernelError: SyscallError?
+
+    public init(queues: [QueueStats], total: CounterValues, kernel: [String: UInt64]?, kernelError: SyscallError? = nil) {
+        self.queues = queues
+        self.total = total
+        self.kernel = kernel
+        self.kernelError = kernelError
+    }
 }
 
 public struct LimitsInfo: Hashable, Sendable {

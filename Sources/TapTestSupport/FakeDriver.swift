@@ -9,7 +9,10 @@ import TunKit
 /// so workers poll and read real fds and a test can write frames into a queue from the
 /// other end. Failures are injected per operation, so error paths run without root.
 public final class FakeDriver: TunDriver, Sendable {
-    public init() {}
+    /// `features`: what TUNGETFEATURES answers (default: everything the daemon uses).
+    public init(features: TunFlags = [.tun, .tap, .noPI, .vnetHdr, .multiQueue, .exclusive, .persist]) {
+        state.withLock { $0.features = features }
+    }
 
     public enum Op: Hashable, Sendable {
         case openQueue, setQueue, setPersist, setUp, setMTU, setMAC, ifindex
@@ -40,6 +43,9 @@ public final class FakeDriver: TunDriver, Sendable {
         var nextIfindex = 100
         /// Devices "deleted behind the back": their fds report EBADFD on TUNGETIFF.
         var vanished: Set<Int32> = []
+        var features: TunFlags = []
+        var statisticsError: Errno?
+        var inspectError: Errno?
     }
 
     let state = Mutex(State())
@@ -177,8 +183,9 @@ public final class FakeDriver: TunDriver, Sendable {
     public func isBound(_ fd: Int32) -> Bool {
         state.withLock { !$0.vanished.contains(fd) && $0.owner[fd] != nil }
     }
-    public func interface(_ name: String) -> InterfaceState {
-        state.withLock { s in
+    public func interface(_ name: String) throws(SyscallError) -> InterfaceState {
+        try state.withLock { (s) throws(SyscallError) -> InterfaceState in
+            if let e = s.inspectError { throw SyscallError(call: "open(/sys/class/net/\(name)/ifindex)", errno: e) }
             if s.foreign.contains(name) { return .other }
             guard let d = s.devices[name] else { return .absent }
             return .tun(d.persist ? d.flags.union(.persist) : d.flags)
@@ -198,9 +205,21 @@ public final class FakeDriver: TunDriver, Sendable {
         state.withLock { _ = $0.foreign.insert(name) }
     }
 
-    public func statistics(ifindex: Int) -> [String: UInt64]? {
-        state.withLock { s in s.devices.values.contains { $0.ifindex == ifindex } ? [:] : nil }
+    public func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
+        try state.withLock { (s) throws(SyscallError) -> [String: UInt64]? in
+            if let e = s.statisticsError { throw SyscallError(call: "RTM_GETLINK(\(ifindex))", errno: e) }
+            return s.devices.values.contains { $0.ifindex == ifindex } ? [:] : nil
+        }
     }
+
+    public func features() throws(SyscallError) -> TunFlags {
+        state.withLock { $0.features }
+    }
+
+    /// Makes every statistics read fail with `errno` (nil: succeed again).
+    public func failStatistics(_ errno: Errno?) { state.withLock { $0.statisticsError = errno } }
+    /// Makes every look at an interface's name fail with `errno` (nil: succeed again).
+    public func failInspect(_ errno: Errno?) { state.withLock { $0.inspectError = errno } }
 }
 
 /// Writes one frame into a queue from the test's end of the pair.

@@ -27,6 +27,18 @@ public struct TunFlags: OptionSet, Sendable, Hashable {
     /// queues on each attach): what `tun_flags` in sysfs is compared against.
     public static let deviceFeatures: TunFlags = [.tun, .tap, .noPI, .vnetHdr, .multiQueue]
 
+    /// What the daemon cannot work without: multiqueue TAP and TUN devices.
+    public static let required: TunFlags = [.tun, .tap, .multiQueue, .noPI]
+
+    /// The kernel's names of the flags that are set, e.g. `["IFF_TAP", "IFF_MULTI_QUEUE"]`.
+    public var names: [String] {
+        let known: [(TunFlags, String)] = [
+            (.tun, "IFF_TUN"), (.tap, "IFF_TAP"), (.noPI, "IFF_NO_PI"), (.vnetHdr, "IFF_VNET_HDR"),
+            (.multiQueue, "IFF_MULTI_QUEUE"), (.exclusive, "IFF_TUN_EXCL"), (.persist, "IFF_PERSIST"),
+        ]
+        return known.filter { contains($0.0) }.map(\.1)
+    }
+
     /// As sysfs prints them: `0x1102`.
     public var hex: String { "0x" + String(rawValue, radix: 16) }
 
@@ -74,6 +86,16 @@ public enum Tun {
         _ = try retryingEINTR("ioctl(TUNSETPERSIST)") {
             mqt_ioctl_value(fd, mqt_TUNSETPERSIST, persist ? 1 : 0)
         }
+    }
+
+    /// The `IFF_*` flags this kernel's tun driver supports, asked on a fresh unbound fd.
+    /// The corresponding C calls are `open(2)` and `ioctl(TUNGETFEATURES)`.
+    public static func features() throws(SyscallError) -> TunFlags {
+        let fd = try openFile(devicePath, flags: O_RDWR)
+        defer { closeFD(fd) }
+        var f: UInt32 = 0
+        _ = try retryingEINTR("ioctl(TUNGETFEATURES)") { mqt_ioctl(fd, mqt_TUNGETFEATURES, &f) }
+        return TunFlags(rawValue: Int32(truncatingIfNeeded: f))
     }
 
     /// The device name and flags a queue fd is bound to.

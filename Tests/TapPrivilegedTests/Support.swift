@@ -48,7 +48,7 @@ final class BackgroundTraffic: Sendable {
     private let done = DispatchSemaphore(value: 0)
 
     init(_ dev: DeviceInfo, bursts: Int, of count: Int) {
-        let (ifindex, mac) = (dev.ifindex, dev.mac!.bytes)
+        let (ifindex, mac) = (dev.ifindex!, dev.mac!.bytes)
         DispatchQueue.global().async { [self] in
             let sender = try! PacketSender(ifindex: ifindex)
             for _ in 0..<bursts {
@@ -69,7 +69,7 @@ final class BackgroundTraffic: Sendable {
 
 extension DeviceManager {
     func total(_ name: String) throws -> CounterValues { try stats(name).total }
-    func kernel(_ name: String, _ key: String) throws -> UInt64 { try stats(name).kernel[key] ?? 0 }
+    func kernel(_ name: String, _ key: String) throws -> UInt64 { try stats(name).kernel![key] ?? 0 }
 }
 
 let privileged = Testing.ConditionTrait.enabled(if: Privilege.shouldRun, Comment(rawValue: Privilege.skipReason))

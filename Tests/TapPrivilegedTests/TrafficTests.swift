@@ -14,19 +14,19 @@ struct TrafficTests {
         let dev = try f.quietDevice(queues: 4)
         let txBefore = try f.manager.kernel(dev.name, "tx_packets")
         let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
-        let sender = try PacketSender(ifindex: dev.ifindex)
+        let sender = try PacketSender(ifindex: dev.ifindex!)
         let n = 20_000
         let sent = sender.send(count: n, flows: 64, dst: dev.mac!.bytes)
         #expect(sent == n)
         // Settled: every frame the kernel took is either counted by a queue or dropped.
         let settled = eventually {
             let s = try! f.manager.stats(dev.name)
-            return s.total.rxPackets + (s.kernel["tx_dropped"]! - dropBefore) == UInt64(sent)
+            return s.total.rxPackets + (s.kernel!["tx_dropped"]! - dropBefore) == UInt64(sent)
         }
         let s = try f.manager.stats(dev.name)
-        let dropped = s.kernel["tx_dropped"]! - dropBefore
+        let dropped = s.kernel!["tx_dropped"]! - dropBefore
         #expect(settled, "rx \(s.total.rxPackets) + dropped \(dropped) != sent \(sent)")
-        #expect(s.total.rxPackets == s.kernel["tx_packets"]! - txBefore)
+        #expect(s.total.rxPackets == s.kernel!["tx_packets"]! - txBefore)
         #expect(s.total.rxBytes == UInt64(60) * s.total.rxPackets)
         #expect(s.queues.count == 4)
         for q in s.queues {
@@ -35,7 +35,7 @@ struct TrafficTests {
         #expect(s.total.txPackets == 0)
         #expect(s.total.rxErrors == 0)
         // The rtnetlink read the API uses agrees with sysfs, counter by counter.
-        #expect(try Link.statistics(ifindex: dev.ifindex) == Host.sysfsStatistics(dev.name))
+        #expect(try Link.statistics(ifindex: dev.ifindex!) == Host.sysfsStatistics(dev.name))
         #expect(try Link.statistics(ifindex: 999_999) == nil)
     }
 }
@@ -48,19 +48,19 @@ struct QueueTrafficTests {
         let dev = try f.quietDevice(queues: 4, mode: .echo)
         let rxBefore = try f.manager.kernel(dev.name, "rx_packets")
         let dropBefore = try f.manager.kernel(dev.name, "tx_dropped")
-        let sender = try PacketSender(ifindex: dev.ifindex)
+        let sender = try PacketSender(ifindex: dev.ifindex!)
         let sent = sender.send(count: 10_000, flows: 64, dst: dev.mac!.bytes)
         let settled = eventually {
             let s = try! f.manager.stats(dev.name)
-            return s.total.rxPackets + (s.kernel["tx_dropped"]! - dropBefore) == UInt64(sent)
-                && s.kernel["rx_packets"]! - rxBefore == s.total.txPackets
+            return s.total.rxPackets + (s.kernel!["tx_dropped"]! - dropBefore) == UInt64(sent)
+                && s.kernel!["rx_packets"]! - rxBefore == s.total.txPackets
         }
         let s = try f.manager.stats(dev.name)
         #expect(settled, "\(s)")
         #expect(s.total.txPackets == s.total.rxPackets)
         #expect(s.total.txBytes == s.total.rxBytes)
         #expect(s.total.txErrors == 0)
-        #expect(s.kernel["rx_packets"]! - rxBefore == s.total.txPackets)
+        #expect(s.kernel!["rx_packets"]! - rxBefore == s.total.txPackets)
         for q in s.queues {
             #expect(q.counters.txPackets == q.counters.rxPackets, "queue \(q.id)")
         }
@@ -70,7 +70,7 @@ struct QueueTrafficTests {
     func detachAndReattach() throws {
         let f = try Fixture()
         let dev = try f.quietDevice(queues: 4)
-        let sender = try PacketSender(ifindex: dev.ifindex)
+        let sender = try PacketSender(ifindex: dev.ifindex!)
         let off = try f.manager.setQueueEnabled(dev.name, id: 2, false)
         #expect(!off.enabled)
         #expect(Host.kernelQueueCount(dev.name) == 3)
@@ -80,7 +80,7 @@ struct QueueTrafficTests {
         let sent = sender.send(count: 8_000, flows: 64, dst: dev.mac!.bytes)
         let settled = eventually {
             let s = try! f.manager.stats(dev.name)
-            return s.total.rxPackets - before + (s.kernel["tx_dropped"]! - dropBefore) == UInt64(sent)
+            return s.total.rxPackets - before + (s.kernel!["tx_dropped"]! - dropBefore) == UInt64(sent)
         }
         #expect(settled)
         let s = try f.manager.stats(dev.name)
@@ -107,7 +107,7 @@ struct QueueTrafficTests {
         let total = traffic.wait()
         let survivors = { () -> (rx: UInt64, dropped: UInt64, kernelTx: UInt64) in
             let s = try! f.manager.stats(dev.name)
-            return (s.total.rxPackets, s.kernel["tx_dropped"]! - dropBefore, s.kernel["tx_packets"]! - txBefore)
+            return (s.total.rxPackets, s.kernel!["tx_dropped"]! - dropBefore, s.kernel!["tx_packets"]! - txBefore)
         }
         // The kernel counts tx when a frame is read from a queue: every frame it says it
         // transmitted was counted by exactly one queue, the removed one included.
@@ -123,7 +123,7 @@ struct QueueTrafficTests {
 
         // After the removal, the remaining queues account for every frame exactly.
         let before = survivors()
-        let sender = try PacketSender(ifindex: dev.ifindex)
+        let sender = try PacketSender(ifindex: dev.ifindex!)
         let more = sender.send(count: 5_000, flows: 64, dst: dev.mac!.bytes)
         #expect(eventually { let a = survivors(); return (a.rx - before.rx) + (a.dropped - before.dropped) == UInt64(more) })
     }
@@ -135,8 +135,8 @@ struct SoloTrafficTests {
     func soloCountersExact() throws {
         let f = try Fixture(workers: 1)
         let dev = try f.quietDevice(queues: 1, mode: .echo)
-        let before = try f.manager.stats(dev.name).kernel
-        let sender = try PacketSender(ifindex: dev.ifindex)
+        let before = try f.manager.stats(dev.name).kernel!
+        let sender = try PacketSender(ifindex: dev.ifindex!)
         let sent = sender.send(count: 10_000, flows: 64, dst: dev.mac!.bytes)
         let delta = { (key: String) -> UInt64 in try! f.manager.kernel(dev.name, key) - before[key]! }
         #expect(eventually {
@@ -163,7 +163,7 @@ struct SoloTrafficTests {
     func soloChurnUnderTraffic() throws {
         let f = try Fixture(workers: 1)
         let dev = try f.quietDevice(queues: 1)
-        let before = try f.manager.stats(dev.name).kernel
+        let before = try f.manager.stats(dev.name).kernel!
         let traffic = BackgroundTraffic(dev, bursts: 40, of: 500)
         // One queue (blocking read) → two (epoll) → one again, five times, under traffic.
         var removed: UInt64 = 0
@@ -176,8 +176,8 @@ struct SoloTrafficTests {
         let total = UInt64(traffic.wait())
         let tally = { () -> (rx: UInt64, kernelTx: UInt64, dropped: UInt64) in
             let s = try! f.manager.stats(dev.name)
-            return (s.total.rxPackets + removed, s.kernel["tx_packets"]! - before["tx_packets"]!,
-                    s.kernel["tx_dropped"]! - before["tx_dropped"]!)
+            return (s.total.rxPackets + removed, s.kernel!["tx_packets"]! - before["tx_packets"]!,
+                    s.kernel!["tx_dropped"]! - before["tx_dropped"]!)
         }
         // Every frame the kernel says it transmitted was counted by exactly one queue.
         #expect(eventually { let v = tally(); return v.rx == v.kernelTx })

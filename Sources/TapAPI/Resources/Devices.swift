@@ -38,12 +38,14 @@ enum DevicesResource {
     static func encode(_ d: DeviceInfo) -> JSON {
         var o: JSONObject = [
             "name": .string(d.name), "type": .string(d.kind.rawValue), "max_queues": JSON(d.maxQueues),
-            "persist": .bool(d.persist), "vnet_hdr": .bool(d.vnetHdr), "mtu": JSON(d.mtu),
+            "persist": .bool(d.persist), "vnet_hdr": .bool(d.vnetHdr),
         ]
+        if let mtu = d.mtu { o["mtu"] = JSON(mtu) }
         if let mac = d.mac { o["mac"] = .string(mac.description) }
         o["up"] = .bool(d.up)
         o["mode"] = .string(d.mode.rawValue)
-        o["ifindex"] = JSON(d.ifindex)
+        // 0 for a device that is not active, as the API has always answered.
+        o["ifindex"] = JSON(d.ifindex ?? 0)
         o["queue_count"] = JSON(d.queueCount)
         o["enabled_queues"] = JSON(d.enabledQueues)
         o["queues"] = .array(d.queues.map(QueuesResource.encode))

@@ -64,6 +64,7 @@ paths:
         "409": { $ref: "#/components/responses/Conflict" }
         "413": { $ref: "#/components/responses/PayloadTooLarge" }
         "415": { $ref: "#/components/responses/UnsupportedMediaType" }
+        "503": { $ref: "#/components/responses/Unavailable" }
   /v1/devices:
     get:
       operationId: listDevices
@@ -107,7 +108,7 @@ paths:
         "413": { $ref: "#/components/responses/PayloadTooLarge" }
         "415": { $ref: "#/components/responses/UnsupportedMediaType" }
         "500": { $ref: "#/components/responses/KernelError" }
-        "503": { $ref: "#/components/responses/ResourceExhausted" }
+        "503": { $ref: "#/components/responses/Unavailable" }
   /v1/devices/{name}:
     parameters:
       - $ref: "#/components/parameters/DeviceName"
@@ -142,6 +143,7 @@ paths:
         "413": { $ref: "#/components/responses/PayloadTooLarge" }
         "415": { $ref: "#/components/responses/UnsupportedMediaType" }
         "500": { $ref: "#/components/responses/KernelError" }
+        "503": { $ref: "#/components/responses/Unavailable" }
     delete:
       operationId: deleteDevice
       summary: Delete a device (persistent or not) and close its queues.
@@ -150,6 +152,8 @@ paths:
           description: Deleted.
         "404": { $ref: "#/components/responses/NotFound" }
         "500": { $ref: "#/components/responses/KernelError" }
+        "409": { $ref: "#/components/responses/Conflict" }
+        "503": { $ref: "#/components/responses/Unavailable" }
   /v1/devices/{name}/queues:
     parameters:
       - $ref: "#/components/parameters/DeviceName"
@@ -186,7 +190,7 @@ paths:
         "413": { $ref: "#/components/responses/PayloadTooLarge" }
         "415": { $ref: "#/components/responses/UnsupportedMediaType" }
         "500": { $ref: "#/components/responses/KernelError" }
-        "503": { $ref: "#/components/responses/ResourceExhausted" }
+        "503": { $ref: "#/components/responses/Unavailable" }
   /v1/devices/{name}/queues/{id}:
     parameters:
       - $ref: "#/components/parameters/DeviceName"
@@ -201,6 +205,7 @@ paths:
             application/json:
               schema: { $ref: "#/components/schemas/Queue" }
         "404": { $ref: "#/components/responses/NotFound" }
+        "409": { $ref: "#/components/responses/Conflict" }
     patch:
       operationId: updateQueue
       summary: Detach (`enabled false`) or re-attach (`enabled true`) a queue.
@@ -221,6 +226,8 @@ paths:
         "413": { $ref: "#/components/responses/PayloadTooLarge" }
         "415": { $ref: "#/components/responses/UnsupportedMediaType" }
         "500": { $ref: "#/components/responses/KernelError" }
+        "409": { $ref: "#/components/responses/Conflict" }
+        "503": { $ref: "#/components/responses/Unavailable" }
     delete:
       operationId: removeQueue
       summary: Remove a queue (close its fd). The last queue cannot be removed.
@@ -229,6 +236,7 @@ paths:
           description: Removed.
         "404": { $ref: "#/components/responses/NotFound" }
         "409": { $ref: "#/components/responses/Conflict" }
+        "503": { $ref: "#/components/responses/Unavailable" }
   /v1/devices/{name}/stats:
     parameters:
       - $ref: "#/components/parameters/DeviceName"
@@ -246,6 +254,7 @@ paths:
             application/json:
               schema: { $ref: "#/components/schemas/Stats" }
         "404": { $ref: "#/components/responses/NotFound" }
+        "409": { $ref: "#/components/responses/Conflict" }
   /metrics:
     get:
       operationId: getMetrics
@@ -282,7 +291,11 @@ components:
       schema: { type: integer, minimum: 0 }
   responses:
     BadRequest:
-      description: "`invalid_json`, `invalid_field` or `unknown_field`."
+      description: >-
+        `invalid_json`, `invalid_field` (also for a value outside the schema's `minimum` and
+        `maximum`; 409 `queue_limit_exceeded` is only for a value the schema allows but the
+        current limits refuse) or `unknown_field`; `feature_unsupported` (with `field`) when
+        the kernel's tun driver lacks what the field asks for (`vnet_hdr`: `IFF_VNET_HDR`).
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -292,7 +305,10 @@ components:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
     Conflict:
-      description: "`name_conflict`, `queue_limit_exceeded`, `limit_below_usage` or `last_queue`."
+      description: >-
+        `name_conflict`, `queue_limit_exceeded`, `limit_below_usage`, `last_queue`, or
+        `device_not_active`: the device is kept from the state file (`conflict` or `failed`)
+        and is not held in the kernel, so only GET and DELETE apply to it.
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -311,8 +327,11 @@ components:
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
-    ResourceExhausted:
-      description: "`resource_exhausted`: out of fds or memory (`EMFILE`, `ENFILE`, `ENOMEM`)."
+    Unavailable:
+      description: >-
+        `resource_exhausted`: out of fds or memory (`EMFILE`, `ENFILE`, `ENOMEM`), or the state
+        file could not be saved (the change was made); `shutting_down`: the daemon is stopping
+        and accepts no change.
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -421,7 +440,7 @@ components:
     Device:
       type: object
       additionalProperties: false
-      required: [name, type, max_queues, persist, vnet_hdr, mtu, up, mode, ifindex, queue_count, enabled_queues, queues, state, since]
+      required: [name, type, max_queues, persist, vnet_hdr, up, mode, ifindex, queue_count, enabled_queues, queues, state, since]
       properties:
         name: { type: string }
         type: { type: string, enum: [tap, tun] }
@@ -432,7 +451,8 @@ components:
           type: integer
           description: >-
             As the kernel has it now (an `ip link` change shows here). A restart of the daemon
-            applies the last value set through the API.
+            applies the last value set through the API. Absent for a device that is not
+            active when its state file entry names none.
         mac:
           type: string
           description: TAP devices only.
@@ -542,8 +562,20 @@ components:
         total: { $ref: "#/components/schemas/Counters" }
         kernel:
           type: object
-          description: "`/sys/class/net/<dev>/statistics`."
+          nullable: true
+          description: >-
+            `/sys/class/net/<dev>/statistics`; null if the kernel's counters could not be
+            read, with `kernel_error` saying why.
           additionalProperties: { type: integer, minimum: 0 }
+        kernel_error:
+          type: object
+          additionalProperties: false
+          required: [call, errno, message]
+          description: Why `kernel` is null.
+          properties:
+            call: { type: string }
+            errno: { type: string }
+            message: { type: string }
     Error:
       type: object
       additionalProperties: false
@@ -571,6 +603,9 @@ components:
                 - resource_exhausted
                 - kernel_error
                 - internal_error
+                - device_not_active
+                - feature_unsupported
+                - shutting_down
             message: { type: string }
             field:
               type: string

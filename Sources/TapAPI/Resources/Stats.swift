@@ -8,8 +8,17 @@ enum StatsResource {
         let queues: [JSON] = s.queues.map { q in
             .object(JSONObject([(key: "id", value: JSON(q.id))] + QueuesResource.encode(q.counters).entries))
         }
-        let kernel = JSONObject(s.kernel.sorted { $0.key < $1.key }.map { (key: $0.key, value: JSON($0.value)) })
-        return ["queues": .array(queues), "total": .object(QueuesResource.encode(s.total)), "kernel": .object(kernel)]
+        var o: JSONObject = ["queues": .array(queues), "total": .object(QueuesResource.encode(s.total))]
+        if let k = s.kernel {
+            o["kernel"] = .object(JSONObject(k.sorted { $0.key < $1.key }.map { (key: $0.key, value: JSON($0.value)) }))
+        } else {
+            // The kernel's counters could not be read: said so, not answered as empty.
+            o["kernel"] = .null
+            if let e = s.kernelError {
+                o["kernel_error"] = ["call": .string(e.call), "errno": .string(e.errno.name), "message": .string(e.errno.message)]
+            }
+        }
+        return .object(o)
     }
 
     static func get(_ m: DeviceManager, _ device: String) throws -> HTTPResponse {

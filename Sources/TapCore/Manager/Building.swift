@@ -1,0 +1,166 @@
+import Logging
+import TunKit
+
+/// The kernel steps of making, joining and taking apart a device, each with its undo.
+/// All run with the control lock held.
+extension DeviceManager {
+    /// Creates the kernel device with its queues (ids `ids`) and settings, or nothing.
+    ///
+    /// With `join`, the device exists already (a persistent one, after a restart): the
+    /// queues attach to it and a failure leaves it as it was, persistent and queue-less.
+    func build(_ spec: DeviceSpec, ids: [Int], limit: Int, key: UInt64, join: Bool = false,
+               model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
+        precondition(!ids.isEmpty, "a device has at least one queue")
+        return try withRollback { (rollback) throws(ManagerError) in
+            let first = try openFirstQueue(spec, join: join, rollback: &rollback)
+            try configure(spec, fd: first.fd, join: join, rollback: &rollback)
+            var d = try readLink(spec, key: key, limit: limit)
+            let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
+            d.queues[q0.id] = q0
+            for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
+                d.queues[q.id] = q
+            }
+            if spec.up {
+                try step(spec.name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(spec.name, true) }
+                d.up = true
+            } else if join {
+                try? driver.setUp(spec.name, false)
+            }
+            return d
+        }
+    }
+
+    /// Opens the queue that creates (or joins) the device. Undo: close it, which destroys a
+    /// device it created (a joined one stays, as it was).
+    private func openFirstQueue(_ spec: DeviceSpec, join: Bool,
+                                rollback: inout Rollback) throws(ManagerError) -> QueueHandle {
+        let flags = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
+        let fd: Int32
+        do {
+            // IFF_TUN_EXCL makes the kernel refuse (EBUSY) a name that exists, instead of
+            // silently joining that interface.
+            fd = try driver.openQueue(name: spec.name, flags: join ? flags : flags.union(.exclusive))
+        } catch where error.errno == .busy && !join {
+            throw .nameConflict(name: spec.name, errno: error.errno)
+        } catch {
+            throw ManagerError.from(error, device: spec.name, step: .openQueue, queuesRequested: spec.queues)
+        }
+        let handle = QueueHandle(QueueFile(fd, driver: driver))
+        rollback.add { handle.close() }
+        return handle
+    }
+
+    /// MAC, MTU and persistence, as the spec asks. Undo: persistence cleared (before the
+    /// first fd closes, so the device goes with it); MAC and MTU go with a made device.
+    private func configure(_ spec: DeviceSpec, fd: Int32, join: Bool, rollback: inout Rollback) throws(ManagerError) {
+        let name = spec.name
+        if let m = spec.mac, !join || (try? driver.mac(name)) != m.bytes {
+            try step(name, .setMAC) { () throws(SyscallError) in try driver.setMAC(name, m.bytes) }
+        }
+        if let m = spec.mtu {
+            try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, m) }
+        }
+        if spec.persist && !join {
+            try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, true) }
+            rollback.add { [driver] in try? driver.setPersist(fd, false) }
+        }
+    }
+
+    /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet.
+    private func readLink(_ spec: DeviceSpec, key: UInt64, limit: Int) throws(ManagerError) -> ActiveDevice {
+        let name = spec.name
+        let mtu = try step(name, .readMTU) { () throws(SyscallError) in try driver.mtu(name) }
+        var mac: MACAddress?
+        if spec.kind == .tap {
+            mac = try step(name, .readMAC) { () throws(SyscallError) in MACAddress(bytes: try driver.mac(name)) }
+        }
+        let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try driver.ifindex(name) }
+        return ActiveDevice(key: key, name: name, kind: spec.kind, maxQueues: limit, persist: spec.persist,
+                            vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, ifindex: ifindex,
+                            queues: [:], since: Clock.timestamp())
+    }
+
+    /// Makes a worker read an open queue. Undo: the worker lets go of it (the fd's own undo
+    /// closes it after).
+    private func startQueue(id: Int, file: QueueHandle, of d: ActiveDevice, model: inout ManagerModel,
+                            rollback: inout Rollback) throws(ManagerError) -> QueueEntry {
+        let q = QueueEntry(id: id, key: model.takeKey(), file: file, worker: pool.reserve(), enabled: true,
+                           counters: CounterBlock(), since: Clock.timestamp())
+        do {
+            try pool.startPolling(polled(q, of: d), on: q.worker)
+        } catch {
+            pool.release(q.worker)
+            throw ManagerError.from(error, device: d.name, step: .pollQueue)
+        }
+        rollback.add { [pool] in
+            pool.stopPolling(key: q.key, on: q.worker)
+            pool.release(q.worker)
+        }
+        return q
+    }
+
+    /// Opens one queue per id on the existing device and starts polling them; each one's
+    /// undo is registered as it succeeds.
+    func openQueues(ids: [Int], for d: ActiveDevice, model: inout ManagerModel,
+                    rollback: inout Rollback) throws(ManagerError) -> [QueueEntry] {
+        let flags = TunFlags.multiqueue(d.kind, vnetHdr: d.vnetHdr)
+        var added: [QueueEntry] = []
+        for id in ids {
+            let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
+                try driver.openQueue(name: d.name, flags: flags)
+            }
+            let file = QueueHandle(QueueFile(fd, driver: driver))
+            rollback.add { file.close() }
+            added.append(try startQueue(id: id, file: file, of: d, model: &model, rollback: &rollback))
+        }
+        return added
+    }
+
+    /// Detaches or re-attaches one queue. Undo: the other way.
+    func setEnabled(_ d: inout ActiveDevice, id: Int, _ enabled: Bool,
+                    rollback: inout Rollback) throws(ManagerError) -> QueueEntry {
+        let name = d.name
+        guard var q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
+        guard q.enabled != enabled else { return q }
+        let entry = d
+        if enabled {
+            try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
+            rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: false) }
+            do throws(SyscallError) {
+                try pool.startPolling(polled(q, of: entry), on: q.worker)
+            } catch {
+                throw ManagerError.from(error, device: name, step: .pollQueue)
+            }
+            rollback.add { [pool, q] in pool.stopPolling(key: q.key, on: q.worker) }
+        } else {
+            // Out of the epoll set before the kernel detaches it: a detached queue reports
+            // POLLERR forever and is not the worker's to read any more.
+            pool.stopPolling(key: q.key, on: q.worker)
+            rollback.add { [pool, q] in try? pool.startPolling(self.polled(q, of: entry), on: q.worker) }
+            try step(name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
+            rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: true) }
+        }
+        q.enabled = enabled
+        d.queues[id] = q
+        logger.info(enabled ? "queue enabled" : "queue disabled", metadata: ["device": "\(name)", "queue": "\(id)"])
+        return q
+    }
+
+    func polled(_ q: QueueEntry, of d: ActiveDevice) -> PolledQueue {
+        // SAFETY: the fd is borrowed from `q.file`, which the manager closes only after the
+        // worker has completed the `remove` for `q.key` (`close(_:)`).
+        PolledQueue(key: q.key, device: d.key, fd: q.fd, counters: q.counters, action: d.action)
+    }
+
+    /// Stops polling a queue, then closes it: never an fd a worker may still poll.
+    func close(_ q: QueueEntry) {
+        if q.enabled { pool.stopPolling(key: q.key, on: q.worker) }
+        q.file.close()
+        pool.release(q.worker)
+    }
+
+    /// Closes every queue of a device (a non-persistent device goes with its last fd).
+    func release(_ d: ActiveDevice) {
+        for q in d.queues.values.sorted(by: { $0.id > $1.id }) { close(q) }
+    }
+}

@@ -1,0 +1,184 @@
+import Logging
+import TunKit
+
+/// The changes the API asks for. Each validates what it can before the lock, decides under
+/// it, and touches the kernel last, with a rollback for every step.
+extension DeviceManager {
+    public func create(_ spec: DeviceSpec) throws(ManagerError) -> DeviceInfo {
+        try Validate.name(spec.name)
+        try Validate.queueCount(spec.queues, field: "queues")
+        if let m = spec.maxQueues { try Validate.maxQueues(m) }
+        if let mtu = spec.mtu { try Validate.mtu(mtu) }
+        if let mac = spec.mac {
+            guard spec.kind == .tap else { throw .invalidField(field: "mac", reason: "only TAP devices have a MAC address") }
+            guard !mac.isMulticast, !mac.isZero else {
+                throw .invalidField(field: "mac", reason: "must be a unicast, non-zero address")
+            }
+        }
+        try requireFeatures(for: spec)
+        return try change { (model) throws(ManagerError) in
+            let limit = spec.maxQueues ?? model.maxQueues
+            guard limit <= model.maxQueues else {
+                throw .aboveGlobalLimit(field: "max_queues", value: limit, limit: model.maxQueues)
+            }
+            guard spec.queues <= limit else {
+                throw .queueLimitExceeded(device: spec.name, limit: limit, requested: spec.queues, errno: nil)
+            }
+            if let existing = model.devices[spec.name] {
+                // Gone behind our back but not reported yet: dropped now, the name is free.
+                guard vanished(existing) else { throw .nameConflict(name: spec.name, errno: nil) }
+                drop(existing, from: &model)
+            }
+            let d = try build(spec, ids: Array(0..<spec.queues), limit: limit, key: model.takeKey(), model: &model)
+            model.devices[spec.name] = .active(d)
+            logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
+            return DeviceEntry.active(d).info
+        }
+    }
+
+    /// A spec that needs a tun feature this kernel lacks is refused, naming the field.
+    private func requireFeatures(for spec: DeviceSpec) throws(ManagerError) {
+        if spec.vnetHdr && !features.contains(.vnetHdr) {
+            throw .featureMissing(feature: "IFF_VNET_HDR", field: "vnet_hdr")
+        }
+        let kind: TunFlags = spec.kind == .tap ? .tap : .tun
+        if !features.contains(kind) {
+            throw .featureMissing(feature: kind.names.first ?? kind.hex, field: "type")
+        }
+    }
+
+    public func delete(_ name: String) throws(ManagerError) {
+        try change { (model) throws(ManagerError) in
+            if case .kept(let k)? = model.devices[name] {
+                // Never ours in the kernel: forgetting it touches nothing there.
+                model.devices[name] = nil
+                logger.info("device forgotten", metadata: ["device": "\(name)", "status": "\(k.status.name)"])
+                return
+            }
+            let d = try active(name, in: &model)
+            if d.persist, let fd = d.anyFD {
+                // Cleared first: if the kernel refuses, nothing has changed yet.
+                try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
+            }
+            release(d)
+            model.devices[name] = nil
+            logger.info("device deleted", metadata: ["device": "\(name)"])
+        }
+    }
+
+    public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
+        if let m = patch.maxQueues { try Validate.maxQueues(m) }
+        if let mtu = patch.mtu { try Validate.mtu(mtu) }
+        return try change { (model) throws(ManagerError) in
+            var d = try active(name, in: &model)
+            if let m = patch.maxQueues {
+                guard m <= model.maxQueues else {
+                    throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
+                }
+                guard m >= d.queues.count else {
+                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: d.queues.count)
+                }
+            }
+            // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
+            // `ip link` changed behind the daemon's back.
+            guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
+            try withRollback { (rollback) throws(ManagerError) in
+                if let up = patch.up {
+                    if up != now.up {
+                        try step(name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(name, up) }
+                        rollback.add { [driver] in try? driver.setUp(name, !up) }
+                    }
+                    d.up = up
+                }
+                if let mtu = patch.mtu {
+                    if mtu != now.mtu {
+                        try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, mtu) }
+                        rollback.add { [driver] in try? driver.setMTU(name, now.mtu) }
+                    }
+                    d.mtu = mtu
+                }
+            }
+            if let mode = patch.mode, mode != d.mode {
+                d.mode = mode
+                for q in d.queues.values where q.enabled { pool.setAction(key: q.key, d.action, on: q.worker) }
+            }
+            if let m = patch.maxQueues { d.maxQueues = m }
+            model.devices[name] = .active(d)
+            return kernelLink(.active(d)).info
+        }
+    }
+
+    /// Adds `count` queues with the smallest free ids.
+    public func addQueues(_ name: String, count: Int = 1) throws(ManagerError) -> [QueueInfo] {
+        try Validate.queueCount(count, field: "count")
+        return try change { (model) throws(ManagerError) in
+            var d = try active(name, in: &model)
+            let limit = min(d.maxQueues, model.maxQueues)
+            // Both terms are at most 256: no overflow.
+            guard d.queues.count + count <= limit else {
+                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queues.count + count, errno: nil)
+            }
+            let ids = Self.freeIDs(count, taken: d.queues)
+            let added = try withRollback { (rollback) throws(ManagerError) in
+                try openQueues(ids: ids, for: d, model: &model, rollback: &rollback)
+            }
+            for q in added { d.queues[q.id] = q }
+            model.devices[name] = .active(d)
+            logger.info("queues added", metadata: ["device": "\(name)", "queue": "\(ids.map(String.init).joined(separator: ","))", "count": "\(d.queues.count)"])
+            return added.map(\.info)
+        }
+    }
+
+    /// Removes a queue; returns it as it was last, its final counters included.
+    @discardableResult
+    public func removeQueue(_ name: String, id: Int) throws(ManagerError) -> QueueInfo {
+        try change { (model) throws(ManagerError) in
+            var d = try active(name, in: &model)
+            guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
+            guard d.queues.count > 1 else { throw .lastQueue(device: name, id: id) }
+            close(q)
+            d.queues[id] = nil
+            model.devices[name] = .active(d)
+            logger.info("queue removed", metadata: ["device": "\(name)", "queue": "\(id)", "count": "\(d.queues.count)"])
+            // Read after the worker let go of it: these are the final counts.
+            return q.info
+        }
+    }
+
+    /// Detaches (`false`) or re-attaches (`true`) a queue; its fd, id, worker and counters stay.
+    public func setQueueEnabled(_ name: String, id: Int, _ enabled: Bool) throws(ManagerError) -> QueueInfo {
+        try change { (model) throws(ManagerError) in
+            var d = try active(name, in: &model)
+            let q = try withRollback { (rollback) throws(ManagerError) in
+                try setEnabled(&d, id: id, enabled, rollback: &rollback)
+            }
+            model.devices[name] = .active(d)
+            return q.info
+        }
+    }
+
+    /// Sets the global per-device queue limit; every device's `max_queues` is capped to it.
+    public func setLimit(maxQueues: Int) throws(ManagerError) -> LimitsInfo {
+        try Validate.maxQueues(maxQueues)
+        try change { (model) throws(ManagerError) in
+            for entry in model.devices.values.sorted(by: { $0.name < $1.name }) where entry.queueCount > maxQueues {
+                throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount)
+            }
+            model.maxQueues = maxQueues
+            for name in model.devices.keys { model.devices[name]!.maxQueues = min(model.devices[name]!.maxQueues, maxQueues) }
+            logger.info("limit set", metadata: ["max_queues": "\(maxQueues)"])
+        }
+        return limits()
+    }
+
+    /// The `count` smallest ids not in `taken`.
+    static func freeIDs(_ count: Int, taken: [Int: QueueEntry]) -> [Int] {
+        var ids: [Int] = []
+        var candidate = 0
+        while ids.count < count {
+            if taken[candidate] == nil { ids.append(candidate) }
+            candidate += 1
+        }
+        return ids
+    }
+}

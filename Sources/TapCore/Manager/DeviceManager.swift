@@ -1,0 +1,252 @@
+import Dispatch
+import Logging
+import Synchronization
+import TunKit
+
+/// The single owner of every device, queue fd and limit.
+///
+/// Every change runs under one lock (`control`), is decided before the kernel is touched
+/// where it can be, and undoes a half-done step through one `Rollback`: every fd it opened
+/// is closed, no device it made remains. Reads never take that lock and never change
+/// anything: they copy the state last published (`published`) and read counters lock-free,
+/// so a long change (a 256-queue create) never stalls a stats request. A device deleted
+/// behind the daemon's back is dropped on the worker-event path (`deviceLost`), under the
+/// lock, as soon as a worker (or a read that finds it gone) reports it.
+public final class DeviceManager: Sendable {
+    let driver: any TunDriver
+    let pool: WorkerPool
+    let control: Mutex<ManagerModel>
+    let published: Mutex<ManagerModel>
+    let logger: Logger
+    /// Where worker reports are handled, off the worker threads.
+    let events = DispatchQueue(label: "mqtapd.events")
+    let stateFile: StateFile?
+    let features: TunFlags
+
+    /// Starts `workers` worker threads (default: one per online CPU) with a global queue
+    /// limit of `maxQueues` (default: the kernel's 256). With a `stateFile`, every accepted
+    /// change is saved to it before the call returns (see `restore` for the way back).
+    /// Fails if the kernel lacks a tun feature the daemon needs (`TUNGETFEATURES`).
+    public init(driver: any TunDriver = LinuxTunDriver(),
+                workers: Int = ProcessResources.onlineCPUs(),
+                maxQueues: Int = Tun.kernelMaxQueues,
+                stateFile: StateFile? = nil,
+                logger: Logger = Logger(label: "mqtapd", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
+        try Validate.maxQueues(maxQueues)
+        guard workers >= 1 else { throw ManagerError.invalidField(field: "workers", reason: "must be at least 1") }
+        let features = try driver.features()
+        if let missing = TunFlags.required.subtracting(features).names.first {
+            throw ManagerError.featureMissing(feature: missing, field: nil)
+        }
+        self.features = features
+        self.driver = driver
+        self.logger = logger
+        self.stateFile = stateFile
+        // The pool reports vanished devices before `self` exists; the relay is pointed at
+        // the manager once it does.
+        let relay = WorkerRelay()
+        pool = try WorkerPool(count: workers, onGone: { key in relay.gone(key) },
+                              onErrors: { key, queue, report in relay.errors(key, queue, report) })
+        let model = ManagerModel(maxQueues: maxQueues)
+        control = Mutex(model)
+        published = Mutex(model)
+        relay.set(self)
+    }
+
+    /// A manager dropped without `shutdown()` still closes its fds and joins its workers.
+    deinit { shutdown() }
+
+    public var workerCount: Int { pool.count }
+
+    /// Where the manager is in its life.
+    public var state: ManagerState { published.withLock { $0.lifecycle } }
+
+    /// Start is over (the state file is restored): the daemon serves.
+    public func serving() {
+        change { model in
+            if model.lifecycle == .starting { model.lifecycle = .serving }
+        }
+    }
+
+    // MARK: - Reads (never wait for a change in progress, never change anything)
+
+    public func devices() -> [DeviceInfo] {
+        let snapshot = published.withLock { $0.devices }
+        return snapshot.values.filter { !gone($0) }.sorted { $0.name < $1.name }.map { kernelLink($0).info }
+    }
+
+    public func device(_ name: String) throws(ManagerError) -> DeviceInfo {
+        kernelLink(try snapshot(name)).info
+    }
+
+    public func queues(_ name: String) throws(ManagerError) -> [QueueInfo] {
+        try device(name).queues
+    }
+
+    public func queue(_ name: String, id: Int) throws(ManagerError) -> QueueInfo {
+        let d = try activeSnapshot(name)
+        guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
+        return q.info
+    }
+
+    public func stats(_ name: String) throws(ManagerError) -> DeviceStats {
+        let d = try activeSnapshot(name)
+        let queues = d.sortedQueues.map { QueueStats(id: $0.id, counters: $0.counters.read()) }
+        let total = queues.reduce(CounterValues()) { $0 + $1.counters }
+        do {
+            // nil: the link went between the snapshot and the read; the workers report it.
+            return DeviceStats(queues: queues, total: total, kernel: try driver.statistics(ifindex: d.ifindex) ?? [:])
+        } catch {
+            return DeviceStats(queues: queues, total: total, kernel: nil, kernelError: error)
+        }
+    }
+
+    public func limits() -> LimitsInfo {
+        let s = published.withLock { $0 }
+        return LimitsInfo(
+            maxQueues: s.maxQueues, kernelMaxQueues: Tun.kernelMaxQueues, devices: s.devices.count,
+            queuesInUse: s.devices.values.reduce(0) { $0 + ($1.active?.queues.count ?? 0) },
+            openFiles: ProcessResources.openFileCount(), openFilesLimit: ProcessResources.fileLimit().soft)
+    }
+
+    /// The entry with `up` and `mtu` as the kernel has them now: `ip link` may have changed
+    /// them behind the daemon's back. A kept device keeps what the state file asks for.
+    func kernelLink(_ entry: DeviceEntry) -> DeviceEntry {
+        guard case .active(var d) = entry else { return entry }
+        if let up = try? driver.isUp(d.name) { d.up = up }
+        if let mtu = try? driver.mtu(d.name) { d.mtu = mtu }
+        return .active(d)
+    }
+
+    /// The published entry of `name`, unless it is gone from the kernel.
+    private func snapshot(_ name: String) throws(ManagerError) -> DeviceEntry {
+        guard let entry = published.withLock({ $0.devices[name] }), !gone(entry) else {
+            throw .deviceNotFound(name: name)
+        }
+        return entry
+    }
+
+    private func activeSnapshot(_ name: String) throws(ManagerError) -> ActiveDevice {
+        switch try snapshot(name) {
+        case .active(let d): return d
+        case .kept(let k): throw .deviceNotActive(name: name, status: k.status)
+        }
+    }
+
+    /// Whether an active device was deleted behind our back. A read that finds so answers
+    /// as if it were gone, and hands the drop to the event path (a device whose queues are
+    /// all detached has no worker to notice it). A kept device has no fds to ask.
+    private func gone(_ entry: DeviceEntry) -> Bool {
+        guard vanished(entry) else { return false }
+        scheduleLost(key: entry.key)
+        return true
+    }
+
+    func vanished(_ entry: DeviceEntry) -> Bool {
+        guard let fd = entry.active?.anyFD else { return false }
+        return !driver.isBound(fd)
+    }
+
+    // MARK: - The one way to change
+
+    /// Runs a change under the control lock and publishes the state it leaves, whether it
+    /// succeeded or not (a failed change leaves the state as it was). Refused once the
+    /// manager is stopping.
+    ///
+    /// A change that succeeded is saved to the state file before this returns; if that
+    /// save fails, the caller gets `stateNotSaved` (the change itself stays made, and the
+    /// next successful save records it).
+    func change<T>(_ body: (inout ManagerModel) throws(ManagerError) -> T) throws(ManagerError) -> T {
+        try control.withLock { (model) throws(ManagerError) -> T in
+            guard model.lifecycle == .starting || model.lifecycle == .serving else { throw .shuttingDown }
+            defer {
+                let copy = model
+                published.withLock { $0 = copy }
+            }
+            let result = try body(&model)
+            if let e = save(&model) { throw e }
+            return result
+        }
+    }
+
+    /// A change that cannot be refused (the event path, restore): the save error is logged.
+    @discardableResult
+    func change<T>(_ body: (inout ManagerModel) -> T) -> T {
+        control.withLock { model in
+            defer {
+                let copy = model
+                published.withLock { $0 = copy }
+            }
+            let result = body(&model)
+            _ = save(&model)
+            return result
+        }
+    }
+
+    /// Writes the desired state if it changed; returns the error to report, if any.
+    private func save(_ model: inout ManagerModel) -> ManagerError? {
+        guard let stateFile, model.lifecycle == .starting || model.lifecycle == .serving else { return nil }
+        let desired = model.desired
+        guard desired != model.saved else { return nil }
+        do {
+            try stateFile.save(desired)
+            model.saved = desired
+            return nil
+        } catch {
+            logger.error("state file not saved", metadata: ["path": "\(stateFile.path)", "errno": "\(error.errno.name)", "call": "\(error.call)"])
+            return .stateNotSaved(path: stateFile.path, call: error.call, errno: error.errno)
+        }
+    }
+
+    /// The active device called `name` (a kept one is refused). One that is gone behind
+    /// our back but not reported yet is dropped here: a change holds the lock anyway.
+    func active(_ name: String, in model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
+        switch model.devices[name] {
+        case nil: throw .deviceNotFound(name: name)
+        case .kept(let k)?: throw .deviceNotActive(name: name, status: k.status)
+        case .active(let d)?:
+            guard !vanished(.active(d)) else {
+                drop(.active(d), from: &model)
+                throw .deviceNotFound(name: name)
+            }
+            return d
+        }
+    }
+
+    /// Runs one kernel step, naming it in the error.
+    func step<T>(_ device: String, _ step: DeviceStep, queues: Int = 0,
+                 _ body: () throws(SyscallError) -> T) throws(ManagerError) -> T {
+        do {
+            return try body()
+        } catch {
+            throw ManagerError.from(error, device: device, step: step, queuesRequested: queues)
+        }
+    }
+
+    // MARK: - Stop
+
+    /// Refuses changes from now on, stops the workers and closes every fd: non-persistent
+    /// devices disappear with their last fd; persistent ones stay. The state file keeps every
+    /// device, so the next start brings them all back. Idempotent.
+    public func shutdown() {
+        let first = control.withLock { model -> Bool in
+            guard model.lifecycle != .stopping && model.lifecycle != .stopped else { return false }
+            model.lifecycle = .stopping
+            let copy = model
+            published.withLock { $0 = copy }
+            return true
+        }
+        guard first else { return }
+        control.withLock { model in
+            for case .active(let d) in model.devices.values.sorted(by: { $0.name < $1.name }) {
+                release(d)
+                logger.info("device released", metadata: ["device": "\(d.name)", "persist": "\(d.persist)"])
+            }
+            model.devices = [:]
+            pool.shutdown()
+            model.lifecycle = .stopped
+            let copy = model
+            published.withLock { $0 = copy }
+        }
+    }
+}

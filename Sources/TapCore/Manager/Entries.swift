@@ -1,0 +1,178 @@
+import TunKit
+
+/// One open queue of an active device.
+struct QueueEntry: Sendable {
+    let id: Int
+    /// Unique for the daemon's life: how the manager names the queue to its worker.
+    let key: UInt64
+    let file: QueueHandle
+    let worker: Int
+    var enabled: Bool
+    let counters: CounterBlock
+    /// When the counters started (the fd was opened): counters restart with the daemon.
+    let since: String
+
+    /// Borrowed from `file`, which stays open while the entry is the manager's.
+    var fd: Int32 { file.fd }
+}
+
+/// A device whose queues the daemon holds in the kernel.
+struct ActiveDevice: Sendable {
+    let key: UInt64
+    let name: String
+    let kind: DeviceKind
+    var maxQueues: Int
+    let persist: Bool
+    let vnetHdr: Bool
+    var mtu: Int
+    let mac: MACAddress?
+    var up: Bool
+    var mode: DeviceMode
+    let ifindex: Int
+    var queues: [Int: QueueEntry]
+    let since: String
+
+    /// Any queue's fd: all are bound to the same device.
+    var anyFD: Int32? { queues.values.first?.fd }
+
+    /// What the workers do with this device's frames.
+    var action: QueueAction { .of(mode, kind: kind, vnetHdr: vnetHdr) }
+
+    var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
+
+    var desired: DesiredState.Device {
+        let spec = DeviceSpec(name: name, kind: kind, queues: queues.count, maxQueues: maxQueues, persist: persist,
+                              vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode)
+        return DesiredState.Device(spec: spec, queues: sortedQueues.map { .init(id: $0.id, enabled: $0.enabled) })
+    }
+}
+
+/// A device the state file names but the daemon does not hold: it was not touched in the
+/// kernel, and only what the state file asks for is known.
+struct KeptDevice: Sendable {
+    enum Why: Error, Sendable {
+        /// Its name belongs to something else, or its kernel flags differ (the reason says).
+        case conflict(String)
+        /// Bringing it back failed.
+        case failed(ManagerError)
+    }
+
+    let key: UInt64
+    let desired: DesiredState.Device
+    /// The state file's limit, capped by the global one.
+    var maxQueues: Int
+    let why: Why
+    let since: String
+
+    var status: DeviceStatus {
+        switch why {
+        case .conflict(let reason): return .conflict(reason)
+        case .failed(let error): return .failed(error.description)
+        }
+    }
+}
+
+/// Every device the manager knows: held, or kept from the state file.
+enum DeviceEntry: Sendable {
+    case active(ActiveDevice)
+    case kept(KeptDevice)
+
+    var name: String {
+        switch self {
+        case .active(let d): return d.name
+        case .kept(let k): return k.desired.spec.name
+        }
+    }
+
+    var key: UInt64 {
+        switch self {
+        case .active(let d): return d.key
+        case .kept(let k): return k.key
+        }
+    }
+
+    var active: ActiveDevice? {
+        if case .active(let d) = self { return d }
+        return nil
+    }
+
+    var desired: DesiredState.Device {
+        switch self {
+        case .active(let d): return d.desired
+        case .kept(let k): return k.desired
+        }
+    }
+
+    /// Queues the device holds or asks for (a kept device's count toward the limits).
+    var queueCount: Int { desired.queues.count }
+
+    var maxQueues: Int {
+        get {
+            switch self {
+            case .active(let d): return d.maxQueues
+            case .kept(let k): return k.maxQueues
+            }
+        }
+        set {
+            switch self {
+            case .active(var d): d.maxQueues = newValue; self = .active(d)
+            case .kept(var k): k.maxQueues = newValue; self = .kept(k)
+            }
+        }
+    }
+}
+
+/// Whether the manager accepts changes.
+public enum ManagerState: String, Sendable {
+    /// Restoring the state file; changes are accepted (the API does not serve yet).
+    case starting
+    case serving
+    /// Shutting down: changes are refused (`shuttingDown`).
+    case stopping
+    case stopped
+}
+
+/// Everything the manager decides on, under its one lock.
+struct ManagerModel: Sendable {
+    var devices: [String: DeviceEntry] = [:]
+    var maxQueues: Int
+    var nextKey: UInt64 = 1
+    /// What the state file holds now; a change is saved only when this differs.
+    var saved: DesiredState?
+    var lifecycle = ManagerState.starting
+
+    init(maxQueues: Int) { self.maxQueues = maxQueues }
+
+    var desired: DesiredState {
+        DesiredState(maxQueues: maxQueues, devices: devices.values.sorted { $0.name < $1.name }.map(\.desired))
+    }
+
+    mutating func takeKey() -> UInt64 {
+        defer { nextKey += 1 }
+        return nextKey
+    }
+}
+
+// MARK: - Views
+
+extension QueueEntry {
+    var info: QueueInfo {
+        QueueInfo(id: id, enabled: enabled, worker: worker, counters: counters.read(), since: since)
+    }
+}
+
+extension DeviceEntry {
+    var info: DeviceInfo {
+        switch self {
+        case .active(let e):
+            return DeviceInfo(name: e.name, kind: e.kind, maxQueues: e.maxQueues, persist: e.persist,
+                              vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, ifindex: e.ifindex,
+                              queues: e.sortedQueues.map(\.info), status: .active, since: e.since)
+        case .kept(let k):
+            let s = k.desired.spec
+            return DeviceInfo(name: s.name, kind: s.kind, maxQueues: k.maxQueues, persist: s.persist,
+                              vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, ifindex: nil,
+                              queues: [], status: k.status, since: k.since)
+        }
+    }
+}

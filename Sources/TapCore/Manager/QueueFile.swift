@@ -1,0 +1,40 @@
+import Synchronization
+import TunKit
+
+/// The owner of one queue fd: closes it (through the driver) exactly once, when the owner
+/// goes. Not copyable, so there is never a second owner to close it again.
+struct QueueFile: ~Copyable, Sendable {
+    let fd: Int32
+    private let driver: any TunDriver
+
+    init(_ fd: Int32, driver: any TunDriver) {
+        self.fd = fd
+        self.driver = driver
+    }
+
+    deinit { driver.close(fd) }
+}
+
+/// Where a queue's owner lives while the queue is the manager's: one per queue, shared by
+/// the manager's snapshots, closed once by the manager (`close()`), after every worker that
+/// reads the fd has let go of it. A second `close()` does nothing.
+final class QueueHandle: Sendable {
+    private let file: Mutex<QueueFile?>
+    /// Borrowed: valid until `close()`. Handed to a worker's slot and to ioctls on the
+    /// control path; the manager closes only after the worker's `remove` has completed.
+    let fd: Int32
+
+    init(_ file: consuming QueueFile) {
+        fd = file.fd
+        self.file = Mutex(file)
+    }
+
+    /// Closes the fd (the owner's deinit runs). Idempotent.
+    func close() {
+        let taken = file.withLock { $0.take() }
+        _ = consume taken
+    }
+
+    /// Whether `close()` has run.
+    var isClosed: Bool { file.withLock { $0 == nil } }
+}

@@ -1,0 +1,92 @@
+import Logging
+import TunKit
+
+extension DeviceManager {
+    /// Brings back what the state file describes; called once at start, before serving.
+    ///
+    /// A persistent device that still exists gets its queues re-attached, but only if its
+    /// `tun_flags` match (attaching with other flags would silently rewrite them for every
+    /// queue); a device that is gone is made again. Queue ids, enabled states, limits and
+    /// modes come back; counters start at zero (`since` says when). A device whose name now
+    /// belongs to something else, or that cannot be brought back, is kept with its status
+    /// and reason, and untouched. Returns one line per such device.
+    public func restore(_ desired: DesiredState) -> [String] {
+        change { model in
+            model.maxQueues = desired.maxQueues
+            model.saved = desired
+            var problems: [String] = []
+            for d in desired.devices {
+                let entry = restoreOne(d, model: &model)
+                model.devices[d.spec.name] = entry
+                switch entry {
+                case .active(let a):
+                    logger.info("device restored", metadata: ["device": "\(a.name)", "queues": "\(a.queues.count)", "persist": "\(a.persist)"])
+                case .kept(let k):
+                    let reason = k.status.reason ?? ""
+                    problems.append("\(d.spec.name): \(k.status.name): \(reason)")
+                    logger.error("device not restored", metadata: ["device": "\(d.spec.name)", "status": "\(k.status.name)", "reason": "\(reason)"])
+                }
+            }
+            return problems
+        }
+    }
+
+    private func restoreOne(_ d: DesiredState.Device, model: inout ManagerModel) -> DeviceEntry {
+        let spec = d.spec
+        let limit = min(spec.maxQueues ?? model.maxQueues, model.maxQueues)
+        func kept(_ why: KeptDevice.Why) -> DeviceEntry {
+            .kept(KeptDevice(key: model.takeKey(), desired: d, maxQueues: limit, why: why, since: Clock.timestamp()))
+        }
+        let join: Bool
+        switch joinable(spec) {
+        case .success(let j): join = j
+        case .failure(let why): return kept(why)
+        }
+        do {
+            let key = model.takeKey()
+            return try withRollback { (rollback) throws(ManagerError) in
+                var a = try build(spec, ids: d.queues.map(\.id), limit: limit, key: key, join: join, model: &model)
+                let made = a
+                rollback.add { [self] in
+                    if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
+                    release(made)
+                }
+                for q in d.queues where !q.enabled { _ = try setEnabled(&a, id: q.id, false, rollback: &rollback) }
+                return .active(a)
+            }
+        } catch {
+            return kept(.failed(error))
+        }
+    }
+
+    /// Whether the state file's device can be made (false) or joined (true), or why neither.
+    private func joinable(_ spec: DeviceSpec) -> Result<Bool, KeptDevice.Why> {
+        let state: InterfaceState
+        do {
+            state = try driver.interface(spec.name)
+        } catch {
+            return .failure(.failed(.kernel(device: spec.name, step: .inspect, call: error.call, errno: error.errno)))
+        }
+        switch state {
+        case .absent:
+            return .success(false)
+        case .other:
+            return .failure(.conflict("the name belongs to an interface that is not a tun/tap device"))
+        case .tun(let flags):
+            guard spec.persist else {
+                return .failure(.conflict("a tun/tap device of that name exists that is not this daemon's "
+                    + "(a non-persistent device does not outlive its daemon)"))
+            }
+            guard flags.contains(.persist) else {
+                return .failure(.conflict("a tun/tap device of that name is held by another process (it is not persistent)"))
+            }
+            let want = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
+            let have = flags.intersection(.deviceFeatures)
+            guard have == want else {
+                return .failure(.conflict("its tun_flags \(have.hex) differ from the state file's \(want.hex); "
+                    + "attaching would rewrite them for every queue"))
+            }
+            return .success(true)
+        }
+    }
+}

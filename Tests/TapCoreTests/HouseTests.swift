@@ -1,0 +1,133 @@
+import Foundation
+@testable import TapCore
+import TapJSON
+import TapTestSupport
+import Testing
+import TunKit
+
+@Suite("lifecycle, reads that do not write, errors that keep their cause (fake driver, no root)")
+struct HouseTests {
+    @Test("once stopping, every change is refused with shuttingDown and opens nothing")
+    func shuttingDown() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 2))
+        f.manager.serving()
+        #expect(f.manager.state == .serving)
+        f.manager.shutdown()
+        #expect(f.manager.state == .stopped)
+        let opened = f.driver.calls(.openQueue)
+        #expect(throws: ManagerError.shuttingDown) { try f.manager.create(DeviceSpec(name: "e")) }
+        #expect(throws: ManagerError.shuttingDown) { try f.manager.addQueues("d") }
+        #expect(throws: ManagerError.shuttingDown) { try f.manager.setLimit(maxQueues: 9) }
+        #expect(throws: ManagerError.shuttingDown) { try f.manager.delete("d") }
+        #expect(f.driver.calls(.openQueue) == opened)
+        #expect(f.driver.openFDs == 0)
+    }
+
+    @Test("a read after the device vanished answers it gone and writes nothing; the event path drops it")
+    func readsDoNotWrite() throws {
+        let dir = StateDir()
+        let driver = FakeDriver()
+        let m = try DeviceManager(driver: driver, workers: 2, stateFile: dir.file)
+        defer { m.shutdown() }
+        _ = try m.create(DeviceSpec(name: "d", queues: 2))
+        _ = try m.create(DeviceSpec(name: "e"))
+        let saved = try Files.read(dir.file.path)
+        // Held: nothing on the event path runs until the reads are done.
+        m.events.suspend()
+        driver.vanish("d")
+        #expect(throws: ManagerError.deviceNotFound(name: "d")) { try m.device("d") }
+        #expect(m.devices().map(\.name) == ["e"])
+        #expect(throws: ManagerError.deviceNotFound(name: "d")) { try m.stats("d") }
+        _ = m.limits()
+        #expect(try Files.read(dir.file.path) == saved, "no read rewrote the state file")
+        #expect(driver.openFDs == 3, "no read closed an fd")
+        m.events.resume()
+        #expect(eventually(within: 2) { dir.saved?.devices.map(\.spec.name) == ["e"] })
+        #expect(eventually(within: 2) { driver.openFDs == 1 })
+    }
+
+    @Test("a failed statistics read is reported, not answered as empty")
+    func statisticsError() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d"))
+        #expect(try f.manager.stats("d").kernel == [:])
+        f.driver.failStatistics(.accessDenied)
+        let s = try f.manager.stats("d")
+        #expect(s.kernel == nil && s.kernelError?.errno == .accessDenied)
+    }
+
+    @Test("restore: an unreadable sysfs is a failed device with its errno, not an absent name")
+    func inspectError() throws {
+        let driver = FakeDriver()
+        driver.failInspect(.accessDenied)
+        let m = try DeviceManager(driver: driver, workers: 1)
+        defer { m.shutdown() }
+        let spec = DeviceSpec(name: "p", persist: true)
+        let problems = m.restore(DesiredState(maxQueues: 256, devices: [.init(spec: spec, queues: [.init(id: 0, enabled: true)])]))
+        #expect(problems.count == 1 && problems[0].contains("EACCES"))
+        #expect(try m.device("p").status.name == "failed")
+        #expect(driver.calls(.openQueue) == 0)
+        #expect(throws: ManagerError.deviceNotActive(name: "p", status: try m.device("p").status)) { try m.addQueues("p") }
+    }
+
+    @Test("a restore that fails half-way undoes what it made and keeps the typed error")
+    func restoreRollback() throws {
+        let driver = FakeDriver()
+        driver.fail(.setQueue, with: .invalidArgument, after: 0)
+        let m = try DeviceManager(driver: driver, workers: 1)
+        defer { m.shutdown() }
+        let spec = DeviceSpec(name: "n", queues: 2, persist: true)
+        _ = m.restore(DesiredState(maxQueues: 256, devices: [
+            .init(spec: spec, queues: [.init(id: 0, enabled: true), .init(id: 1, enabled: false)]),
+        ]))
+        let d = try m.device("n")
+        #expect(d.status.name == "failed" && d.status.reason?.contains("EINVAL") == true)
+        #expect(driver.openFDs == 0, "the queues it opened are closed")
+        #expect(driver.device("n") == nil, "persistence was cleared, so the made device went")
+    }
+
+    @Test("the kernel's features are asked first: a missing one stops the start, or refuses the spec naming its field")
+    func features() throws {
+        #expect(throws: ManagerError.featureMissing(feature: "IFF_MULTI_QUEUE", field: nil)) {
+            _ = try DeviceManager(driver: FakeDriver(features: [.tun, .tap, .noPI]), workers: 1)
+        }
+        let driver = FakeDriver(features: [.tun, .tap, .noPI, .multiQueue])
+        let m = try DeviceManager(driver: driver, workers: 1)
+        defer { m.shutdown() }
+        #expect(throws: ManagerError.featureMissing(feature: "IFF_VNET_HDR", field: "vnet_hdr")) {
+            try m.create(DeviceSpec(name: "v", vnetHdr: true))
+        }
+        #expect(driver.calls(.openQueue) == 0)
+        _ = try m.create(DeviceSpec(name: "p"))
+    }
+
+    @Test("rollback runs the undos of the steps that succeeded, in reverse, and only on failure")
+    func rollback() {
+        var log: [Int] = []
+        let ok: Int? = try? withRollback { (r) throws(ManagerError) in
+            r.add { log.append(1) }
+            return 7
+        }
+        #expect(ok == 7 && log.isEmpty)
+        #expect(throws: ManagerError.lastQueue(device: "d", id: 0)) {
+            try withRollback { (r) throws(ManagerError) in
+                r.add { log.append(1) }
+                r.add { log.append(2) }
+                throw ManagerError.lastQueue(device: "d", id: 0)
+            }
+        }
+        #expect(log == [2, 1])
+    }
+
+    @Test("a queue's owner closes its fd once; a second close does nothing")
+    func queueHandle() throws {
+        let driver = FakeDriver()
+        let fd = try driver.openQueue(name: "x", flags: [.tap, .multiQueue])
+        let h = QueueHandle(QueueFile(fd, driver: driver))
+        #expect(!h.isClosed && driver.openFDs == 1)
+        h.close()
+        h.close()
+        #expect(h.isClosed && driver.openFDs == 0)
+    }
+}
