@@ -221,4 +221,28 @@ struct RouterTests {
             }
         }
     }
+
+    @Test("once the manager stops, a change is 503 shutting_down; a kept device's change is 409 device_not_active")
+    func shuttingDownAndNotActive() throws {
+        let f = try RouterFixture()
+        #expect(f.call("POST", "/v1/devices", #"{"name":"d"}"#).status == 201)
+        f.manager.shutdown()
+        let r = f.call("POST", "/v1/devices", #"{"name":"e"}"#)
+        #expect(r.status == 503 && r.code == "shutting_down")
+        #expect(f.call("PUT", "/v1/limits", #"{"max_queues":8}"#).code == "shutting_down")
+        let kept = APIError(ManagerError.deviceNotActive(name: "k", status: .failed("EIO"))).response
+        #expect(kept.status == 409 && kept.code == "device_not_active")
+        let feature = APIError(ManagerError.featureMissing(feature: "IFF_VNET_HDR", field: "vnet_hdr")).response
+        #expect(feature.status == 400 && feature.code == "feature_unsupported" && feature.json?["error"]?["field"] == "vnet_hdr")
+    }
+
+    @Test("a stats read the kernel refused answers kernel: null with kernel_error")
+    func kernelError() throws {
+        let f = try RouterFixture()
+        #expect(f.call("POST", "/v1/devices", #"{"name":"d"}"#).status == 201)
+        f.driver.failStatistics(.accessDenied)
+        let r = f.call("GET", "/v1/devices/d/stats")
+        #expect(r.status == 200 && r.json?["kernel"] == .null)
+        #expect(r.json?["kernel_error"]?["errno"] == "EACCES")
+    }
 }

@@ -89,7 +89,8 @@ def test_flag_mismatch_is_reported_and_left_untouched(tmpdir_short):
         assert dev["queue_count"] == 0
         assert open(f"/sys/class/net/{bad}/tun_flags").read() == flags_before
         assert net.kernel_queue_count(bad) == 0
-        assert d.unix.post(f"/v1/devices/{bad}/queues").code == "name_conflict"
+        r = d.unix.post(f"/v1/devices/{bad}/queues")
+        assert r.status == 409 and r.code == "device_not_active", r
         assert any("device not restored" in line and bad in line for line in d.log)
         assert d.unix.get(f"/v1/devices/{good}").json()["state"] == "active"
         assert net.kernel_queue_count(good) == 2
