@@ -40,7 +40,7 @@ let package = Package(
         .target(name: "TapClient", dependencies: ["TapJSON", "TunKit"]),
         .executableTarget(
             name: "mqtap",
-            dependencies: ["TapClient", "TapJSON", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: ["TapClient", "TapJSON", "TunKit", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(
             name: "mqtapd",
             dependencies: [

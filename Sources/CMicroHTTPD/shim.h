@@ -1,5 +1,6 @@
 #ifndef MQTAPD_CMICROHTTPD_SHIM_H
 #define MQTAPD_CMICROHTTPD_SHIM_H
+#include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -16,10 +17,11 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
               MHD_AccessHandlerCallback handler, void *handler_cls,
               MHD_RequestCompletedCallback completed, void *completed_cls,
               unsigned int connection_limit, unsigned int idle_timeout_seconds,
-              size_t connection_memory_limit) {
+              size_t connection_memory_limit, int *start_errno) {
     // MHD_USE_ITC: MHD_quiesce_daemon (stop accepting before stopping) needs it with a pool.
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
-    return MHD_start_daemon(flags, 0, NULL, NULL, handler, handler_cls,
+    errno = 0;
+    struct MHD_Daemon *d = MHD_start_daemon(flags, 0, NULL, NULL, handler, handler_cls,
                             MHD_OPTION_LISTEN_SOCKET, (MHD_socket)listen_fd,
                             MHD_OPTION_THREAD_POOL_SIZE, threads,
                             MHD_OPTION_NOTIFY_COMPLETED, completed, completed_cls,
@@ -27,6 +29,9 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
                             MHD_OPTION_CONNECTION_TIMEOUT, idle_timeout_seconds,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, connection_memory_limit,
                             MHD_OPTION_END);
+    // MHD logs why it refused on stderr; the errno it left (if any) travels with the error.
+    if (d == NULL) *start_errno = errno;
+    return d;
 }
 
 // A response whose body MHD copies before returning (MHD_RESPMEM_MUST_COPY).

@@ -16,7 +16,6 @@
 #include <unistd.h>
 
 const unsigned long mqt_TUNSETIFF = TUNSETIFF;
-const unsigned long mqt_TUNGETIFF = TUNGETIFF;
 const unsigned long mqt_TUNSETQUEUE = TUNSETQUEUE;
 const unsigned long mqt_TUNSETPERSIST = TUNSETPERSIST;
 const unsigned long mqt_TUNGETFEATURES = TUNGETFEATURES;
@@ -24,8 +23,6 @@ const unsigned long mqt_SIOCGIFFLAGS = SIOCGIFFLAGS;
 const unsigned long mqt_SIOCSIFFLAGS = SIOCSIFFLAGS;
 const unsigned long mqt_SIOCSIFMTU = SIOCSIFMTU;
 const unsigned long mqt_SIOCGIFMTU = SIOCGIFMTU;
-const unsigned long mqt_SIOCSIFHWADDR = SIOCSIFHWADDR;
-const unsigned long mqt_SIOCGIFHWADDR = SIOCGIFHWADDR;
 const unsigned long mqt_SIOCGIFINDEX = SIOCGIFINDEX;
 
 const int mqt_IFF_TUN = IFF_TUN;

@@ -7,9 +7,6 @@ public struct HTTPRequest: Sendable {
     /// Lower-cased header names.
     public var headers: [String: String]
     public var body: [UInt8]
-    /// For an error response made by `APIError`: its code and errno, carried for the request
-    /// log so that nothing parses the body back.
-    public var errorInfo: (code: String, errno: String?)?
 
     public init(method: String, path: String, headers: [String: String] = [:], body: [UInt8] = []) {
         self.method = method

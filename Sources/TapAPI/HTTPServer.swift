@@ -1,5 +1,6 @@
 import CMicroHTTPD
 import Synchronization
+import TunKit
 
 /// An HTTP/1.1 server on libmicrohttpd, serving one listening socket. This file is the only
 /// importer of the C module.
@@ -46,25 +47,32 @@ public final class HTTPServer: Sendable {
     // SAFETY: the daemon pointer is set once in init and cleared once in stop under the
     // mutex; MHD's own functions are thread-safe for stop/quiesce.
     private let daemon: Mutex<OpaquePointer?>
+    /// The socket served: the server owns it and closes it once MHD has stopped with it.
+    private let socket: Mutex<ListeningSocket?>
 
-    /// Serves `listenFD`, which stays the caller's: close it after `stop()`. `tooLarge` makes
-    /// the 413 body, so the error format stays the API's.
-    public init(listenFD: Int32, limits: Limits = Limits(), handler: @escaping Handler,
+    /// Serves `socket`, which the server then owns. `tooLarge` makes the 413 body, so the
+    /// error format stays the API's. On failure the socket is closed.
+    public init(socket: consuming ListeningSocket, limits: Limits = Limits(), handler: @escaping Handler,
                 tooLarge: @escaping @Sendable (Int) -> HTTPResponse) throws(HTTPServerError) {
         context = Context(handler: handler, limits: limits, tooLarge: tooLarge)
         // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
         // run by deinit) stops the daemon, and with it every callback, before it is released.
         let cls = Unmanaged.passUnretained(context).toOpaque()
-        let d = mqt_mhd_start(listenFD, UInt32(limits.threads), HTTPServer.access, cls,
+        var err: Int32 = 0
+        // SAFETY: the fd is borrowed by MHD until `stop()`, which closes the owner only after
+        // MHD_stop_daemon has returned.
+        let d = mqt_mhd_start(socket.fd, UInt32(limits.threads), HTTPServer.access, cls,
                               HTTPServer.completed, nil, UInt32(limits.connections),
-                              UInt32(limits.idleTimeoutSeconds), limits.connectionMemory)
-        guard let d else { throw HTTPServerError.startFailed }
+                              UInt32(limits.idleTimeoutSeconds), limits.connectionMemory, &err)
+        guard let d else { throw HTTPServerError.startFailed(errno: err == 0 ? nil : Errno(err)) }
         daemon = Mutex(d)
+        self.socket = Mutex(socket)
     }
 
     deinit { stop() }
 
-    /// Stops accepting, lets in-flight requests finish, then stops every thread. Idempotent.
+    /// Stops accepting, lets in-flight requests finish, stops every thread, then closes the
+    /// socket. Idempotent.
     public func stop() {
         let d = daemon.withLock { d in
             defer { d = nil }
@@ -72,10 +80,12 @@ public final class HTTPServer: Sendable {
         }
         guard let d else { return }
         // Quiesce first: the listening socket stops being polled while requests finish, and
-        // MHD hands it back instead of closing it in MHD_stop_daemon (the caller closes it).
+        // MHD hands it back instead of closing it in MHD_stop_daemon (its owner closes it).
         let fd = MHD_quiesce_daemon(d)
         precondition(fd >= 0, "MHD_quiesce_daemon failed: the daemon was started without MHD_USE_ITC")
         MHD_stop_daemon(d)
+        let owner = socket.withLock { $0.take() }
+        _ = consume owner
     }
 
     // MARK: C callbacks
@@ -149,7 +159,13 @@ public final class HTTPServer: Sendable {
     }
 }
 
-public enum HTTPServerError: Error, Sendable {
-    /// MHD refused to start (it logs why on stderr).
-    case startFailed
+public enum HTTPServerError: Error, Sendable, CustomStringConvertible {
+    /// MHD refused to start (it logs why on stderr); the errno it left, if any.
+    case startFailed(errno: Errno?)
+
+    public var description: String {
+        switch self {
+        case .startFailed(let e): return "the HTTP server did not start" + (e.map { " (\($0.name): \($0.message))" } ?? "")
+        }
+    }
 }

@@ -1,3 +1,5 @@
+import TunKit
+
 /// A `--listen` address: `unix:PATH` or `tcp:HOST:PORT` (IPv6 hosts in brackets).
 public enum ListenAddress: Equatable, Sendable, CustomStringConvertible {
     case unix(path: String)
@@ -29,23 +31,9 @@ public enum ListenAddress: Equatable, Sendable, CustomStringConvertible {
             return
         }
         guard text.hasPrefix("tcp:") else { throw .malformed(text) }
-        let rest = text.dropFirst(4)
-        let host: Substring
-        let portText: Substring
-        if rest.hasPrefix("[") {
-            guard let close = rest.firstIndex(of: "]"), rest[rest.index(after: close)...].hasPrefix(":") else {
-                throw .malformed(text)
-            }
-            host = rest[rest.index(after: rest.startIndex)..<close]
-            portText = rest[rest.index(close, offsetBy: 2)...]
-        } else {
-            guard let colon = rest.lastIndex(of: ":") else { throw .malformed(text) }
-            host = rest[..<colon]
-            portText = rest[rest.index(after: colon)...]
-        }
-        guard !host.isEmpty, let port = Int(portText), (0...65535).contains(port) else { throw .malformed(text) }
-        guard Self.isLoopback(String(host)) else { throw .notLoopback(text) }
-        self = .tcp(host: String(host), port: port)
+        guard let (host, port) = splitHostPort(text.dropFirst(4)) else { throw .malformed(text) }
+        guard Self.isLoopback(host) else { throw .notLoopback(text) }
+        self = .tcp(host: host, port: port)
     }
 
     static func isLoopback(_ host: String) -> Bool {

@@ -1,5 +1,6 @@
 import TapCore
 import TapJSON
+import TunKit
 
 /// The API's paths, parsed. Pure: no manager, no sockets.
 public enum Route: Equatable, Sendable {
@@ -151,16 +152,7 @@ public struct Router: Sendable {
     /// `application/json`, with or without parameters (`; charset=utf-8`).
     static func isJSON(_ contentType: String?) -> Bool {
         guard let ct = contentType else { return false }
-        let media = ct.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: " \t") } ?? ""
+        let media = ct.split(separator: ";", maxSplits: 1).first.map(\.trimmingWhitespace) ?? ""
         return media.lowercased() == "application/json"
-    }
-}
-
-extension Substring {
-    func trimmingCharacters(in set: String) -> String {
-        var s = self
-        while let c = s.first, set.contains(c) { s.removeFirst() }
-        while let c = s.last, set.contains(c) { s.removeLast() }
-        return String(s)
     }
 }

@@ -14,21 +14,8 @@ public struct APIClient: Sendable {
             guard url.hasPrefix("http://") else { return nil }
             var rest = url.dropFirst(7)
             if rest.hasSuffix("/") { rest = rest.dropLast() }
-            let host: Substring
-            let port: Substring
-            if rest.hasPrefix("["), let close = rest.firstIndex(of: "]") {
-                host = rest[rest.index(after: rest.startIndex)..<close]
-                let after = rest[rest.index(after: close)...]
-                guard after.hasPrefix(":") else { return nil }
-                port = after.dropFirst()
-            } else if let colon = rest.lastIndex(of: ":") {
-                host = rest[..<colon]
-                port = rest[rest.index(after: colon)...]
-            } else {
-                return nil
-            }
-            guard !host.isEmpty, let p = Int(port), (1...65535).contains(p) else { return nil }
-            self = .tcp(host: String(host), port: p)
+            guard let (host, port) = splitHostPort(rest), port >= 1 else { return nil }
+            self = .tcp(host: host, port: port)
         }
 
         public var description: String {

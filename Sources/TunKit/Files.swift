@@ -54,9 +54,10 @@ public enum Files {
     }
 }
 
-/// An exclusive advisory lock on a file (`flock`), held until `release()` or process exit,
-/// so it is never left stale by a crash. The lock file itself stays.
-public final class FileLock: Sendable {
+/// An exclusive advisory lock on a file (`flock`), and the owner of its fd: held until the
+/// owner goes (`release()` or the end of its scope) or the process exits, so a crash never
+/// leaves it stale. Not copyable: it is released exactly once. The lock file itself stays.
+public struct FileLock: ~Copyable, Sendable {
     public let path: String
     private let fd: Int32
 
@@ -74,5 +75,24 @@ public final class FileLock: Sendable {
         self.fd = fd
     }
 
-    public func release() { closeFD(fd) }
+    /// Releases the lock now (closing its fd).
+    public consuming func release() {}
+
+    deinit { closeFD(fd) }
+}
+
+/// `mkdir -p` with mode 0755 for directories it creates.
+public func makeDirectories(_ path: String) throws(SyscallError) {
+    var current = path.hasPrefix("/") ? "" : "."
+    for part in path.split(separator: "/") {
+        current += "/" + part
+        if mkdir(current, 0o755) == -1 && errno != EEXIST {
+            throw SyscallError(call: "mkdir(\(current))", errno: Errno.current)
+        }
+    }
+}
+
+/// Removes a file; a missing file is not an error. The corresponding C function is `unlink(2)`.
+public func removeFile(_ path: String) {
+    _ = unlink(path)
 }

@@ -143,12 +143,3 @@ public enum Link {
         try writeSmallFile("/proc/sys/net/ipv6/conf/\(name)/disable_ipv6", disabled ? "1" : "0")
     }
 }
-
-extension String {
-    var trimmingWhitespace: String {
-        var s = Substring(self)
-        while let c = s.first, c.isWhitespace { s.removeFirst() }
-        while let c = s.last, c.isWhitespace { s.removeLast() }
-        return String(s)
-    }
-}

@@ -70,13 +70,30 @@ struct SocketAddress {
     }
 }
 
+/// A listening socket, and the owner of its fd: closed once, when the owner goes (after the
+/// server that accepted on it has stopped).
+public struct ListeningSocket: ~Copyable, Sendable {
+    public let fd: Int32
+    /// The TCP port it is bound to (the one asked for, or the one the kernel chose for 0);
+    /// nil for a Unix socket.
+    public let port: Int?
+
+    /// Takes ownership of `fd` (e.g. one systemd passed).
+    public init(adopting fd: Int32, port: Int? = nil) {
+        self.fd = fd
+        self.port = port
+    }
+
+    deinit { closeFD(fd) }
+}
+
 /// Listening sockets for the API, made here so that the HTTP layer only serves them.
 public enum ListenSocket {
     /// A Unix socket at `path` with permissions `mode`, its directory created if missing.
     ///
     /// A socket file left by a crashed instance is replaced; one that a live instance still
     /// accepts on is not: that fails with EADDRINUSE, and the caller says which path.
-    public static func unix(path: String, mode: UInt32 = 0o660) throws(SyscallError) -> Int32 {
+    public static func unix(path: String, mode: UInt32 = 0o660) throws(SyscallError) -> ListeningSocket {
         let address = try SocketAddress.unix(path)
         if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
             try makeDirectories(String(path[..<slash]))
@@ -94,12 +111,12 @@ public enum ListenSocket {
             closeFD(fd)
             throw error
         }
-        return fd
+        return ListeningSocket(adopting: fd)
     }
 
     /// A TCP socket on `host` (an IPv4 or IPv6 literal, or `localhost`) and `port` (0: any
-    /// free port). Returns the fd and the port it got.
-    public static func tcp(host: String, port: Int) throws(SyscallError) -> (fd: Int32, port: Int) {
+    /// free port); the socket knows the port it got.
+    public static func tcp(host: String, port: Int) throws(SyscallError) -> ListeningSocket {
         let address = try SocketAddress.inet(host: host, port: port)
         let fd = try address.socket(SOCK_STREAM, flags: Int32(SOCK_NONBLOCK.rawValue))
         do throws(SyscallError) {
@@ -116,7 +133,7 @@ public enum ListenSocket {
                 }
             }
             // sin_port and sin6_port sit at the same offset.
-            return (fd, Int(UInt16(bigEndian: bound.sin6_port)))
+            return ListeningSocket(adopting: fd, port: Int(UInt16(bigEndian: bound.sin6_port)))
         } catch {
             closeFD(fd)
             throw error
@@ -131,93 +148,22 @@ public enum ListenSocket {
     }
 }
 
-/// A connected stream socket for a client (the `mqtap` CLI): Unix or TCP, with a timeout.
-public final class ClientSocket {
-    public let fd: Int32
-
-    private init(fd: Int32) { self.fd = fd }
-
-    deinit { closeFD(fd) }
-
-    public static func unix(_ path: String, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
-        try connect(SocketAddress.unix(path), "connect(\(path))", timeoutSeconds)
+/// `HOST:PORT`, with an IPv6 host in brackets (`[::1]:8080`): the one parser of the two for
+/// `--listen tcp:…` and the CLI's `--url http://…`. Nil if malformed or the port is not
+/// 0…65535.
+public func splitHostPort(_ text: Substring) -> (host: String, port: Int)? {
+    let host: Substring
+    let port: Substring
+    if text.hasPrefix("[") {
+        guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
+        host = text[text.index(after: text.startIndex)..<close]
+        port = text[text.index(close, offsetBy: 2)...]
+    } else {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        host = text[..<colon]
+        port = text[text.index(after: colon)...]
     }
-
-    /// `host` is an IPv4 or IPv6 literal, or `localhost`.
-    public static func tcp(host: String, port: Int, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
-        try connect(SocketAddress.inet(host: host, port: port), "connect(\(host):\(port))", timeoutSeconds)
-    }
-
-    private static func connect(_ address: SocketAddress, _ call: String, _ timeout: Int) throws(SyscallError) -> ClientSocket {
-        let s = ClientSocket(fd: try address.socket(SOCK_STREAM))
-        var tv = timeval(tv_sec: timeout, tv_usec: 0)
-        _ = setsockopt(s.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        _ = setsockopt(s.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        _ = try retryingEINTR(call) { address.withSockaddr { Glibc.connect(s.fd, $0, $1) } }
-        return s
-    }
-
-    public func sendAll(_ bytes: [UInt8]) throws(SyscallError) {
-        var offset = 0
-        while offset < bytes.count {
-            let n = try retryingEINTR("send") {
-                bytes.withUnsafeBytes { send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
-            }
-            offset += n
-        }
-    }
-
-    /// Reads until the peer closes.
-    public func readAll() throws(SyscallError) -> [UInt8] {
-        var out: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = try retryingEINTR("recv") { chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) } }
-            if n == 0 { return out }
-            out.append(contentsOf: chunk[0..<n])
-        }
-    }
-}
-
-/// `mkdir -p` with mode 0755 for directories it creates.
-public func makeDirectories(_ path: String) throws(SyscallError) {
-    var current = path.hasPrefix("/") ? "" : "."
-    for part in path.split(separator: "/") {
-        current += "/" + part
-        if mkdir(current, 0o755) == -1 && errno != EEXIST {
-            throw SyscallError(call: "mkdir(\(current))", errno: Errno.current)
-        }
-    }
-}
-
-/// Removes a file; a missing file is not an error. The corresponding C function is `unlink(2)`.
-public func removeFile(_ path: String) {
-    _ = unlink(path)
-}
-
-/// Signals delivered synchronously: blocked in every thread, then awaited with `sigwait`.
-public enum Signals {
-    public static let terminate = SIGTERM
-    public static let interrupt = SIGINT
-
-    /// Blocks `signals` in the calling thread and in every thread it starts afterwards (the
-    /// mask is inherited), so only `wait` receives them. Call before starting any thread.
-    public static func block(_ signals: [Int32]) {
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in signals { sigaddset(&set, s) }
-        pthread_sigmask(SIG_BLOCK, &set, nil)
-        // A write to a closed client socket must be an EPIPE error, not the end of the process.
-        signal(SIGPIPE, SIG_IGN)
-    }
-
-    /// Waits for one of `signals` (blocked beforehand) and returns it.
-    public static func wait(_ signals: [Int32]) -> Int32 {
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in signals { sigaddset(&set, s) }
-        var received: Int32 = 0
-        while sigwait(&set, &received) != 0 {}
-        return received
-    }
+    guard !host.isEmpty, port.utf8.count <= 5, port.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }),
+          let p = Int(port), (0...65535).contains(p) else { return nil }
+    return (String(host), p)
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import TapClient
 import TapJSON
+import TunKit
 
 /// `mqtap`: mqtapd's command-line client. Tables for people, `--json` for scripts; an API
 /// error prints its code and message on stderr and exits 1 (3 if the daemon is unreachable).
@@ -38,11 +39,11 @@ struct Connection: ParsableArguments {
         do {
             r = try client.request(method, path, body: body)
         } catch {
-            printError("mqtap: \(error)")
+            writeStderrLine("mqtap: \(error)")
             throw ExitCode(3)
         }
         if let e = r.error {
-            printError("mqtap: \(e.code): \(e.message)")
+            writeStderrLine("mqtap: \(e.code): \(e.message)")
             throw ExitCode(1)
         }
         return r.json
@@ -254,7 +255,7 @@ struct Stats: ParsableCommand {
         var n = 0
         repeat {
             let s = try connection.call("GET", "/v1/devices/\(device)/stats") ?? .null
-            let now = Clock.seconds()
+            let now = Double(Clock.monotonicNanoseconds()) / 1e9
             if connection.json {
                 print(s.text)
             } else {

@@ -2,10 +2,9 @@ import ArgumentParser
 import Logging
 import TapAPI
 import TapCore
-import Synchronization
 import TunKit
 
-/// The daemon: flags, signals, wiring. Everything else lives in the libraries.
+/// The daemon's command line: flags and their checks. `Daemon` does the rest.
 @main
 struct MQTapD: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -15,8 +14,9 @@ struct MQTapD: ParsableCommand {
 
     @Option(name: .customLong("listen"),
             help: ArgumentHelp("Where to serve the API: unix:PATH or tcp:HOST:PORT (loopback only). Repeatable.",
-                               valueName: "address"))
-    var listen: [String] = []
+                               valueName: "address"),
+            transform: MQTapD.parseListen)
+    var listen: [ListenAddress] = []
 
     @Option(help: ArgumentHelp("Directory for the daemon's state.", valueName: "dir"))
     var stateDir = "/var/lib/mqtapd"
@@ -34,12 +34,13 @@ struct MQTapD: ParsableCommand {
     @Option(help: ArgumentHelp("Log lines as logfmt or json.", valueName: "format"))
     var logFormat = "logfmt"
 
+    /// `--listen` is parsed once, here; a bad address is a usage error naming the flag.
+    static func parseListen(_ text: String) throws -> ListenAddress {
+        do { return try ListenAddress(parsing: text) } catch { throw ValidationError(error.description) }
+    }
+
     func validate() throws {
-        for a in listen {
-            do { _ = try ListenAddress(parsing: a) } catch { throw ValidationError(error.description) }
-        }
-        let addresses = listen.compactMap { try? ListenAddress(parsing: $0) }
-        if Set(addresses.map(\.description)).count != addresses.count {
+        if Set(listen.map(\.description)).count != listen.count {
             throw ValidationError("the same --listen address is given twice")
         }
         if let w = workers, !(1...1024).contains(w) { throw ValidationError("--workers must be between 1 and 1024") }
@@ -51,159 +52,23 @@ struct MQTapD: ParsableCommand {
     func run() throws {
         let format = LineLogHandler.Format(rawValue: logFormat)!
         let log = EventLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
-        // Before any thread starts, so that only the main thread ever receives them.
-        Signals.block([Signals.terminate, Signals.interrupt])
-
-        // Every queue is an fd: use all the fds the hard limit allows.
-        let limit = ProcessResources.fileLimit()
-        if limit.soft < limit.hard { try? ProcessResources.setFileLimit(soft: limit.hard) }
-
-        // Socket activation: systemd passes listening sockets (LISTEN_FDS); without --listen
-        // they are all the daemon serves.
-        let inherited = Systemd.listenFDs()
-        let addresses = listen.isEmpty ? (inherited.isEmpty ? [ListenAddress.defaultUnix] : [])
-            : listen.map { try! ListenAddress(parsing: $0) }
-
-        // One instance per state directory and per socket: the locks die with the process,
-        // so a crash never leaves them held, and a socket file left by a crash is reclaimed.
-        var locks: [FileLock] = []
-        func lock(_ path: String, _ what: String) {
-            do {
-                locks.append(try FileLock(path: path))
-            } catch {
-                let why = error.errno == .wouldBlock ? "another mqtapd instance holds \(path)" : "\(error)"
-                log.fail("cannot lock the \(what)", ["path": path, "error": why])
-            }
-        }
+        let daemon = Daemon(options: .init(listen: listen, stateDir: stateDir, workers: workers, maxQueues: maxQueues,
+                                           maxBody: maxBody), log: log)
         do {
-            try makeDirectories(stateDir)
+            try daemon.start()
         } catch {
-            log.fail("cannot create the state directory", ["path": stateDir, "error": "\(error)"])
+            log.logger.critical("\(error.message)", metadata: error.metadata)
+            daemon.stop()
+            throw ExitCode.failure
         }
-        lock(stateDir + "/lock", "state directory")
-        for case .unix(let path) in addresses {
-            if let slash = path.lastIndex(of: "/"), slash != path.startIndex { try? makeDirectories(String(path[..<slash])) }
-            lock(path + ".lock", "API socket \(path)")
-        }
-
-        // The desired state: an unusable file is set aside (never overwritten) and reported.
-        let stateFile = StateFile(directory: stateDir)
-        var desired: DesiredState?
-        do {
-            desired = try stateFile.load()
-        } catch .corrupt(let why) {
-            let aside = (try? stateFile.setAside(stamp: Clock.timestamp())) ?? "(could not be moved)"
-            log.error("the state file is corrupt; it was set aside and the daemon starts empty",
-                      ["path": stateFile.path, "kept_as": aside, "error": why])
-        } catch .unreadable(let e) {
-            log.fail("cannot read the state file", ["path": stateFile.path, "error": "\(e)"])
-        }
-
-        let manager: DeviceManager
-        do {
-            manager = try DeviceManager(workers: workers ?? ProcessResources.onlineCPUs(),
-                                        maxQueues: maxQueues ?? desired?.maxQueues ?? 256,
-                                        stateFile: stateFile, logger: log.logger)
-        } catch {
-            log.fail("cannot start the device manager", ["error": "\(error)"])
-        }
-        if let desired {
-            for problem in manager.restore(desired) { log.error("device not restored", ["detail": problem]) }
-            if let m = maxQueues, m != desired.maxQueues {
-                do {
-                    _ = try manager.setLimit(maxQueues: m)
-                } catch {
-                    log.error("--max-queues not applied; the state file's limit stays", ["error": error.description])
-                }
-            }
-        }
-
-        // Sockets first, all of them: a bad address stops the start before anything serves.
-        var sockets: [(ListenAddress, Int32)] = []
-        for fd in inherited {
-            sockets.append((.unix(path: Systemd.unixPath(of: fd) ?? "inherited-fd-\(fd)"), fd))
-        }
-        let ownSocketsFrom = sockets.count
-        for a in addresses {
-            do {
-                switch a {
-                case .unix(let path):
-                    sockets.append((a, try ListenSocket.unix(path: path, mode: 0o660)))
-                case .tcp(let host, let port):
-                    let s = try ListenSocket.tcp(host: host, port: port)
-                    sockets.append((.tcp(host: host, port: s.port), s.fd))
-                }
-            } catch {
-                for (_, fd) in sockets { closeFD(fd) }
-                manager.shutdown()
-                let why = error.errno == .addressInUse ? "another mqtapd instance is serving it" : "\(error)"
-                log.fail("cannot listen on \(a)", ["address": a.description, "error": why])
-            }
-        }
-
-        let router = Router(manager: manager)
-        var limits = HTTPServer.Limits()
-        limits.bodyBytes = maxBody
-        let requestIDs = Atomic<UInt64>(0)
-        let handler: HTTPServer.Handler = { request in
-            let start = Clock.monotonicNanoseconds()
-            let id = requestIDs.add(1, ordering: .relaxed).newValue
-            let response = router.handle(request)
-            let micros = (Clock.monotonicNanoseconds() - start) / 1000
-            var fields: Logger.Metadata = [
-                "request_id": "\(id)", "method": "\(request.method)", "path": "\(request.path)",
-                "status": "\(response.status)", "us": "\(micros)",
-            ]
-            switch Route(path: request.path) {
-            case .device(let d)?, .queues(let d)?, .stats(let d)?:
-                fields["device"] = "\(d)"
-            case .queue(let d, let q)?:
-                fields["device"] = "\(d)"
-                fields["queue"] = "\(q)"
-            default:
-                break
-            }
-            if let e = response.errorInfo {
-                fields["code"] = "\(e.code)"
-                if let errno = e.errno { fields["errno"] = "\(errno)" }
-            }
-            log.logger.log(level: response.status >= 500 ? .error : .info, "request", metadata: fields)
-            return response
-        }
-        var servers: [HTTPServer] = []
-        for (address, fd) in sockets {
-            do {
-                servers.append(try HTTPServer(listenFD: fd, limits: limits, handler: handler,
-                                              tooLarge: { APIError.payloadTooLarge(limit: $0).response }))
-                log.info("listening", ["address": address.description])
-                // The readiness line: tools wait for it.
-                writeStderrLine("mqtapd: listening on \(address)")
-            } catch {
-                servers.forEach { $0.stop() }
-                for (_, fd) in sockets { closeFD(fd) }
-                manager.shutdown()
-                log.fail("cannot serve", ["address": address.description])
-            }
-        }
-        log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(manager.limits().maxQueues)])
-        // Type=notify: ready only now, with the state restored and every socket served.
-        Systemd.notify("READY=1\nSTATUS=serving")
-
-        let signal = Signals.wait([Signals.terminate, Signals.interrupt])
-        Systemd.notify("STOPPING=1")
+        let signal = daemon.waitForSignal()
         log.info("stopping", ["signal": signal == Signals.terminate ? "SIGTERM" : "SIGINT"])
-        // Stop accepting and finish in-flight requests, then the devices, then the sockets.
-        servers.forEach { $0.stop() }
-        for (_, fd) in sockets { closeFD(fd) }
-        manager.shutdown()
-        // Socket files systemd made are systemd's to remove.
-        for case (.unix(let path), _) in sockets[ownSocketsFrom...] { removeFile(path) }
-        locks.forEach { $0.release() }
+        daemon.stop()
         log.info("stopped")
     }
 }
 
-/// The executable's log calls: string fields, a helper that exits.
+/// The executable's log calls: string fields.
 struct EventLog: Sendable {
     let logger: Logger
 
@@ -215,12 +80,7 @@ struct EventLog: Sendable {
         logger.error("\(message)", metadata: Self.metadata(fields))
     }
 
-    func fail(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) -> Never {
-        logger.critical("\(message)", metadata: Self.metadata(fields))
-        MQTapD.exit(withError: ExitCode.failure)
-    }
-
-    private static func metadata(_ fields: KeyValuePairs<String, String>) -> Logger.Metadata {
+    static func metadata(_ fields: KeyValuePairs<String, String>) -> Logger.Metadata {
         var m: Logger.Metadata = [:]
         for (k, v) in fields { m[k] = "\(v)" }
         return m

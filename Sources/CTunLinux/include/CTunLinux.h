@@ -12,7 +12,6 @@
 // ioctl request numbers are _IOW/_IOR macros that Swift cannot import; they are exported
 // here as constants, checked against the kernel headers in tunlinux.c.
 extern const unsigned long mqt_TUNSETIFF;
-extern const unsigned long mqt_TUNGETIFF;
 extern const unsigned long mqt_TUNSETQUEUE;
 extern const unsigned long mqt_TUNSETPERSIST;
 extern const unsigned long mqt_TUNGETFEATURES;
@@ -20,8 +19,6 @@ extern const unsigned long mqt_SIOCGIFFLAGS;
 extern const unsigned long mqt_SIOCSIFFLAGS;
 extern const unsigned long mqt_SIOCSIFMTU;
 extern const unsigned long mqt_SIOCGIFMTU;
-extern const unsigned long mqt_SIOCSIFHWADDR;
-extern const unsigned long mqt_SIOCGIFHWADDR;
 extern const unsigned long mqt_SIOCGIFINDEX;
 
 extern const int mqt_IFF_TUN;

@@ -4,7 +4,3 @@ enum HealthResource {
         .json(200, ["status": "ok", "version": .string(Version.current)])
     }
 }
-
-public enum Version {
-    public static let current = "0.1.0"
-}

@@ -1,0 +1,46 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunLinux
+
+/// Facts about this process and machine that limits and leak checks need.
+public enum ProcessResources {
+    /// Open file descriptors of this process (entries of /proc/self/fd, without the one
+    /// used to list them).
+    public static func openFileCount() -> Int {
+        guard let dir = opendir("/proc/self/fd") else { return -1 }
+        defer { closedir(dir) }
+        var n = 0
+        while let entry = readdir(dir) {
+            let isDot = withUnsafeBytes(of: entry.pointee.d_name) { $0.first == UInt8(ascii: ".") }
+            if !isDot { n += 1 }
+        }
+        return n - 1
+    }
+
+    /// The soft and hard `RLIMIT_NOFILE`. The corresponding C function is `getrlimit`.
+    public static func fileLimit() -> (soft: UInt64, hard: UInt64) {
+        var rl = rlimit()
+        _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
+        return (UInt64(rl.rlim_cur), UInt64(rl.rlim_max))
+    }
+
+    /// Sets the soft `RLIMIT_NOFILE`. The corresponding C function is `setrlimit`.
+    public static func setFileLimit(soft: UInt64) throws(SyscallError) {
+        var rl = rlimit()
+        _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
+        rl.rlim_cur = rlim_t(soft)
+        _ = try retryingEINTR("setrlimit(RLIMIT_NOFILE)") { setrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl) }
+    }
+
+    /// Online CPUs. The corresponding C function is `sysconf(_SC_NPROCESSORS_ONLN)`.
+    public static func onlineCPUs() -> Int {
+        max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    }
+
+    /// Whether this process runs as root (effective uid 0).
+    public static var isRoot: Bool { geteuid() == 0 }
+
+    /// Whether `/dev/net/tun` can be opened read-write by this process.
+    public static var canOpenTun: Bool { access(Tun.devicePath, R_OK | W_OK) == 0 }
+}

@@ -1,0 +1,256 @@
+import Logging
+import Synchronization
+import TapAPI
+import TapCore
+import TunKit
+
+/// The running daemon: its parts started in order (signals, fd limit, state directory and
+/// its lock, socket locks, state file, device manager, listening sockets, HTTP servers),
+/// and stopped in reverse. A failed start stops what had started.
+final class Daemon {
+    struct Options {
+        var listen: [ListenAddress]
+        var stateDir: String
+        var workers: Int?
+        var maxQueues: Int?
+        var maxBody: Int
+    }
+
+    /// Why the daemon could not start: a message and its fields for the log.
+    struct StartError: Error {
+        let message: String
+        let metadata: Logger.Metadata
+
+        init(_ message: String, _ fields: KeyValuePairs<String, String>) {
+            self.message = message
+            metadata = EventLog.metadata(fields)
+        }
+    }
+
+    enum State { case starting, serving, stopping, stopped }
+
+    private(set) var state = State.starting
+    private let options: Options
+    private let log: EventLog
+    /// What `stop` undoes, in the order the parts started.
+    private var started: [(name: String, stop: () -> Void)] = []
+
+    init(options: Options, log: EventLog) {
+        self.options = options
+        self.log = log
+    }
+
+    func start() throws(StartError) {
+        precondition(state == .starting, "a daemon starts once")
+        // Before any thread starts, so that only the main thread ever receives them.
+        Signals.block([Signals.terminate, Signals.interrupt])
+        // Every queue is an fd: use all the fds the hard limit allows.
+        let limit = ProcessResources.fileLimit()
+        if limit.soft < limit.hard { try? ProcessResources.setFileLimit(soft: limit.hard) }
+
+        // Socket activation: systemd passes listening sockets (LISTEN_FDS); without --listen
+        // they are all the daemon serves. Each becomes its owner at once.
+        let inherited = Systemd.listenFDs().map { fd in (fd, Systemd.unixPath(of: fd)) }
+        let listeners = Listeners()
+        for (fd, path) in inherited {
+            listeners.add(.unix(path: path ?? "inherited-fd-\(fd)"), socket: ListeningSocket(adopting: fd), ownsFile: false)
+        }
+        started.append(("inherited sockets", { listeners.close() }))
+        let addresses = options.listen.isEmpty && inherited.isEmpty ? [ListenAddress.defaultUnix] : options.listen
+
+        let locks = try lockInstance(addresses)
+        started.append(("locks", { locks.releaseAll() }))
+
+        let stateFile = StateFile(directory: options.stateDir)
+        let desired = try loadState(stateFile)
+
+        let manager: DeviceManager
+        do {
+            manager = try DeviceManager(workers: options.workers ?? ProcessResources.onlineCPUs(),
+                                        maxQueues: options.maxQueues ?? desired?.maxQueues ?? 256,
+                                        stateFile: stateFile, logger: log.logger)
+        } catch {
+            throw StartError("cannot start the device manager", ["error": "\(error)"])
+        }
+        started.append(("device manager", { manager.shutdown() }))
+        if let desired { restore(desired, into: manager) }
+
+        // Sockets first, all of them: a bad address stops the start before anything serves.
+        for a in addresses {
+            do {
+                switch a {
+                case .unix(let path):
+                    listeners.add(a, socket: try ListenSocket.unix(path: path, mode: 0o660), ownsFile: true)
+                case .tcp(let host, let port):
+                    let s = try ListenSocket.tcp(host: host, port: port)
+                    listeners.add(.tcp(host: host, port: s.port ?? port), socket: s, ownsFile: false)
+                }
+            } catch {
+                let why = error.errno == .addressInUse ? "another mqtapd instance is serving it" : "\(error)"
+                throw StartError("cannot listen on \(a)", ["address": a.description, "error": why])
+            }
+        }
+        started.append(("listening sockets", { listeners.close() }))
+
+        let handler = RequestLog(router: Router(manager: manager), logger: log.logger).handle
+        var limits = HTTPServer.Limits()
+        limits.bodyBytes = options.maxBody
+        do throws(HTTPServerError) {
+            try listeners.serve(limits: limits, handler: handler) { address in
+                log.info("listening", ["address": address.description])
+                // The readiness line: tools wait for it.
+                writeStderrLine("mqtapd: listening on \(address)")
+            }
+        } catch {
+            throw StartError("cannot serve", ["error": error.description])
+        }
+        // Stopped first: no request reaches the manager once it begins to stop.
+        started.append(("HTTP servers", { listeners.stopServing() }))
+
+        manager.serving()
+        state = .serving
+        log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(manager.limits().maxQueues)])
+        // Type=notify: ready only now, with the state restored and every socket served.
+        Systemd.notify("READY=1\nSTATUS=serving")
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    func waitForSignal() -> Int32 {
+        Signals.wait([Signals.terminate, Signals.interrupt])
+    }
+
+    /// Stops every part that started, in reverse. Idempotent.
+    func stop() {
+        guard state != .stopping && state != .stopped else { return }
+        if state == .serving { Systemd.notify("STOPPING=1") }
+        state = .stopping
+        while let part = started.popLast() { part.stop() }
+        state = .stopped
+    }
+
+    /// One instance per state directory and per socket: the locks die with the process, so a
+    /// crash never leaves them held, and a socket file left by a crash is reclaimed.
+    private func lockInstance(_ addresses: [ListenAddress]) throws(StartError) -> Locks {
+        do {
+            try makeDirectories(options.stateDir)
+        } catch {
+            throw StartError("cannot create the state directory", ["path": options.stateDir, "error": "\(error)"])
+        }
+        let locks = Locks()
+        var paths = [(options.stateDir + "/lock", "state directory")]
+        for case .unix(let path) in addresses {
+            if let slash = path.lastIndex(of: "/"), slash != path.startIndex { try? makeDirectories(String(path[..<slash])) }
+            paths.append((path + ".lock", "API socket \(path)"))
+        }
+        for (path, what) in paths {
+            do {
+                try locks.take(path)
+            } catch {
+                locks.releaseAll()
+                let why = error.errno == .wouldBlock ? "another mqtapd instance holds \(path)" : "\(error)"
+                throw StartError("cannot lock the \(what)", ["path": path, "error": why])
+            }
+        }
+        return locks
+    }
+
+    /// The desired state: an unusable file is set aside (never overwritten) and reported.
+    private func loadState(_ stateFile: StateFile) throws(StartError) -> DesiredState? {
+        do {
+            return try stateFile.load()
+        } catch {
+            switch error {
+            case .corrupt(let why):
+                let aside = (try? stateFile.setAside(stamp: Clock.timestamp())) ?? "(could not be moved)"
+                log.error("the state file is corrupt; it was set aside and the daemon starts empty",
+                          ["path": stateFile.path, "kept_as": aside, "error": why])
+                return nil
+            case .unreadable(let e):
+                throw StartError("cannot read the state file", ["path": stateFile.path, "error": "\(e)"])
+            }
+        }
+    }
+
+    private func restore(_ desired: DesiredState, into manager: DeviceManager) {
+        for problem in manager.restore(desired) { log.error("device not restored", ["detail": problem]) }
+        if let m = options.maxQueues, m != desired.maxQueues {
+            do {
+                _ = try manager.setLimit(maxQueues: m)
+            } catch {
+                log.error("--max-queues not applied; the state file's limit stays", ["error": error.description])
+            }
+        }
+    }
+}
+
+/// The daemon's lock files, each lock owned by its own box until released.
+final class Locks {
+    private final class Held {
+        var lock: FileLock?
+        init(_ lock: consuming FileLock) { self.lock = consume lock }
+    }
+
+    private var held: [Held] = []
+
+    func take(_ path: String) throws(SyscallError) {
+        held.append(Held(try FileLock(path: path)))
+    }
+
+    /// Releases every lock (each exactly once). Idempotent.
+    func releaseAll() {
+        for h in held.reversed() { h.lock.take()?.release() }
+        held = []
+    }
+}
+
+/// The listening sockets and the servers on them. A socket is owned by its entry until a
+/// server takes it; a Unix socket file the daemon made is removed when it stops.
+final class Listeners {
+    private final class Entry {
+        let address: ListenAddress
+        var socket: ListeningSocket?
+        var server: HTTPServer?
+        /// The daemon made the file (systemd's sockets are systemd's to remove).
+        let ownsFile: Bool
+
+        init(_ address: ListenAddress, _ socket: consuming ListeningSocket, ownsFile: Bool) {
+            self.address = address
+            self.socket = consume socket
+            self.ownsFile = ownsFile
+        }
+    }
+
+    private var entries: [Entry] = []
+
+    func add(_ address: ListenAddress, socket: consuming ListeningSocket, ownsFile: Bool) {
+        entries.append(Entry(address, socket, ownsFile: ownsFile))
+    }
+
+    /// Starts a server on every socket; `ready` is called for each once it serves.
+    func serve(limits: HTTPServer.Limits, handler: @escaping HTTPServer.Handler,
+               ready: (ListenAddress) -> Void) throws(HTTPServerError) {
+        for e in entries where e.server == nil {
+            guard let socket = e.socket.take() else { continue }
+            e.server = try HTTPServer(socket: socket, limits: limits, handler: handler,
+                                      tooLarge: { APIError.payloadTooLarge(limit: $0).response })
+            ready(e.address)
+        }
+    }
+
+    /// Stops accepting and finishes in-flight requests on every server. Idempotent.
+    func stopServing() {
+        for e in entries { e.server?.stop() }
+    }
+
+    /// Closes every socket (a server's with it) and removes the socket files the daemon made.
+    /// Idempotent.
+    func close() {
+        for e in entries {
+            e.server?.stop()
+            e.server = nil
+            _ = e.socket.take()
+            if e.ownsFile, case .unix(let path) = e.address { removeFile(path) }
+        }
+        entries = []
+    }
+}
