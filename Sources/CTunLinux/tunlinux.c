@@ -161,6 +161,109 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
     return -EIO;
 }
 
+int mqt_link_delete(int ifindex) {
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) return -errno;
+    struct {
+        struct nlmsghdr nh;
+        struct ifinfomsg ifi;
+    } req;
+    memset(&req, 0, sizeof req);
+    req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
+    req.nh.nlmsg_type = RTM_DELLINK;
+    // ACK: the kernel answers with an NLMSG_ERROR whose error is 0 on success.
+    req.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+    req.nh.nlmsg_seq = 1;
+    req.ifi.ifi_family = AF_UNSPEC;
+    req.ifi.ifi_index = ifindex;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    if (sendto(fd, &req, req.nh.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    char buf[4096];
+    ssize_t n;
+    do { n = recv(fd, buf, sizeof buf, 0); } while (n < 0 && errno == EINTR);
+    int e = n < 0 ? errno : 0;
+    close(fd);
+    if (n < 0) return -e;
+    for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
+        if (nh->nlmsg_type == NLMSG_ERROR) {
+            struct nlmsgerr *err = NLMSG_DATA(nh);
+            return err->error;
+        }
+    }
+    return -EIO;
+}
+
+long mqt_send_fds(int sock, const void *buf, unsigned long len, const int *fds, int nfds) {
+    if (nfds < 0 || nfds > 253) return -EINVAL;  // SCM_MAX_FD
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    // Room for the largest control message, aligned as cmsghdr needs.
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 253)];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds > 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    ssize_t n;
+    do { n = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+long mqt_recv_fds(int sock, void *buf, unsigned long cap, int *fds, int max_fds, int *nfds) {
+    if (max_fds < 0 || max_fds > 253) return -EINVAL;
+    struct iovec iov = {.iov_base = buf, .iov_len = cap};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 253)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = CMSG_SPACE(sizeof(int) * (max_fds > 0 ? max_fds : 1))};
+    ssize_t n;
+    do { n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    *nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < k; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            if (*nfds < max_fds) fds[(*nfds)++] = fd; else close(fd);
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) return -EMSGSIZE;
+    return n;
+}
+
+int mqt_peer_cred(int sock, int *pid, unsigned *uid, unsigned *gid) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
+    *pid = cred.pid;
+    *uid = cred.uid;
+    *gid = cred.gid;
+    return 0;
+}
+
+int mqt_socket_family(int sock) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(sock, (struct sockaddr *)&ss, &len) < 0) return -errno;
+    return ss.ss_family;
+}
+
 // Each thread's armed fd. Static TLS of the executable, so the handler's read of it touches no
 // allocator; an int read whole, written only by its own thread.
 static __thread volatile int kick_fd = -1;

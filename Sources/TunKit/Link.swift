@@ -131,6 +131,13 @@ public enum Link {
         ]
     }
 
+    /// Deletes the link with this index (`ip link del`, by index: never whatever took the
+    /// name). The corresponding C function is `mqt_link_delete` (RTM_DELLINK).
+    public static func delete(ifindex: Int) throws(SyscallError) {
+        let rc = mqt_link_delete(Int32(ifindex))
+        if rc < 0 { throw SyscallError(call: "RTM_DELLINK(\(ifindex))", errno: Errno(-rc)) }
+    }
+
     /// The counters of `/sys/class/net/<dev>/statistics` the daemon reports.
     public static let statisticsKeys = [
         "rx_packets", "rx_bytes", "rx_errors", "rx_dropped",

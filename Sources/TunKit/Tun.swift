@@ -98,6 +98,13 @@ public enum Tun {
         return TunFlags(rawValue: Int32(truncatingIfNeeded: f))
     }
 
+    /// Whether the queue is attached (false: detached with TUNSETQUEUE, by whoever holds the
+    /// fd's open file, a lease holder included). TUNGETIFF on a detached queue's fd answers
+    /// the flags with IFF_DETACH_QUEUE set.
+    public static func isAttached(_ fd: Int32) throws(SyscallError) -> Bool {
+        try getInterface(fd).flags.rawValue & mqt_IFF_DETACH_QUEUE == 0
+    }
+
     /// The device name and flags a queue fd is bound to.
     /// The corresponding C call is `ioctl(TUNGETIFF)`.
     public static func getInterface(_ fd: Int32) throws(SyscallError) -> (name: String, flags: TunFlags) {

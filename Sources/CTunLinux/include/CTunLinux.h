@@ -57,6 +57,23 @@ typedef struct mqt_link_stats {
 // eight sysfs files. Returns 0, or -errno (-ENODEV if there is no such interface).
 int mqt_link_stats64(int ifindex, mqt_link_stats *out);
 
+// Deletes a link by index (RTM_DELLINK): what `ip link del` does, but never by name, so a
+// name another interface took meanwhile is never hit. 0, or -errno.
+int mqt_link_delete(int ifindex);
+
+// Writes `len` bytes to a connected Unix socket with one SCM_RIGHTS control message carrying
+// `nfds` fds (sendmsg, MSG_NOSIGNAL). Returns the bytes written (the fds travel with the
+// first byte), or -errno.
+long mqt_send_fds(int sock, const void *buf, unsigned long len, const int *fds, int nfds);
+// Reads up to `cap` bytes and at most `max_fds` fds passed with them (recvmsg,
+// MSG_CMSG_CLOEXEC); `*nfds` gets how many arrived. Returns the bytes read, or -errno;
+// -EMSGSIZE if the control message was cut (fds were lost).
+long mqt_recv_fds(int sock, void *buf, unsigned long cap, int *fds, int max_fds, int *nfds);
+// The peer's pid, uid and gid of a connected Unix socket (SO_PEERCRED); 0 or -errno.
+int mqt_peer_cred(int sock, int *pid, unsigned *uid, unsigned *gid);
+// The address family a socket is bound to (getsockname): AF_UNIX, AF_INET…, or -errno.
+int mqt_socket_family(int sock);
+
 // read(2) and write(2) for the packet path, without glibc's cancellation-point wrapper (two
 // extra calls per frame that a thread nobody cancels never needs). -errno on failure.
 #include <errno.h>
