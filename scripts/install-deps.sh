@@ -4,7 +4,10 @@
 # it must be on PATH (https://www.swift.org/install/linux/).
 set -euo pipefail
 
-packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-venv curl gcc libc6-dev util-linux wrk systemd buildah debootstrap valgrind binutils linux-perf)
+packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-venv curl gcc libc6-dev util-linux wrk systemd buildah debootstrap valgrind binutils linux-perf
+          # The lease test's QEMU guest (scripts/build-guest.sh): a Debian kernel, busybox, and
+          # ethtool for the guest's queue count.
+          qemu-system-x86 linux-image-amd64 busybox-static cpio ethtool xz-utils kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -14,7 +17,8 @@ if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # INITRD=No: the kernel package's hook builds no initrd for this host (the guest's is ours).
+  DEBIAN_FRONTEND=noninteractive INITRD=No $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if ! command -v swift >/dev/null 2>&1; then

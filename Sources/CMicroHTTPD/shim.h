@@ -19,7 +19,9 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
               unsigned int connection_limit, unsigned int idle_timeout_seconds,
               size_t connection_memory_limit, int *start_errno) {
     // MHD_USE_ITC: MHD_quiesce_daemon (stop accepting before stopping) needs it with a pool.
-    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    // MHD_ALLOW_UPGRADE: a lease takes over its connection after a 101 (HTTP/1.1 only).
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG
+        | MHD_ALLOW_UPGRADE;
     errno = 0;
     struct MHD_Daemon *d = MHD_start_daemon(flags, 0, NULL, NULL, handler, handler_cls,
                             MHD_OPTION_LISTEN_SOCKET, (MHD_socket)listen_fd,
@@ -37,6 +39,18 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
 // A response whose body MHD copies before returning (MHD_RESPMEM_MUST_COPY).
 static inline struct MHD_Response *mqt_mhd_response_copy(size_t size, const void *data) {
     return MHD_create_response_from_buffer(size, (void *)data, MHD_RESPMEM_MUST_COPY);
+}
+
+// MHD_get_connection_info is variadic: the connection's socket, or -1.
+static inline int mqt_mhd_connection_fd(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return info == NULL ? -1 : info->connect_fd;
+}
+
+// MHD_upgrade_action is variadic: closes an upgraded connection (MHD closes the socket and
+// frees `urh` on its own thread afterwards; neither may be used again).
+static inline enum MHD_Result mqt_mhd_upgrade_close(struct MHD_UpgradeResponseHandle *urh) {
+    return MHD_upgrade_action(urh, MHD_UPGRADE_ACTION_CLOSE);
 }
 
 #endif

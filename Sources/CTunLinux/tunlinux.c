@@ -247,6 +247,11 @@ long mqt_recv_fds(int sock, void *buf, unsigned long cap, int *fds, int max_fds,
     return n;
 }
 
+int mqt_execvpe(const char *file, char *const argv[], char *const envp[]) {
+    execvpe(file, argv, envp);
+    return -errno;
+}
+
 int mqt_peer_cred(int sock, int *pid, unsigned *uid, unsigned *gid) {
     struct ucred cred;
     socklen_t len = sizeof cred;

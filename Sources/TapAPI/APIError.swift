@@ -3,7 +3,7 @@ import TapJSON
 
 /// Every error the API answers with. This file is the one place that chooses the HTTP status
 /// and `code` for an error, including every manager error.
-public struct APIError: Error, Equatable, Sendable {
+public struct APIError: Error, Sendable, Equatable {
     public let status: Int
     public let code: String
     public let message: String
@@ -11,6 +11,8 @@ public struct APIError: Error, Equatable, Sendable {
     public var errno: String?
     /// For 405: the methods the path does allow.
     public var allow: [String]?
+    /// Extra headers (426: what to upgrade to).
+    public var headers: [(String, String)] = []
 
     init(_ status: Int, _ code: String, _ message: String, field: String? = nil, errno: String? = nil) {
         self.status = status
@@ -79,11 +81,22 @@ public struct APIError: Error, Equatable, Sendable {
             }
         case .shuttingDown:
             self.init(503, "shutting_down", e.message)
+        case .queueLeased(_, _, _):
+            self.init(409, "queue_leased", e.message)
+        case .deviceLeased:
+            self.init(409, "device_leased", e.message)
+        case .leaseNotFound:
+            self.init(404, "not_found", e.message)
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:
             self.init(500, "kernel_error", e.message, errno: errno)
         }
+    }
+
+    public static func == (a: APIError, b: APIError) -> Bool {
+        a.status == b.status && a.code == b.code && a.message == b.message && a.field == b.field && a.errno == b.errno
+            && a.allow == b.allow && a.headers.map { "\($0.0):\($0.1)" } == b.headers.map { "\($0.0):\($0.1)" }
     }
 
     public var body: JSON {
@@ -96,6 +109,7 @@ public struct APIError: Error, Equatable, Sendable {
     public var response: HTTPResponse {
         var headers: [(String, String)] = []
         if let allow { headers.append(("Allow", allow.joined(separator: ", "))) }
+        headers += self.headers
         var r = HTTPResponse.json(status, body, headers: headers)
         r.errorInfo = (code, errno)
         return r

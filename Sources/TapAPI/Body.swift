@@ -48,6 +48,23 @@ struct Body {
         return Int(i)
     }
 
+    /// An array of integers, each in `range`.
+    func intArray(_ key: String, in range: ClosedRange<Int>) throws(APIError) -> [Int]? {
+        guard let v = object[key] else { return nil }
+        guard case .array(let items) = v else { throw APIError.invalidField(key, "must be an array of integers, not \(v.typeName)") }
+        var out: [Int] = []
+        for item in items {
+            guard case .int(let i) = item else {
+                throw APIError.invalidField(key, "must be an array of integers, not one with \(item.typeName)")
+            }
+            guard (Int64(range.lowerBound)...Int64(range.upperBound)).contains(i) else {
+                throw APIError.invalidField(key, "\(i) is not between \(range.lowerBound) and \(range.upperBound)")
+            }
+            out.append(Int(i))
+        }
+        return out
+    }
+
     func oneOf<T: RawRepresentable & CaseIterable>(_ key: String, _: T.Type) throws(APIError) -> T? where T.RawValue == String {
         guard let s = try string(key) else { return nil }
         guard let value = T(rawValue: s) else {

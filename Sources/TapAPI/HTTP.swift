@@ -1,4 +1,5 @@
 import TapJSON
+import TunKit
 /// An HTTP request as the router sees it: already complete, body included.
 public struct HTTPRequest: Sendable {
     public var method: String
@@ -7,15 +8,56 @@ public struct HTTPRequest: Sendable {
     /// Lower-cased header names.
     public var headers: [String: String]
     public var body: [UInt8]
+    /// The query parameters the API knows (`HTTPServer.queryKeys`); others are ignored.
+    public var query: [String: String]
+    /// How the client is connected.
+    public var transport: Transport
+    /// `HTTP/1.1` or `HTTP/1.0`.
+    public var version: String
 
-    public init(method: String, path: String, headers: [String: String] = [:], body: [UInt8] = []) {
+    /// A Unix socket (with the peer's credentials, from SO_PEERCRED at accept) or TCP.
+    public enum Transport: Sendable, Equatable {
+        case unix(PeerCredentials?)
+        case tcp
+    }
+
+    public init(method: String, path: String, headers: [String: String] = [:], body: [UInt8] = [],
+                query: [String: String] = [:], transport: Transport = .unix(nil), version: String = "HTTP/1.1") {
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
+        self.query = query
+        self.transport = transport
+        self.version = version
     }
 
     public var contentType: String? { headers["content-type"] }
+
+    /// Whether the request asks to switch to `protocolName` (`Connection: Upgrade`,
+    /// `Upgrade: protocolName`), as HTTP/1.1 allows.
+    public func asksUpgrade(to protocolName: String) -> Bool {
+        guard version == "HTTP/1.1",
+              let connection = headers["connection"], let upgrade = headers["upgrade"] else { return false }
+        let tokens = connection.split(separator: ",").map { $0.trimmingWhitespace.lowercased() }
+        return tokens.contains("upgrade") && upgrade.split(separator: ",").map(\.trimmingWhitespace).contains(protocolName)
+    }
+}
+
+/// A switch of the connection to another protocol after a 101: what to run on the raw
+/// connection once the 101 head is sent, and what to undo if that never happens (the client
+/// went first).
+public struct Upgrade: Sendable {
+    public let protocolName: String
+    public let run: @Sendable (UpgradedConnection) -> Void
+    public let abandon: @Sendable () -> Void
+
+    public init(protocolName: String, run: @escaping @Sendable (UpgradedConnection) -> Void,
+                abandon: @escaping @Sendable () -> Void) {
+        self.protocolName = protocolName
+        self.run = run
+        self.abandon = abandon
+    }
 }
 
 public struct HTTPResponse: Sendable, Equatable {
@@ -25,11 +67,20 @@ public struct HTTPResponse: Sendable, Equatable {
     /// For an error response made by `APIError`: its code and errno, carried for the request
     /// log so that nothing parses the body back.
     public var errorInfo: (code: String, errno: String?)?
+    /// For a 101: what the connection becomes.
+    public var upgrade: Upgrade?
 
     public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
         self.status = status
         self.headers = headers
         self.body = body
+    }
+
+    /// `101 Switching Protocols` to `upgrade.protocolName`.
+    public static func switching(_ upgrade: Upgrade) -> HTTPResponse {
+        var r = HTTPResponse(status: 101, headers: [("Upgrade", upgrade.protocolName)])
+        r.upgrade = upgrade
+        return r
     }
 
     public static func json(_ status: Int, _ value: JSON, headers: [(String, String)] = []) -> HTTPResponse {

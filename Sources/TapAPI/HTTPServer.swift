@@ -28,11 +28,14 @@ public final class HTTPServer: Sendable {
         let handler: Handler
         let limits: Limits
         let tooLarge: @Sendable (Int) -> HTTPResponse
+        let connections: Connections
 
-        init(handler: @escaping Handler, limits: Limits, tooLarge: @escaping @Sendable (Int) -> HTTPResponse) {
+        init(handler: @escaping Handler, limits: Limits, tooLarge: @escaping @Sendable (Int) -> HTTPResponse,
+             connections: Connections) {
             self.handler = handler
             self.limits = limits
             self.tooLarge = tooLarge
+            self.connections = connections
         }
     }
 
@@ -41,6 +44,38 @@ public final class HTTPServer: Sendable {
         var body: [UInt8] = []
         /// A response was queued early (413); the rest of the upload is discarded.
         var answered = false
+        var transport = HTTPRequest.Transport.tcp
+        /// A 101 was queued: run on the raw connection once MHD has sent the head, or
+        /// abandoned in `completed` if it never was.
+        var upgrade: Upgrade?
+        weak var server: Connections?
+    }
+
+    /// The query parameters requests may carry; others are ignored.
+    public static let queryKeys = ["force"]
+
+    /// The upgraded connections still open: closed before MHD stops (after MHD_stop_daemon
+    /// their handles are freed, so nothing may close them then).
+    final class Connections: Sendable {
+        private let open = Mutex<[ObjectIdentifier: UpgradedConnection]>([:])
+        private let stopped = Mutex(false)
+
+        /// False once the server stops: the caller closes the connection at once.
+        func add(_ c: UpgradedConnection) -> Bool {
+            guard !stopped.withLock({ $0 }) else { return false }
+            open.withLock { $0[ObjectIdentifier(c)] = c }
+            c.onClose { [weak self] in self?.open.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(c)) } }
+            return true
+        }
+
+        func closeAll() {
+            stopped.withLock { $0 = true }
+            let all = open.withLock { o in
+                defer { o = [:] }
+                return Array(o.values)
+            }
+            for c in all { c.close() }
+        }
     }
 
     private let context: Context
@@ -49,12 +84,13 @@ public final class HTTPServer: Sendable {
     private let daemon: Mutex<OpaquePointer?>
     /// The socket served: the server owns it and closes it once MHD has stopped with it.
     private let socket: Mutex<ListeningSocket?>
+    private let connections = Connections()
 
     /// Serves `socket`, which the server then owns. `tooLarge` makes the 413 body, so the
     /// error format stays the API's. On failure the socket is closed.
     public init(socket: consuming ListeningSocket, limits: Limits = Limits(), handler: @escaping Handler,
                 tooLarge: @escaping @Sendable (Int) -> HTTPResponse) throws(HTTPServerError) {
-        context = Context(handler: handler, limits: limits, tooLarge: tooLarge)
+        context = Context(handler: handler, limits: limits, tooLarge: tooLarge, connections: connections)
         // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
         // run by deinit) stops the daemon, and with it every callback, before it is released.
         let cls = Unmanaged.passUnretained(context).toOpaque()
@@ -83,6 +119,8 @@ public final class HTTPServer: Sendable {
         // MHD hands it back instead of closing it in MHD_stop_daemon (its owner closes it).
         let fd = MHD_quiesce_daemon(d)
         precondition(fd >= 0, "MHD_quiesce_daemon failed: the daemon was started without MHD_USE_ITC")
+        // Upgraded connections are the application's to close, and only before MHD stops.
+        connections.closeAll()
         MHD_stop_daemon(d)
         let owner = socket.withLock { $0.take() }
         _ = consume owner
@@ -90,7 +128,7 @@ public final class HTTPServer: Sendable {
 
     // MARK: C callbacks
 
-    private static let access: MHD_AccessHandlerCallback = { cls, connection, url, method, _, uploadData, uploadSize, conCls in
+    private static let access: MHD_AccessHandlerCallback = { cls, connection, url, method, version, uploadData, uploadSize, conCls in
         // SAFETY: `cls` is the Context passed unretained in init; it outlives the daemon.
         let context = Unmanaged<Context>.fromOpaque(cls!).takeUnretainedValue()
         guard let connection, let uploadSize, let conCls else { return .NO }
@@ -101,6 +139,11 @@ public final class HTTPServer: Sendable {
             // SAFETY: retained here, released exactly once in `completed`, which MHD calls
             // for every request whose *con_cls we set.
             conCls.pointee = Unmanaged.passRetained(upload).toOpaque()
+            // Over TCP, SO_PEERCRED answers pid 0: credentials only for a Unix socket.
+            let fd = mqt_mhd_connection_fd(connection)
+            if fd >= 0 && UnixSocket.isUnix(fd) {
+                upload.transport = .unix(try? UnixSocket.peerCredentials(fd))
+            }
             if let length = header(connection, "Content-Length").flatMap(Int.init), length > context.limits.bodyBytes {
                 upload.answered = true
                 return queue(connection, context.tooLarge(context.limits.bodyBytes))
@@ -127,17 +170,62 @@ public final class HTTPServer: Sendable {
         if upload.answered { return .YES }
 
         var headers: [String: String] = [:]
-        for name in ["Content-Type", "Content-Length", "Accept", "Host"] {
+        for name in ["Content-Type", "Content-Length", "Accept", "Host", "Connection", "Upgrade"] {
             if let v = header(connection, name) { headers[name.lowercased()] = v }
         }
+        var query: [String: String] = [:]
+        for key in queryKeys {
+            if let v = MHD_lookup_connection_value(connection, .GET_ARGUMENT_KIND, key) { query[key] = String(cString: v) }
+        }
         let request = HTTPRequest(method: String(cString: method!), path: String(cString: url!),
-                                  headers: headers, body: upload.body)
+                                  headers: headers, body: upload.body, query: query, transport: upload.transport,
+                                  version: version.map { String(cString: $0) } ?? "HTTP/1.1")
         upload.body = []
-        return queue(connection, context.handler(request))
+        let response = context.handler(request)
+        if let upgrade = response.upgrade {
+            upload.upgrade = upgrade
+            upload.server = context.connections
+            return queueUpgrade(connection, response)
+        }
+        return queue(connection, response)
+    }
+
+    /// Queues a 101; MHD calls `upgraded` once the head is sent.
+    private static func queueUpgrade(_ connection: OpaquePointer, _ response: HTTPResponse) -> MHD_Result {
+        guard let r = MHD_create_response_for_upgrade(HTTPServer.upgraded, nil) else { return .NO }
+        defer { MHD_destroy_response(r) }
+        // MHD adds `Connection: Upgrade` itself; the `Upgrade` header is ours to add.
+        for (name, value) in response.headers { MHD_add_response_header(r, name, value) }
+        return MHD_queue_response(connection, 101, r)
+    }
+
+    private static let upgraded: MHD_UpgradeHandler = { _, _, conCls, _, _, sock, urh in
+        // SAFETY: `conCls` is the Upload retained in the first access-handler call; MHD keeps
+        // the request (and so the Upload, released in `completed`) alive until the upgraded
+        // connection is closed, which is after this returns.
+        guard let conCls, let urh else { return }
+        let upload = Unmanaged<Upload>.fromOpaque(conCls).takeUnretainedValue()
+        guard let upgrade = upload.upgrade else { return }
+        upload.upgrade = nil
+        let c = UpgradedConnection(fd: Int32(sock), handle: urh)
+        guard upload.server?.add(c) == true else {
+            // The server is stopping: no lease starts now.
+            c.close()
+            upgrade.abandon()
+            return
+        }
+        upgrade.run(c)
     }
 
     private static let completed: MHD_RequestCompletedCallback = { _, _, conCls, _ in
         guard let conCls, let state = conCls.pointee else { return }
+        // SAFETY: `state` is the Upload retained in the access handler, not yet released.
+        let upload = Unmanaged<Upload>.fromOpaque(state).takeUnretainedValue()
+        // A 101 queued but never sent (the client went first): undo what it was for.
+        if let upgrade = upload.upgrade {
+            upload.upgrade = nil
+            upgrade.abandon()
+        }
         // SAFETY: balances the passRetained of the access handler's first call.
         Unmanaged<Upload>.fromOpaque(state).release()
         conCls.pointee = nil
@@ -156,6 +244,54 @@ public final class HTTPServer: Sendable {
         defer { MHD_destroy_response(r) }
         for (name, value) in response.headers { MHD_add_response_header(r, name, value) }
         return MHD_queue_response(connection, UInt32(response.status), r)
+    }
+}
+
+/// A connection after a 101: its raw socket, borrowed (MHD owns it), until `close()` asks
+/// MHD to close it. Closing twice does nothing; hooks run before the socket goes, so whoever
+/// watches it lets go first.
+public final class UpgradedConnection: Sendable {
+    /// Valid until `close()`.
+    public let fd: Int32
+    // SAFETY: the handle is MHD's; it is used once, for the close, under the mutex, and never
+    // after MHD_stop_daemon (the server closes every open connection before it stops).
+    private struct State: @unchecked Sendable {
+        // SAFETY (@unchecked): MHD's handle is only touched under the mutex, once.
+        var handle: OpaquePointer?
+        var hooks: [@Sendable () -> Void] = []
+    }
+
+    private let state: Mutex<State>
+
+    fileprivate init(fd: Int32, handle: OpaquePointer) {
+        self.fd = fd
+        state = Mutex(State(handle: handle))
+    }
+
+    /// Runs `hook` just before the connection closes; false (and not registered) if it is
+    /// closed already.
+    @discardableResult
+    public func onClose(_ hook: @escaping @Sendable () -> Void) -> Bool {
+        state.withLock { s in
+            guard s.handle != nil else { return false }
+            s.hooks.append(hook)
+            return true
+        }
+    }
+
+    public var isClosed: Bool { state.withLock { $0.handle == nil } }
+
+    /// Shuts the socket down (the peer reads end of file at once) and hands it back to MHD to
+    /// close. Idempotent.
+    public func close() {
+        let (h, hooks) = state.withLock { s in
+            defer { s = State(handle: nil) }
+            return (s.handle, s.hooks)
+        }
+        guard let h else { return }
+        for hook in hooks { hook() }
+        UnixSocket.shutdownBoth(fd)
+        _ = mqt_mhd_upgrade_close(h)
     }
 }
 

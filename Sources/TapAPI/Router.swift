@@ -11,6 +11,8 @@ public enum Route: Equatable, Sendable {
     case queues(String)
     case queue(String, Int)
     case stats(String)
+    case leases(String)
+    case lease(String, String)
     case metrics
     case spec
 
@@ -33,6 +35,8 @@ public enum Route: Equatable, Sendable {
             case 3: self = .device(name)
             case 4 where part(3) == "queues": self = .queues(name)
             case 4 where part(3) == "stats": self = .stats(name)
+            case 4 where part(3) == "leases": self = .leases(name)
+            case 5 where part(3) == "leases" && !parts[4].isEmpty: self = .lease(name, String(part(4)))
             case 5 where part(3) == "queues":
                 // Ids are small non-negative integers; anything else names no queue.
                 let text = part(4)
@@ -48,7 +52,7 @@ public enum Route: Equatable, Sendable {
     /// The device a route names, if any.
     public var device: String? {
         switch self {
-        case .device(let n), .queues(let n), .queue(let n, _), .stats(let n): return n
+        case .device(let n), .queues(let n), .queue(let n, _), .stats(let n), .leases(let n), .lease(let n, _): return n
         case .health, .limits, .devices, .metrics, .spec: return nil
         }
     }
@@ -59,9 +63,15 @@ public enum Route: Equatable, Sendable {
         return nil
     }
 
+    /// The lease id a route names, if any.
+    public var leaseID: String? {
+        if case .lease(_, let id) = self { return id }
+        return nil
+    }
+
     /// The route without its parameters: what the router's table is keyed by.
     public enum Kind: Hashable, Sendable {
-        case health, limits, devices, device, queues, queue, stats, metrics, spec
+        case health, limits, devices, device, queues, queue, stats, leases, lease, metrics, spec
     }
 
     public var kind: Kind {
@@ -73,6 +83,8 @@ public enum Route: Equatable, Sendable {
         case .queues: return .queues
         case .queue: return .queue
         case .stats: return .stats
+        case .leases: return .leases
+        case .lease: return .lease
         case .metrics: return .metrics
         case .spec: return .spec
         }
@@ -86,8 +98,13 @@ public enum Route: Equatable, Sendable {
 /// conversion of every thrown error into its response.
 public struct Router: Sendable {
     public let manager: DeviceManager
+    /// Where lease connections are watched once upgraded.
+    public let leaseWatcher: LeaseWatcher
 
-    public init(manager: DeviceManager) { self.manager = manager }
+    public init(manager: DeviceManager, leaseWatcher: LeaseWatcher) {
+        self.manager = manager
+        self.leaseWatcher = leaseWatcher
+    }
 
     public func handle(_ r: HTTPRequest) -> HTTPResponse {
         do {
@@ -101,37 +118,43 @@ public struct Router: Sendable {
         }
     }
 
-    /// A handler gets the manager, the parsed route (for its parameters) and the request.
-    typealias Handler = @Sendable (DeviceManager, Route, HTTPRequest) throws -> HTTPResponse
+    /// A handler gets the router (for the manager and the lease watcher), the parsed route
+    /// (for its parameters) and the request.
+    typealias Handler = @Sendable (Router, Route, HTTPRequest) throws -> HTTPResponse
 
     /// Every (route, method) the API answers, and who answers it. `Allow` is derived from
     /// this table, so a method is allowed exactly where a handler exists.
     static let table: [Route.Kind: [(method: String, handler: Handler)]] = [
         .health: [("GET", { _, _, _ in HealthResource.get() })],
         .limits: [
-            ("GET", { m, _, _ in LimitsResource.get(m) }),
-            ("PUT", { m, _, r in try LimitsResource.put(m, r) }),
+            ("GET", { x, _, _ in LimitsResource.get(x.manager) }),
+            ("PUT", { x, _, r in try LimitsResource.put(x.manager, r) }),
         ],
         .devices: [
-            ("GET", { m, _, _ in DevicesResource.list(m) }),
-            ("POST", { m, _, r in try DevicesResource.create(m, r) }),
+            ("GET", { x, _, _ in DevicesResource.list(x.manager) }),
+            ("POST", { x, _, r in try DevicesResource.create(x.manager, r) }),
         ],
         .device: [
-            ("GET", { m, route, _ in try DevicesResource.get(m, route.device!) }),
-            ("PATCH", { m, route, r in try DevicesResource.patch(m, route.device!, r) }),
-            ("DELETE", { m, route, _ in try DevicesResource.delete(m, route.device!) }),
+            ("GET", { x, route, _ in try DevicesResource.get(x.manager, route.device!) }),
+            ("PATCH", { x, route, r in try DevicesResource.patch(x.manager, route.device!, r) }),
+            ("DELETE", { x, route, r in try DevicesResource.delete(x.manager, route.device!, r) }),
         ],
         .queues: [
-            ("GET", { m, route, _ in try QueuesResource.list(m, route.device!) }),
-            ("POST", { m, route, r in try QueuesResource.add(m, route.device!, r) }),
+            ("GET", { x, route, _ in try QueuesResource.list(x.manager, route.device!) }),
+            ("POST", { x, route, r in try QueuesResource.add(x.manager, route.device!, r) }),
         ],
         .queue: [
-            ("GET", { m, route, _ in try QueuesResource.get(m, route.device!, route.queueID!) }),
-            ("PATCH", { m, route, r in try QueuesResource.patch(m, route.device!, route.queueID!, r) }),
-            ("DELETE", { m, route, _ in try QueuesResource.delete(m, route.device!, route.queueID!) }),
+            ("GET", { x, route, _ in try QueuesResource.get(x.manager, route.device!, route.queueID!) }),
+            ("PATCH", { x, route, r in try QueuesResource.patch(x.manager, route.device!, route.queueID!, r) }),
+            ("DELETE", { x, route, _ in try QueuesResource.delete(x.manager, route.device!, route.queueID!) }),
         ],
-        .stats: [("GET", { m, route, _ in try StatsResource.get(m, route.device!) })],
-        .metrics: [("GET", { m, _, _ in MetricsResource.get(m) })],
+        .stats: [("GET", { x, route, _ in try StatsResource.get(x.manager, route.device!) })],
+        .leases: [
+            ("GET", { x, route, _ in try LeasesResource.list(x.manager, route.device!) }),
+            ("POST", { x, route, r in try LeasesResource.take(x.manager, x.leaseWatcher, route.device!, r) }),
+        ],
+        .lease: [("DELETE", { x, route, _ in try LeasesResource.revoke(x.manager, route.device!, route.leaseID!) })],
+        .metrics: [("GET", { x, _, _ in MetricsResource.get(x.manager) })],
         .spec: [("GET", { _, _, _ in SpecResource.get() })],
     ]
 
@@ -146,7 +169,7 @@ public struct Router: Sendable {
         if ["POST", "PUT", "PATCH"].contains(r.method) && !r.body.isEmpty && !Self.isJSON(r.contentType) {
             throw APIError.unsupportedMediaType(r.contentType)
         }
-        return try handler(manager, route, r)
+        return try handler(self, route, r)
     }
 
     /// `application/json`, with or without parameters (`; charset=utf-8`).

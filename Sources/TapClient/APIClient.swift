@@ -73,6 +73,78 @@ public struct APIClient: Sendable {
         return try Self.parse(raw)
     }
 
+    /// A lease taken: its connection (the lease lasts while it is open, in this process or
+    /// any that inherits it), the daemon's line, and one fd per queue in the line's order.
+    public struct Lease {
+        public let socket: ClientSocket
+        public let line: JSON
+        public let fds: [Int32]
+    }
+
+    /// Takes a lease on `device` (`POST /v1/devices/{device}/leases` upgraded to
+    /// `mqtapd-lease/1`): the 101, then one JSON line that carries the queue fds. A refusal
+    /// comes back as the API's response. Every read is a recvmsg: a plain read of the line
+    /// would make the kernel drop the fds that travel with it.
+    public enum LeaseOutcome {
+        case granted(Lease)
+        /// The API's refusal (an ordinary error response).
+        case refused(Response)
+    }
+
+    public func lease(_ device: String, body: JSON?) throws(ConnectionError) -> LeaseOutcome {
+        guard case .unix(let path) = endpoint else {
+            throw ConnectionError(description: "a lease needs the daemon's Unix socket (fds cannot cross TCP)")
+        }
+        let payload = body?.serialized() ?? []
+        var head = "POST /v1/devices/\(device)/leases HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n"
+        head += "Connection: Upgrade\r\nUpgrade: mqtapd-lease/1\r\n"
+        if body != nil { head += "Content-Type: application/json\r\n" }
+        head += "Content-Length: \(payload.count)\r\n\r\n"
+        do {
+            let socket = try ClientSocket.unix(path, timeoutSeconds: timeoutSeconds)
+            try socket.sendAll(Array(head.utf8) + payload)
+            var raw: [UInt8] = []
+            var fds: [Int32] = []
+            var headEnd: Int?
+            while true {
+                let (bytes, got) = try UnixSocket.receive(socket.fd)
+                fds += got
+                if bytes.isEmpty { break }
+                raw += bytes
+                if headEnd == nil, let end = raw.firstRange(of: [13, 10, 13, 10]) { headEnd = end.upperBound }
+                guard let h = headEnd else { continue }
+                if !raw[..<h].starts(with: Array("HTTP/1.1 101".utf8)) {
+                    // A refusal: an ordinary response, complete once its Content-Length has come
+                    // (the daemon keeps the connection open for another request).
+                    if let length = Self.contentLength(raw[..<h]), raw.count - h >= length { break }
+                    continue
+                }
+                if let nl = raw[h...].firstIndex(of: 10) {
+                    guard let line = try? JSON.parse(Array(raw[h..<nl])) else {
+                        fds.forEach(closeFD)
+                        throw ConnectionError(description: "mqtapd sent a lease line that is not JSON")
+                    }
+                    return .granted(Lease(socket: socket, line: line, fds: fds))
+                }
+            }
+            fds.forEach(closeFD)
+            return .refused(try Self.parse(raw))
+        } catch let e as ConnectionError {
+            throw e
+        } catch {
+            throw ConnectionError(description: "cannot reach mqtapd at \(endpoint): \(error)")
+        }
+    }
+
+    /// The Content-Length of a response head, if it has one.
+    static func contentLength(_ head: ArraySlice<UInt8>) -> Int? {
+        let text = String(decoding: head, as: UTF8.self)
+        for line in text.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
+            return Int(line.dropFirst("content-length:".count).trimmingWhitespace)
+        }
+        return nil
+    }
+
     /// Parses a complete HTTP/1.1 response (Content-Length or chunked or until close).
     static func parse(_ raw: [UInt8]) throws(ConnectionError) -> Response {
         let separator: [UInt8] = [13, 10, 13, 10]

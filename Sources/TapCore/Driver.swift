@@ -30,6 +30,13 @@ public protocol TunDriver: Sendable {
     func interface(_ name: String) throws(SyscallError) -> InterfaceState
     /// The `IFF_*` flags the kernel's tun driver supports (`TUNGETFEATURES`).
     func features() throws(SyscallError) -> TunFlags
+    /// Whether the queue is attached, as the kernel has it (another holder of the same open
+    /// file may have changed it).
+    func isAttached(_ fd: Int32) throws(SyscallError) -> Bool
+    /// Deletes the link by index (RTM_DELLINK), whoever holds its queues.
+    func deleteLink(ifindex: Int) throws(SyscallError)
+    /// A second fd of the same open file (the same queue), close-on-exec, for handing over.
+    func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD
 }
 
 public enum InterfaceState: Equatable, Sendable {
@@ -76,4 +83,7 @@ public struct LinuxTunDriver: TunDriver {
         return .tun(flags)
     }
     public func features() throws(SyscallError) -> TunFlags { try Tun.features() }
+    public func isAttached(_ fd: Int32) throws(SyscallError) -> Bool { try Tun.isAttached(fd) }
+    public func deleteLink(ifindex: Int) throws(SyscallError) { try Link.delete(ifindex: ifindex) }
+    public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
 }

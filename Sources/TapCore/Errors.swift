@@ -15,6 +15,9 @@ public enum DeviceStep: String, Sendable, Hashable {
     case pollQueue = "poll queue"
     /// Looking at what has the name now (sysfs), before restoring a device.
     case inspect = "inspect interface"
+    case readQueueState = "read queue state"
+    case duplicateFD = "duplicate queue fd"
+    case deleteLink = "delete link"
 }
 
 /// Everything the manager can refuse or fail with. The API maps each case to one HTTP
@@ -44,6 +47,11 @@ public enum ManagerError: Error, Equatable, Sendable {
     case featureMissing(feature: String, field: String?)
     /// The manager is stopping: no change is accepted any more.
     case shuttingDown
+    /// A lease holds the queue: it cannot be removed or leased again.
+    case queueLeased(device: String, id: Int, lease: String)
+    /// The device has leases: deleting it needs `force` (which revokes them).
+    case deviceLeased(device: String, leases: [String])
+    case leaseNotFound(device: String, id: String)
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -97,6 +105,12 @@ public enum ManagerError: Error, Equatable, Sendable {
             return (field.map { "\($0): " } ?? "") + "this kernel's tun driver lacks \(feature)"
         case .shuttingDown:
             return "the daemon is shutting down; no change is accepted"
+        case .queueLeased(let device, let id, let lease):
+            return "queue \(id) of \(device) is leased (\(lease))"
+        case .deviceLeased(let device, let leases):
+            return "\(device) has leases (\(leases.joined(separator: ", "))); revoke them, or delete with ?force=true"
+        case .leaseNotFound(let device, let id):
+            return "device \(device) has no lease \(id)"
         case .stateNotSaved(let path, let call, _):
             return "the change was made but the state file \(path) was not saved (\(call))"
         case .kernel(let device, let step, let call, _):

@@ -144,12 +144,48 @@ public struct CounterValues: Hashable, Sendable {
 public struct QueueInfo: Hashable, Sendable {
     /// The daemon's id, stable for the queue's life (the kernel's index is not).
     public let id: Int
+    /// Attached, as the kernel has it (read from the daemon's fd of the queue).
     public let enabled: Bool
-    /// Index of the worker thread that polls this queue.
-    public let worker: Int
+    /// Index of the worker thread that polls this queue; nil for an orphaned leased queue
+    /// (the daemon has no fd of it).
+    public let worker: Int?
     public let counters: CounterValues
-    /// When the counters started: when the queue was opened (counters restart with the daemon).
+    /// When the counters started: when the queue was opened (counters restart with the
+    /// daemon); nil for an orphaned leased queue.
+    public let since: String?
+    /// The lease that holds the queue, if any.
+    public let lease: String?
+    public let leaseState: LeaseState?
+
+    public var leased: Bool { lease != nil }
+}
+
+/// A lease is live while its connection is open; one recorded before a restart is orphaned.
+public enum LeaseState: String, Sendable, Hashable {
+    case live
+    case orphaned
+}
+
+/// What a client asks for when it takes a lease.
+public struct LeaseRequest: Sendable, Hashable {
+    /// nil: every queue of the device.
+    public var queues: [Int]?
+    public var holder: String?
+
+    public init(queues: [Int]? = nil, holder: String? = nil) {
+        self.queues = queues
+        self.holder = holder
+    }
+}
+
+public struct LeaseInfo: Hashable, Sendable {
+    public let id: String
+    public let queues: [Int]
+    public let holder: String?
+    /// Who took it (SO_PEERCRED at lease time).
+    public let peer: PeerCredentials
     public let since: String
+    public let state: LeaseState
 }
 
 public struct DeviceInfo: Hashable, Sendable {

@@ -14,14 +14,35 @@ public struct DesiredState: Equatable, Sendable {
         }
     }
 
+    /// A lease as the state file keeps it, so a restart knows which queues a holder may
+    /// still have.
+    public struct Lease: Equatable, Sendable {
+        public var id: String
+        public var queues: [Int]
+        public var holder: String?
+        public var peer: PeerCredentials
+        public var since: String
+
+        public init(id: String, queues: [Int], holder: String?, peer: PeerCredentials, since: String) {
+            self.id = id
+            self.queues = queues
+            self.holder = holder
+            self.peer = peer
+            self.since = since
+        }
+    }
+
     public struct Device: Equatable, Sendable {
         public var spec: DeviceSpec
-        /// Ordered by id.
+        /// Ordered by id; leased ones included.
         public var queues: [Queue]
+        /// Ordered by id.
+        public var leases: [Lease]
 
-        public init(spec: DeviceSpec, queues: [Queue]) {
+        public init(spec: DeviceSpec, queues: [Queue], leases: [Lease] = []) {
             self.spec = spec
             self.queues = queues
+            self.leases = leases
         }
     }
 
@@ -98,6 +119,16 @@ public struct StateFile: Sendable {
             o["up"] = .bool(d.spec.up)
             o["mode"] = .string(d.spec.mode.rawValue)
             o["queues"] = .array(d.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] })
+            if !d.leases.isEmpty {
+                o["leases"] = .array(d.leases.map { l in
+                    var lo: JSONObject = [
+                        "id": .string(l.id), "queues": .array(l.queues.map { JSON($0) }), "pid": JSON(Int(l.peer.pid)),
+                        "uid": JSON(Int(l.peer.uid)), "gid": JSON(Int(l.peer.gid)), "since": .string(l.since),
+                    ]
+                    if let h = l.holder { lo["holder"] = .string(h) }
+                    return .object(lo)
+                })
+            }
             return .object(o)
         }
         return ["version": JSON(version), "max_queues": JSON(s.maxQueues), "devices": .array(devices)]
@@ -134,7 +165,27 @@ public struct StateFile: Sendable {
                 queues.append(.init(id: Int(id), enabled: enabled))
             }
             guard Set(queues.map(\.id)).count == queues.count else { throw fail("\(at).queues repeats an id") }
-            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }))
+            var leases: [DesiredState.Lease] = []
+            if case .array(let ls)? = item["leases"] {
+                for l in ls {
+                    guard case .string(let id)? = l["id"], case .array(let lq)? = l["queues"],
+                          case .int(let pid)? = l["pid"], case .int(let uid)? = l["uid"], case .int(let gid)? = l["gid"],
+                          case .string(let since)? = l["since"] else { throw fail("\(at).leases has a bad entry") }
+                    var ids: [Int] = []
+                    for q in lq {
+                        guard case .int(let qid) = q, queues.contains(where: { Int64($0.id) == qid }) else {
+                            throw fail("\(at).leases names a queue the device does not have")
+                        }
+                        ids.append(Int(qid))
+                    }
+                    var holder: String?
+                    if case .string(let h)? = l["holder"] { holder = h }
+                    leases.append(.init(id: id, queues: ids, holder: holder,
+                                        peer: PeerCredentials(pid: Int32(truncatingIfNeeded: pid), uid: UInt32(truncatingIfNeeded: uid),
+                                                              gid: UInt32(truncatingIfNeeded: gid)), since: since))
+                }
+            }
+            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }, leases: leases))
         }
         guard Set(devices.map(\.spec.name)).count == devices.count else { throw fail("a device name repeats") }
         return DesiredState(maxQueues: Int(limit), devices: devices)

@@ -27,6 +27,8 @@ public final class FakeDriver: TunDriver, Sendable {
         public var mac: [UInt8] = [0x02, 0xfa, 0x4e, 0, 0, 1]
         public var ifindex: Int
         public var flags: TunFlags
+        /// Another process (a lease holder) has fds of it: it outlives the daemon's.
+        public var heldElsewhere = false
     }
 
     struct State: Sendable {
@@ -116,6 +118,10 @@ public final class FakeDriver: TunDriver, Sendable {
             guard let name = s.owner[fd], s.devices[name] != nil else {
                 throw SyscallError(call: "ioctl(TUNSETQUEUE)", errno: .badFileDescriptorState)
             }
+            // As the kernel: asking for the state a queue already has is EINVAL.
+            guard s.devices[name]!.detached.contains(fd) == enabled else {
+                throw SyscallError(call: "ioctl(TUNSETQUEUE)", errno: .invalidArgument)
+            }
             if enabled { s.devices[name]!.detached.remove(fd) } else { s.devices[name]!.detached.insert(fd) }
         }
     }
@@ -138,7 +144,7 @@ public final class FakeDriver: TunDriver, Sendable {
             guard var d = s.devices[name] else { return }
             d.fds.removeAll { $0 == fd }
             d.detached.remove(fd)
-            s.devices[name] = d.fds.isEmpty && !d.persist ? nil : d
+            s.devices[name] = d.fds.isEmpty && !d.persist && !d.heldElsewhere ? nil : d
         }
     }
 
@@ -201,6 +207,12 @@ public final class FakeDriver: TunDriver, Sendable {
         }
     }
 
+    /// Marks `name` as held by another process too (a lease holder's fds): it stays when the
+    /// daemon's fds close.
+    public func holdElsewhere(_ name: String) {
+        state.withLock { $0.devices[name]?.heldElsewhere = true }
+    }
+
     public func addForeign(_ name: String) {
         state.withLock { _ = $0.foreign.insert(name) }
     }
@@ -215,6 +227,23 @@ public final class FakeDriver: TunDriver, Sendable {
     public func features() throws(SyscallError) -> TunFlags {
         state.withLock { $0.features }
     }
+
+    public func isAttached(_ fd: Int32) throws(SyscallError) -> Bool {
+        try state.withLock { (s) throws(SyscallError) -> Bool in
+            guard let name = s.owner[fd], let d = s.devices[name] else {
+                throw SyscallError(call: "ioctl(TUNGETIFF)", errno: .badFileDescriptorState)
+            }
+            return !d.detached.contains(fd)
+        }
+    }
+
+    public func deleteLink(ifindex: Int) throws(SyscallError) {
+        let name = state.withLock { s in s.devices.first { $0.value.ifindex == ifindex }?.key }
+        guard let name else { throw SyscallError(call: "RTM_DELLINK(\(ifindex))", errno: .noDevice) }
+        vanish(name)
+    }
+
+    public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
 
     /// Makes every statistics read fail with `errno` (nil: succeed again).
     public func failStatistics(_ errno: Errno?) { state.withLock { $0.statisticsError = errno } }

@@ -18,12 +18,14 @@ public struct Epoll: ~Copyable, Sendable {
     public static let readable = UInt32(EPOLLIN.rawValue)
     public static let error = UInt32(EPOLLERR.rawValue)
     public static let hangup = UInt32(EPOLLHUP.rawValue)
+    /// The peer closed its end of a stream socket (or shut down writing).
+    public static let peerHangup = UInt32(EPOLLRDHUP.rawValue)
 
-    /// Watches `target` for input, tagging its events with `token`.
+    /// Watches `target` for `events` (input by default), tagging them with `token`.
     /// The corresponding C function is `epoll_ctl(EPOLL_CTL_ADD)`.
-    public func add(_ target: Int32, token: UInt64) throws(SyscallError) {
+    public func add(_ target: Int32, token: UInt64, events: UInt32 = Epoll.readable) throws(SyscallError) {
         var ev = epoll_event()
-        ev.events = Self.readable
+        ev.events = events
         ev.data.u64 = token
         _ = try retryingEINTR("epoll_ctl(EPOLL_CTL_ADD)") { epoll_ctl(fd, EPOLL_CTL_ADD, target, &ev) }
     }

@@ -27,6 +27,20 @@ public func closeFD(_ fd: Int32) {
     }
 }
 
+/// The owner of an fd the daemon opened for a moment (a duplicate to hand over): closed
+/// exactly once, when the owner goes.
+public struct OwnedFD: ~Copyable, Sendable {
+    public let fd: Int32
+
+    /// A new fd of the same open file as `fd`, close-on-exec.
+    /// The corresponding C call is `fcntl(F_DUPFD_CLOEXEC)`.
+    public init(duplicating fd: Int32) throws(SyscallError) {
+        self.fd = try retryingEINTR("fcntl(F_DUPFD_CLOEXEC)") { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+    }
+
+    deinit { closeFD(fd) }
+}
+
 /// The result of a packet-path read or write: a byte count, or the errno. No throwing and
 /// no allocation, so the worker loop stays a plain loop.
 public enum IOResult: Equatable, Sendable {

@@ -32,13 +32,26 @@ enum Table {
     }
 
     static func queues(_ list: [JSON]) -> String {
-        render(["ID", "ENABLED", "WORKER", "RX_PACKETS", "RX_BYTES", "TX_PACKETS", "TX_BYTES", "ERRORS"], list.map { q in
+        render(["ID", "ENABLED", "WORKER", "LEASE", "RX_PACKETS", "RX_BYTES", "TX_PACKETS", "TX_BYTES", "ERRORS"], list.map { q in
             let c = q["counters"]
             let errors = (c?["rx_errors"]?.int ?? 0) + (c?["tx_errors"]?.int ?? 0)
-            return [q["id"]?.description ?? "", q["enabled"]?.description ?? "", q["worker"]?.description ?? "",
+            let lease = q["lease"]?.string.map { $0 + (q["lease_state"]?.string == "orphaned" ? " (orphaned)" : "") } ?? "-"
+            return [q["id"]?.description ?? "", q["enabled"]?.description ?? "", q["worker"]?.description ?? "-", lease,
                     c?["rx_packets"]?.description ?? "", c?["rx_bytes"]?.description ?? "",
                     c?["tx_packets"]?.description ?? "", c?["tx_bytes"]?.description ?? "", String(errors)]
         })
+    }
+
+    static func leases(_ list: [JSON]) -> String {
+        render(["ID", "QUEUES", "HOLDER", "PID", "UID", "GID", "SINCE", "STATE"], list.map { l in
+            [l["id"]?.string ?? "", ids(l["queues"]), l["holder"]?.string ?? "-", l["pid"]?.description ?? "",
+             l["uid"]?.description ?? "", l["gid"]?.description ?? "", l["since"]?.string ?? "", l["state"]?.string ?? ""]
+        })
+    }
+
+    /// Queue ids (numbers, or objects with an `id`) as `0,1,2`.
+    static func ids(_ v: JSON?) -> String {
+        (v?.array ?? []).map { ($0["id"] ?? $0).description }.joined(separator: ",")
     }
 
     static func limits(_ l: JSON) -> String {

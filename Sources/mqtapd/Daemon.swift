@@ -5,7 +5,8 @@ import TapCore
 import TunKit
 
 /// The running daemon: its parts started in order (signals, fd limit, state directory and
-/// its lock, socket locks, state file, device manager, listening sockets, HTTP servers),
+/// its lock, socket locks, state file, device manager, lease watcher, listening sockets, HTTP
+/// servers),
 /// and stopped in reverse. A failed start stops what had started.
 final class Daemon {
     struct Options {
@@ -75,6 +76,15 @@ final class Daemon {
         started.append(("device manager", { manager.shutdown() }))
         if let desired { restore(desired, into: manager) }
 
+        // Lease connections are watched here once upgraded (the servers close them first).
+        let leaseWatcher: LeaseWatcher
+        do {
+            leaseWatcher = try LeaseWatcher()
+        } catch {
+            throw StartError("cannot start the lease watcher", ["error": "\(error)"])
+        }
+        started.append(("lease watcher", { leaseWatcher.stop() }))
+
         // Sockets first, all of them: a bad address stops the start before anything serves.
         for a in addresses {
             do {
@@ -92,7 +102,7 @@ final class Daemon {
         }
         started.append(("listening sockets", { listeners.close() }))
 
-        let handler = RequestLog(router: Router(manager: manager), logger: log.logger).handle
+        let handler = RequestLog(router: Router(manager: manager, leaseWatcher: leaseWatcher), logger: log.logger).handle
         var limits = HTTPServer.Limits()
         limits.bodyBytes = options.maxBody
         do throws(HTTPServerError) {

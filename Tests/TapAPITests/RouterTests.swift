@@ -10,13 +10,18 @@ final class RouterFixture {
     let driver = FakeDriver()
     let manager: DeviceManager
     let router: Router
+    let watcher: LeaseWatcher
 
     init() throws {
         manager = try DeviceManager(driver: driver, workers: 2)
-        router = Router(manager: manager)
+        watcher = try LeaseWatcher()
+        router = Router(manager: manager, leaseWatcher: watcher)
     }
 
-    deinit { manager.shutdown() }
+    deinit {
+        watcher.stop()
+        manager.shutdown()
+    }
 
     func call(_ method: String, _ path: String, _ body: String? = nil, contentType: String? = "application/json") -> HTTPResponse {
         var headers: [String: String] = [:]

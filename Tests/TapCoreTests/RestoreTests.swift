@@ -76,7 +76,7 @@ struct RestoreTests {
         #expect(driver.fds(of: "p").count == 3)
         #expect(driver.device("p")?.detached.count == 1)
         // Counters restart, and say since when.
-        #expect(p.queues.allSatisfy { $0.counters == CounterValues() && !$0.since.isEmpty })
+        #expect(p.queues.allSatisfy { $0.counters == CounterValues() && $0.since?.isEmpty == false })
         #expect(dir.saved == desired)
     }
 

@@ -74,6 +74,9 @@ int mqt_peer_cred(int sock, int *pid, unsigned *uid, unsigned *gid);
 // The address family a socket is bound to (getsockname): AF_UNIX, AF_INET…, or -errno.
 int mqt_socket_family(int sock);
 
+// execvpe(3) is a GNU extension, declared only under _GNU_SOURCE: -errno if it returns.
+int mqt_execvpe(const char *file, char *const argv[], char *const envp[]);
+
 // read(2) and write(2) for the packet path, without glibc's cancellation-point wrapper (two
 // extra calls per frame that a thread nobody cancels never needs). -errno on failure.
 #include <errno.h>

@@ -74,8 +74,19 @@ enum DevicesResource {
         .json(200, encode(try m.update(name, decodePatch(r.body))))
     }
 
-    static func delete(_ m: DeviceManager, _ name: String) throws -> HTTPResponse {
-        try m.delete(name)
+    /// `?force=true` also deletes a device with leases: they are revoked, and the link is
+    /// deleted by index, since the holders' fds would keep it alive.
+    static func delete(_ m: DeviceManager, _ name: String, _ r: HTTPRequest) throws -> HTTPResponse {
+        try m.delete(name, force: try flag(r, "force"))
         return .noContent
+    }
+
+    /// A boolean query parameter: absent or `false` is false, `true` is true.
+    static func flag(_ r: HTTPRequest, _ key: String) throws(APIError) -> Bool {
+        switch r.query[key] {
+        case nil, "false"?: return false
+        case "true"?: return true
+        case let v?: throw APIError.invalidField(key, "must be true or false, not \(v)")
+        }
     }
 }

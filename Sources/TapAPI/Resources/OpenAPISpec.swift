@@ -147,6 +147,15 @@ paths:
     delete:
       operationId: deleteDevice
       summary: Delete a device (persistent or not) and close its queues.
+      description: >-
+        A device with leases is 409 `device_leased` unless `force=true`, which revokes them and
+        deletes the link itself by index (RTM_DELLINK): the holders' fds would otherwise keep
+        it alive. Without leases, `force` changes nothing.
+      parameters:
+        - name: force
+          in: query
+          required: false
+          schema: { type: string, enum: ["true", "false"] }
       responses:
         "204":
           description: Deleted.
@@ -255,6 +264,89 @@ paths:
               schema: { $ref: "#/components/schemas/Stats" }
         "404": { $ref: "#/components/responses/NotFound" }
         "409": { $ref: "#/components/responses/Conflict" }
+  /v1/devices/{name}/leases:
+    parameters:
+      - $ref: "#/components/parameters/DeviceName"
+    get:
+      operationId: listLeases
+      summary: The device's leases.
+      responses:
+        "200":
+          description: The leases, by id.
+          content:
+            application/json:
+              schema:
+                type: object
+                additionalProperties: false
+                required: [leases]
+                properties:
+                  leases:
+                    type: array
+                    items: { $ref: "#/components/schemas/Lease" }
+        "404": { $ref: "#/components/responses/NotFound" }
+        "409": { $ref: "#/components/responses/Conflict" }
+    post:
+      operationId: takeLease
+      summary: Lease queues to the caller over the Unix socket (an HTTP/1.1 upgrade).
+      description: |
+        Send `Connection: Upgrade` and `Upgrade: mqtapd-lease/1` on the daemon's Unix socket.
+        On success the answer is `101 Switching Protocols`; then the daemon writes one line,
+        `LeaseLine`, with one SCM_RIGHTS control message carrying one fd per queue (the same
+        queues the daemon holds: it keeps its own fd of each). The lease lasts while that
+        connection is open, in the caller or in any process that inherits it (as `mqtap lease
+        DEV -- qemu …` does). While leased the daemon's workers neither read nor write the
+        queues; `PATCH …/queues/{id}` still attaches and detaches them; limits count them.
+        When the connection closes, every queue's attach state goes back to what the API last
+        set (QEMU leaves all but one detached when it exits) and the workers read them again.
+        Refusals are ordinary errors and change nothing: 404 `not_found` (the device, or a
+        queue, with `field` `queues`), 409 `queue_leased`, 409 `device_not_active`, 400
+        `invalid_field`, 426 `upgrade_required`, 400 `unix_socket_required` (over TCP).
+      requestBody:
+        required: false
+        content:
+          application/json:
+            schema: { $ref: "#/components/schemas/LeaseRequest" }
+      responses:
+        "101":
+          description: Switching to `mqtapd-lease/1`; the `LeaseLine` follows on the connection.
+          headers:
+            Upgrade:
+              description: "`mqtapd-lease/1`."
+              schema: { type: string }
+        "400": { $ref: "#/components/responses/BadRequest" }
+        "404": { $ref: "#/components/responses/NotFound" }
+        "409": { $ref: "#/components/responses/Conflict" }
+        "413": { $ref: "#/components/responses/PayloadTooLarge" }
+        "415": { $ref: "#/components/responses/UnsupportedMediaType" }
+        "426":
+          description: "`upgrade_required`: the Upgrade headers are missing (the answer's `Upgrade` header names the protocol)."
+          content:
+            application/json:
+              schema: { $ref: "#/components/schemas/Error" }
+        "500": { $ref: "#/components/responses/KernelError" }
+        "503": { $ref: "#/components/responses/Unavailable" }
+  /v1/devices/{name}/leases/{lease}:
+    parameters:
+      - $ref: "#/components/parameters/DeviceName"
+      - name: lease
+        in: path
+        required: true
+        schema: { type: string, minLength: 1 }
+    delete:
+      operationId: revokeLease
+      summary: Revoke a lease (or forget an orphaned one).
+      description: >-
+        The lease's queues are detached, so the holder's fds receive nothing more, and they
+        stay detached until enabled through the API; the connection is closed; the lease is
+        forgotten. A detached queue's fd can still write into the device: to cut a holder off
+        both ways, delete the device with `force=true`. An orphaned lease is forgotten with its
+        queues (the daemon holds no fd of them).
+      responses:
+        "204":
+          description: Revoked.
+        "404": { $ref: "#/components/responses/NotFound" }
+        "409": { $ref: "#/components/responses/Conflict" }
+        "503": { $ref: "#/components/responses/Unavailable" }
   /metrics:
     get:
       operationId: getMetrics
@@ -308,7 +400,9 @@ components:
       description: >-
         `name_conflict`, `queue_limit_exceeded`, `limit_below_usage`, `last_queue`, or
         `device_not_active`: the device is kept from the state file (`conflict` or `failed`)
-        and is not held in the kernel, so only GET and DELETE apply to it.
+        and is not held in the kernel, so only GET and DELETE apply to it; `queue_leased`: a
+        lease holds the queue (it cannot be removed or leased again); `device_leased`: the
+        device has leases (DELETE needs `force=true`).
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -509,22 +603,101 @@ components:
     Queue:
       type: object
       additionalProperties: false
-      required: [id, enabled, worker, counters, since]
+      required: [id, enabled, counters, leased]
       properties:
         id:
           type: integer
           minimum: 0
           description: Stable for the queue's life (the kernel's own index is not).
-        enabled: { type: boolean }
+        enabled:
+          type: boolean
+          description: >-
+            Attached, as the kernel has it: read from the daemon's own fd of the queue, so a
+            lease holder's TUNSETQUEUE (QEMU detaches the queue pairs its guest does not use)
+            shows here. For an orphaned leased queue, what the API last set.
         worker:
           type: integer
           minimum: 0
-          description: The worker thread that reads the queue.
+          description: >-
+            The worker thread the queue belongs to (it reads it unless the queue is detached or
+            leased). Absent for an orphaned leased queue, which the daemon holds no fd of.
         counters: { $ref: "#/components/schemas/Counters" }
         since:
           type: string
           format: date-time
-          description: When the counters started (the queue was opened); they restart with the daemon.
+          description: >-
+            When the counters started (the queue was opened); they restart with the daemon.
+            Absent for an orphaned leased queue.
+        leased:
+          type: boolean
+          description: A lease holds the queue; the daemon's counters of it stop while it does.
+        lease:
+          type: string
+          description: The lease's id, for a leased queue.
+        lease_state:
+          type: string
+          enum: [live, orphaned]
+          description: >-
+            For a leased queue: `live` while the lease's connection is open; `orphaned` when
+            the lease was recorded before a restart (the holder may still have the queue).
+    LeaseRequest:
+      type: object
+      additionalProperties: false
+      properties:
+        queues:
+          type: array
+          minItems: 1
+          uniqueItems: true
+          items: { type: integer, minimum: 0, maximum: 255 }
+          description: The queue ids to lease (default every queue of the device).
+        holder:
+          type: string
+          maxLength: 128
+          description: Who holds the lease, for people (e.g. "qemu vm-12").
+    LeaseLine:
+      type: object
+      additionalProperties: false
+      required: [lease, device, queues]
+      description: >-
+        The one line (JSON, ending in a newline) the daemon writes on the upgraded connection,
+        in a write of its own after the 101 head, with one SCM_RIGHTS control message carrying
+        one fd per queue in the order of `queues`. Read it with recvmsg (Python:
+        `socket.recv_fds`): a plain read drops the fds.
+      properties:
+        lease: { type: string }
+        device: { type: string }
+        queues:
+          type: array
+          items:
+            type: object
+            additionalProperties: false
+            required: [id, enabled]
+            properties:
+              id: { type: integer, minimum: 0 }
+              enabled: { type: boolean }
+    Lease:
+      type: object
+      additionalProperties: false
+      required: [id, queues, pid, uid, gid, since, state]
+      properties:
+        id: { type: string }
+        queues:
+          type: array
+          items: { type: integer, minimum: 0 }
+        holder: { type: string }
+        pid:
+          type: integer
+          description: The peer's pid, from SO_PEERCRED when the lease was taken.
+        uid: { type: integer, minimum: 0 }
+        gid: { type: integer, minimum: 0 }
+        since: { type: string, format: date-time }
+        state:
+          type: string
+          enum: [live, orphaned]
+          description: >-
+            `live` while the connection is open. `orphaned`: recorded before the daemon
+            restarted; the holder may still have the queues, so they are listed, counted toward
+            the limits and never deleted or re-created. DELETE forgets it.
     Counters:
       type: object
       additionalProperties: false
@@ -606,6 +779,10 @@ components:
                 - device_not_active
                 - feature_unsupported
                 - shutting_down
+                - queue_leased
+                - device_leased
+                - upgrade_required
+                - unix_socket_required
             message: { type: string }
             field:
               type: string

@@ -24,8 +24,14 @@ enum QueuesResource {
     }
 
     static func encode(_ q: QueueInfo) -> JSON {
-        ["id": JSON(q.id), "enabled": .bool(q.enabled), "worker": JSON(q.worker), "counters": .object(encode(q.counters)),
-         "since": .string(q.since)]
+        var o: JSONObject = ["id": JSON(q.id), "enabled": .bool(q.enabled)]
+        if let w = q.worker { o["worker"] = JSON(w) }
+        o["counters"] = .object(encode(q.counters))
+        if let since = q.since { o["since"] = .string(since) }
+        o["leased"] = .bool(q.leased)
+        if let l = q.lease { o["lease"] = .string(l) }
+        if let s = q.leaseState { o["lease_state"] = .string(s.rawValue) }
+        return .object(o)
     }
 
     static func list(_ m: DeviceManager, _ device: String) throws -> HTTPResponse {

@@ -67,7 +67,7 @@ extension DeviceManager {
     }
 
     /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet.
-    private func readLink(_ spec: DeviceSpec, key: UInt64, limit: Int) throws(ManagerError) -> ActiveDevice {
+    func readLink(_ spec: DeviceSpec, key: UInt64, limit: Int) throws(ManagerError) -> ActiveDevice {
         let name = spec.name
         let mtu = try step(name, .readMTU) { () throws(SyscallError) in try driver.mtu(name) }
         var mac: MACAddress?
@@ -116,29 +116,41 @@ extension DeviceManager {
         return added
     }
 
-    /// Detaches or re-attaches one queue. Undo: the other way.
+    /// Detaches or re-attaches one queue. Undo: the other way. A leased queue's attach
+    /// state is set on the daemon's fd (the same queue as the holder's), as the kernel has
+    /// it now; the workers keep away from it either way.
     func setEnabled(_ d: inout ActiveDevice, id: Int, _ enabled: Bool,
                     rollback: inout Rollback) throws(ManagerError) -> QueueEntry {
         let name = d.name
         guard var q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
-        guard q.enabled != enabled else { return q }
-        let entry = d
-        if enabled {
-            try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
-            rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: false) }
-            do throws(SyscallError) {
-                try pool.startPolling(polled(q, of: entry), on: q.worker)
-            } catch {
-                throw ManagerError.from(error, device: name, step: .pollQueue)
+        if q.lease != nil {
+            let attached = try step(name, .readQueueState) { () throws(SyscallError) in try driver.isAttached(q.fd) }
+            if attached != enabled {
+                try step(name, enabled ? .attachQueue : .detachQueue) { () throws(SyscallError) in
+                    try driver.setQueue(q.fd, enabled: enabled)
+                }
+                rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: !enabled) }
             }
-            rollback.add { [pool, q] in pool.stopPolling(key: q.key, on: q.worker) }
         } else {
-            // Out of the epoll set before the kernel detaches it: a detached queue reports
-            // POLLERR forever and is not the worker's to read any more.
-            pool.stopPolling(key: q.key, on: q.worker)
-            rollback.add { [pool, q] in try? pool.startPolling(self.polled(q, of: entry), on: q.worker) }
-            try step(name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
-            rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: true) }
+            guard q.enabled != enabled else { return q }
+            let entry = d
+            if enabled {
+                try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
+                rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: false) }
+                do throws(SyscallError) {
+                    try pool.startPolling(polled(q, of: entry), on: q.worker)
+                } catch {
+                    throw ManagerError.from(error, device: name, step: .pollQueue)
+                }
+                rollback.add { [pool, q] in pool.stopPolling(key: q.key, on: q.worker) }
+            } else {
+                // Out of the epoll set before the kernel detaches it: a detached queue reports
+                // POLLERR forever and is not the worker's to read any more.
+                pool.stopPolling(key: q.key, on: q.worker)
+                rollback.add { [pool, q] in try? pool.startPolling(self.polled(q, of: entry), on: q.worker) }
+                try step(name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
+                rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: true) }
+            }
         }
         q.enabled = enabled
         d.queues[id] = q
@@ -154,7 +166,7 @@ extension DeviceManager {
 
     /// Stops polling a queue, then closes it: never an fd a worker may still poll.
     func close(_ q: QueueEntry) {
-        if q.enabled { pool.stopPolling(key: q.key, on: q.worker) }
+        if q.polled { pool.stopPolling(key: q.key, on: q.worker) }
         q.file.close()
         pool.release(q.worker)
     }

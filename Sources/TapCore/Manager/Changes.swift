@@ -47,23 +47,40 @@ extension DeviceManager {
         }
     }
 
-    public func delete(_ name: String) throws(ManagerError) {
-        try change { (model) throws(ManagerError) in
+    /// Deletes a device. One with leases is refused (`deviceLeased`) unless `force`, which
+    /// revokes them and deletes the link itself (RTM_DELLINK): the holders' fds would
+    /// otherwise keep it alive.
+    public func delete(_ name: String, force: Bool = false) throws(ManagerError) {
+        let connections = try change { (model) throws(ManagerError) -> [any LeaseConnection] in
             if case .kept(let k)? = model.devices[name] {
                 // Never ours in the kernel: forgetting it touches nothing there.
                 model.devices[name] = nil
                 logger.info("device forgotten", metadata: ["device": "\(name)", "status": "\(k.status.name)"])
-                return
+                return []
             }
-            let d = try active(name, in: &model)
-            if d.persist, let fd = d.anyFD {
-                // Cleared first: if the kernel refuses, nothing has changed yet.
-                try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
+            var d = try active(name, in: &model)
+            var connections: [any LeaseConnection] = []
+            if !d.leases.isEmpty {
+                guard force else { throw .deviceLeased(device: name, leases: d.leases.keys.sorted()) }
+                try step(name, .deleteLink) { () throws(SyscallError) in try driver.deleteLink(ifindex: d.ifindex) }
+                for id in d.leases.keys.sorted() {
+                    if let c = revoke(id, of: &d) { connections.append(c) }
+                }
+            } else if d.persist {
+                if let fd = d.anyFD {
+                    // Cleared first: if the kernel refuses, nothing has changed yet.
+                    try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
+                } else {
+                    // Every queue was an orphaned lease, now forgotten: no fd to clear it with.
+                    try step(name, .deleteLink) { () throws(SyscallError) in try driver.deleteLink(ifindex: d.ifindex) }
+                }
             }
             release(d)
             model.devices[name] = nil
-            logger.info("device deleted", metadata: ["device": "\(name)"])
+            logger.info("device deleted", metadata: ["device": "\(name)", "force": "\(force)"])
+            return connections
         }
+        for c in connections { c.close() }
     }
 
     public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
@@ -75,8 +92,8 @@ extension DeviceManager {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
-                guard m >= d.queues.count else {
-                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: d.queues.count)
+                guard m >= d.queueCount else {
+                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: d.queueCount)
                 }
             }
             // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
@@ -100,11 +117,11 @@ extension DeviceManager {
             }
             if let mode = patch.mode, mode != d.mode {
                 d.mode = mode
-                for q in d.queues.values where q.enabled { pool.setAction(key: q.key, d.action, on: q.worker) }
+                for q in d.queues.values where q.polled { pool.setAction(key: q.key, d.action, on: q.worker) }
             }
             if let m = patch.maxQueues { d.maxQueues = m }
             model.devices[name] = .active(d)
-            return kernelLink(.active(d)).info
+            return view(.active(d))
         }
     }
 
@@ -115,10 +132,10 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let limit = min(d.maxQueues, model.maxQueues)
             // Both terms are at most 256: no overflow.
-            guard d.queues.count + count <= limit else {
-                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queues.count + count, errno: nil)
+            guard d.queueCount + count <= limit else {
+                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + count, errno: nil)
             }
-            let ids = Self.freeIDs(count, taken: d.queues)
+            let ids = Self.freeIDs(count, taken: { d.hasQueue($0) })
             let added = try withRollback { (rollback) throws(ManagerError) in
                 try openQueues(ids: ids, for: d, model: &model, rollback: &rollback)
             }
@@ -134,8 +151,10 @@ extension DeviceManager {
     public func removeQueue(_ name: String, id: Int) throws(ManagerError) -> QueueInfo {
         try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
+            if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
             guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
-            guard d.queues.count > 1 else { throw .lastQueue(device: name, id: id) }
+            if let l = q.lease { throw .queueLeased(device: name, id: id, lease: l) }
+            guard d.queueCount > 1 else { throw .lastQueue(device: name, id: id) }
             close(q)
             d.queues[id] = nil
             model.devices[name] = .active(d)
@@ -149,11 +168,12 @@ extension DeviceManager {
     public func setQueueEnabled(_ name: String, id: Int, _ enabled: Bool) throws(ManagerError) -> QueueInfo {
         try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
+            if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
             let q = try withRollback { (rollback) throws(ManagerError) in
                 try setEnabled(&d, id: id, enabled, rollback: &rollback)
             }
             model.devices[name] = .active(d)
-            return q.info
+            return q.info(attached: try? driver.isAttached(q.fd))
         }
     }
 
@@ -171,12 +191,12 @@ extension DeviceManager {
         return limits()
     }
 
-    /// The `count` smallest ids not in `taken`.
-    static func freeIDs(_ count: Int, taken: [Int: QueueEntry]) -> [Int] {
+    /// The `count` smallest ids not `taken`.
+    static func freeIDs(_ count: Int, taken: (Int) -> Bool) -> [Int] {
         var ids: [Int] = []
         var candidate = 0
         while ids.count < count {
-            if taken[candidate] == nil { ids.append(candidate) }
+            if !taken(candidate) { ids.append(candidate) }
             candidate += 1
         }
         return ids

@@ -72,11 +72,11 @@ public final class DeviceManager: Sendable {
 
     public func devices() -> [DeviceInfo] {
         let snapshot = published.withLock { $0.devices }
-        return snapshot.values.filter { !gone($0) }.sorted { $0.name < $1.name }.map { kernelLink($0).info }
+        return snapshot.values.filter { !gone($0) }.sorted { $0.name < $1.name }.map(view)
     }
 
     public func device(_ name: String) throws(ManagerError) -> DeviceInfo {
-        kernelLink(try snapshot(name)).info
+        view(try snapshot(name))
     }
 
     public func queues(_ name: String) throws(ManagerError) -> [QueueInfo] {
@@ -85,8 +85,9 @@ public final class DeviceManager: Sendable {
 
     public func queue(_ name: String, id: Int) throws(ManagerError) -> QueueInfo {
         let d = try activeSnapshot(name)
+        if let o = d.orphans[id] { return o.info }
         guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
-        return q.info
+        return q.info(attached: try? driver.isAttached(q.fd))
     }
 
     public func stats(_ name: String) throws(ManagerError) -> DeviceStats {
@@ -105,8 +106,20 @@ public final class DeviceManager: Sendable {
         let s = published.withLock { $0 }
         return LimitsInfo(
             maxQueues: s.maxQueues, kernelMaxQueues: Tun.kernelMaxQueues, devices: s.devices.count,
-            queuesInUse: s.devices.values.reduce(0) { $0 + ($1.active?.queues.count ?? 0) },
+            queuesInUse: s.devices.values.reduce(0) { $0 + ($1.active?.queueCount ?? 0) },
             openFiles: ProcessResources.openFileCount(), openFilesLimit: ProcessResources.fileLimit().soft)
+    }
+
+    /// A device as the kernel has it now: link state, MTU, and each queue's attach state read
+    /// from the daemon's own fd (a lease holder, or any process sharing the open file, may
+    /// have changed it).
+    func view(_ entry: DeviceEntry) -> DeviceInfo {
+        guard case .active(let d) = kernelLink(entry) else { return entry.info }
+        let own = d.queues.values.map { q in q.info(attached: try? driver.isAttached(q.fd)) }
+        let qs = (own + d.orphans.values.map(\.info)).sorted { $0.id < $1.id }
+        return DeviceInfo(name: d.name, kind: d.kind, maxQueues: d.maxQueues, persist: d.persist, vnetHdr: d.vnetHdr,
+                          mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, ifindex: d.ifindex, queues: qs,
+                          status: .active, since: d.since)
     }
 
     /// The entry with `up` and `mtu` as the kernel has them now: `ip link` may have changed

@@ -7,13 +7,53 @@ struct QueueEntry: Sendable {
     let key: UInt64
     let file: QueueHandle
     let worker: Int
+    /// What the API last set (a revoke counts as disabling): what the queue goes back to
+    /// when a lease ends. The kernel's own state is read from the fd (`Tun.isAttached`).
     var enabled: Bool
     let counters: CounterBlock
     /// When the counters started (the fd was opened): counters restart with the daemon.
     let since: String
+    /// The lease that holds the queue: its holder reads and writes it, the workers do not.
+    var lease: String?
 
     /// Borrowed from `file`, which stays open while the entry is the manager's.
     var fd: Int32 { file.fd }
+
+    /// Whether a worker reads the queue: attached through the API and not leased.
+    var polled: Bool { enabled && lease == nil }
+}
+
+/// A leased queue the daemon has no fd of: its lease was recorded before a crash or a stop,
+/// and the holder still has it. Counted toward the limits; never re-created or deleted.
+struct OrphanQueue: Sendable {
+    let id: Int
+    /// What the API last set.
+    var enabled: Bool
+    let lease: String
+}
+
+/// A lease: queues handed to a holder for as long as its connection is open.
+struct LeaseEntry: Sendable {
+    let id: String
+    /// Ordered by id.
+    let queues: [Int]
+    let holder: String?
+    let peer: PeerCredentials
+    let since: String
+    /// The connection the lease lasts for; nil once orphaned (recorded before a restart) or
+    /// before the upgrade has handed it over.
+    var connection: (any LeaseConnection)?
+    /// Recorded before a restart: the holder may still have the queues, the daemon has
+    /// no connection and no fd of them.
+    var orphaned: Bool
+
+    var record: DesiredState.Lease {
+        DesiredState.Lease(id: id, queues: queues, holder: holder, peer: peer, since: since)
+    }
+
+    var info: LeaseInfo {
+        LeaseInfo(id: id, queues: queues, holder: holder, peer: peer, since: since, state: orphaned ? .orphaned : .live)
+    }
 }
 
 /// A device whose queues the daemon holds in the kernel.
@@ -30,7 +70,16 @@ struct ActiveDevice: Sendable {
     var mode: DeviceMode
     let ifindex: Int
     var queues: [Int: QueueEntry]
+    /// Leased queues recorded before a restart, which the daemon holds no fd of.
+    var orphans: [Int: OrphanQueue] = [:]
+    var leases: [String: LeaseEntry] = [:]
     let since: String
+
+    /// Every queue id the device has: the daemon's own and the orphaned ones.
+    var queueCount: Int { queues.count + orphans.count }
+
+    /// Whether `id` names a queue, own or orphaned.
+    func hasQueue(_ id: Int) -> Bool { queues[id] != nil || orphans[id] != nil }
 
     /// Any queue's fd: all are bound to the same device.
     var anyFD: Int32? { queues.values.first?.fd }
@@ -41,9 +90,12 @@ struct ActiveDevice: Sendable {
     var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
 
     var desired: DesiredState.Device {
-        let spec = DeviceSpec(name: name, kind: kind, queues: queues.count, maxQueues: maxQueues, persist: persist,
+        let spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: maxQueues, persist: persist,
                               vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode)
-        return DesiredState.Device(spec: spec, queues: sortedQueues.map { .init(id: $0.id, enabled: $0.enabled) })
+        let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
+            + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
+        return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
+                                   leases: leases.values.sorted { $0.id < $1.id }.map(\.record))
     }
 }
 
@@ -156,8 +208,19 @@ struct ManagerModel: Sendable {
 // MARK: - Views
 
 extension QueueEntry {
+    /// `attached`: the kernel's attach state as read from the fd (nil: use `enabled`).
+    func info(attached: Bool? = nil, leaseState: LeaseState? = nil) -> QueueInfo {
+        QueueInfo(id: id, enabled: attached ?? enabled, worker: worker, counters: counters.read(), since: since,
+                  lease: lease, leaseState: lease == nil ? nil : (leaseState ?? .live))
+    }
+
+    var info: QueueInfo { info() }
+}
+
+extension OrphanQueue {
     var info: QueueInfo {
-        QueueInfo(id: id, enabled: enabled, worker: worker, counters: counters.read(), since: since)
+        QueueInfo(id: id, enabled: enabled, worker: nil, counters: CounterValues(), since: nil, lease: lease,
+                  leaseState: .orphaned)
     }
 }
 
@@ -165,9 +228,10 @@ extension DeviceEntry {
     var info: DeviceInfo {
         switch self {
         case .active(let e):
+            let qs = e.queues.values.map(\.info) + e.orphans.values.map(\.info)
             return DeviceInfo(name: e.name, kind: e.kind, maxQueues: e.maxQueues, persist: e.persist,
                               vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, ifindex: e.ifindex,
-                              queues: e.sortedQueues.map(\.info), status: .active, since: e.since)
+                              queues: qs.sorted { $0.id < $1.id }, status: .active, since: e.since)
         case .kept(let k):
             let s = k.desired.spec
             return DeviceInfo(name: s.name, kind: s.kind, maxQueues: k.maxQueues, persist: s.persist,

@@ -19,7 +19,11 @@ extension DeviceManager {
 
     /// Forgets a device that was deleted behind our back, closing what we held of it.
     func drop(_ entry: DeviceEntry, from model: inout ManagerModel) {
-        if case .active(let d) = entry { release(d) }
+        if case .active(let d) = entry {
+            release(d)
+            // The device is gone: so are its leases.
+            for l in d.leases.values { l.connection?.close() }
+        }
         model.devices[entry.name] = nil
         logger.warning("device gone", metadata: ["device": "\(entry.name)", "reason": "deleted outside mqtapd"])
     }

@@ -38,20 +38,43 @@ extension DeviceManager {
             .kept(KeptDevice(key: model.takeKey(), desired: d, maxQueues: limit, why: why, since: Clock.timestamp()))
         }
         let join: Bool
-        switch joinable(spec) {
+        switch joinable(spec, leased: !d.leases.isEmpty) {
         case .success(let j): join = j
         case .failure(let why): return kept(why)
         }
+        // Leases live on only in a device that outlived the old process (their holders keep
+        // it); made anew, it has no holder, and every queue is the daemon's again.
+        let leases = join ? d.leases : []
+        if !d.leases.isEmpty && !join {
+            logger.info("leases ended with the old process", metadata: ["device": "\(spec.name)",
+                                                                        "lease": "\(d.leases.map(\.id).joined(separator: ","))"])
+        }
+        let leased = Set(leases.flatMap(\.queues))
+        let own = d.queues.filter { !leased.contains($0.id) }
         do {
             let key = model.takeKey()
             return try withRollback { (rollback) throws(ManagerError) in
-                var a = try build(spec, ids: d.queues.map(\.id), limit: limit, key: key, join: join, model: &model)
-                let made = a
-                rollback.add { [self] in
-                    if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
-                    release(made)
+                var a: ActiveDevice
+                if own.isEmpty {
+                    // Every queue is a holder's: nothing to open, only the link to read.
+                    a = try readLink(spec, key: key, limit: limit)
+                } else {
+                    a = try build(spec, ids: own.map(\.id), limit: limit, key: key, join: join, model: &model)
+                    let made = a
+                    rollback.add { [self] in
+                        if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
+                        release(made)
+                    }
+                    for q in own where !q.enabled { _ = try setEnabled(&a, id: q.id, false, rollback: &rollback) }
                 }
-                for q in d.queues where !q.enabled { _ = try setEnabled(&a, id: q.id, false, rollback: &rollback) }
+                for l in leases {
+                    for qid in l.queues {
+                        let enabled = d.queues.first { $0.id == qid }?.enabled ?? true
+                        a.orphans[qid] = OrphanQueue(id: qid, enabled: enabled, lease: l.id)
+                    }
+                    a.leases[l.id] = LeaseEntry(id: l.id, queues: l.queues, holder: l.holder, peer: l.peer, since: l.since,
+                                                connection: nil, orphaned: true)
+                }
                 return .active(a)
             }
         } catch {
@@ -60,7 +83,9 @@ extension DeviceManager {
     }
 
     /// Whether the state file's device can be made (false) or joined (true), or why neither.
-    private func joinable(_ spec: DeviceSpec) -> Result<Bool, KeptDevice.Why> {
+    /// A device with recorded leases may be joined though it is not persistent: the lease
+    /// holders kept it alive.
+    private func joinable(_ spec: DeviceSpec, leased: Bool) -> Result<Bool, KeptDevice.Why> {
         let state: InterfaceState
         do {
             state = try driver.interface(spec.name)
@@ -73,11 +98,11 @@ extension DeviceManager {
         case .other:
             return .failure(.conflict("the name belongs to an interface that is not a tun/tap device"))
         case .tun(let flags):
-            guard spec.persist else {
+            guard spec.persist || leased else {
                 return .failure(.conflict("a tun/tap device of that name exists that is not this daemon's "
                     + "(a non-persistent device does not outlive its daemon)"))
             }
-            guard flags.contains(.persist) else {
+            guard flags.contains(.persist) || leased else {
                 return .failure(.conflict("a tun/tap device of that name is held by another process (it is not persistent)"))
             }
             let want = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)

@@ -1,0 +1,101 @@
+import TapCore
+import TapJSON
+import TunKit
+
+/// `/v1/devices/{name}/leases` and `/v1/devices/{name}/leases/{id}`: queues handed to a
+/// holder (a VMM) over the Unix socket, for as long as the upgraded connection is open.
+enum LeasesResource {
+    static let protocolName = "mqtapd-lease/1"
+
+    /// POST body: optional `{"queues": [ids], "holder": "text"}`.
+    static func decodeRequest(_ bytes: [UInt8]) throws(APIError) -> LeaseRequest {
+        let b = try Body(bytes, allowed: ["queues", "holder"], required: false)
+        return LeaseRequest(queues: try b.intArray("queues", in: 0...(Tun.kernelMaxQueues - 1)), holder: try b.string("holder"))
+    }
+
+    static func encode(_ l: LeaseInfo) -> JSON {
+        var o: JSONObject = ["id": .string(l.id), "queues": .array(l.queues.map { JSON($0) })]
+        if let h = l.holder { o["holder"] = .string(h) }
+        o["pid"] = JSON(Int(l.peer.pid))
+        o["uid"] = JSON(Int(l.peer.uid))
+        o["gid"] = JSON(Int(l.peer.gid))
+        o["since"] = .string(l.since)
+        o["state"] = .string(l.state.rawValue)
+        return .object(o)
+    }
+
+    static func list(_ m: DeviceManager, _ device: String) throws -> HTTPResponse {
+        .json(200, ["leases": .array(try m.leases(device).map(encode))])
+    }
+
+    /// Takes a lease: checks, grants, and answers 101; the fds travel on the upgraded
+    /// connection (`handOver`). Every refusal is an ordinary error and changes nothing.
+    static func take(_ m: DeviceManager, _ watcher: LeaseWatcher, _ device: String, _ r: HTTPRequest) throws -> HTTPResponse {
+        guard case .unix(let peer) = r.transport else {
+            throw APIError(400, "unix_socket_required",
+                           "a lease passes fds, which only a Unix socket carries; connect to the daemon's Unix socket")
+        }
+        guard r.asksUpgrade(to: protocolName) else {
+            var e = APIError(426, "upgrade_required",
+                             "a lease is an HTTP/1.1 upgrade: send Connection: Upgrade and Upgrade: \(protocolName)")
+            e.headers = [("Upgrade", protocolName), ("Connection", "Upgrade")]
+            throw e
+        }
+        let request = try decodeRequest(r.body)
+        let offer = try grant(m, device, request, peer: peer ?? PeerCredentials(pid: 0, uid: 0, gid: 0))
+        return .switching(Upgrade(
+            protocolName: protocolName,
+            run: { connection in handOver(offer, on: connection, m, watcher) },
+            abandon: {
+                offer.close()
+                m.leaseEnded(device: offer.device, lease: offer.id)
+            }))
+    }
+
+    /// The manager's grant; a queue it does not know is named as the `queues` field.
+    private static func grant(_ m: DeviceManager, _ device: String, _ request: LeaseRequest,
+                              peer: PeerCredentials) throws -> LeaseOffer {
+        do {
+            return try m.grantLease(device, request, peer: peer)
+        } catch {
+            guard case .queueNotFound = error else { throw error }
+            var e = APIError(error)
+            e.field = "queues"
+            throw e
+        }
+    }
+
+    /// After the 101: one JSON line with the fds (SCM_RIGHTS, in the order of `queues`), then
+    /// the connection is watched; the lease lasts until it closes.
+    static func handOver(_ offer: LeaseOffer, on connection: UpgradedConnection, _ m: DeviceManager, _ watcher: LeaseWatcher) {
+        let line: JSON = [
+            "lease": .string(offer.id), "device": .string(offer.device),
+            "queues": .array(offer.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] }),
+        ]
+        do {
+            try UnixSocket.send(connection.fd, line.serialized() + [UInt8(ascii: "\n")], passing: offer.fds)
+        } catch {
+            offer.close()
+            m.leaseEnded(device: offer.device, lease: offer.id)
+            connection.close()
+            return
+        }
+        // The holder has its own fds now.
+        offer.close()
+        // Watched first, then attached: a hang-up in between ends the lease, and a revoke in
+        // between finds no connection yet, so `leaseConnected` says so and it is closed here.
+        let watching = watcher.watch(connection) { m.leaseEnded(device: offer.device, lease: offer.id) }
+        guard watching, m.leaseConnected(device: offer.device, lease: offer.id, connection) else {
+            m.leaseEnded(device: offer.device, lease: offer.id)
+            connection.close()
+            return
+        }
+    }
+
+    static func revoke(_ m: DeviceManager, _ device: String, _ id: String) throws -> HTTPResponse {
+        try m.revokeLease(device: device, lease: id)
+        return .noContent
+    }
+}
+
+extension UpgradedConnection: LeaseConnection {}

@@ -1,0 +1,210 @@
+import Logging
+import Synchronization
+import TunKit
+
+/// The connection a lease lasts for, as the manager sees it: it can only be closed (on a
+/// revoke). Closing twice does nothing.
+public protocol LeaseConnection: Sendable {
+    func close()
+}
+
+/// A lease granted but not yet handed over: what to tell the holder and the fds to pass
+/// (duplicates of the daemon's own, so the same queues; closed once sent, or when dropped).
+public final class LeaseOffer: Sendable {
+    public struct Queue: Sendable, Hashable {
+        public let id: Int
+        public let enabled: Bool
+    }
+
+    public let id: String
+    public let device: String
+    /// In the order the fds travel.
+    public let queues: [Queue]
+    private let files: Mutex<[OwnedFDBox]>
+
+    init(id: String, device: String, queues: [Queue], files: [OwnedFDBox]) {
+        self.id = id
+        self.device = device
+        self.queues = queues
+        self.files = Mutex(files)
+    }
+
+    /// The fds to pass, in the order of `queues`; valid until `close()`.
+    public var fds: [Int32] { files.withLock { $0.map(\.fd) } }
+
+    /// Closes the duplicates (the holder has its own once they are sent). Idempotent.
+    public func close() {
+        let taken = files.withLock { f in
+            defer { f = [] }
+            return f
+        }
+        for box in taken { box.close() }
+    }
+}
+
+/// One duplicate fd's owner, in a box so a list can hold it.
+final class OwnedFDBox: Sendable {
+    private let owned: Mutex<OwnedFD?>
+    let fd: Int32
+
+    init(_ file: consuming OwnedFD) {
+        fd = file.fd
+        owned = Mutex(file)
+    }
+
+    func close() {
+        let taken = owned.withLock { $0.take() }
+        _ = consume taken
+    }
+}
+
+extension DeviceManager {
+    /// The leases of a device, by id.
+    public func leases(_ name: String) throws(ManagerError) -> [LeaseInfo] {
+        guard case .active(let d)? = published.withLock({ $0.devices[name] }) else {
+            if case .kept(let k)? = published.withLock({ $0.devices[name] }) {
+                throw .deviceNotActive(name: name, status: k.status)
+            }
+            throw .deviceNotFound(name: name)
+        }
+        return d.leases.values.sorted { $0.id < $1.id }.map(\.info)
+    }
+
+    /// Leases queues of a device to `peer`: from now on the workers neither read nor write
+    /// them. The offer carries duplicates of the queues' fds to send; the lease lasts from
+    /// `leaseConnected` until `leaseEnded` (or a revoke). Refusals change nothing.
+    public func grantLease(_ name: String, _ request: LeaseRequest, peer: PeerCredentials) throws(ManagerError) -> LeaseOffer {
+        if let ids = request.queues {
+            guard !ids.isEmpty else { throw .invalidField(field: "queues", reason: "must name at least one queue") }
+            guard Set(ids).count == ids.count else { throw .invalidField(field: "queues", reason: "names a queue twice") }
+            for id in ids where !(0..<Tun.kernelMaxQueues).contains(id) {
+                throw .invalidField(field: "queues", reason: "\(id) is not a queue id (0 to \(Tun.kernelMaxQueues - 1))")
+            }
+        }
+        if let h = request.holder, h.count > 128 {
+            throw .invalidField(field: "holder", reason: "must be at most 128 characters")
+        }
+        return try change { (model) throws(ManagerError) in
+            var d = try active(name, in: &model)
+            let ids = (request.queues ?? d.queues.keys.sorted() + d.orphans.keys.sorted()).sorted()
+            for id in ids {
+                if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
+                guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
+                if let l = q.lease { throw .queueLeased(device: name, id: id, lease: l) }
+            }
+            guard !ids.isEmpty else { throw .invalidField(field: "queues", reason: "the device has no queue to lease") }
+            let id = Self.newLeaseID()
+            // Duplicates first: if one fails, nothing has changed yet.
+            var files: [OwnedFDBox] = []
+            var offered: [LeaseOffer.Queue] = []
+            for qid in ids {
+                let q = d.queues[qid]!
+                do throws(SyscallError) {
+                    files.append(OwnedFDBox(try driver.duplicate(q.fd)))
+                } catch {
+                    files.forEach { $0.close() }
+                    throw ManagerError.from(error, device: name, step: .duplicateFD)
+                }
+                offered.append(.init(id: qid, enabled: (try? driver.isAttached(q.fd)) ?? q.enabled))
+            }
+            for qid in ids {
+                var q = d.queues[qid]!
+                // Out of the worker's hands before the holder gets the fd.
+                if q.polled { pool.stopPolling(key: q.key, on: q.worker) }
+                q.lease = id
+                d.queues[qid] = q
+            }
+            d.leases[id] = LeaseEntry(id: id, queues: ids, holder: request.holder, peer: peer, since: Clock.timestamp(),
+                                      connection: nil, orphaned: false)
+            model.devices[name] = .active(d)
+            logger.info("lease granted", metadata: ["device": "\(name)", "lease": "\(id)", "queue": "\(ids.map(String.init).joined(separator: ","))",
+                                                    "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+            return LeaseOffer(id: id, device: name, queues: offered, files: files)
+        }
+    }
+
+    /// The lease's connection is up and its fds are sent. False if the lease is gone
+    /// meanwhile (revoked, or its device deleted): the caller closes the connection.
+    public func leaseConnected(device name: String, lease id: String, _ connection: any LeaseConnection) -> Bool {
+        change { model -> Bool in
+            guard case .active(var d)? = model.devices[name], var l = d.leases[id] else { return false }
+            l.connection = connection
+            d.leases[id] = l
+            model.devices[name] = .active(d)
+            return true
+        }
+    }
+
+    /// The lease's connection closed (the holder released it, or every process holding it
+    /// exited), or the upgrade never happened: the queues come back. Each queue's attach
+    /// state is put back to what the API last set (only where it differs: TUNSETQUEUE to
+    /// the state a queue has is EINVAL), and the workers read the attached ones again.
+    public func leaseEnded(device name: String, lease id: String) {
+        change { model in
+            guard case .active(var d)? = model.devices[name], let l = d.leases.removeValue(forKey: id) else { return }
+            for qid in l.queues {
+                guard var q = d.queues[qid], q.lease == id else { continue }
+                q.lease = nil
+                do {
+                    let attached = try driver.isAttached(q.fd)
+                    if attached != q.enabled { try driver.setQueue(q.fd, enabled: q.enabled) }
+                    if q.enabled { try pool.startPolling(polled(q, of: d), on: q.worker) }
+                } catch {
+                    // The queue stays as the kernel has it; the API shows that state.
+                    logger.error("queue not taken back", metadata: ["device": "\(name)", "queue": "\(qid)", "lease": "\(id)",
+                                                                    "error": "\(error)"])
+                }
+                d.queues[qid] = q
+            }
+            model.devices[name] = .active(d)
+            logger.info("lease released", metadata: ["device": "\(name)", "lease": "\(id)"])
+        }
+    }
+
+    /// Revokes a lease: its queues are detached (the holder's fds receive nothing more) and
+    /// stay detached until enabled through the API; the connection is closed; the lease is
+    /// forgotten. An orphaned lease is forgotten, and its queues with it (the daemon holds
+    /// no fd of them).
+    public func revokeLease(device name: String, lease id: String) throws(ManagerError) {
+        let connection = try change { (model) throws(ManagerError) -> (any LeaseConnection)? in
+            var d = try active(name, in: &model)
+            guard d.leases[id] != nil else { throw .leaseNotFound(device: name, id: id) }
+            let connection = revoke(id, of: &d)
+            model.devices[name] = .active(d)
+            return connection
+        }
+        connection?.close()
+    }
+
+    /// Takes a lease away from `d` (see `revokeLease`); returns its connection to close.
+    func revoke(_ id: String, of d: inout ActiveDevice) -> (any LeaseConnection)? {
+        guard let l = d.leases.removeValue(forKey: id) else { return nil }
+        for qid in l.queues {
+            if d.orphans[qid]?.lease == id {
+                d.orphans[qid] = nil
+                continue
+            }
+            guard var q = d.queues[qid], q.lease == id else { continue }
+            if (try? driver.isAttached(q.fd)) == true {
+                do {
+                    try driver.setQueue(q.fd, enabled: false)
+                } catch {
+                    logger.error("leased queue not detached", metadata: ["device": "\(d.name)", "queue": "\(qid)", "error": "\(error)"])
+                }
+            }
+            q.lease = nil
+            q.enabled = false
+            d.queues[qid] = q
+        }
+        logger.info(l.orphaned ? "orphaned lease forgotten" : "lease revoked", metadata: ["device": "\(d.name)", "lease": "\(id)"])
+        return l.connection
+    }
+
+    /// `lease-` and 16 hex digits: unique across restarts (leases outlive the process).
+    static func newLeaseID() -> String {
+        var g = SystemRandomNumberGenerator()
+        let n = g.next()
+        let hex = String(n, radix: 16)
+        return "lease-" + String(repeating: "0", count: 16 - hex.count) + hex
+    }
+}

@@ -1,0 +1,177 @@
+"""Leases on real taps: a client takes queue fds over the Unix socket (recvmsg), the daemon
+keeps away from them while the lease lasts and takes them back when it ends."""
+import os
+import subprocess
+import time
+
+import lease_client
+import net
+from mqtapd_client import ROOT
+
+
+def mac_of(api, n):
+    return api.get(f"/v1/devices/{n}").json()["mac"]
+
+
+def queues(api, n):
+    return api.get(f"/v1/devices/{n}").json()["queues"]
+
+
+def test_the_fds_are_the_devices_queues(daemon, api, name):
+    n = name()
+    assert api.post("/v1/devices", {"name": n, "queues": 4}).status == 201
+    lease = lease_client.take(daemon.socket, n, {"holder": "pytest"})
+    try:
+        assert isinstance(lease, lease_client.Lease), lease
+        assert [q["id"] for q in lease.line["queues"]] == [0, 1, 2, 3] and lease.line["device"] == n
+        for fd in lease.fds:
+            ifname, flags = lease_client.getiff(fd)
+            assert ifname == n and flags & lease_client.IFF_MULTI_QUEUE
+        qs = queues(api, n)
+        assert all(q["leased"] and q["lease"] == lease.id and q["lease_state"] == "live" for q in qs)
+        leases = api.get(f"/v1/devices/{n}/leases").json()["leases"]
+        assert [l["id"] for l in leases] == [lease.id]
+        assert leases[0]["holder"] == "pytest" and leases[0]["pid"] == os.getpid() and leases[0]["uid"] == os.getuid()
+        assert net.kernel_queue_count(n) == 4, "the holder's fds are the daemon's queues, not new ones"
+    finally:
+        lease.close()
+    assert net.settle(lambda: not any(q["leased"] for q in queues(api, n)))
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_frames_go_to_the_holder_then_back_to_the_daemon(daemon, api, name):
+    """Exact over the whole sequence: what the holder read plus what the daemon counted is
+    what the kernel transmitted into the device."""
+    n = name()
+    assert api.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+    net.disable_ipv6(n)
+    mac = mac_of(api, n)
+    start = net.kernel_stats(n)
+    lease = lease_client.take(daemon.socket, n)
+    sent = net.send_frames(n, mac, 400)
+    held = lease_client.drain(lease.fds)
+    daemon_during = api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"]
+    assert daemon_during == 0, "a leased queue is the holder's: the daemon does not read it"
+    assert held > 0
+    lease.close()
+    assert net.settle(lambda: not any(q["leased"] for q in queues(api, n)))
+    sent += net.send_frames(n, mac, 300)
+    kernel = lambda: net.kernel_stats(n)["tx_packets"] - start["tx_packets"]
+    total = lambda: api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"]
+    assert net.settle(lambda: held + total() == kernel()), (held, total(), kernel(), sent)
+    assert total() > 0, "taken back, the queues are read and counted by the daemon again"
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_a_holders_detach_shows_and_release_puts_it_back(daemon, api, name):
+    n = name()
+    assert api.post("/v1/devices", {"name": n, "queues": 3}).status == 201
+    assert api.patch(f"/v1/devices/{n}/queues/2", {"enabled": False}).status == 200
+    lease = lease_client.take(daemon.socket, n, {"queues": [0, 1]})
+    assert [q["enabled"] for q in lease.line["queues"]] == [True, True]
+    # As QEMU does for queue pairs its guest does not use.
+    lease_client.set_queue(lease.fds[1], False)
+    assert net.settle(lambda: [q["enabled"] for q in queues(api, n)] == [True, False, False], timeout=1.0)
+    assert api.get(f"/v1/devices/{n}/queues/1").json()["enabled"] is False
+    # The API still attaches and detaches a leased queue (the daemon's fd is the same queue).
+    assert api.patch(f"/v1/devices/{n}/queues/0", {"enabled": False}).json()["enabled"] is False
+    assert api.patch(f"/v1/devices/{n}/queues/0", {"enabled": True}).json()["enabled"] is True
+    lease.close()
+    # Back to what the API last set: 0 and 1 attached, 2 detached.
+    assert net.settle(lambda: [(q["enabled"], q["leased"]) for q in queues(api, n)]
+                      == [(True, False), (True, False), (False, False)])
+    out = subprocess.run(["ip", "-d", "link", "show", n], capture_output=True, text=True).stdout.split()
+    assert out[out.index("numdisabled") + 1] == "1"
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_refusals_change_nothing(daemon, api, name):
+    n = name()
+    assert api.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+    # Without the Upgrade headers: 426 saying what to send.
+    r = api.post(f"/v1/devices/{n}/leases", {})
+    assert r.status == 426 and r.code == "upgrade_required" and r.headers.get("upgrade") == "mqtapd-lease/1", r
+    r = daemon.tcp.post(f"/v1/devices/{n}/leases", {}, headers={"Connection": "Upgrade", "Upgrade": "mqtapd-lease/1"})
+    assert r.status == 400 and r.code == "unix_socket_required", r
+    r = lease_client.take(daemon.socket, name())
+    assert r.status == 404 and r.code == "not_found", r
+    r = lease_client.take(daemon.socket, n, {"queues": [5]})
+    assert r.status == 404 and r.json()["error"]["field"] == "queues" and "5" in r.json()["error"]["message"], r
+    r = lease_client.take(daemon.socket, n, {"queues": [0], "holder": "x" * 129})
+    assert r.status == 400 and r.json()["error"]["field"] == "holder", r
+    r = lease_client.take(daemon.socket, n, {"queues": "all"})
+    assert r.status == 400 and r.json()["error"]["field"] == "queues", r
+    assert not any(q["leased"] for q in queues(api, n))
+    lease = lease_client.take(daemon.socket, n, {"queues": [1]})
+    try:
+        r = lease_client.take(daemon.socket, n, {"queues": [0, 1]})
+        assert r.status == 409 and r.code == "queue_leased", r
+        assert not queues(api, n)[0]["leased"]
+        r = api.delete(f"/v1/devices/{n}/queues/1")
+        assert r.status == 409 and r.code == "queue_leased", r
+        r = api.delete(f"/v1/devices/{n}")
+        assert r.status == 409 and r.code == "device_leased", r
+        assert net.exists(n)
+    finally:
+        lease.close()
+    assert net.settle(lambda: not any(q["leased"] for q in queues(api, n)))
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_revoke_detaches_closes_and_forgets(daemon, api, name):
+    n = name()
+    assert api.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+    lease = lease_client.take(daemon.socket, n, {"queues": [1]})
+    assert api.delete(f"/v1/devices/{n}/leases/{lease.id}").status == 204
+    lease.sock.settimeout(5)
+    assert lease.sock.recv(1) == b"", "the lease's connection is closed"
+    _, flags = lease_client.getiff(lease.fds[0])
+    assert flags & lease_client.IFF_DETACH_QUEUE, "the holder's queue is detached"
+    q = api.get(f"/v1/devices/{n}/queues/1").json()
+    assert q["enabled"] is False and q["leased"] is False
+    assert api.get(f"/v1/devices/{n}/leases").json()["leases"] == []
+    assert api.delete(f"/v1/devices/{n}/leases/{lease.id}").status == 404
+    lease.close()
+    # Detached until enabled through the API.
+    time.sleep(0.2)
+    assert api.get(f"/v1/devices/{n}/queues/1").json()["enabled"] is False
+    assert api.patch(f"/v1/devices/{n}/queues/1", {"enabled": True}).json()["enabled"] is True
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_force_delete_revokes_and_deletes_the_link(daemon, api, name):
+    n = name()
+    fds = net.open_fds(daemon.pid)
+    assert api.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+    lease = lease_client.take(daemon.socket, n)
+    try:
+        assert api.delete(f"/v1/devices/{n}?force=true").status == 204
+        assert not net.exists(n), "the link is gone although the holder still has fds"
+        lease.sock.settimeout(5)
+        assert lease.sock.recv(1) == b""
+        assert api.get(f"/v1/devices/{n}").status == 404
+    finally:
+        lease.close()
+    assert net.settle(lambda: net.open_fds(daemon.pid) <= fds)
+
+
+def test_cli_lease_runs_a_command_with_the_fds(daemon, api, name):
+    n = name()
+    assert api.post("/v1/devices", {"name": n, "queues": 3}).status == 201
+    mqtap = os.path.join(os.path.dirname(os.environ.get("MQTAPD_BIN", os.path.join(ROOT, ".build", "debug", "mqtapd"))), "mqtap")
+    # The command sees the fds (as {fds} and in the environment) and the lease is live while it runs.
+    script = ('for fd in $(echo "$0" | tr : " "); do test -e /proc/self/fd/$fd || exit 9; done; '
+              'test "$0" = "$MQTAP_QUEUE_FDS" || exit 8; echo "$MQTAP_LEASE"; sleep 1')
+    p = subprocess.Popen([mqtap, "lease", n, "--socket", daemon.socket, "--queues", "0,2", "--holder", "cli",
+                          "--", "sh", "-c", script, "{fds}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert net.settle(lambda: [q["leased"] for q in queues(api, n)] == [True, False, True], timeout=5)
+    lease = api.get(f"/v1/devices/{n}/leases").json()["leases"][0]
+    assert lease["holder"] == "cli" and lease["queues"] == [0, 2]
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert out.strip() == lease["id"]
+    # The command exited: its connection closed, the lease ended.
+    assert net.settle(lambda: not any(q["leased"] for q in queues(api, n)))
+    r = subprocess.run([mqtap, "lease", "list", n, "--socket", daemon.socket], capture_output=True, text=True)
+    assert r.returncode == 0 and "ID" in r.stdout
+    assert api.delete(f"/v1/devices/{n}").status == 204

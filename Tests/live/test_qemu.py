@@ -1,0 +1,160 @@
+"""A real QEMU guest on a leased device: `mqtap lease DEV -- qemu … fds={fds}`. The guest's
+virtio-net enables as many queue pairs as it has vCPUs and QEMU detaches the rest, which the
+API shows; the guest pings the tap; when QEMU exits the daemon reads every queue again. And a
+daemon killed with -9 while QEMU holds the lease does not take the guest's network down."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import net
+from conftest import BIN, Daemon, unique_name
+from mqtapd_client import ROOT
+
+GUEST = os.path.join(ROOT, ".build-guest")
+MQTAP = os.path.join(os.path.dirname(BIN), "mqtap")
+HOST_IP, GUEST_IP = "198.18.0.1", "198.18.0.2"
+
+
+@pytest.fixture(scope="module")
+def guest():
+    """The kernel and initramfs, built from Debian packages by scripts/build-guest.sh."""
+    r = subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh"), GUEST], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return os.path.join(GUEST, "vmlinuz"), os.path.join(GUEST, "initrd.cpio.gz")
+
+
+def numqueues(n):
+    out = subprocess.run(["ip", "-d", "link", "show", n], capture_output=True, text=True).stdout.split()
+    if "numqueues" not in out:
+        return None
+    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
+
+
+def serial_lines(path):
+    try:
+        with open(path, errors="replace") as f:
+            return [l.strip() for l in f.read().replace("\r", "").split("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(fn, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_vm(d, dev, guest, serial, hold):
+    kernel, initrd = guest
+    cmdline = f"console=ttyS0 quiet panic=-1 mqt.ip={GUEST_IP}/24 mqt.peer={HOST_IP} " + \
+        ("mqt.hold=1" if hold else "mqt.count=15 mqt.min=10")
+    # mqtap execs QEMU: the process is QEMU, holding the queue fds and the lease connection.
+    return subprocess.Popen([
+        MQTAP, "lease", dev, "--socket", d.socket, "--holder", "qemu", "--",
+        "qemu-system-x86_64", "-accel", "tcg", "-smp", "2", "-m", "256", "-kernel", kernel, "-initrd", initrd,
+        "-append", cmdline, "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
+        "-netdev", "tap,id=n0,fds={fds},vhost=off", "-device", "virtio-net-pci,netdev=n0,mq=on,vectors=10",
+    ], stdout=subprocess.DEVNULL, stderr=open(serial + ".stderr", "w"))
+
+
+def setup_device(api, dev):
+    assert api.post("/v1/devices", {"name": dev, "queues": 4}).status == 201
+    net.disable_ipv6(dev)
+    subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", dev], check=True)
+
+
+def pings_ok(serial):
+    return sum(1 for l in serial_lines(serial) if l.startswith("MQT-PING ") and l.endswith(" ok"))
+
+
+def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
+    d = Daemon(tmpdir_short)
+    dev = unique_name("vm")
+    serial = os.path.join(tmpdir_short, "serial.log")
+    vm = None
+    try:
+        setup_device(d.unix, dev)
+        k0 = net.kernel_stats(dev)
+        vm = start_vm(d, dev, guest, serial, hold=False)
+        wait_for(lambda: any(l.startswith("MQT-READY") for l in serial_lines(serial)), 120, "the guest to boot")
+        # Two vCPUs: the guest enables 2 of the 4 queue pairs; QEMU detaches the other 2.
+        api = d.unix
+        wait_for(lambda: [q["enabled"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]].count(True) == 2,
+                 10, "2 queues enabled")
+        device = api.get(f"/v1/devices/{dev}").json()
+        assert device["enabled_queues"] == 2 and device["queue_count"] == 4
+        assert all(q["leased"] and q["lease_state"] == "live" for q in device["queues"])
+        assert numqueues(dev) == (2, 2), "the API shows what the kernel has"
+        rc = vm.wait(timeout=120)
+        assert rc == 0, open(serial + ".stderr").read()[-2000:]
+        lines = serial_lines(serial)
+        assert any(l.startswith("MQT-PING-OK") for l in lines), lines[-20:]
+        k1 = net.kernel_stats(dev)
+        assert k1["rx_packets"] - k0["rx_packets"] >= 10 and k1["tx_packets"] > k0["tx_packets"]
+        # QEMU exited: the lease ended, every queue is attached again and read by the daemon.
+        wait_for(lambda: all(q["enabled"] and not q["leased"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]),
+                 10, "the queues to come back")
+        assert numqueues(dev) == (4, 0)
+        assert api.get(f"/v1/devices/{dev}/leases").json()["leases"] == []
+        mac = api.get(f"/v1/devices/{dev}").json()["mac"]
+        before = api.get(f"/v1/devices/{dev}/stats").json()["total"]["rx_packets"]
+        net.send_frames(dev, mac, 100)
+        assert net.settle(lambda: api.get(f"/v1/devices/{dev}/stats").json()["total"]["rx_packets"] >= before + 100)
+        assert api.delete(f"/v1/devices/{dev}").status == 204
+        assert not net.exists(dev)
+    finally:
+        if vm and vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        assert d.stop() == 0
+        net.delete_link(dev)
+
+
+def test_a_daemon_killed_while_qemu_holds_a_lease(guest, tmpdir_short):
+    d = Daemon(tmpdir_short)
+    dev = unique_name("vk")
+    serial = os.path.join(tmpdir_short, "serial.log")
+    vm = None
+    try:
+        setup_device(d.unix, dev)
+        vm = start_vm(d, dev, guest, serial, hold=True)
+        wait_for(lambda: pings_ok(serial) >= 3, 120, "the guest to ping")
+        lease = d.unix.get(f"/v1/devices/{dev}/leases").json()["leases"][0]
+        d.stop(signal.SIGKILL)
+        # The guest's network does not go down with the daemon.
+        seen = pings_ok(serial)
+        wait_for(lambda: pings_ok(serial) >= seen + 5, 30, "pings after the daemon died")
+        assert net.exists(dev)
+        d = Daemon(tmpdir_short)
+        api = d.unix
+        device = api.get(f"/v1/devices/{dev}").json()
+        assert device["state"] == "active" and device["queue_count"] == 4
+        assert all(q["lease"] == lease["id"] and q["lease_state"] == "orphaned" for q in device["queues"])
+        leases = api.get(f"/v1/devices/{dev}/leases").json()["leases"]
+        assert [(l["id"], l["state"], l["holder"]) for l in leases] == [(lease["id"], "orphaned", "qemu")]
+        assert api.get("/v1/limits").json()["queues_in_use"] >= 4
+        r = api.delete(f"/v1/devices/{dev}")
+        assert r.status == 409 and r.code == "device_leased", r
+        seen = pings_ok(serial)
+        wait_for(lambda: pings_ok(serial) >= seen + 3, 30, "pings after the restart")
+        assert numqueues(dev) is not None, "nothing was deleted or re-created"
+        vm.send_signal(signal.SIGTERM)
+        vm.wait(timeout=30)
+        # The holder is gone: forgetting its lease and deleting the device leave nothing.
+        assert api.delete(f"/v1/devices/{dev}/leases/{lease['id']}").status == 204
+        assert api.delete(f"/v1/devices/{dev}").status == 204
+        assert net.settle(lambda: not net.exists(dev))
+        assert api.get("/v1/devices").json()["devices"] == []
+    finally:
+        if vm and vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        assert d.stop() == 0
+        net.delete_link(dev)
