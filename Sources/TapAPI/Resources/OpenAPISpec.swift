@@ -159,6 +159,7 @@ paths:
       responses:
         "204":
           description: Deleted.
+        "400": { $ref: "#/components/responses/BadRequest" }
         "404": { $ref: "#/components/responses/NotFound" }
         "500": { $ref: "#/components/responses/KernelError" }
         "409": { $ref: "#/components/responses/Conflict" }
