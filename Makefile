@@ -17,7 +17,7 @@ release: deps
 	swift build -c release
 
 # Runs the daemon in the foreground (as root, for /dev/net/tun), serving
-# /run/mqtapd/api.sock. Extra flags: make run ARGS="--workers 4 --listen tcp:127.0.0.1:8080"
+# /run/mqtapd/api.sock. Extra flags: make run ARGS="--workers 4 --listen tcp:127.0.0.1:8080 --token-file /etc/mqtapd/token"
 run: release
 	.build/release/mqtapd $(ARGS)
 

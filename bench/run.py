@@ -90,6 +90,10 @@ def pct(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+# The daemon's TCP token (TCP requests must carry it); written to each daemon's token file.
+TOKEN = "bench-" + os.urandom(8).hex()
+
+
 class API:
     def __init__(self, port):
         self.port = port
@@ -98,6 +102,7 @@ class API:
     def call(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data else {}
+        headers["Authorization"] = f"Bearer {TOKEN}"
         for attempt in range(2):
             try:
                 self.conn.request(method, path, body=data, headers=headers)
@@ -114,9 +119,13 @@ class API:
 class Daemon:
     def __init__(self, workers, cpus=RX_CPU, wrapper=(), exe=DAEMON):
         self.tmp = tempfile.mkdtemp(prefix="mqtapd-bench-")
+        token_file = os.path.join(self.tmp, "token")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, TOKEN.encode())
+        os.close(fd)
         self.proc = subprocess.Popen(
             ["taskset", "-c", cpus, *wrapper, exe, "--listen", "tcp:127.0.0.1:0", "--listen", f"unix:{self.tmp}/api.sock",
-             "--state-dir", f"{self.tmp}/state", "--workers", str(workers)],
+             "--state-dir", f"{self.tmp}/state", "--workers", str(workers), "--token-file", token_file],
             stderr=subprocess.PIPE, text=True)
         self.port = None
         while self.port is None:
@@ -303,7 +312,8 @@ def profile_worker(args, report):
 # ---------------------------------------------------------------- control plane
 
 def wrk(port, path, seconds, connections=8):
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 

@@ -170,7 +170,7 @@ public final class HTTPServer: Sendable {
         if upload.answered { return .YES }
 
         var headers: [String: String] = [:]
-        for name in ["Content-Type", "Content-Length", "Accept", "Host", "Connection", "Upgrade"] {
+        for name in ["Content-Type", "Content-Length", "Accept", "Host", "Connection", "Upgrade", "Authorization"] {
             if let v = header(connection, name) { headers[name.lowercased()] = v }
         }
         var query: [String: String] = [:]

@@ -100,10 +100,13 @@ public struct Router: Sendable {
     public let manager: DeviceManager
     /// Where lease connections are watched once upgraded.
     public let leaseWatcher: LeaseWatcher
+    /// What a TCP request must carry; nil: the router serves no TCP listener.
+    public let token: BearerToken?
 
-    public init(manager: DeviceManager, leaseWatcher: LeaseWatcher) {
+    public init(manager: DeviceManager, leaseWatcher: LeaseWatcher, token: BearerToken? = nil) {
         self.manager = manager
         self.leaseWatcher = leaseWatcher
+        self.token = token
     }
 
     public func handle(_ r: HTTPRequest) -> HTTPResponse {
@@ -161,6 +164,10 @@ public struct Router: Sendable {
     static func methods(of kind: Route.Kind) -> [String] { table[kind, default: []].map(\.method) }
 
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {
+        // Before anything else, /v1/health and /metrics included: over TCP, no token, no answer.
+        if case .tcp = r.transport, token?.accepts(r.headers["authorization"]) != true {
+            throw BearerToken.unauthorized
+        }
         guard let route = Route(path: r.path) else { throw APIError.notFound("no such path: \(r.path)") }
         let endpoints = Self.table[route.kind, default: []]
         guard let handler = endpoints.first(where: { $0.method == r.method })?.handler else {

@@ -47,15 +47,20 @@ public struct APIClient: Sendable {
 
     public let endpoint: Endpoint
     public let timeoutSeconds: Int
+    /// Sent as `Authorization: Bearer TOKEN` (TCP needs it; the Unix socket ignores it).
+    public let token: String?
 
-    public init(_ endpoint: Endpoint, timeoutSeconds: Int = 30) {
+    public init(_ endpoint: Endpoint, timeoutSeconds: Int = 30, token: String? = nil) {
         self.endpoint = endpoint
         self.timeoutSeconds = timeoutSeconds
+        self.token = token
     }
+
+    private var authorization: String { token.map { "Authorization: Bearer \($0)\r\n" } ?? "" }
 
     public func request(_ method: String, _ path: String, body: JSON? = nil) throws(ConnectionError) -> Response {
         let payload = body?.serialized() ?? []
-        var head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nUser-Agent: mqtap\r\n"
+        var head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nUser-Agent: mqtap\r\n" + authorization
         if body != nil { head += "Content-Type: application/json\r\n" }
         head += "Content-Length: \(payload.count)\r\n\r\n"
         let raw: [UInt8]

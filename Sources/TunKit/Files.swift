@@ -48,6 +48,30 @@ public enum Files {
 
     public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
+    /// A file's permission bits (`st_mode & 0o7777`). The corresponding C function is
+    /// `stat(2)`.
+    public static func permissions(_ path: String) throws(SyscallError) -> UInt32 {
+        var st = stat()
+        _ = try retryingEINTR("stat(\(path))") { stat(path, &st) }
+        return UInt32(st.st_mode) & 0o7777
+    }
+
+    /// Gives `path` to `uid`:`gid`. The corresponding C function is `chown(2)`.
+    public static func setOwner(_ path: String, uid: UInt32, gid: UInt32) throws(SyscallError) {
+        _ = try retryingEINTR("chown(\(path))") { chown(path, uid_t(uid), gid_t(gid)) }
+    }
+
+    /// The id of the group called `name`, nil if there is none.
+    /// The corresponding C function is `getgrnam_r(3)`.
+    public static func groupID(_ name: String) -> UInt32? {
+        var group = group()
+        var result: UnsafeMutablePointer<group>?
+        var buffer = [CChar](repeating: 0, count: 16384)
+        let rc = getgrnam_r(name, &group, &buffer, buffer.count, &result)
+        guard rc == 0, result != nil else { return nil }
+        return UInt32(group.gr_gid)
+    }
+
     static func directory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])

@@ -20,6 +20,9 @@ struct Connection: ParsableArguments {
     @Option(help: ArgumentHelp("mqtapd over TCP instead, e.g. http://127.0.0.1:8080.", valueName: "url"))
     var url: String?
 
+    @Option(help: ArgumentHelp("File holding the daemon's TCP token (its --token-file), for --url.", valueName: "path"))
+    var tokenFile: String?
+
     @Flag(help: "Print the API's JSON instead of a table.")
     var json = false
 
@@ -30,12 +33,23 @@ struct Connection: ParsableArguments {
     }
 
     var client: APIClient {
-        APIClient(url.flatMap(APIClient.Endpoint.init(url:)) ?? .unix(socket))
+        get throws {
+            var token: String?
+            if let tokenFile {
+                guard let bytes = try? Files.read(tokenFile) else {
+                    writeStderrLine("mqtap: cannot read --token-file \(tokenFile)")
+                    throw ExitCode(64)
+                }
+                token = String(decoding: bytes, as: UTF8.self).trimmingWhitespace
+            }
+            return APIClient(url.flatMap(APIClient.Endpoint.init(url:)) ?? .unix(socket), token: token)
+        }
     }
 
     /// Calls the API; on an error prints it and exits.
     func call(_ method: String, _ path: String, _ body: JSON? = nil) throws -> JSON? {
         let r: APIClient.Response
+        let client = try self.client
         do {
             r = try client.request(method, path, body: body)
         } catch {
@@ -194,7 +208,8 @@ struct Lease: ParsableCommand {
             if let holder { body["holder"] = .string(holder) }
             let lease: APIClient.Lease
             do {
-                switch try connection.client.lease(device, body: .object(body)) {
+                let client = try connection.client
+                switch try client.lease(device, body: .object(body)) {
                 case .granted(let l): lease = l
                 case .refused(let r):
                     let e = r.error ?? ("http_\(r.status)", "unexpected answer")

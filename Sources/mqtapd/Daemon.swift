@@ -15,6 +15,8 @@ final class Daemon {
         var workers: Int?
         var maxQueues: Int?
         var maxBody: Int
+        var socketGroup: String?
+        var tokenFile: String?
     }
 
     /// Why the daemon could not start: a message and its fields for the log.
@@ -59,6 +61,8 @@ final class Daemon {
         started.append(("inherited sockets", { listeners.close() }))
         let addresses = options.listen.isEmpty && inherited.isEmpty ? [ListenAddress.defaultUnix] : options.listen
 
+        let token = try readToken()
+        let socketGID = try resolveGroup()
         let locks = try lockInstance(addresses)
         started.append(("locks", { locks.releaseAll() }))
 
@@ -91,6 +95,7 @@ final class Daemon {
                 switch a {
                 case .unix(let path):
                     listeners.add(a, socket: try ListenSocket.unix(path: path, mode: 0o660), ownsFile: true)
+                    if let gid = socketGID { try Files.setOwner(path, uid: 0, gid: gid) }
                 case .tcp(let host, let port):
                     let s = try ListenSocket.tcp(host: host, port: port)
                     listeners.add(.tcp(host: host, port: s.port ?? port), socket: s, ownsFile: false)
@@ -102,7 +107,8 @@ final class Daemon {
         }
         started.append(("listening sockets", { listeners.close() }))
 
-        let handler = RequestLog(router: Router(manager: manager, leaseWatcher: leaseWatcher), logger: log.logger).handle
+        let router = Router(manager: manager, leaseWatcher: leaseWatcher, token: token)
+        let handler = RequestLog(router: router, logger: log.logger).handle
         var limits = HTTPServer.Limits()
         limits.bodyBytes = options.maxBody
         do throws(HTTPServerError) {
@@ -136,6 +142,35 @@ final class Daemon {
         state = .stopping
         while let part = started.popLast() { part.stop() }
         state = .stopped
+    }
+
+    /// The TCP token: the file's content, trimmed; the file readable by its owner only.
+    private func readToken() throws(StartError) -> BearerToken? {
+        guard let path = options.tokenFile else { return nil }
+        let mode: UInt32
+        let bytes: [UInt8]?
+        do {
+            mode = try Files.permissions(path)
+            bytes = try Files.read(path)
+        } catch {
+            throw StartError("cannot read --token-file", ["path": path, "error": "\(error)"])
+        }
+        guard mode & 0o077 == 0 else {
+            throw StartError("--token-file must be readable by its owner only (chmod 600)",
+                             ["path": path, "mode": "0" + String(mode, radix: 8)])
+        }
+        guard let token = bytes.flatMap({ BearerToken(String(decoding: $0, as: UTF8.self)) }) else {
+            throw StartError("--token-file is empty", ["path": path])
+        }
+        return token
+    }
+
+    private func resolveGroup() throws(StartError) -> UInt32? {
+        guard let name = options.socketGroup else { return nil }
+        guard let gid = Files.groupID(name) else {
+            throw StartError("--socket-group names no group", ["group": name])
+        }
+        return gid
     }
 
     /// One instance per state directory and per socket: the locks die with the process, so a

@@ -34,6 +34,14 @@ struct MQTapD: ParsableCommand {
     @Option(help: ArgumentHelp("Log lines as logfmt or json.", valueName: "format"))
     var logFormat = "logfmt"
 
+    @Option(help: ArgumentHelp("Group that owns the Unix sockets (root:NAME, mode 0660): its members may call the API (default: root's).",
+                               valueName: "name"))
+    var socketGroup: String?
+
+    @Option(help: ArgumentHelp("File holding the token every TCP request must carry (Authorization: Bearer TOKEN); required with --listen tcp:…, readable by its owner only.",
+                               valueName: "path"))
+    var tokenFile: String?
+
     /// `--listen` is parsed once, here; a bad address is a usage error naming the flag.
     static func parseListen(_ text: String) throws -> ListenAddress {
         do { return try ListenAddress(parsing: text) } catch { throw ValidationError(error.description) }
@@ -47,13 +55,16 @@ struct MQTapD: ParsableCommand {
         if let m = maxQueues, !(1...256).contains(m) { throw ValidationError("--max-queues must be between 1 and 256") }
         guard (1024...(16 << 20)).contains(maxBody) else { throw ValidationError("--max-body must be between 1024 and 16777216") }
         guard LineLogHandler.Format(rawValue: logFormat) != nil else { throw ValidationError("--log-format must be logfmt or json") }
+        if listen.contains(where: { if case .tcp = $0 { return true } else { return false } }) && tokenFile == nil {
+            throw ValidationError("--listen tcp:… needs --token-file: the API creates network interfaces, so TCP requests must carry a token")
+        }
     }
 
     func run() throws {
         let format = LineLogHandler.Format(rawValue: logFormat)!
         let log = EventLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
         let daemon = Daemon(options: .init(listen: listen, stateDir: stateDir, workers: workers, maxQueues: maxQueues,
-                                           maxBody: maxBody), log: log)
+                                           maxBody: maxBody, socketGroup: socketGroup, tokenFile: tokenFile), log: log)
         do {
             try daemon.start()
         } catch {

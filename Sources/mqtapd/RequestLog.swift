@@ -24,6 +24,16 @@ final class RequestLog: Sendable {
             "request_id": "\(id)", "method": "\(request.method)", "path": "\(request.path)",
             "status": "\(response.status)", "us": "\(micros)",
         ]
+        switch request.transport {
+        case .unix(let peer?):
+            fields["pid"] = "\(peer.pid)"
+            fields["uid"] = "\(peer.uid)"
+            fields["gid"] = "\(peer.gid)"
+        case .unix(nil):
+            break
+        case .tcp:
+            fields["transport"] = "tcp"
+        }
         if let route = Route(path: request.path) {
             if let d = route.device { fields["device"] = "\(d)" }
             if let q = route.queueID { fields["queue"] = "\(q)" }

@@ -12,10 +12,10 @@ final class RouterFixture {
     let router: Router
     let watcher: LeaseWatcher
 
-    init() throws {
+    init(token: String? = nil) throws {
         manager = try DeviceManager(driver: driver, workers: 2)
         watcher = try LeaseWatcher()
-        router = Router(manager: manager, leaseWatcher: watcher)
+        router = Router(manager: manager, leaseWatcher: watcher, token: token.flatMap(BearerToken.init))
     }
 
     deinit {
@@ -249,5 +249,30 @@ struct RouterTests {
         let r = f.call("GET", "/v1/devices/d/stats")
         #expect(r.status == 200 && r.json?["kernel"] == .null)
         #expect(r.json?["kernel_error"]?["errno"] == "EACCES")
+    }
+
+    @Test("over TCP every request needs the bearer token, health and metrics included; the Unix socket needs none")
+    func bearerToken() throws {
+        let f = try RouterFixture(token: "s3cret-token\n")
+        func tcp(_ path: String, _ auth: String?) -> HTTPResponse {
+            var headers: [String: String] = [:]
+            if let auth { headers["authorization"] = auth }
+            return f.router.handle(HTTPRequest(method: "GET", path: path, headers: headers, transport: .tcp))
+        }
+        for path in ["/v1/health", "/metrics", "/v1/devices", "/nope"] {
+            for auth in [nil, "Bearer wrong", "Bearer s3cret-toke", "Bearer s3cret-tokenX", "Basic s3cret-token", "s3cret-token", ""] {
+                let r = tcp(path, auth)
+                #expect(r.status == 401 && r.code == "unauthorized", "\(path) \(auth ?? "-")")
+                #expect(r.header("WWW-Authenticate")?.hasPrefix("Bearer") == true)
+                #expect(!String(decoding: r.body, as: UTF8.self).contains("s3cret"))
+            }
+        }
+        #expect(tcp("/v1/health", "Bearer s3cret-token").status == 200)
+        #expect(tcp("/v1/health", "bearer s3cret-token").status == 200, "the scheme is case-insensitive")
+        #expect(tcp("/nope", "Bearer s3cret-token").status == 404)
+        #expect(f.call("GET", "/v1/health").status == 200, "a Unix-socket request needs no token")
+        // Without a configured token, TCP is refused outright.
+        let open = try RouterFixture()
+        #expect(open.router.handle(HTTPRequest(method: "GET", path: "/v1/health", transport: .tcp)).status == 401)
     }
 }

@@ -43,8 +43,15 @@ class Daemon:
         self.socket = os.path.join(tmp, "run", "api.sock")
         args = list(prefix) + [BIN, "--listen", f"unix:{self.socket}", "--state-dir", os.path.join(tmp, "state"),
                 "--workers", str(workers)]
+        self.token = None
         if tcp:
-            args += ["--listen", "tcp:127.0.0.1:0"]
+            # TCP needs a token: a file only its owner may read.
+            self.token_file = os.path.join(tmp, "token")
+            self.token = "t-" + os.urandom(16).hex()
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, (self.token + "\n").encode())
+            os.close(fd)
+            args += ["--listen", "tcp:127.0.0.1:0", "--token-file", self.token_file]
         args += list(extra)
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         self.log = []
@@ -68,7 +75,7 @@ class Daemon:
             if addr.startswith("tcp:"):
                 self.port = int(addr.rsplit(":", 1)[1])
         self.unix = Client(unix_path=self.socket)
-        self.tcp = Client(tcp_port=self.port) if tcp else None
+        self.tcp = Client(tcp_port=self.port, token=self.token) if tcp else None
 
     def _drain(self):
         for raw in self.proc.stderr:

@@ -111,9 +111,10 @@ class _UnixConnection(http.client.HTTPConnection):
 class Client:
     """Each call is checked against the spec; `responses` keeps them all."""
 
-    def __init__(self, unix_path=None, tcp_port=None):
+    def __init__(self, unix_path=None, tcp_port=None, token=None):
         self.unix_path = unix_path
         self.tcp_port = tcp_port
+        self.token = token
         self.responses = []
 
     def _connection(self):
@@ -124,6 +125,8 @@ class Client:
     def request(self, method, path, body=None, content_type="application/json", headers=None, check=True):
         conn = self._connection()
         h = dict(headers or {})
+        if self.token and "Authorization" not in h:
+            h["Authorization"] = f"Bearer {self.token}"
         data = None
         if body is not None:
             data = body if isinstance(body, (bytes, str)) else json.dumps(body)

@@ -12,7 +12,7 @@ CLI = os.environ.get("MQTAP_BIN", os.path.join(ROOT, ".build", "debug", "mqtap")
 
 
 def mqtap(daemon, *args, tcp=False):
-    where = ["--url", f"http://127.0.0.1:{daemon.port}"] if tcp else ["--socket", daemon.socket]
+    where = ["--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file] if tcp else ["--socket", daemon.socket]
     return subprocess.run([CLI, *args, *where], capture_output=True, text=True, timeout=30)
 
 

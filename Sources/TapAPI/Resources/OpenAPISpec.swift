@@ -11,8 +11,10 @@ info:
     and counts per queue, which the kernel does not. This API creates devices, adds and
     removes queues, sets the queue limit and reads per-queue counters.
 
-    The API listens on a Unix socket by default (`/run/mqtapd/api.sock`). It can create
-    network interfaces, so it is root-equivalent; TCP listening is loopback-only.
+    The API listens on a Unix socket by default (`/run/mqtapd/api.sock`, mode 0660, group
+    `--socket-group`). It can create network interfaces, so it is root-equivalent: TCP
+    listening is loopback-only and every TCP request needs the bearer token of the daemon's
+    `--token-file` (401 `unauthorized` without it); Unix-socket requests need none.
 
     Every error is `{"error": {"code", "message", "field"?, "errno"?}}` with the status
     given for each operation.
@@ -20,12 +22,16 @@ info:
     name: Apache-2.0
 servers:
   - url: http://localhost
+security:
+  - bearer: []
+  - {}
 paths:
   /v1/health:
     get:
       operationId: getHealth
       summary: Whether the daemon serves requests.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: Serving.
           content:
@@ -36,6 +42,7 @@ paths:
       operationId: getLimits
       summary: The queue limits and the headroom left.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The limits.
           content:
@@ -55,6 +62,7 @@ paths:
           application/json:
             schema: { $ref: "#/components/schemas/LimitsUpdate" }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The new limits.
           content:
@@ -70,6 +78,7 @@ paths:
       operationId: listDevices
       summary: Every device the daemon owns.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The devices, by name.
           content:
@@ -94,6 +103,7 @@ paths:
           application/json:
             schema: { $ref: "#/components/schemas/DeviceSpec" }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "201":
           description: Created.
           headers:
@@ -116,6 +126,7 @@ paths:
       operationId: getDevice
       summary: One device.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The device.
           content:
@@ -132,6 +143,7 @@ paths:
           application/json:
             schema: { $ref: "#/components/schemas/DevicePatch" }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The device after the change.
           content:
@@ -157,6 +169,7 @@ paths:
           required: false
           schema: { type: string, enum: ["true", "false"] }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "204":
           description: Deleted.
         "400": { $ref: "#/components/responses/BadRequest" }
@@ -171,6 +184,7 @@ paths:
       operationId: listQueues
       summary: The device's queues, by id.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The queues.
           content:
@@ -189,6 +203,7 @@ paths:
           application/json:
             schema: { $ref: "#/components/schemas/QueueAdd" }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "201":
           description: The queues added.
           content:
@@ -209,6 +224,7 @@ paths:
       operationId: getQueue
       summary: One queue.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The queue.
           content:
@@ -226,6 +242,7 @@ paths:
           application/json:
             schema: { $ref: "#/components/schemas/QueuePatch" }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The queue after the change.
           content:
@@ -242,6 +259,7 @@ paths:
       operationId: removeQueue
       summary: Remove a queue (close its fd). The last queue cannot be removed.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "204":
           description: Removed.
         "404": { $ref: "#/components/responses/NotFound" }
@@ -258,6 +276,7 @@ paths:
         frame is read from a queue, so `kernel.tx_packets` equals `total.rx_packets`;
         `kernel.tx_dropped` is what it dropped because a queue was full.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The counters.
           content:
@@ -272,6 +291,7 @@ paths:
       operationId: listLeases
       summary: The device's leases.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The leases, by id.
           content:
@@ -308,6 +328,7 @@ paths:
           application/json:
             schema: { $ref: "#/components/schemas/LeaseRequest" }
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "101":
           description: Switching to `mqtapd-lease/1`; the `LeaseLine` follows on the connection.
           headers:
@@ -343,6 +364,7 @@ paths:
         both ways, delete the device with `force=true`. An orphaned lease is forgotten with its
         queues (the daemon holds no fd of them).
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "204":
           description: Revoked.
         "404": { $ref: "#/components/responses/NotFound" }
@@ -353,6 +375,7 @@ paths:
       operationId: getMetrics
       summary: Prometheus metrics (text format 0.0.4).
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: Per-queue counters, per-device gauges, build info.
           content:
@@ -363,12 +386,21 @@ paths:
       operationId: getSpec
       summary: This document.
       responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
           description: The OpenAPI document.
           content:
             application/yaml:
               schema: { type: object }
 components:
+  securitySchemes:
+    bearer:
+      type: http
+      scheme: bearer
+      description: >-
+        Over TCP every request, /v1/health and /metrics included, carries `Authorization:
+        Bearer TOKEN`, the content of the daemon's `--token-file`. On the Unix socket no token
+        is needed: its owner, group and mode (0660) decide who may connect.
   parameters:
     DeviceName:
       name: name
@@ -383,6 +415,15 @@ components:
       description: The daemon's queue id.
       schema: { type: integer, minimum: 0 }
   responses:
+    Unauthorized:
+      description: "`unauthorized`: a TCP request without the right bearer token."
+      headers:
+        WWW-Authenticate:
+          description: "`Bearer realm=\"mqtapd\"`."
+          schema: { type: string }
+      content:
+        application/json:
+          schema: { $ref: "#/components/schemas/Error" }
     BadRequest:
       description: >-
         `invalid_json`, `invalid_field` (also for a value outside the schema's `minimum` and
@@ -784,6 +825,7 @@ components:
                 - device_leased
                 - upgrade_required
                 - unix_socket_required
+                - unauthorized
             message: { type: string }
             field:
               type: string
