@@ -87,6 +87,8 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(409, "device_leased", e.message)
         case .leaseNotFound:
             self.init(404, "not_found", e.message)
+        case .notEnoughQueues:
+            self.init(409, "not_enough_queues", e.message, field: "enabled_queues")
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:

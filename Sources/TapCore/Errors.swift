@@ -52,6 +52,8 @@ public enum ManagerError: Error, Equatable, Sendable {
     /// The device has leases: deleting it needs `force` (which revokes them).
     case deviceLeased(device: String, leases: [String])
     case leaseNotFound(device: String, id: String)
+    /// `enabled_queues` above the queue count the device would have.
+    case notEnoughQueues(device: String, queues: Int, enabled: Int)
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -71,6 +73,7 @@ public enum ManagerError: Error, Equatable, Sendable {
         switch self {
         case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _), .aboveGlobalLimit(let f, _, _): return f
         case .featureMissing(_, let f): return f
+        case .notEnoughQueues: return "enabled_queues"
         default: return nil
         }
     }
@@ -111,6 +114,8 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "\(device) has leases (\(leases.joined(separator: ", "))); revoke them, or delete with ?force=true"
         case .leaseNotFound(let device, let id):
             return "device \(device) has no lease \(id)"
+        case .notEnoughQueues(let device, let queues, let enabled):
+            return "enabled_queues \(enabled) is above the \(queues) queues \(device) would have"
         case .stateNotSaved(let path, let call, _):
             return "the change was made but the state file \(path) was not saved (\(call))"
         case .kernel(let device, let step, let call, _):

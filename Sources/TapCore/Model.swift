@@ -107,12 +107,20 @@ public struct DevicePatch: Sendable, Hashable {
     public var up: Bool?
     public var mtu: Int?
     public var mode: DeviceMode?
+    /// The queue count to have: queues added (smallest free ids) or removed (highest ids
+    /// that are not leased).
+    public var queues: Int?
+    /// How many queues to have attached: the lowest ids, the rest detached.
+    public var enabledQueues: Int?
 
-    public init(maxQueues: Int? = nil, up: Bool? = nil, mtu: Int? = nil, mode: DeviceMode? = nil) {
+    public init(maxQueues: Int? = nil, up: Bool? = nil, mtu: Int? = nil, mode: DeviceMode? = nil,
+                queues: Int? = nil, enabledQueues: Int? = nil) {
         self.maxQueues = maxQueues
         self.up = up
         self.mtu = mtu
         self.mode = mode
+        self.queues = queues
+        self.enabledQueues = enabledQueues
     }
 }
 

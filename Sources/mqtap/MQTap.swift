@@ -140,17 +140,26 @@ struct Device: ParsableCommand {
     }
 
     struct Set: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Change max-queues, link state, MTU or mode.")
+        static let configuration = CommandConfiguration(
+            abstract: "Change max-queues, link state, MTU, mode, the queue count or the attached count.")
         @OptionGroup var connection: Connection
         @Argument var name: String
         @Option var maxQueues: Int?
         @Flag(inversion: .prefixedEnableDisable, help: "Bring the link up or down.") var up: Bool?
         @Option var mtu: Int?
         @Option(help: "sink or echo.") var mode: String?
+        @Option(help: ArgumentHelp("The queue count to have: adds (smallest free ids) or removes (highest ids not leased).",
+                                   valueName: "n"))
+        var queues: Int?
+        @Option(help: ArgumentHelp("How many queues to have attached: the lowest ids; the rest are detached.",
+                                   valueName: "k"))
+        var enabledQueues: Int?
 
         func run() throws {
             var body: JSONObject = [:]
             if let maxQueues { body["max_queues"] = JSON(maxQueues) }
+            if let queues { body["queues"] = JSON(queues) }
+            if let enabledQueues { body["enabled_queues"] = JSON(enabledQueues) }
             if let up { body["up"] = .bool(up) }
             if let mtu { body["mtu"] = JSON(mtu) }
             if let mode { body["mode"] = .string(mode) }

@@ -171,3 +171,55 @@ struct LeaseTests {
         #expect(dir.saved?.devices == [])
     }
 }
+
+@Suite("declared queue counts (fake driver, no root)")
+struct DeclaredCountTests {
+    @Test("up and down, with the attached count; the highest free ids go, the smallest come")
+    func upAndDown() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 2))
+        var d = try f.manager.update("d", DevicePatch(queues: 8, enabledQueues: 4))
+        #expect(d.queues.map(\.id) == Array(0..<8))
+        #expect(d.queues.map(\.enabled) == [true, true, true, true, false, false, false, false])
+        #expect(f.driver.fds(of: "d").count == 8 && f.driver.device("d")!.detached.count == 4)
+        try f.manager.removeQueue("d", id: 1)
+        d = try f.manager.update("d", DevicePatch(queues: 5))
+        #expect(d.queues.map(\.id) == [0, 2, 3, 4, 5])
+        d = try f.manager.update("d", DevicePatch(queues: 6, enabledQueues: 6))
+        #expect(d.queues.map(\.id) == [0, 1, 2, 3, 4, 5] && d.enabledQueues == 6)
+        d = try f.manager.update("d", DevicePatch(enabledQueues: 0))
+        #expect(d.enabledQueues == 0 && f.driver.device("d")!.detached.count == 6)
+    }
+
+    @Test("refusals change nothing: above max_queues, not_enough_queues, too few unleased to remove")
+    func refusals() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 4, maxQueues: 6))
+        let before = try f.manager.device("d")
+        let opened = f.driver.calls(.openQueue)
+        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 6, requested: 7, errno: nil)) {
+            try f.manager.update("d", DevicePatch(queues: 7))
+        }
+        #expect(throws: ManagerError.notEnoughQueues(device: "d", queues: 5, enabled: 6)) {
+            try f.manager.update("d", DevicePatch(queues: 5, enabledQueues: 6))
+        }
+        #expect(throws: ManagerError.self) { try f.manager.update("d", DevicePatch(queues: 0)) }
+        #expect(throws: ManagerError.self) { try f.manager.update("d", DevicePatch(enabledQueues: 257)) }
+        let offer = try f.manager.grantLease("d", LeaseRequest(queues: [1, 2, 3]), peer: LeaseTests.peer)
+        offer.close()
+        #expect(throws: ManagerError.queueLeased(device: "d", id: 3, lease: offer.id)) {
+            try f.manager.update("d", DevicePatch(queues: 2))
+        }
+        // A failure half-way (the kernel refuses the 6th queue) undoes the 5th too.
+        f.driver.fail(.openQueue, with: .tooManyOpenFiles, after: 1)
+        #expect(throws: ManagerError.self) { try f.manager.update("d", DevicePatch(queues: 6, enabledQueues: 1)) }
+        #expect(f.driver.calls(.openQueue) == opened + 2)
+        let after = try f.manager.device("d")
+        #expect(after.queues.map(\.id) == before.queues.map(\.id))
+        #expect(after.queues.map(\.enabled) == before.queues.map(\.enabled))
+        #expect(f.driver.fds(of: "d").count == 4 && f.driver.device("d")!.detached.isEmpty)
+        // Leased queues are skipped when removing: 4 → 3 removes the one queue not leased, 0.
+        let d = try f.manager.update("d", DevicePatch(queues: 3))
+        #expect(d.queues.map(\.id) == [1, 2, 3])
+    }
+}

@@ -1,10 +1,11 @@
 import TapCore
 import TapJSON
+import TunKit
 
 /// `/v1/devices` and `/v1/devices/{name}`.
 enum DevicesResource {
     static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode"]
-    static let patchFields = ["max_queues", "up", "mtu", "mode"]
+    static let patchFields = ["max_queues", "up", "mtu", "mode", "queues", "enabled_queues"]
 
     /// DeviceSpec from a POST body. Types and the schema's ranges are checked here, before
     /// any arithmetic; names and the rules that depend on state by the manager.
@@ -32,7 +33,9 @@ enum DevicesResource {
         let b = try Body(bytes, allowed: patchFields)
         return DevicePatch(maxQueues: try b.int("max_queues", in: Validate.queueCountRange), up: try b.bool("up"),
                            mtu: try b.int("mtu", in: Validate.mtuRange),
-                           mode: try b.oneOf("mode", DeviceMode.self))
+                           mode: try b.oneOf("mode", DeviceMode.self),
+                           queues: try b.int("queues", in: Validate.queueCountRange),
+                           enabledQueues: try b.int("enabled_queues", in: 0...Tun.kernelMaxQueues))
     }
 
     static func encode(_ d: DeviceInfo) -> JSON {

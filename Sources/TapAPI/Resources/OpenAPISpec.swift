@@ -135,7 +135,7 @@ paths:
         "404": { $ref: "#/components/responses/NotFound" }
     patch:
       operationId: updateDevice
-      summary: Change a device's limit, link state, MTU or mode.
+      summary: Change a device's limit, link state, MTU, mode, queue count or attached count.
       description: A refused change leaves the device as it was.
       requestBody:
         required: true
@@ -444,7 +444,8 @@ components:
         `device_not_active`: the device is kept from the state file (`conflict` or `failed`)
         and is not held in the kernel, so only GET and DELETE apply to it; `queue_leased`: a
         lease holds the queue (it cannot be removed or leased again); `device_leased`: the
-        device has leases (DELETE needs `force=true`).
+        device has leases (DELETE needs `force=true`); `not_enough_queues`: `enabled_queues`
+        above the queue count.
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -563,11 +564,21 @@ components:
     DevicePatch:
       type: object
       additionalProperties: false
+      description: >-
+        All or nothing, with one state-file write. `queues` declares the queue count: queues are
+        added (smallest free ids) or removed (the highest ids that are not leased) until the
+        device has that many; above `max_queues` is 409 `queue_limit_exceeded`; if the queues
+        that are not leased are too few to remove, 409 `queue_leased`. `enabled_queues`
+        attaches the K lowest ids and detaches the rest (a host keeps the queues of a VM's
+        maximum vCPUs and attaches as many as are online); above the device's queue count
+        (after a `queues` in the same PATCH) it is 409 `not_enough_queues`.
       properties:
         max_queues: { type: integer, minimum: 1, maximum: 256 }
         up: { type: boolean }
         mtu: { type: integer, minimum: 68, maximum: 65521 }
         mode: { $ref: "#/components/schemas/Mode" }
+        queues: { type: integer, minimum: 1, maximum: 256 }
+        enabled_queues: { type: integer, minimum: 0, maximum: 256 }
     Mode:
       type: string
       enum: [sink, echo]
@@ -826,6 +837,7 @@ components:
                 - upgrade_required
                 - unix_socket_required
                 - unauthorized
+                - not_enough_queues
             message: { type: string }
             field:
               type: string

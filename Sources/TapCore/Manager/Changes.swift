@@ -83,23 +83,35 @@ extension DeviceManager {
         for c in connections { c.close() }
     }
 
+    /// Changes a device: limit, link state, MTU, mode, and the declared queue count and
+    /// attached count. All or nothing: a refusal or a failed step leaves it as it was, and the
+    /// state file is written once.
     public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
         if let m = patch.maxQueues { try Validate.maxQueues(m) }
         if let mtu = patch.mtu { try Validate.mtu(mtu) }
+        if let n = patch.queues { try Validate.queueCount(n, field: "queues") }
+        if let k = patch.enabledQueues, !(0...Tun.kernelMaxQueues).contains(k) {
+            throw .invalidField(field: "enabled_queues", reason: "must be between 0 and \(Tun.kernelMaxQueues)")
+        }
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
+            let count = patch.queues ?? d.queueCount
             if let m = patch.maxQueues {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
-                guard m >= d.queueCount else {
-                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: d.queueCount)
+                guard m >= count else {
+                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: count)
                 }
             }
+            let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
+                                          limit: min(patch.maxQueues ?? d.maxQueues, model.maxQueues))
             // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
             // `ip link` changed behind the daemon's back.
             guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
             try withRollback { (rollback) throws(ManagerError) in
+                for q in try openQueues(ids: plan.add, for: d, model: &model, rollback: &rollback) { d.queues[q.id] = q }
+                for (id, on) in plan.attach { _ = try setEnabled(&d, id: id, on, rollback: &rollback) }
                 if let up = patch.up {
                     if up != now.up {
                         try step(name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(name, up) }
@@ -115,6 +127,15 @@ extension DeviceManager {
                     d.mtu = mtu
                 }
             }
+            // Last, as they cannot be undone (and cannot fail): closing the queues to remove.
+            for id in plan.remove {
+                close(d.queues[id]!)
+                d.queues[id] = nil
+            }
+            if !plan.add.isEmpty || !plan.remove.isEmpty {
+                logger.info("queues declared", metadata: ["device": "\(name)", "count": "\(d.queueCount)",
+                                                          "added": "\(plan.add.count)", "removed": "\(plan.remove.count)"])
+            }
             if let mode = patch.mode, mode != d.mode {
                 d.mode = mode
                 for q in d.queues.values where q.polled { pool.setAction(key: q.key, d.action, on: q.worker) }
@@ -123,6 +144,49 @@ extension DeviceManager {
             model.devices[name] = .active(d)
             return view(.active(d))
         }
+    }
+
+    /// What a declared count asks: queue ids to add and remove, and attach states to set.
+    struct QueuePlan {
+        var add: [Int] = []
+        var remove: [Int] = []
+        var attach: [(Int, Bool)] = []
+    }
+
+    /// `count` queues (add the smallest free ids, or remove the highest that are not leased)
+    /// with the `enabled` lowest ids attached and the rest detached. Decided before anything
+    /// is touched.
+    func declaredQueues(_ d: ActiveDevice, count: Int, enabled: Int?, limit: Int) throws(ManagerError) -> QueuePlan {
+        var plan = QueuePlan()
+        let current = d.queueCount
+        if count > current {
+            guard count <= limit else {
+                throw .queueLimitExceeded(device: d.name, limit: limit, requested: count, errno: nil)
+            }
+            plan.add = Self.freeIDs(count - current, taken: { d.hasQueue($0) })
+        } else if count < current {
+            let removable = d.queues.values.filter { $0.lease == nil }.map(\.id).sorted(by: >)
+            guard removable.count >= current - count else {
+                let leased = d.queues.values.compactMap { q in q.lease.map { (q.id, $0) } }.sorted { $0.0 > $1.0 }.first
+                    ?? d.orphans.values.map { ($0.id, $0.lease) }.sorted { $0.0 > $1.0 }.first!
+                throw .queueLeased(device: d.name, id: leased.0, lease: leased.1)
+            }
+            plan.remove = Array(removable.prefix(current - count))
+        }
+        guard let k = enabled else { return plan }
+        guard k <= count else { throw .notEnoughQueues(device: d.name, queues: count, enabled: k) }
+        let ids = (Set(d.queues.keys).union(d.orphans.keys).union(plan.add)).subtracting(plan.remove).sorted()
+        for (i, id) in ids.enumerated() {
+            let on = i < k
+            if let o = d.orphans[id] {
+                // The daemon holds no fd of an orphaned queue: it cannot change it.
+                if o.enabled != on { throw .queueLeased(device: d.name, id: id, lease: o.lease) }
+                continue
+            }
+            let isOn = d.queues[id].map { q in q.lease == nil ? q.enabled : ((try? driver.isAttached(q.fd)) ?? q.enabled) } ?? true
+            if isOn != on { plan.attach.append((id, on)) }
+        }
+        return plan
     }
 
     /// Adds `count` queues with the smallest free ids.
