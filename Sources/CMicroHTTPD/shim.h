@@ -20,8 +20,9 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
               size_t connection_memory_limit, int *start_errno) {
     // MHD_USE_ITC: MHD_quiesce_daemon (stop accepting before stopping) needs it with a pool.
     // MHD_ALLOW_UPGRADE: a lease takes over its connection after a 101 (HTTP/1.1 only).
+    // MHD_ALLOW_SUSPEND_RESUME: an event stream waits for events with its connection suspended.
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG
-        | MHD_ALLOW_UPGRADE;
+        | MHD_ALLOW_UPGRADE | MHD_ALLOW_SUSPEND_RESUME;
     errno = 0;
     struct MHD_Daemon *d = MHD_start_daemon(flags, 0, NULL, NULL, handler, handler_cls,
                             MHD_OPTION_LISTEN_SOCKET, (MHD_socket)listen_fd,
@@ -39,6 +40,13 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
 // A response whose body MHD copies before returning (MHD_RESPMEM_MUST_COPY).
 static inline struct MHD_Response *mqt_mhd_response_copy(size_t size, const void *data) {
     return MHD_create_response_from_buffer(size, (void *)data, MHD_RESPMEM_MUST_COPY);
+}
+
+// A streamed response of unknown length (chunked), read through `reader` in blocks of up to
+// `block` bytes; `done` runs when MHD no longer needs it.
+static inline struct MHD_Response *mqt_mhd_response_stream(size_t block, MHD_ContentReaderCallback reader,
+                                                           void *cls, MHD_ContentReaderFreeCallback done) {
+    return MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, block, reader, cls, done);
 }
 
 // MHD_get_connection_info is variadic: the connection's socket, or -1.

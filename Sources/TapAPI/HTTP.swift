@@ -44,6 +44,30 @@ public struct HTTPRequest: Sendable {
     }
 }
 
+/// What `StreamBody.read` found.
+public enum StreamRead: Sendable, Equatable {
+    /// This many bytes were copied.
+    case bytes(Int)
+    /// Nothing yet: the server waits (the connection suspended) until `onReady` is called.
+    case waiting
+    /// The end: the chunked body is closed cleanly.
+    case end
+    /// Cut off (a watcher that fell too far behind): the connection is dropped.
+    case abort
+}
+
+/// A response body produced over time (an event stream). The server reads it when the client
+/// can take more, waits while it has nothing, and tells it when the client is gone.
+public protocol StreamBody: AnyObject, Sendable {
+    func read(into buffer: UnsafeMutableRawBufferPointer) -> StreamRead
+    /// The server's wake-up, to call whenever bytes (or the end) become available.
+    func onReady(_ wake: @escaping @Sendable () -> Void)
+    /// The server stops: end the body at the next read.
+    func finish()
+    /// The client is gone or the body ended: stop producing.
+    func close()
+}
+
 /// A switch of the connection to another protocol after a 101: what to run on the raw
 /// connection once the 101 head is sent, and what to undo if that never happens (the client
 /// went first).
@@ -69,6 +93,8 @@ public struct HTTPResponse: Sendable, Equatable {
     public var errorInfo: (code: String, errno: String?)?
     /// For a 101: what the connection becomes.
     public var upgrade: Upgrade?
+    /// A body written as it is produced (chunked), instead of `body`.
+    public var stream: (any StreamBody)?
 
     public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
         self.status = status

@@ -29,13 +29,15 @@ public final class HTTPServer: Sendable {
         let limits: Limits
         let tooLarge: @Sendable (Int) -> HTTPResponse
         let connections: Connections
+        let streams: Streams
 
         init(handler: @escaping Handler, limits: Limits, tooLarge: @escaping @Sendable (Int) -> HTTPResponse,
-             connections: Connections) {
+             connections: Connections, streams: Streams) {
             self.handler = handler
             self.limits = limits
             self.tooLarge = tooLarge
             self.connections = connections
+            self.streams = streams
         }
     }
 
@@ -52,7 +54,89 @@ public final class HTTPServer: Sendable {
     }
 
     /// The query parameters requests may carry; others are ignored.
-    public static let queryKeys = ["force"]
+    public static let queryKeys = ["force", "since", "follow", "device"]
+
+    /// A streamed response in flight: its body, its connection (suspended while the body has
+    /// nothing to give), and whether it is suspended. Retained for MHD in `queueStream`,
+    /// released in `streamDone`.
+    final class Streaming: @unchecked Sendable {
+        // SAFETY (@unchecked): `connection` is MHD's; it is suspended only from MHD's reader
+        // callback and resumed from anywhere, both under `state`'s lock, so a resume never
+        // comes for a connection that is not suspended (which MHD forbids).
+        let body: any StreamBody
+        let connection: OpaquePointer
+        private struct State {
+            var suspended = false
+            /// A wake came since the reader last looked.
+            var pending = false
+            var done = false
+        }
+        private let state = Mutex(State())
+        weak var registry: Streams?
+
+        init(_ body: any StreamBody, _ connection: OpaquePointer) {
+            self.body = body
+            self.connection = connection
+        }
+
+        /// Called by the body's producer: resumes the connection if it waits.
+        func wake() {
+            state.withLock { s in
+                s.pending = true
+                if s.suspended && !s.done {
+                    s.suspended = false
+                    MHD_resume_connection(connection)
+                }
+            }
+        }
+
+        /// On MHD's thread, in the reader callback.
+        func read(_ buffer: UnsafeMutableRawBufferPointer) -> Int {
+            state.withLock { $0.pending = false }
+            switch body.read(into: buffer) {
+            case .bytes(let n): return n
+            case .end: return -1  // MHD_CONTENT_READER_END_OF_STREAM
+            case .abort: return -2  // MHD_CONTENT_READER_END_WITH_ERROR
+            case .waiting:
+                state.withLock { s in
+                    // A wake between the read and here: look again instead of sleeping.
+                    if s.pending || s.done { return }
+                    s.suspended = true
+                    MHD_suspend_connection(connection)
+                }
+                return 0
+            }
+        }
+
+        /// MHD is done with the response (the client went, or the body ended).
+        func finished() {
+            state.withLock { $0.done = true }
+            body.close()
+            registry?.remove(self)
+        }
+
+        var isDone: Bool { state.withLock { $0.done } }
+    }
+
+    /// The streams in flight, ended before MHD stops (MHD must not stop with a suspended
+    /// connection).
+    final class Streams: Sendable {
+        private let open = Mutex<[ObjectIdentifier: Streaming]>([:])
+
+        func add(_ s: Streaming) { open.withLock { $0[ObjectIdentifier(s)] = s } }
+        func remove(_ s: Streaming) { open.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(s)) } }
+
+        /// Ends every stream and waits (up to `seconds`) for MHD to send their last chunk.
+        func finishAll(within seconds: Double) {
+            let all = open.withLock { Array($0.values) }
+            for s in all {
+                s.body.finish()
+                s.wake()
+            }
+            let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
+            while open.withLock({ !$0.isEmpty }) && Clock.monotonicNanoseconds() < deadline { Clock.sleep(0.01) }
+        }
+    }
 
     /// The upgraded connections still open: closed before MHD stops (after MHD_stop_daemon
     /// their handles are freed, so nothing may close them then).
@@ -85,12 +169,14 @@ public final class HTTPServer: Sendable {
     /// The socket served: the server owns it and closes it once MHD has stopped with it.
     private let socket: Mutex<ListeningSocket?>
     private let connections = Connections()
+    private let streams = Streams()
 
     /// Serves `socket`, which the server then owns. `tooLarge` makes the 413 body, so the
     /// error format stays the API's. On failure the socket is closed.
     public init(socket: consuming ListeningSocket, limits: Limits = Limits(), handler: @escaping Handler,
                 tooLarge: @escaping @Sendable (Int) -> HTTPResponse) throws(HTTPServerError) {
-        context = Context(handler: handler, limits: limits, tooLarge: tooLarge, connections: connections)
+        context = Context(handler: handler, limits: limits, tooLarge: tooLarge, connections: connections,
+                          streams: streams)
         // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
         // run by deinit) stops the daemon, and with it every callback, before it is released.
         let cls = Unmanaged.passUnretained(context).toOpaque()
@@ -119,7 +205,9 @@ public final class HTTPServer: Sendable {
         // MHD hands it back instead of closing it in MHD_stop_daemon (its owner closes it).
         let fd = MHD_quiesce_daemon(d)
         precondition(fd >= 0, "MHD_quiesce_daemon failed: the daemon was started without MHD_USE_ITC")
-        // Upgraded connections are the application's to close, and only before MHD stops.
+        // Streams end with their last chunk (and no connection stays suspended); upgraded
+        // connections are the application's to close, and only before MHD stops.
+        streams.finishAll(within: 2)
         connections.closeAll()
         MHD_stop_daemon(d)
         let owner = socket.withLock { $0.take() }
@@ -187,7 +275,43 @@ public final class HTTPServer: Sendable {
             upload.server = context.connections
             return queueUpgrade(connection, response)
         }
+        if let body = response.stream {
+            return queueStream(connection, response, body, context.streams)
+        }
         return queue(connection, response)
+    }
+
+    /// Queues a chunked response whose body is read from `body` as it is produced.
+    private static func queueStream(_ connection: OpaquePointer, _ response: HTTPResponse, _ body: any StreamBody,
+                                    _ streams: Streams) -> MHD_Result {
+        let s = Streaming(body, connection)
+        s.registry = streams
+        // SAFETY: retained for MHD here, released once in `streamDone`, which MHD calls when it
+        // no longer needs the response; if creating the response fails, released here.
+        let cls = Unmanaged.passRetained(s).toOpaque()
+        guard let r = mqt_mhd_response_stream(16 * 1024, HTTPServer.streamRead, cls, HTTPServer.streamDone) else {
+            Unmanaged<Streaming>.fromOpaque(cls).release()
+            body.close()
+            return .NO
+        }
+        defer { MHD_destroy_response(r) }
+        for (name, value) in response.headers { MHD_add_response_header(r, name, value) }
+        streams.add(s)
+        body.onReady { [weak s] in s?.wake() }
+        return MHD_queue_response(connection, UInt32(response.status), r)
+    }
+
+    private static let streamRead: MHD_ContentReaderCallback = { cls, _, buf, max in
+        // SAFETY: `cls` is the Streaming retained in `queueStream`, alive until `streamDone`;
+        // MHD gives `max` writable bytes at `buf` for this call.
+        let s = Unmanaged<Streaming>.fromOpaque(cls!).takeUnretainedValue()
+        return s.read(UnsafeMutableRawBufferPointer(start: buf, count: max))
+    }
+
+    private static let streamDone: MHD_ContentReaderFreeCallback = { cls in
+        // SAFETY: balances the passRetained of `queueStream`; MHD calls this once.
+        let s = Unmanaged<Streaming>.fromOpaque(cls!).takeRetainedValue()
+        s.finished()
     }
 
     /// Queues a 101; MHD calls `upgraded` once the head is sent.

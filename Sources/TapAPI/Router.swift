@@ -13,6 +13,7 @@ public enum Route: Equatable, Sendable {
     case stats(String)
     case leases(String)
     case lease(String, String)
+    case events
     case metrics
     case spec
 
@@ -28,6 +29,7 @@ public enum Route: Equatable, Sendable {
         case 2 where part(0) == "v1" && part(1) == "health": self = .health
         case 2 where part(0) == "v1" && part(1) == "limits": self = .limits
         case 2 where part(0) == "v1" && part(1) == "devices": self = .devices
+        case 2 where part(0) == "v1" && part(1) == "events": self = .events
         case 3...5:
             guard part(0) == "v1", part(1) == "devices", !parts[2].isEmpty else { return nil }
             let name = String(part(2))
@@ -53,7 +55,7 @@ public enum Route: Equatable, Sendable {
     public var device: String? {
         switch self {
         case .device(let n), .queues(let n), .queue(let n, _), .stats(let n), .leases(let n), .lease(let n, _): return n
-        case .health, .limits, .devices, .metrics, .spec: return nil
+        case .health, .limits, .devices, .events, .metrics, .spec: return nil
         }
     }
 
@@ -71,7 +73,7 @@ public enum Route: Equatable, Sendable {
 
     /// The route without its parameters: what the router's table is keyed by.
     public enum Kind: Hashable, Sendable {
-        case health, limits, devices, device, queues, queue, stats, leases, lease, metrics, spec
+        case health, limits, devices, device, queues, queue, stats, leases, lease, events, metrics, spec
     }
 
     public var kind: Kind {
@@ -85,6 +87,7 @@ public enum Route: Equatable, Sendable {
         case .stats: return .stats
         case .leases: return .leases
         case .lease: return .lease
+        case .events: return .events
         case .metrics: return .metrics
         case .spec: return .spec
         }
@@ -100,12 +103,15 @@ public struct Router: Sendable {
     public let manager: DeviceManager
     /// Where lease connections are watched once upgraded.
     public let leaseWatcher: LeaseWatcher
+    /// Where event streams are kept alive.
+    public let events: EventHub
     /// What a TCP request must carry; nil: the router serves no TCP listener.
     public let token: BearerToken?
 
-    public init(manager: DeviceManager, leaseWatcher: LeaseWatcher, token: BearerToken? = nil) {
+    public init(manager: DeviceManager, leaseWatcher: LeaseWatcher, events: EventHub, token: BearerToken? = nil) {
         self.manager = manager
         self.leaseWatcher = leaseWatcher
+        self.events = events
         self.token = token
     }
 
@@ -157,6 +163,7 @@ public struct Router: Sendable {
             ("POST", { x, route, r in try LeasesResource.take(x.manager, x.leaseWatcher, route.device!, r) }),
         ],
         .lease: [("DELETE", { x, route, _ in try LeasesResource.revoke(x.manager, route.device!, route.leaseID!) })],
+        .events: [("GET", { x, _, r in try EventsResource.get(x.manager, x.events, r) })],
         .metrics: [("GET", { x, _, _ in MetricsResource.get(x.manager) })],
         .spec: [("GET", { _, _, _ in SpecResource.get() })],
     ]

@@ -17,6 +17,7 @@ final class Daemon {
         var maxBody: Int
         var socketGroup: String?
         var tokenFile: String?
+        var eventRetention: Int
     }
 
     /// Why the daemon could not start: a message and its fields for the log.
@@ -73,7 +74,7 @@ final class Daemon {
         do {
             manager = try DeviceManager(workers: options.workers ?? ProcessResources.onlineCPUs(),
                                         maxQueues: options.maxQueues ?? desired?.maxQueues ?? 256,
-                                        stateFile: stateFile, logger: log.logger)
+                                        stateFile: stateFile, eventRetention: options.eventRetention, logger: log.logger)
         } catch {
             throw StartError("cannot start the device manager", ["error": "\(error)"])
         }
@@ -88,6 +89,13 @@ final class Daemon {
             throw StartError("cannot start the lease watcher", ["error": "\(error)"])
         }
         started.append(("lease watcher", { leaseWatcher.stop() }))
+        let events: EventHub
+        do {
+            events = try EventHub()
+        } catch {
+            throw StartError("cannot start the event hub", ["error": "\(error)"])
+        }
+        started.append(("event hub", { events.stop() }))
 
         // Sockets first, all of them: a bad address stops the start before anything serves.
         for a in addresses {
@@ -107,7 +115,7 @@ final class Daemon {
         }
         started.append(("listening sockets", { listeners.close() }))
 
-        let router = Router(manager: manager, leaseWatcher: leaseWatcher, token: token)
+        let router = Router(manager: manager, leaseWatcher: leaseWatcher, events: events, token: token)
         let handler = RequestLog(router: router, logger: log.logger).handle
         var limits = HTTPServer.Limits()
         limits.bodyBytes = options.maxBody

@@ -34,6 +34,9 @@ struct MQTapD: ParsableCommand {
     @Option(help: ArgumentHelp("Log lines as logfmt or json.", valueName: "format"))
     var logFormat = "logfmt"
 
+    @Option(help: ArgumentHelp("Events kept for watchers that resume with ?since=N.", valueName: "n"))
+    var eventRetention = 4096
+
     @Option(help: ArgumentHelp("Group that owns the Unix sockets (root:NAME, mode 0660): its members may call the API (default: root's).",
                                valueName: "name"))
     var socketGroup: String?
@@ -53,6 +56,7 @@ struct MQTapD: ParsableCommand {
         }
         if let w = workers, !(1...1024).contains(w) { throw ValidationError("--workers must be between 1 and 1024") }
         if let m = maxQueues, !(1...256).contains(m) { throw ValidationError("--max-queues must be between 1 and 256") }
+        guard (1...(1 << 20)).contains(eventRetention) else { throw ValidationError("--event-retention must be between 1 and 1048576") }
         guard (1024...(16 << 20)).contains(maxBody) else { throw ValidationError("--max-body must be between 1024 and 16777216") }
         guard LineLogHandler.Format(rawValue: logFormat) != nil else { throw ValidationError("--log-format must be logfmt or json") }
         if listen.contains(where: { if case .tcp = $0 { return true } else { return false } }) && tokenFile == nil {
@@ -64,7 +68,8 @@ struct MQTapD: ParsableCommand {
         let format = LineLogHandler.Format(rawValue: logFormat)!
         let log = EventLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
         let daemon = Daemon(options: .init(listen: listen, stateDir: stateDir, workers: workers, maxQueues: maxQueues,
-                                           maxBody: maxBody, socketGroup: socketGroup, tokenFile: tokenFile), log: log)
+                                           maxBody: maxBody, socketGroup: socketGroup, tokenFile: tokenFile,
+                                           eventRetention: eventRetention), log: log)
         do {
             try daemon.start()
         } catch {

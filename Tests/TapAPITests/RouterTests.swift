@@ -11,14 +11,17 @@ final class RouterFixture {
     let manager: DeviceManager
     let router: Router
     let watcher: LeaseWatcher
+    let events: EventHub
 
     init(token: String? = nil) throws {
         manager = try DeviceManager(driver: driver, workers: 2)
         watcher = try LeaseWatcher()
-        router = Router(manager: manager, leaseWatcher: watcher, token: token.flatMap(BearerToken.init))
+        events = try EventHub()
+        router = Router(manager: manager, leaseWatcher: watcher, events: events, token: token.flatMap(BearerToken.init))
     }
 
     deinit {
+        events.stop()
         watcher.stop()
         manager.shutdown()
     }

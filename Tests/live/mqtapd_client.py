@@ -25,6 +25,7 @@ class SpecViolation(AssertionError):
 
 def validate(method, path, status, headers, body):
     """Raises SpecViolation unless the response is what openapi.yaml says this operation answers."""
+    path = path.split("?", 1)[0]
     template = next((t for rx, t in _TEMPLATES if rx.match(path)), None)
     if template is None:
         if status != 404:
@@ -53,6 +54,12 @@ def validate(method, path, status, headers, body):
             ctype = headers.get("content-type", "")
             if not ctype.startswith(media):
                 raise SpecViolation(f"{method} {template}: content-type {ctype!r}, spec says {media}")
+            if media == "application/x-ndjson":
+                # Every non-blank line is one Event.
+                for line in body.split(b"\n"):
+                    if line.strip():
+                        validate_event(json.loads(line))
+                return
             if media != "application/json":
                 return
             schema = content[media]["schema"]
@@ -74,6 +81,14 @@ def validate(method, path, status, headers, body):
         jsonschema.Draft202012Validator(schema, registry=_REGISTRY).validate(doc)
     except jsonschema.ValidationError as e:
         raise SpecViolation(f"{method} {path} {status}: {e.message} at {list(e.absolute_path)}")
+
+
+def validate_event(doc):
+    """Raises SpecViolation unless `doc` is an Event as openapi.yaml has it."""
+    try:
+        jsonschema.Draft202012Validator({"$ref": "spec.json#/components/schemas/Event"}, registry=_REGISTRY).validate(doc)
+    except jsonschema.ValidationError as e:
+        raise SpecViolation(f"event {doc}: {e.message}")
 
 
 class Response:

@@ -84,10 +84,11 @@ enum DevicesResource {
         return .noContent
     }
 
-    /// A boolean query parameter: absent or `false` is false, `true` is true.
-    static func flag(_ r: HTTPRequest, _ key: String) throws(APIError) -> Bool {
+    /// A boolean query parameter: `true` or `false`, `default` when absent.
+    static func flag(_ r: HTTPRequest, _ key: String, default value: Bool = false) throws(APIError) -> Bool {
         switch r.query[key] {
-        case nil, "false"?: return false
+        case nil: return value
+        case "false"?: return false
         case "true"?: return true
         case let v?: throw APIError.invalidField(key, "must be true or false, not \(v)")
         }

@@ -370,6 +370,53 @@ paths:
         "404": { $ref: "#/components/responses/NotFound" }
         "409": { $ref: "#/components/responses/Conflict" }
         "503": { $ref: "#/components/responses/Unavailable" }
+  /v1/events:
+    get:
+      operationId: watchEvents
+      summary: What happens, as newline-delimited JSON, one `Event` per line.
+      description: |
+        Without `since` the stream follows from now. `since=N` first replays the retained
+        events after N, then follows; a `since` below the oldest kept id minus one is 410
+        `events_expired` (events after it were lost: `--event-retention` keeps 4096 by
+        default). `follow=false` returns the retained events (after `since`, if given) and
+        ends. `device` keeps one device's events. Ids go up by one from 1 at each start of the
+        daemon; `boot` names the run, so a client that sees it change starts again without
+        `since`. An idle stream gets a blank line every 15 s (ignore blank lines). A watcher
+        that stops reading is cut once it is 256 KiB behind. SIGTERM ends every stream cleanly.
+        Types: `device.created`, `device.deleted`, `device.changed` (`changes`: each changed
+        field's new value), `device.vanished` (deleted behind the daemon's back),
+        `device.conflict` and `device.failed` (kept from the state file at start, `changes.reason`),
+        `queue.added`, `queue.removed`, `queue.enabled`, `queue.disabled` (with `by`: `api`,
+        `holder` for a change seen on a leased queue, `kernel` for one seen on another queue,
+        `daemon` for the daemon's own, such as restoring attach states when a lease ends),
+        `queue.errors` (rate-limited, `changes`: errno, direction, suppressed), `lease.granted`
+        (`changes`: queues, holder), `lease.released`, `lease.revoked`, `limits.changed`.
+      parameters:
+        - name: since
+          in: query
+          required: false
+          schema: { type: integer, minimum: 0 }
+        - name: follow
+          in: query
+          required: false
+          schema: { type: string, enum: ["true", "false"], default: "true" }
+        - name: device
+          in: query
+          required: false
+          schema: { type: string, minLength: 1 }
+      responses:
+        "401": { $ref: "#/components/responses/Unauthorized" }
+        "200":
+          description: The events, one JSON object (`Event`) per line, each ending in a newline.
+          content:
+            application/x-ndjson:
+              schema: { type: string }
+        "400": { $ref: "#/components/responses/BadRequest" }
+        "410":
+          description: "`events_expired`: events after `since` are no longer kept."
+          content:
+            application/json:
+              schema: { $ref: "#/components/schemas/Error" }
   /metrics:
     get:
       operationId: getMetrics
@@ -693,6 +740,27 @@ components:
           description: >-
             For a leased queue: `live` while the lease's connection is open; `orphaned` when
             the lease was recorded before a restart (the holder may still have the queue).
+    Event:
+      type: object
+      additionalProperties: false
+      required: [id, boot, time, type]
+      properties:
+        id: { type: integer, minimum: 1 }
+        boot: { type: string }
+        time: { type: string, format: date-time }
+        type:
+          type: string
+          enum: [device.created, device.deleted, device.changed, device.vanished, device.conflict, device.failed,
+                 queue.added, queue.removed, queue.enabled, queue.disabled, queue.errors, lease.granted,
+                 lease.released, lease.revoked, limits.changed]
+        device: { type: string }
+        queue: { type: integer, minimum: 0 }
+        lease: { type: string }
+        by: { type: string, enum: [api, holder, kernel, daemon] }
+        changes:
+          type: object
+          additionalProperties:
+            anyOf: [{ type: integer }, { type: string }, { type: boolean }]
     LeaseRequest:
       type: object
       additionalProperties: false
@@ -838,6 +906,7 @@ components:
                 - unix_socket_required
                 - unauthorized
                 - not_enough_queues
+                - events_expired
             message: { type: string }
             field:
               type: string

@@ -125,6 +125,8 @@ extension DeviceManager {
         guard var q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
         if q.lease != nil {
             let attached = try step(name, .readQueueState) { () throws(SyscallError) in try driver.isAttached(q.fd) }
+            // Whatever happens next, the daemon has now seen this state.
+            q.seen = attached
             if attached != enabled {
                 try step(name, enabled ? .attachQueue : .detachQueue) { () throws(SyscallError) in
                     try driver.setQueue(q.fd, enabled: enabled)
@@ -153,6 +155,7 @@ extension DeviceManager {
             }
         }
         q.enabled = enabled
+        q.seen = enabled
         d.queues[id] = q
         logger.info(enabled ? "queue enabled" : "queue disabled", metadata: ["device": "\(name)", "queue": "\(id)"])
         return q

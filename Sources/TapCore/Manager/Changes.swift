@@ -31,6 +31,7 @@ extension DeviceManager {
             }
             let d = try build(spec, ids: Array(0..<spec.queues), limit: limit, key: model.takeKey(), model: &model)
             model.devices[spec.name] = .active(d)
+            journal.publish(.deviceCreated, device: spec.name)
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
             return DeviceEntry.active(d).info
         }
@@ -55,6 +56,7 @@ extension DeviceManager {
             if case .kept(let k)? = model.devices[name] {
                 // Never ours in the kernel: forgetting it touches nothing there.
                 model.devices[name] = nil
+                journal.publish(.deviceDeleted, device: name)
                 logger.info("device forgotten", metadata: ["device": "\(name)", "status": "\(k.status.name)"])
                 return []
             }
@@ -77,6 +79,7 @@ extension DeviceManager {
             }
             release(d)
             model.devices[name] = nil
+            journal.publish(.deviceDeleted, device: name)
             logger.info("device deleted", metadata: ["device": "\(name)", "force": "\(force)"])
             return connections
         }
@@ -95,6 +98,7 @@ extension DeviceManager {
         }
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
+            let before = d
             let count = patch.queues ?? d.queueCount
             if let m = patch.maxQueues {
                 guard m <= model.maxQueues else {
@@ -142,8 +146,29 @@ extension DeviceManager {
             }
             if let m = patch.maxQueues { d.maxQueues = m }
             model.devices[name] = .active(d)
+            for id in plan.add { journal.publish(.queueAdded, device: name, queue: id, by: .api) }
+            for id in plan.remove { journal.publish(.queueRemoved, device: name, queue: id, by: .api) }
+            for (id, on) in plan.attach {
+                journal.publish(on ? .queueEnabled : .queueDisabled, device: name, queue: id, by: .api)
+            }
+            let changes = Self.changes(from: before, to: d, patch: patch, kernel: now)
+            if !changes.isEmpty { journal.publish(.deviceChanged, device: name, changes: changes) }
             return view(.active(d))
         }
+    }
+
+    /// The fields a PATCH changed, with their new values, for `device.changed`.
+    static func changes(from old: ActiveDevice, to new: ActiveDevice, patch: DevicePatch,
+                        kernel: ActiveDevice) -> [(String, Event.Value)] {
+        var c: [(String, Event.Value)] = []
+        if new.maxQueues != old.maxQueues { c.append(("max_queues", .int(new.maxQueues))) }
+        if patch.up != nil && new.up != kernel.up { c.append(("up", .bool(new.up))) }
+        if patch.mtu != nil && new.mtu != kernel.mtu { c.append(("mtu", .int(new.mtu))) }
+        if new.mode != old.mode { c.append(("mode", .string(new.mode.rawValue))) }
+        if new.queueCount != old.queueCount { c.append(("queues", .int(new.queueCount))) }
+        let enabled = { (d: ActiveDevice) in d.queues.values.filter(\.seen).count }
+        if patch.enabledQueues != nil && enabled(new) != enabled(old) { c.append(("enabled_queues", .int(enabled(new)))) }
+        return c
     }
 
     /// What a declared count asks: queue ids to add and remove, and attach states to set.
@@ -205,6 +230,7 @@ extension DeviceManager {
             }
             for q in added { d.queues[q.id] = q }
             model.devices[name] = .active(d)
+            for id in ids { journal.publish(.queueAdded, device: name, queue: id, by: .api) }
             logger.info("queues added", metadata: ["device": "\(name)", "queue": "\(ids.map(String.init).joined(separator: ","))", "count": "\(d.queues.count)"])
             return added.map(\.info)
         }
@@ -222,6 +248,7 @@ extension DeviceManager {
             close(q)
             d.queues[id] = nil
             model.devices[name] = .active(d)
+            journal.publish(.queueRemoved, device: name, queue: id, by: .api)
             logger.info("queue removed", metadata: ["device": "\(name)", "queue": "\(id)", "count": "\(d.queues.count)"])
             // Read after the worker let go of it: these are the final counts.
             return q.info
@@ -233,10 +260,14 @@ extension DeviceManager {
         try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
             if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
+            let was = d.queues[id]?.seen
             let q = try withRollback { (rollback) throws(ManagerError) in
                 try setEnabled(&d, id: id, enabled, rollback: &rollback)
             }
             model.devices[name] = .active(d)
+            if was != enabled {
+                journal.publish(enabled ? .queueEnabled : .queueDisabled, device: name, queue: id, by: .api)
+            }
             return q.info(attached: try? driver.isAttached(q.fd))
         }
     }
@@ -248,8 +279,10 @@ extension DeviceManager {
             for entry in model.devices.values.sorted(by: { $0.name < $1.name }) where entry.queueCount > maxQueues {
                 throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount)
             }
+            let old = model.maxQueues
             model.maxQueues = maxQueues
             for name in model.devices.keys { model.devices[name]!.maxQueues = min(model.devices[name]!.maxQueues, maxQueues) }
+            if old != maxQueues { journal.publish(.limitsChanged, changes: [("max_queues", .int(maxQueues))]) }
             logger.info("limit set", metadata: ["max_queues": "\(maxQueues)"])
         }
         return limits()

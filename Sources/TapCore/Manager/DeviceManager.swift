@@ -22,6 +22,10 @@ public final class DeviceManager: Sendable {
     let events = DispatchQueue(label: "mqtapd.events")
     let stateFile: StateFile?
     let features: TunFlags
+    /// Every change, for watchers.
+    public let journal: EventJournal
+    /// Looks for attach-state changes made outside the API (a lease holder's TUNSETQUEUE).
+    private let observer: Observer
 
     /// Starts `workers` worker threads (default: one per online CPU) with a global queue
     /// limit of `maxQueues` (default: the kernel's 256). With a `stateFile`, every accepted
@@ -31,6 +35,7 @@ public final class DeviceManager: Sendable {
                 workers: Int = ProcessResources.onlineCPUs(),
                 maxQueues: Int = Tun.kernelMaxQueues,
                 stateFile: StateFile? = nil,
+                eventRetention: Int = 4096,
                 logger: Logger = Logger(label: "mqtapd", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         try Validate.maxQueues(maxQueues)
         guard workers >= 1 else { throw ManagerError.invalidField(field: "workers", reason: "must be at least 1") }
@@ -40,6 +45,11 @@ public final class DeviceManager: Sendable {
         }
         self.features = features
         self.driver = driver
+        guard eventRetention >= 1 else {
+            throw ManagerError.invalidField(field: "event_retention", reason: "must be at least 1")
+        }
+        journal = EventJournal(retention: eventRetention)
+        observer = Observer()
         self.logger = logger
         self.stateFile = stateFile
         // The pool reports vanished devices before `self` exists; the relay is pointed at
@@ -51,6 +61,7 @@ public final class DeviceManager: Sendable {
         control = Mutex(model)
         published = Mutex(model)
         relay.set(self)
+        try observer.start { [weak self] in self?.observe() }
     }
 
     /// A manager dropped without `shutdown()` still closes its fds and joins its workers.
@@ -250,6 +261,7 @@ public final class DeviceManager: Sendable {
             return true
         }
         guard first else { return }
+        observer.stop()
         control.withLock { model in
             for case .active(let d) in model.devices.values.sorted(by: { $0.name < $1.name }) {
                 release(d)

@@ -15,6 +15,9 @@ struct QueueEntry: Sendable {
     let since: String
     /// The lease that holds the queue: its holder reads and writes it, the workers do not.
     var lease: String?
+    /// The attach state the daemon last knew the kernel to have (what it set, or what the
+    /// observer saw): a difference is someone else's change, reported as an event.
+    var seen = true
 
     /// Borrowed from `file`, which stays open while the entry is the manager's.
     var fd: Int32 { file.fd }

@@ -1,3 +1,4 @@
+import Dispatch
 import Logging
 import Synchronization
 import TunKit
@@ -25,6 +26,7 @@ extension DeviceManager {
             for l in d.leases.values { l.connection?.close() }
         }
         model.devices[entry.name] = nil
+        journal.publish(.deviceVanished, device: entry.name)
         logger.warning("device gone", metadata: ["device": "\(entry.name)", "reason": "deleted outside mqtapd"])
     }
 
@@ -38,6 +40,10 @@ extension DeviceManager {
         let devices = published.withLock { $0.devices }
         guard case .active(let d)? = devices.values.first(where: { $0.key == key }) else { return }
         let id = d.queues.values.first { $0.key == qkey }?.id
+        journal.publish(.queueErrors, device: d.name, queue: id, changes: [
+            ("errno", .string(report.errno.name)), ("direction", .string(report.write ? "write" : "read")),
+            ("suppressed", .int(Int(truncatingIfNeeded: report.suppressed))),
+        ])
         logger.warning("queue i/o errors", metadata: [
             "device": "\(d.name)", "queue": "\(id.map(String.init) ?? "?")", "errno": "\(report.errno.name)",
             "direction": "\(report.write ? "write" : "read")", "suppressed": "\(report.suppressed)",
@@ -65,5 +71,65 @@ extension DeviceManager {
     struct WeakRef: Sendable {
         weak var manager: DeviceManager?
         init(_ m: DeviceManager) { manager = m }
+    }
+}
+
+// MARK: - Attach states changed outside the API
+
+extension DeviceManager {
+    /// Compares each queue's attach state, read from the daemon's fd, with the last one the
+    /// daemon knew: a difference was made by someone else (a lease holder's TUNSETQUEUE, or
+    /// another process sharing the open file), and becomes a `queue.enabled`/`disabled`
+    /// event. Under the lock, so it never mistakes the API's own change for another's.
+    func observe() {
+        control.withLock { model in
+            var changed = false
+            for case .active(var d) in model.devices.values {
+                var touched = false
+                for q in d.queues.values {
+                    guard let attached = try? driver.isAttached(q.fd), attached != q.seen else { continue }
+                    d.queues[q.id]!.seen = attached
+                    touched = true
+                    journal.publish(attached ? .queueEnabled : .queueDisabled, device: d.name, queue: q.id,
+                                    lease: q.lease, by: q.lease == nil ? .kernel : .holder)
+                }
+                if touched {
+                    model.devices[d.name] = .active(d)
+                    changed = true
+                }
+            }
+            if changed {
+                let copy = model
+                published.withLock { $0 = copy }
+            }
+        }
+    }
+}
+
+/// A named thread that runs `body` every `interval` until stopped.
+final class Observer: Sendable {
+    private let interval: Double
+    private let done = DispatchSemaphore(value: 0)
+    private let thread = Mutex<NamedThread?>(nil)
+
+    init(interval: Double = 0.2) { self.interval = interval }
+
+    func start(_ body: @escaping @Sendable () -> Void) throws(SyscallError) {
+        let done = self.done
+        let interval = self.interval
+        let t = try NamedThread(name: "mqtapd-observe") {
+            while done.wait(timeout: .now() + interval) == .timedOut { body() }
+        }
+        thread.withLock { $0 = t }
+    }
+
+    /// Stops and joins the thread. Idempotent.
+    func stop() {
+        guard let t = thread.withLock({ t in
+            defer { t = nil }
+            return t
+        }) else { return }
+        done.signal()
+        t.join()
     }
 }

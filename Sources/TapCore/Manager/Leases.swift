@@ -117,6 +117,9 @@ extension DeviceManager {
             d.leases[id] = LeaseEntry(id: id, queues: ids, holder: request.holder, peer: peer, since: Clock.timestamp(),
                                       connection: nil, orphaned: false)
             model.devices[name] = .active(d)
+            var what: [(String, Event.Value)] = [("queues", .string(ids.map(String.init).joined(separator: ",")))]
+            if let h = request.holder { what.append(("holder", .string(h))) }
+            journal.publish(.leaseGranted, device: name, lease: id, changes: what)
             logger.info("lease granted", metadata: ["device": "\(name)", "lease": "\(id)", "queue": "\(ids.map(String.init).joined(separator: ","))",
                                                     "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
             return LeaseOffer(id: id, device: name, queues: offered, files: files)
@@ -147,7 +150,16 @@ extension DeviceManager {
                 q.lease = nil
                 do {
                     let attached = try driver.isAttached(q.fd)
-                    if attached != q.enabled { try driver.setQueue(q.fd, enabled: q.enabled) }
+                    if attached != q.seen {
+                        // The holder's last change, not yet seen by the observer.
+                        journal.publish(attached ? .queueEnabled : .queueDisabled, device: name, queue: qid, lease: id, by: .holder)
+                    }
+                    q.seen = attached
+                    if attached != q.enabled {
+                        try driver.setQueue(q.fd, enabled: q.enabled)
+                        q.seen = q.enabled
+                        journal.publish(q.enabled ? .queueEnabled : .queueDisabled, device: name, queue: qid, by: .daemon)
+                    }
                     if q.enabled { try pool.startPolling(polled(q, of: d), on: q.worker) }
                 } catch {
                     // The queue stays as the kernel has it; the API shows that state.
@@ -157,6 +169,7 @@ extension DeviceManager {
                 d.queues[qid] = q
             }
             model.devices[name] = .active(d)
+            journal.publish(.leaseReleased, device: name, lease: id)
             logger.info("lease released", metadata: ["device": "\(name)", "lease": "\(id)"])
         }
     }
@@ -188,14 +201,17 @@ extension DeviceManager {
             if (try? driver.isAttached(q.fd)) == true {
                 do {
                     try driver.setQueue(q.fd, enabled: false)
+                    journal.publish(.queueDisabled, device: d.name, queue: qid, lease: id, by: .daemon)
                 } catch {
                     logger.error("leased queue not detached", metadata: ["device": "\(d.name)", "queue": "\(qid)", "error": "\(error)"])
                 }
             }
             q.lease = nil
             q.enabled = false
+            q.seen = false
             d.queues[qid] = q
         }
+        journal.publish(.leaseRevoked, device: d.name, lease: id)
         logger.info(l.orphaned ? "orphaned lease forgotten" : "lease revoked", metadata: ["device": "\(d.name)", "lease": "\(id)"])
         return l.connection
     }

@@ -23,6 +23,8 @@ extension DeviceManager {
                     logger.info("device restored", metadata: ["device": "\(a.name)", "queues": "\(a.queues.count)", "persist": "\(a.persist)"])
                 case .kept(let k):
                     let reason = k.status.reason ?? ""
+                    journal.publish(k.status.name == "conflict" ? .deviceConflict : .deviceFailed, device: d.spec.name,
+                                    changes: [("reason", .string(reason))])
                     problems.append("\(d.spec.name): \(k.status.name): \(reason)")
                     logger.error("device not restored", metadata: ["device": "\(d.spec.name)", "status": "\(k.status.name)", "reason": "\(reason)"])
                 }
