@@ -141,6 +141,83 @@ public struct APIClient: Sendable {
         }
     }
 
+    /// A streamed GET (`/v1/events`): `line` gets each line of the body as it arrives (blank
+    /// keep-alive lines included) and returns false to stop. A refusal comes back as the
+    /// API's response; nil when the stream ended.
+    public func follow(_ path: String, line: (String) -> Bool) throws(ConnectionError) -> Response? {
+        let head = "GET \(path) HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n" + authorization + "\r\n"
+        do {
+            let socket: ClientSocket
+            // The stream is idle for up to 15 s between keep-alive lines.
+            switch endpoint {
+            case .unix(let p): socket = try .unix(p, timeoutSeconds: max(timeoutSeconds, 60))
+            case .tcp(let host, let port): socket = try .tcp(host: host, port: port, timeoutSeconds: max(timeoutSeconds, 60))
+            }
+            try socket.sendAll(Array(head.utf8))
+            var raw: [UInt8] = []
+            var headEnd: Int?
+            while headEnd == nil {
+                let got = try socket.receive()
+                if got.isEmpty { throw ConnectionError(description: "mqtapd closed the connection without a response") }
+                raw += got
+                headEnd = raw.firstRange(of: [13, 10, 13, 10])?.upperBound
+            }
+            let h = headEnd!
+            guard raw[..<h].starts(with: Array("HTTP/1.1 200".utf8)) else {
+                while Self.contentLength(raw[..<h]).map({ raw.count - h < $0 }) ?? false {
+                    let got = try socket.receive()
+                    if got.isEmpty { break }
+                    raw += got
+                }
+                return try Self.parse(raw)
+            }
+            if let length = Self.contentLength(raw[..<h]) {
+                // Not streamed (follow=false): the whole body, then its lines.
+                while raw.count - h < length {
+                    let got = try socket.receive()
+                    if got.isEmpty { break }
+                    raw += got
+                }
+                for l in raw[h...].prefix(length).split(separator: 10, omittingEmptySubsequences: false).dropLast() {
+                    if !line(String(decoding: l, as: UTF8.self)) { break }
+                }
+                return nil
+            }
+            // Chunked: size line, data, CRLF; lines are cut from the data as they complete.
+            var buffer = Array(raw[h...])
+            var text: [UInt8] = []
+            while true {
+                while buffer.firstRange(of: [13, 10]) == nil {
+                    let got = try socket.receive()
+                    if got.isEmpty { return nil }
+                    buffer += got
+                }
+                let sizeEnd = buffer.firstRange(of: [13, 10])!
+                let sizeText = String(decoding: buffer[..<sizeEnd.lowerBound], as: UTF8.self).split(separator: ";").first ?? ""
+                guard let size = Int(sizeText.trimmingWhitespace, radix: 16) else {
+                    throw ConnectionError(description: "mqtapd sent a chunk size that is not hex")
+                }
+                if size == 0 { return nil }
+                while buffer.count < sizeEnd.upperBound + size + 2 {
+                    let got = try socket.receive()
+                    if got.isEmpty { return nil }
+                    buffer += got
+                }
+                text += buffer[sizeEnd.upperBound..<(sizeEnd.upperBound + size)]
+                buffer.removeFirst(sizeEnd.upperBound + size + 2)
+                while let nl = text.firstIndex(of: 10) {
+                    let l = String(decoding: text[..<nl], as: UTF8.self)
+                    text.removeFirst(nl + 1)
+                    if !line(l) { return nil }
+                }
+            }
+        } catch let e as ConnectionError {
+            throw e
+        } catch {
+            throw ConnectionError(description: "lost mqtapd at \(endpoint): \(error)")
+        }
+    }
+
     /// The Content-Length of a response head, if it has one.
     static func contentLength(_ head: ArraySlice<UInt8>) -> Int? {
         let text = String(decoding: head, as: UTF8.self)

@@ -54,3 +54,20 @@ public func writeStderrLine(_ line: String) {
     let bytes = Array((line + "\n").utf8)
     _ = bytes.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
 }
+
+/// Writes one line to stdout at once (unbuffered: a follower's lines show as they come, on a
+/// terminal or in a pipe). False once stdout is gone (EPIPE).
+@discardableResult
+public func writeStdoutLine(_ line: String) -> Bool {
+    let bytes = Array((line + "\n").utf8)
+    var offset = 0
+    while offset < bytes.count {
+        let n = bytes.withUnsafeBytes { Glibc.write(1, $0.baseAddress! + offset, $0.count - offset) }
+        if n < 0 {
+            if errno == EINTR { continue }
+            return false
+        }
+        offset += n
+    }
+    return true
+}

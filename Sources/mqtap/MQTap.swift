@@ -10,7 +10,7 @@ struct MQTap: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mqtap",
         abstract: "Drive mqtapd: devices, queues, limits and per-queue counters.",
-        subcommands: [Ping.self, Device.self, Queue.self, Lease.self, Limits.self, Stats.self])
+        subcommands: [Ping.self, Device.self, Queue.self, Lease.self, Limits.self, Stats.self, Events.self])
 }
 
 struct Connection: ParsableArguments {
@@ -175,6 +175,44 @@ struct Device: ParsableCommand {
         func run() throws {
             _ = try connection.call("DELETE", "/v1/devices/\(name)" + (force ? "?force=true" : ""))
             connection.show(nil) { _ in "" }
+        }
+    }
+}
+
+// MARK: - events
+
+struct Events: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Follow the daemon's events as they happen (Ctrl-C stops).",
+        discussion: "Each line: time, id, type, device, then queue, by, lease and changed fields. --json prints the API's lines.")
+    @OptionGroup var connection: Connection
+    @Option(help: ArgumentHelp("Replay the kept events after this id first.", valueName: "id")) var since: UInt64?
+    @Option(help: ArgumentHelp("Only this device's events.", valueName: "name")) var device: String?
+    @Flag(help: "Print what is kept and stop instead of following.") var noFollow = false
+
+    func run() throws {
+        var query: [String] = []
+        if let since { query.append("since=\(since)") }
+        if let device { query.append("device=\(device)") }
+        if noFollow { query.append("follow=false") }
+        let path = "/v1/events" + (query.isEmpty ? "" : "?" + query.joined(separator: "&"))
+        let client = try connection.client
+        let json = connection.json
+        let refusal: APIClient.Response?
+        do {
+            refusal = try client.follow(path) { line in
+                guard !line.isEmpty else { return true }  // keep-alive
+                if json { return writeStdoutLine(line) }
+                guard let e = try? JSON.parse(Array(line.utf8)) else { return writeStdoutLine(line) }
+                return writeStdoutLine(Table.event(e))
+            }
+        } catch {
+            writeStderrLine("mqtap: \(error)")
+            throw ExitCode(3)
+        }
+        if let r = refusal, let e = r.error {
+            writeStderrLine("mqtap: \(e.code): \(e.message)")
+            throw ExitCode(1)
         }
     }
 }

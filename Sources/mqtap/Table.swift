@@ -42,6 +42,19 @@ enum Table {
         })
     }
 
+    /// One event as a line: `TIME ID TYPE DEVICE key=value…`.
+    static func event(_ e: JSON) -> String {
+        var parts = [e["time"]?.string ?? "", e["id"]?.description ?? "", e["type"]?.string ?? "",
+                     e["device"]?.string ?? "-"]
+        for key in ["queue", "by", "lease"] {
+            if let v = e[key] { parts.append("\(key)=\(v.string ?? v.description)") }
+        }
+        if case .object(let c)? = e["changes"] {
+            for (k, v) in c.entries { parts.append("\(k)=\(v.string ?? v.description)") }
+        }
+        return parts.joined(separator: " ")
+    }
+
     static func leases(_ list: [JSON]) -> String {
         render(["ID", "QUEUES", "HOLDER", "PID", "UID", "GID", "SINCE", "STATE"], list.map { l in
             [l["id"]?.string ?? "", ids(l["queues"]), l["holder"]?.string ?? "-", l["pid"]?.description ?? "",

@@ -1,5 +1,6 @@
 """GET /v1/events on real devices: every type from a real action, in order, once; replay with
 since, 410, follow=false, the device filter; 64 watchers and one that never reads; SIGTERM."""
+import json
 import os
 import signal
 import subprocess
@@ -199,3 +200,31 @@ def test_sigterm_ends_the_streams_cleanly(tmpdir_short):
     finally:
         for w in watchers:
             w.close()
+
+
+def test_mqtap_events(tmpdir_short):
+    from test_cli import CLI
+    d = Daemon(tmpdir_short, tcp=False)
+    n = unique_name("c")
+    try:
+        follower = subprocess.Popen([CLI, "events", "--socket", d.socket, "--device", n], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert d.unix.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+        assert d.unix.patch(f"/v1/devices/{n}/queues/1", {"enabled": False}).status == 200
+        first = follower.stdout.readline().split()
+        second = follower.stdout.readline().split()
+        follower.terminate()
+        follower.wait(10)
+        assert first[2:4] == ["device.created", n]
+        assert second[2:4] == ["queue.disabled", n] and "queue=1" in second and "by=api" in second
+        r = subprocess.run([CLI, "events", "--socket", d.socket, "--no-follow", "--json", "--since", "0"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(l) for l in r.stdout.splitlines()]
+        assert [e["type"] for e in lines] == ["device.created", "queue.disabled"]
+        r = subprocess.run([CLI, "events", "--socket", d.socket, "--since", "x"], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert d.unix.delete(f"/v1/devices/{n}").status == 204
+    finally:
+        assert d.stop() == 0
+        net.delete_link(n)

@@ -1,3 +1,4 @@
+import Dispatch
 import Synchronization
 import TapCore
 import TapJSON
@@ -201,6 +202,8 @@ public final class EventHub: Sendable {
     private let streams = Mutex<[ObjectIdentifier: Watched]>([:])
     private let thread = Mutex<NamedThread?>(nil)
     private let stopping = Atomic<Bool>(false)
+    /// Signalled to stop the thread at once instead of after its sleep.
+    private let stopSignal = DispatchSemaphore(value: 0)
     /// Seconds of silence before a blank line.
     let idle: Double
 
@@ -218,8 +221,7 @@ public final class EventHub: Sendable {
     public var count: Int { streams.withLock { $0.count } }
 
     private func run() {
-        while !stopping.load(ordering: .relaxed) {
-            Clock.sleep(min(1, idle / 2))
+        while stopSignal.wait(timeout: .now() + min(1, idle / 2)) == .timedOut {
             let all = streams.withLock { Array($0) }
             for (key, w) in all {
                 if w.stream.isClosed {
@@ -235,6 +237,7 @@ public final class EventHub: Sendable {
     /// Stops the thread (the servers end the streams themselves).
     public func stop() {
         guard !stopping.exchange(true, ordering: .relaxed) else { return }
+        stopSignal.signal()
         let t = thread.withLock { t in
             defer { t = nil }
             return t
