@@ -370,6 +370,7 @@ def control_plane(args, report):
             time.sleep(0.3)
             res["wrk_traffic"] = wrk(daemon.port, path, secs)
             res["paced_traffic"] = paced(daemon.port, path, 1000, secs)
+            res["watchers"] = watchers_row(daemon, name, path, secs, 2 if args.quick else 4)
         finally:
             stop.set()
             t.join()
@@ -420,6 +421,61 @@ def control_plane(args, report):
     report["control_plane"] = res
     print(f"  stats: {res['wrk_idle']['rps']:.0f} req/s idle, {res['wrk_traffic']['rps']:.0f} with traffic; "
           f"p99 at 1000 req/s with traffic {res['paced_traffic']['p99_ms']:.2f} ms", flush=True)
+
+
+def watchers_row(daemon, name, path, secs, reps):
+    """Paced stats latency with 64 event watchers connected and events flowing (a queue
+    toggled 20 times a second), against the same load without watchers, alternating."""
+    import selectors
+    import socket as so
+    with_w, without = [], []
+    for rep in range(reps):
+        for watching in ((True, False) if rep % 2 == 0 else (False, True)):
+            socks, stop = [], threading.Event()
+            if watching:
+                for _ in range(64):
+                    c = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+                    c.connect(f"{daemon.tmp}/api.sock")
+                    c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+                    c.setblocking(False)
+                    socks.append(c)
+
+            def drain():
+                sel = selectors.DefaultSelector()
+                for c in socks:
+                    sel.register(c, selectors.EVENT_READ)
+                while not stop.is_set():
+                    for key, _ in sel.select(0.1):
+                        try:
+                            key.fileobj.recv(65536)
+                        except OSError:
+                            pass
+
+            def toggle():
+                api = API(daemon.port)
+                i = 0
+                while not stop.is_set():
+                    api.call("PATCH", f"/v1/devices/{name}/queues/3", {"enabled": i % 2 == 1})
+                    i += 1
+                    time.sleep(0.05)
+                api.call("PATCH", f"/v1/devices/{name}/queues/3", {"enabled": True})
+
+            threads = [threading.Thread(target=drain), threading.Thread(target=toggle)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            r = paced(daemon.port, path, 1000, secs)
+            stop.set()
+            for t in threads:
+                t.join()
+            for c in socks:
+                c.close()
+            (with_w if watching else without).append(r["p99_ms"])
+    ratio = statistics.median(w / n for w, n in zip(with_w, without))
+    print(f"  stats p99 with 64 watchers {statistics.median(with_w):.2f} ms, without {statistics.median(without):.2f} ms "
+          f"(ratio {ratio:.2f})", flush=True)
+    return {"with_p99_ms": with_w, "without_p99_ms": without, "ratio": ratio,
+            "ratio_min": min(w / n for w, n in zip(with_w, without)), "ratio_max": max(w / n for w, n in zip(with_w, without))}
 
 
 def churn(daemon, name, secs):
@@ -724,6 +780,14 @@ def write_report(path, report, args):
         "|---|---|---|---|",
         f"| idle | {cp['paced_idle']['p50_ms']:.3f} | {cp['paced_idle']['p99_ms']:.3f} | {cp['paced_idle']['max_ms']:.3f} |",
         f"| with {BACKGROUND_PPS // 1000} kpps of 64 B traffic | {cp['paced_traffic']['p50_ms']:.3f} | {cp['paced_traffic']['p99_ms']:.3f} | {cp['paced_traffic']['max_ms']:.3f} |",
+        "",
+        "With 64 event watchers connected (`GET /v1/events`, each drained) and events flowing (a queue toggled",
+        "20 times a second), against the same load without watchers, alternating:",
+        "",
+        "| | p99 ms (median of reps) | ratio with / without (min–max) |",
+        "|---|---|---|",
+        f"| 64 watchers | {statistics.median(cp['watchers']['with_p99_ms']):.3f} | {cp['watchers']['ratio']:.2f} ({cp['watchers']['ratio_min']:.2f}–{cp['watchers']['ratio_max']:.2f}) |",
+        f"| no watchers | {statistics.median(cp['watchers']['without_p99_ms']):.3f} | |",
         "",
         "Changes (each answered after the state file is fsynced):",
         "",
