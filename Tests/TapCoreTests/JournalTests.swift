@@ -66,4 +66,24 @@ struct JournalTests {
                           .deviceVanished])
         #expect(s.got.withLock { $0[3].changes.map(\.0) } == ["mtu"])
     }
+
+    @Test("failed writes on a queue become a rate-limited queue.errors event with the errno")
+    func queueErrors() throws {
+        // One worker with two queues reads them through epoll, non-blocking: a full peer is
+        // EAGAIN (a solo worker's blocking write would wait on the fake's socket pair instead;
+        // a real tun write never blocks).
+        let f = try FakeFixture(workers: 1)
+        let s = CollectingSink()
+        _ = try f.manager.journal.replay(after: nil, subscribing: s)
+        _ = try f.manager.create(DeviceSpec(name: "e", queues: 2, mode: .echo))
+        let peer = f.driver.peer(of: f.driver.fds(of: "e")[0])!
+        // Echoes nobody reads fill the pair's buffer: the worker's writes fail with EAGAIN.
+        for _ in 0..<4000 { inject(peer, [UInt8](repeating: 0xab, count: 1000)) }
+        #expect(eventually { s.got.withLock { $0.contains { $0.kind == .queueErrors } } })
+        let e = s.got.withLock { $0.first { $0.kind == .queueErrors }! }
+        #expect(e.device == "e" && e.queue == 0)
+        #expect(e.changes.first { $0.0 == "direction" }?.1 == .string("write"))
+        #expect(e.changes.first { $0.0 == "errno" }?.1 == .string("EAGAIN"))
+        #expect(s.got.withLock { $0.filter { $0.kind == .queueErrors }.count } <= 2, "at most one a second")
+    }
 }
