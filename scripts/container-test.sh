@@ -69,22 +69,27 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 ctr=$(buildah from "$IMAGE")
 # chroot isolation: this machine's cgroup layout rules out crun's namespaces; the daemon still
 # runs from the image's own root, libraries and all, with the host's /dev/net/tun mounted.
+# TCP needs a token (a file only its owner reads), made inside the container.
+token="ct-$$-$RANDOM$RANDOM"
+auth="Authorization: Bearer $token"
 buildah run --isolation chroot --network host --cap-add CAP_NET_ADMIN --volume /dev/net/tun:/dev/net/tun "$ctr" -- \
-  /usr/local/bin/mqtapd --listen "tcp:127.0.0.1:$port" --state-dir /var/lib/mqtapd >"$ctx/log" 2>&1 &
+  sh -c "umask 077 && echo $token > /tmp/token && exec /usr/local/bin/mqtapd --listen tcp:127.0.0.1:$port --token-file /tmp/token --state-dir /var/lib/mqtapd" \
+  >"$ctx/log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
-  if out=$(curl -fsS "http://127.0.0.1:$port/v1/health" 2>/dev/null); then break; fi
+  if out=$(curl -fsS -H "$auth" "http://127.0.0.1:$port/v1/health" 2>/dev/null); then break; fi
   sleep 0.1
 done
 echo "container-test: /v1/health answered: ${out:-nothing}"
 [[ "${out:-}" == *'"status":"ok"'* ]] || { cat "$ctx/log" >&2; exit 1; }
 # The CLI in the image works too (what the Kubernetes probe runs).
-buildah run --isolation chroot --network host "$ctr" -- /usr/local/bin/mqtap ping --url "http://127.0.0.1:$port" | grep -q "ok"
+buildah run --isolation chroot --network host "$ctr" -- /usr/local/bin/mqtap ping --url "http://127.0.0.1:$port" \
+  --token-file /tmp/token | grep -q "ok"
 echo "container-test: mqtap ping inside the image: ok"
 # And it manages a real device from inside the image.
 name="mqct$$"
-code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' -H "$auth" \
   -d "{\"name\":\"$name\",\"queues\":2}" "http://127.0.0.1:$port/v1/devices")
 [ "$code" = 201 ] || { echo "container-test: create in the image answered $code" >&2; cat "$ctx/log" >&2; exit 1; }
-curl -fsS -X DELETE "http://127.0.0.1:$port/v1/devices/$name" >/dev/null
+curl -fsS -H "$auth" -X DELETE "http://127.0.0.1:$port/v1/devices/$name" >/dev/null
 echo "container-test: a 2-queue device made and deleted from inside the image"
