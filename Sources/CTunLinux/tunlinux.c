@@ -19,6 +19,7 @@ const unsigned long mqt_TUNSETIFF = TUNSETIFF;
 const unsigned long mqt_TUNSETQUEUE = TUNSETQUEUE;
 const unsigned long mqt_TUNSETPERSIST = TUNSETPERSIST;
 const unsigned long mqt_TUNGETFEATURES = TUNGETFEATURES;
+const unsigned long mqt_TUNSETOFFLOAD = TUNSETOFFLOAD;
 const unsigned long mqt_SIOCGIFFLAGS = SIOCGIFFLAGS;
 const unsigned long mqt_SIOCSIFFLAGS = SIOCSIFFLAGS;
 const unsigned long mqt_SIOCSIFMTU = SIOCSIFMTU;
@@ -41,6 +42,7 @@ _Static_assert(TUNSETIFF == 0x400454ca, "TUNSETIFF");
 _Static_assert(TUNSETQUEUE == 0x400454d9, "TUNSETQUEUE");
 _Static_assert(IFF_MULTI_QUEUE == 0x0100, "IFF_MULTI_QUEUE");
 _Static_assert(IFNAMSIZ == 16, "IFNAMSIZ");
+_Static_assert(TUN_F_CSUM == 0x01 && TUN_F_TSO4 == 0x02 && TUN_F_TSO6 == 0x04, "TUN_F_*");
 
 int mqt_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 

@@ -89,6 +89,10 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(404, "not_found", e.message)
         case .notEnoughQueues:
             self.init(409, "not_enough_queues", e.message, field: "enabled_queues")
+        case .peerUnavailable:
+            self.init(409, "peer_unavailable", e.message, field: "peer")
+        case .peerMismatch(let field, _):
+            self.init(409, "peer_mismatch", e.message, field: field)
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:

@@ -1,8 +1,10 @@
 import CCounters
 
-/// One queue's counter block: one cache line, written only by the queue's worker (relaxed
-/// stores, no read-modify-write needed with a single writer) and read lock-free by anyone.
-/// The only code that touches `mqt_counters`.
+/// One queue's counter block: one cache line, read lock-free by anyone. The rx, error and
+/// dropped counters are written only by the queue's worker (relaxed stores, no
+/// read-modify-write needed with a single writer); the tx counters count what is written into
+/// the queue by whoever writes it (the queue's worker echoing, other devices' workers
+/// forwarding), with atomic adds. The only code that touches `mqt_counters`.
 public final class CounterBlock: @unchecked Sendable {
     // SAFETY (@unchecked): the memory is written only through `Writer` by the one worker
     // that owns the queue, and read only through `read()`; both are 64-bit relaxed atomics,
@@ -29,6 +31,7 @@ public final class CounterBlock: @unchecked Sendable {
         v.txBytes = mqt_counter_load(&pointer.pointee.tx_bytes)
         v.rxErrors = mqt_counter_load(&pointer.pointee.rx_errors)
         v.txErrors = mqt_counter_load(&pointer.pointee.tx_errors)
+        v.dropped = mqt_counter_load(&pointer.pointee.dropped)
         return v
     }
 
@@ -39,7 +42,8 @@ public final class CounterBlock: @unchecked Sendable {
     /// touches no reference count. The worker keeps the block alive while it holds this.
     var writer: Writer { Writer(pointer) }
 
-    /// Adds to one block's counters. Only the queue's worker holds one.
+    /// Adds to one block's counters: the queue's worker (all of them), and workers that forward
+    /// into the queue (its tx counters only).
     struct Writer {
         private let p: UnsafeMutablePointer<mqt_counters>
 
@@ -51,13 +55,15 @@ public final class CounterBlock: @unchecked Sendable {
             mqt_counter_add(&p.pointee.rx_bytes, UInt64(bytes))
         }
 
-        /// A frame of `bytes` written into the queue.
+        /// A frame of `bytes` written into the queue (by any worker: atomic).
         @inline(__always) func sent(_ bytes: Int) {
-            mqt_counter_add(&p.pointee.tx_packets, 1)
-            mqt_counter_add(&p.pointee.tx_bytes, UInt64(bytes))
+            mqt_counter_add_shared(&p.pointee.tx_packets, 1)
+            mqt_counter_add_shared(&p.pointee.tx_bytes, UInt64(bytes))
         }
 
         @inline(__always) func readFailed() { mqt_counter_add(&p.pointee.rx_errors, 1) }
         @inline(__always) func writeFailed() { mqt_counter_add(&p.pointee.tx_errors, 1) }
+        /// A frame read from this queue that could not be forwarded.
+        @inline(__always) func dropped() { mqt_counter_add(&p.pointee.dropped, 1) }
     }
 }

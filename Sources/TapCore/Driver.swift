@@ -37,6 +37,8 @@ public protocol TunDriver: Sendable {
     func deleteLink(ifindex: Int) throws(SyscallError)
     /// A second fd of the same open file (the same queue), close-on-exec, for handing over.
     func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD
+    /// Sets the device's offloads (TUNSETOFFLOAD) through one of its queue fds.
+    func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError)
 }
 
 public enum InterfaceState: Equatable, Sendable {
@@ -86,4 +88,5 @@ public struct LinuxTunDriver: TunDriver {
     public func isAttached(_ fd: Int32) throws(SyscallError) -> Bool { try Tun.isAttached(fd) }
     public func deleteLink(ifindex: Int) throws(SyscallError) { try Link.delete(ifindex: ifindex) }
     public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
+    public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) { try Tun.setOffload(fd, offloads) }
 }

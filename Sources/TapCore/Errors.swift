@@ -16,6 +16,7 @@ public enum DeviceStep: String, Sendable, Hashable {
     /// Looking at what has the name now (sysfs), before restoring a device.
     case inspect = "inspect interface"
     case readQueueState = "read queue state"
+    case setOffload = "set offloads"
     case duplicateFD = "duplicate queue fd"
     case deleteLink = "delete link"
 }
@@ -54,6 +55,10 @@ public enum ManagerError: Error, Equatable, Sendable {
     case leaseNotFound(device: String, id: String)
     /// `enabled_queues` above the queue count the device would have.
     case notEnoughQueues(device: String, queues: Int, enabled: Int)
+    /// The forwarding peer does not exist or is not active.
+    case peerUnavailable(device: String, peer: String)
+    /// The forwarding peer differs in `field` (type, vnet_hdr).
+    case peerMismatch(field: String, peer: String)
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -74,6 +79,8 @@ public enum ManagerError: Error, Equatable, Sendable {
         case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _), .aboveGlobalLimit(let f, _, _): return f
         case .featureMissing(_, let f): return f
         case .notEnoughQueues: return "enabled_queues"
+        case .peerUnavailable: return "peer"
+        case .peerMismatch(let f, _): return f
         default: return nil
         }
     }
@@ -114,6 +121,10 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "\(device) has leases (\(leases.joined(separator: ", "))); revoke them, or delete with ?force=true"
         case .leaseNotFound(let device, let id):
             return "device \(device) has no lease \(id)"
+        case .peerUnavailable(let device, let peer):
+            return "\(device) cannot forward to \(peer): no active device has that name"
+        case .peerMismatch(let field, let peer):
+            return "the peer \(peer) differs in \(field); both ends of a forward must agree"
         case .notEnoughQueues(let device, let queues, let enabled):
             return "enabled_queues \(enabled) is above the \(queues) queues \(device) would have"
         case .stateNotSaved(let path, let call, _):

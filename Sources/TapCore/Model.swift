@@ -8,6 +8,8 @@ public enum DeviceMode: String, Sendable, Hashable, CaseIterable {
     case sink
     /// Write each frame back to the queue it came from; on TAP, swap the MAC addresses.
     case echo
+    /// Write each frame, unchanged, into a queue of the peer device.
+    case forward
 }
 
 /// Whether the daemon manages a device it knows of.
@@ -84,10 +86,16 @@ public struct DeviceSpec: Sendable, Hashable {
     public var mac: MACAddress?
     public var up = true
     public var mode: DeviceMode = .sink
+    /// For `forward`: the device frames go to.
+    public var peer: String?
+    /// GSO/checksum offloads (TUNSETOFFLOAD): super-frames pass through; needs `vnetHdr`.
+    public var offload = false
 
     public init(name: String, kind: DeviceKind = .tap, queues: Int = 1, maxQueues: Int? = nil,
                 persist: Bool = false, vnetHdr: Bool = false, mtu: Int? = nil, mac: MACAddress? = nil,
-                up: Bool = true, mode: DeviceMode = .sink) {
+                up: Bool = true, mode: DeviceMode = .sink, peer: String? = nil, offload: Bool = false) {
+        self.peer = peer
+        self.offload = offload
         self.name = name
         self.kind = kind
         self.queues = queues
@@ -112,9 +120,12 @@ public struct DevicePatch: Sendable, Hashable {
     public var queues: Int?
     /// How many queues to have attached: the lowest ids, the rest detached.
     public var enabledQueues: Int?
+    /// For `mode: forward`: the device frames go to.
+    public var peer: String?
 
     public init(maxQueues: Int? = nil, up: Bool? = nil, mtu: Int? = nil, mode: DeviceMode? = nil,
-                queues: Int? = nil, enabledQueues: Int? = nil) {
+                queues: Int? = nil, enabledQueues: Int? = nil, peer: String? = nil) {
+        self.peer = peer
         self.maxQueues = maxQueues
         self.up = up
         self.mtu = mtu
@@ -134,6 +145,8 @@ public struct CounterValues: Hashable, Sendable {
     public var txBytes: UInt64 = 0
     public var rxErrors: UInt64 = 0
     public var txErrors: UInt64 = 0
+    /// Frames read from the queue that could not be forwarded to the peer.
+    public var dropped: UInt64 = 0
 
     public init() {}
 
@@ -145,6 +158,7 @@ public struct CounterValues: Hashable, Sendable {
         s.txBytes &+= b.txBytes
         s.rxErrors &+= b.rxErrors
         s.txErrors &+= b.txErrors
+        s.dropped &+= b.dropped
         return s
     }
 }
@@ -208,6 +222,13 @@ public struct DeviceInfo: Hashable, Sendable {
     public let mac: MACAddress?
     public let up: Bool
     public let mode: DeviceMode
+    public let peer: String?
+    /// Whether the peer is there to forward to (`active`) or not (`missing`); nil unless
+    /// forwarding.
+    public let peerState: String?
+    public let offload: Bool
+    /// What TUNSETOFFLOAD set: `csum`, `tso4`, `tso6`, `uso4`, `uso6`.
+    public let offloads: [String]
     /// nil for a device that is not active (it is not held in the kernel).
     public let ifindex: Int?
     /// Ordered by id.

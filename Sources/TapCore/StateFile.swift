@@ -118,6 +118,8 @@ public struct StateFile: Sendable {
             if let mac = d.spec.mac { o["mac"] = .string(mac.description) }
             o["up"] = .bool(d.spec.up)
             o["mode"] = .string(d.spec.mode.rawValue)
+            if let p = d.spec.peer { o["peer"] = .string(p) }
+            if d.spec.offload { o["offload"] = .bool(true) }
             o["queues"] = .array(d.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] })
             if !d.leases.isEmpty {
                 o["leases"] = .array(d.leases.map { l in
@@ -154,6 +156,8 @@ public struct StateFile: Sendable {
             var spec = DeviceSpec(name: name, kind: kind, queues: qs.count, maxQueues: Int(max), persist: persist,
                                   vnetHdr: vnet, up: up, mode: mode)
             if case .int(let mtu)? = item["mtu"] { spec.mtu = Int(mtu) }
+            if case .string(let p)? = item["peer"] { spec.peer = p }
+            if case .bool(let o)? = item["offload"] { spec.offload = o }
             if case .string(let mac)? = item["mac"] {
                 guard let parsed = MACAddress(mac) else { throw fail("\(at).mac is not a MAC address") }
                 spec.mac = parsed

@@ -29,6 +29,7 @@ public final class FakeDriver: TunDriver, Sendable {
         public var flags: TunFlags
         /// Another process (a lease holder) has fds of it: it outlives the daemon's.
         public var heldElsewhere = false
+        public var offloads: TunOffloads = []
     }
 
     struct State: Sendable {
@@ -244,6 +245,22 @@ public final class FakeDriver: TunDriver, Sendable {
     }
 
     public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
+
+    /// Offloads set per device; USO is refused (EINVAL), as on kernels before 6.2.
+    public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) {
+        try state.withLock { (s) throws(SyscallError) in
+            guard let name = s.owner[fd], s.devices[name] != nil else {
+                throw SyscallError(call: "ioctl(TUNSETOFFLOAD)", errno: .badFileDescriptorState)
+            }
+            guard s.devices[name]!.flags.contains(.vnetHdr) else {
+                throw SyscallError(call: "ioctl(TUNSETOFFLOAD)", errno: .invalidArgument)
+            }
+            if !offloads.isDisjoint(with: [.uso4, .uso6]) {
+                throw SyscallError(call: "ioctl(TUNSETOFFLOAD)", errno: .invalidArgument)
+            }
+            s.devices[name]!.offloads = offloads
+        }
+    }
 
     /// Makes every statistics read fail with `errno` (nil: succeed again).
     public func failStatistics(_ errno: Errno?) { state.withLock { $0.statisticsError = errno } }

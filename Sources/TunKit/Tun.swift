@@ -50,6 +50,26 @@ public struct TunFlags: OptionSet, Sendable, Hashable {
     }
 }
 
+/// The offloads a TAP device takes with TUNSETOFFLOAD (`TUN_F_*`): the kernel then hands over,
+/// and takes, frames with partial checksums and GSO super-frames (up to 64 KiB) behind a
+/// virtio-net header.
+public struct TunOffloads: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+
+    public static let csum = TunOffloads(rawValue: 0x01)
+    public static let tso4 = TunOffloads(rawValue: 0x02)
+    public static let tso6 = TunOffloads(rawValue: 0x04)
+    public static let uso4 = TunOffloads(rawValue: 0x20)
+    public static let uso6 = TunOffloads(rawValue: 0x40)
+
+    /// As the API shows them.
+    public var names: [String] {
+        let all: [(TunOffloads, String)] = [(.csum, "csum"), (.tso4, "tso4"), (.tso6, "tso6"), (.uso4, "uso4"), (.uso6, "uso6")]
+        return all.filter { contains($0.0) }.map(\.1)
+    }
+}
+
 /// The tun driver's character device, one open per queue.
 public enum Tun {
     public static let devicePath = "/dev/net/tun"
@@ -96,6 +116,12 @@ public enum Tun {
         var f: UInt32 = 0
         _ = try retryingEINTR("ioctl(TUNGETFEATURES)") { mqt_ioctl(fd, mqt_TUNGETFEATURES, &f) }
         return TunFlags(rawValue: Int32(truncatingIfNeeded: f))
+    }
+
+    /// Sets the device's offloads (for every queue: it is the device's setting).
+    /// The corresponding C call is `ioctl(TUNSETOFFLOAD)`.
+    public static func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) {
+        _ = try retryingEINTR("ioctl(TUNSETOFFLOAD)") { mqt_ioctl_value(fd, mqt_TUNSETOFFLOAD, UInt(offloads.rawValue)) }
     }
 
     /// Whether the queue is attached (false: detached with TUNSETQUEUE, by whoever holds the

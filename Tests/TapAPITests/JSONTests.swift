@@ -86,7 +86,7 @@ struct DecodingTests {
         (#"{"name":"a","queues":true}"#, "invalid_field", "queues"),
         (#"{"name":"a","persist":"yes"}"#, "invalid_field", "persist"),
         (#"{"name":"a","type":"bridge"}"#, "invalid_field", "type"),
-        (#"{"name":"a","mode":"forward"}"#, "invalid_field", "mode"),
+        (#"{"name":"a","mode":"bounce"}"#, "invalid_field", "mode"),
         (#"{"name":"a","mac":"zz"}"#, "invalid_field", "mac"),
         (#"{"name":"a","mtu":null}"#, "invalid_field", "mtu"),
     ])

@@ -15,6 +15,7 @@ extern const unsigned long mqt_TUNSETIFF;
 extern const unsigned long mqt_TUNSETQUEUE;
 extern const unsigned long mqt_TUNSETPERSIST;
 extern const unsigned long mqt_TUNGETFEATURES;
+extern const unsigned long mqt_TUNSETOFFLOAD;
 extern const unsigned long mqt_SIOCGIFFLAGS;
 extern const unsigned long mqt_SIOCSIFFLAGS;
 extern const unsigned long mqt_SIOCSIFMTU;

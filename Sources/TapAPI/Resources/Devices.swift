@@ -4,8 +4,9 @@ import TunKit
 
 /// `/v1/devices` and `/v1/devices/{name}`.
 enum DevicesResource {
-    static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode"]
-    static let patchFields = ["max_queues", "up", "mtu", "mode", "queues", "enabled_queues"]
+    static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode",
+                             "peer", "offload"]
+    static let patchFields = ["max_queues", "up", "mtu", "mode", "queues", "enabled_queues", "peer"]
 
     /// DeviceSpec from a POST body. Types and the schema's ranges are checked here, before
     /// any arithmetic; names and the rules that depend on state by the manager.
@@ -26,6 +27,8 @@ enum DevicesResource {
         }
         if let up = try b.bool("up") { spec.up = up }
         if let mode = try b.oneOf("mode", DeviceMode.self) { spec.mode = mode }
+        spec.peer = try b.string("peer")
+        if let o = try b.bool("offload") { spec.offload = o }
         return spec
     }
 
@@ -35,7 +38,8 @@ enum DevicesResource {
                            mtu: try b.int("mtu", in: Validate.mtuRange),
                            mode: try b.oneOf("mode", DeviceMode.self),
                            queues: try b.int("queues", in: Validate.queueCountRange),
-                           enabledQueues: try b.int("enabled_queues", in: 0...Tun.kernelMaxQueues))
+                           enabledQueues: try b.int("enabled_queues", in: 0...Tun.kernelMaxQueues),
+                           peer: try b.string("peer"))
     }
 
     static func encode(_ d: DeviceInfo) -> JSON {
@@ -47,6 +51,10 @@ enum DevicesResource {
         if let mac = d.mac { o["mac"] = .string(mac.description) }
         o["up"] = .bool(d.up)
         o["mode"] = .string(d.mode.rawValue)
+        if let p = d.peer { o["peer"] = .string(p) }
+        if let s = d.peerState { o["peer_state"] = .string(s) }
+        o["offload"] = .bool(d.offload)
+        o["offloads"] = .array(d.offloads.map { .string($0) })
         // 0 for a device that is not active, as the API has always answered.
         o["ifindex"] = JSON(d.ifindex ?? 0)
         o["queue_count"] = JSON(d.queueCount)

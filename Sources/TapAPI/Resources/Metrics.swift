@@ -19,6 +19,7 @@ enum MetricsResource {
             ("tx_bytes", "Bytes the daemon wrote into the queue.", \.txBytes),
             ("rx_errors", "Failed reads from the queue.", \.rxErrors),
             ("tx_errors", "Failed writes into the queue.", \.txErrors),
+            ("dropped", "Frames read from the queue that could not be forwarded to the peer.", \.dropped),
         ]
         for (suffix, help, path) in counters {
             let name = "mqtapd_queue_\(suffix)_total"

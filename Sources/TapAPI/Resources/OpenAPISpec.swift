@@ -492,7 +492,8 @@ components:
         and is not held in the kernel, so only GET and DELETE apply to it; `queue_leased`: a
         lease holds the queue (it cannot be removed or leased again); `device_leased`: the
         device has leases (DELETE needs `force=true`); `not_enough_queues`: `enabled_queues`
-        above the queue count.
+        above the queue count; `peer_unavailable`: the forward's peer does not exist or is not
+        active; `peer_mismatch`: the peer differs in the `field` named (type, vnet_hdr).
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -608,6 +609,21 @@ components:
           description: TAP only; a unicast, non-zero address. Defaults to a random one.
         up: { type: boolean, default: true }
         mode: { $ref: "#/components/schemas/Mode" }
+        peer:
+          type: string
+          description: >-
+            For `mode: forward` (and only then): the device every frame read from this one's
+            queues is written to, unchanged, into the queue with the same index modulo the
+            peer's queue count. It must exist and be active now (409 `peer_unavailable`) and
+            agree in `type` and `vnet_hdr` (409 `peer_mismatch`). A two-way wire is two devices
+            naming each other.
+        offload:
+          type: boolean
+          default: false
+          description: >-
+            TUNSETOFFLOAD with CSUM, TSO4, TSO6, and USO4/USO6 where the kernel takes them:
+            GSO super-frames (up to 64 KiB) and their virtio-net headers pass through. Needs
+            `vnet_hdr: true` (400 naming `offload`).
     DevicePatch:
       type: object
       additionalProperties: false
@@ -626,11 +642,18 @@ components:
         mode: { $ref: "#/components/schemas/Mode" }
         queues: { type: integer, minimum: 1, maximum: 256 }
         enabled_queues: { type: integer, minimum: 0, maximum: 256 }
+        peer:
+          type: string
+          description: >-
+            The device to forward to; only with `mode: forward` (in this PATCH or already).
+            Another mode clears it.
     Mode:
       type: string
-      enum: [sink, echo]
+      enum: [sink, echo, forward]
       default: sink
-      description: "`sink` reads, counts and drops; `echo` writes each frame back to its queue (MACs swapped on TAP)."
+      description: >-
+        `sink` reads, counts and drops; `echo` writes each frame back to its queue (MACs
+        swapped on TAP); `forward` writes each frame, unchanged, into a queue of `peer`.
     Device:
       type: object
       additionalProperties: false
@@ -656,6 +679,18 @@ components:
             Whether the link is up, as the kernel has it now. A restart of the daemon applies
             the last value set through the API.
         mode: { $ref: "#/components/schemas/Mode" }
+        peer: { type: string }
+        peer_state:
+          type: string
+          enum: [active, missing]
+          description: >-
+            For `mode: forward`: whether the peer is there. While it is `missing` every frame
+            is dropped (and counted); a new device of that name is picked up without a PATCH.
+        offload: { type: boolean }
+        offloads:
+          type: array
+          items: { type: string, enum: [csum, tso4, tso6, uso4, uso6] }
+          description: What TUNSETOFFLOAD set.
         ifindex:
           type: integer
           minimum: 0
@@ -822,10 +857,16 @@ components:
     Counters:
       type: object
       additionalProperties: false
-      required: [rx_packets, rx_bytes, tx_packets, tx_bytes, rx_errors, tx_errors]
+      required: [rx_packets, rx_bytes, tx_packets, tx_bytes, rx_errors, tx_errors, dropped]
       description: |
         From the queue fd's side: `rx` is what the daemon read (the kernel transmitted into
-        the device), `tx` what it wrote.
+        the device), `tx` what was written into the queue (by this device's worker echoing, or
+        by a device forwarding to this one). A GSO super-frame counts as one packet, as the
+        kernel counts it; bytes never include the virtio-net header (the kernel's byte
+        counters leave it out), so both reconcile with the kernel's device counters.
+        `dropped`: frames read from the queue that could not be forwarded (no peer queue,
+        or the write failed); a forwarding queue's `rx_packets` is what it wrote to the peer
+        plus `dropped`.
       properties:
         rx_packets: { type: integer, minimum: 0 }
         rx_bytes: { type: integer, minimum: 0 }
@@ -833,10 +874,11 @@ components:
         tx_bytes: { type: integer, minimum: 0 }
         rx_errors: { type: integer, minimum: 0 }
         tx_errors: { type: integer, minimum: 0 }
+        dropped: { type: integer, minimum: 0 }
     QueueStats:
       type: object
       additionalProperties: false
-      required: [id, rx_packets, rx_bytes, tx_packets, tx_bytes, rx_errors, tx_errors]
+      required: [id, rx_packets, rx_bytes, tx_packets, tx_bytes, rx_errors, tx_errors, dropped]
       properties:
         id: { type: integer, minimum: 0 }
         rx_packets: { type: integer, minimum: 0 }
@@ -845,6 +887,7 @@ components:
         tx_bytes: { type: integer, minimum: 0 }
         rx_errors: { type: integer, minimum: 0 }
         tx_errors: { type: integer, minimum: 0 }
+        dropped: { type: integer, minimum: 0 }
     Stats:
       type: object
       additionalProperties: false
@@ -907,6 +950,8 @@ components:
                 - unauthorized
                 - not_enough_queues
                 - events_expired
+                - peer_unavailable
+                - peer_mismatch
             message: { type: string }
             field:
               type: string

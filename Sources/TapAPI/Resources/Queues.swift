@@ -19,7 +19,7 @@ enum QueuesResource {
         [
             "rx_packets": JSON(c.rxPackets), "rx_bytes": JSON(c.rxBytes),
             "tx_packets": JSON(c.txPackets), "tx_bytes": JSON(c.txBytes),
-            "rx_errors": JSON(c.rxErrors), "tx_errors": JSON(c.txErrors),
+            "rx_errors": JSON(c.rxErrors), "tx_errors": JSON(c.txErrors), "dropped": JSON(c.dropped),
         ]
     }
 

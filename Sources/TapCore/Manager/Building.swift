@@ -15,6 +15,7 @@ extension DeviceManager {
             let first = try openFirstQueue(spec, join: join, rollback: &rollback)
             try configure(spec, fd: first.fd, join: join, rollback: &rollback)
             var d = try readLink(spec, key: key, limit: limit)
+            if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
             let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
             d.queues[q0.id] = q0
             for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
@@ -76,8 +77,8 @@ extension DeviceManager {
         }
         let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try driver.ifindex(name) }
         return ActiveDevice(key: key, name: name, kind: spec.kind, maxQueues: limit, persist: spec.persist,
-                            vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, ifindex: ifindex,
-                            queues: [:], since: Clock.timestamp())
+                            vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, peer: spec.peer,
+                            offload: spec.offload, ifindex: ifindex, queues: [:], since: Clock.timestamp())
     }
 
     /// Makes a worker read an open queue. Undo: the worker lets go of it (the fd's own undo
@@ -164,7 +165,8 @@ extension DeviceManager {
     func polled(_ q: QueueEntry, of d: ActiveDevice) -> PolledQueue {
         // SAFETY: the fd is borrowed from `q.file`, which the manager closes only after the
         // worker has completed the `remove` for `q.key` (`close(_:)`).
-        PolledQueue(key: q.key, device: d.key, fd: q.fd, counters: q.counters, action: d.action)
+        PolledQueue(key: q.key, device: d.key, fd: q.fd, counters: q.counters, action: action(for: d), index: q.id,
+                    headerBytes: d.headerBytes)
     }
 
     /// Stops polling a queue, then closes it: never an fd a worker may still poll.

@@ -16,7 +16,12 @@ extension DeviceManager {
             }
         }
         try requireFeatures(for: spec)
+        if spec.offload && !spec.vnetHdr {
+            throw .invalidField(field: "offload", reason: "needs vnet_hdr: true (offloaded frames carry a virtio-net header)")
+        }
         return try change { (model) throws(ManagerError) in
+            try checkForward(name: spec.name, kind: spec.kind, vnetHdr: spec.vnetHdr, mode: spec.mode, peer: spec.peer,
+                             in: model)
             let limit = spec.maxQueues ?? model.maxQueues
             guard limit <= model.maxQueues else {
                 throw .aboveGlobalLimit(field: "max_queues", value: limit, limit: model.maxQueues)
@@ -100,6 +105,15 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let before = d
             let count = patch.queues ?? d.queueCount
+            // The mode and peer after the patch: a mode other than forward clears the peer.
+            let mode = patch.mode ?? d.mode
+            if patch.peer != nil && mode != .forward {
+                throw .invalidField(field: "peer", reason: "a peer is only for mode forward")
+            }
+            let peer = mode == .forward ? (patch.peer ?? d.peer) : nil
+            if mode == .forward && (patch.mode != nil || patch.peer != nil) {
+                try checkForward(name: name, kind: d.kind, vnetHdr: d.vnetHdr, mode: mode, peer: peer, in: model)
+            }
             if let m = patch.maxQueues {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
@@ -140,9 +154,13 @@ extension DeviceManager {
                 logger.info("queues declared", metadata: ["device": "\(name)", "count": "\(d.queueCount)",
                                                           "added": "\(plan.add.count)", "removed": "\(plan.remove.count)"])
             }
-            if let mode = patch.mode, mode != d.mode {
+            if mode != d.mode || peer != d.peer {
                 d.mode = mode
-                for q in d.queues.values where q.polled { pool.setAction(key: q.key, d.action, on: q.worker) }
+                d.peer = peer
+                // A forward gets its target when the change ends (`retarget`).
+                if mode != .forward {
+                    for q in d.queues.values where q.polled { pool.setAction(key: q.key, action(for: d), on: q.worker) }
+                }
             }
             if let m = patch.maxQueues { d.maxQueues = m }
             model.devices[name] = .active(d)
@@ -165,6 +183,7 @@ extension DeviceManager {
         if patch.up != nil && new.up != kernel.up { c.append(("up", .bool(new.up))) }
         if patch.mtu != nil && new.mtu != kernel.mtu { c.append(("mtu", .int(new.mtu))) }
         if new.mode != old.mode { c.append(("mode", .string(new.mode.rawValue))) }
+        if new.peer != old.peer { c.append(("peer", .string(new.peer ?? ""))) }
         if new.queueCount != old.queueCount { c.append(("queues", .int(new.queueCount))) }
         let enabled = { (d: ActiveDevice) in d.queues.values.filter(\.seen).count }
         if patch.enabledQueues != nil && enabled(new) != enabled(old) { c.append(("enabled_queues", .int(enabled(new)))) }

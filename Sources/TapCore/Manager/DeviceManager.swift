@@ -26,6 +26,8 @@ public final class DeviceManager: Sendable {
     public let journal: EventJournal
     /// Looks for attach-state changes made outside the API (a lease holder's TUNSETQUEUE).
     private let observer: Observer
+    /// What forwarding devices write to.
+    let forwarding = ForwardRegistry()
 
     /// Starts `workers` worker threads (default: one per online CPU) with a global queue
     /// limit of `maxQueues` (default: the kernel's 256). With a `stateFile`, every accepted
@@ -128,8 +130,11 @@ public final class DeviceManager: Sendable {
         guard case .active(let d) = kernelLink(entry) else { return entry.info }
         let own = d.queues.values.map { q in q.info(attached: try? driver.isAttached(q.fd)) }
         let qs = (own + d.orphans.values.map(\.info)).sorted { $0.id < $1.id }
+        let peerState = d.mode != .forward ? nil
+            : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? "missing" : "active")
         return DeviceInfo(name: d.name, kind: d.kind, maxQueues: d.maxQueues, persist: d.persist, vnetHdr: d.vnetHdr,
-                          mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, ifindex: d.ifindex, queues: qs,
+                          mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, peer: d.peer, peerState: peerState,
+                          offload: d.offload, offloads: d.offloads.names, ifindex: d.ifindex, queues: qs,
                           status: .active, since: d.since)
     }
 
@@ -188,6 +193,8 @@ public final class DeviceManager: Sendable {
                 published.withLock { $0 = copy }
             }
             let result = try body(&model)
+            // Whatever changed, the forwarders write to what their peers have now.
+            retarget(model)
             if let e = save(&model) { throw e }
             return result
         }
@@ -202,6 +209,7 @@ public final class DeviceManager: Sendable {
                 published.withLock { $0 = copy }
             }
             let result = body(&model)
+            retarget(model)
             _ = save(&model)
             return result
         }

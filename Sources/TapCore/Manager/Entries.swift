@@ -71,6 +71,11 @@ struct ActiveDevice: Sendable {
     let mac: MACAddress?
     var up: Bool
     var mode: DeviceMode
+    /// For `forward`: the device frames go to (by name: a new device of that name is picked up).
+    var peer: String?
+    let offload: Bool
+    /// The offloads TUNSETOFFLOAD took.
+    var offloads: Offloads = []
     let ifindex: Int
     var queues: [Int: QueueEntry]
     /// Leased queues recorded before a restart, which the daemon holds no fd of.
@@ -87,14 +92,14 @@ struct ActiveDevice: Sendable {
     /// Any queue's fd: all are bound to the same device.
     var anyFD: Int32? { queues.values.first?.fd }
 
-    /// What the workers do with this device's frames.
-    var action: QueueAction { .of(mode, kind: kind, vnetHdr: vnetHdr) }
+    /// The vnet header in front of every frame, not counted in bytes.
+    var headerBytes: Int { vnetHdr ? QueueAction.vnetHeaderSize : 0 }
 
     var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
 
     var desired: DesiredState.Device {
         let spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: maxQueues, persist: persist,
-                              vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode)
+                              vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload)
         let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
@@ -233,12 +238,14 @@ extension DeviceEntry {
         case .active(let e):
             let qs = e.queues.values.map(\.info) + e.orphans.values.map(\.info)
             return DeviceInfo(name: e.name, kind: e.kind, maxQueues: e.maxQueues, persist: e.persist,
-                              vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, ifindex: e.ifindex,
+                              vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, peer: e.peer,
+                              peerState: nil, offload: e.offload, offloads: e.offloads.names, ifindex: e.ifindex,
                               queues: qs.sorted { $0.id < $1.id }, status: .active, since: e.since)
         case .kept(let k):
             let s = k.desired.spec
             return DeviceInfo(name: s.name, kind: s.kind, maxQueues: k.maxQueues, persist: s.persist,
-                              vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, ifindex: nil,
+                              vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
+                              peerState: nil, offload: s.offload, offloads: [], ifindex: nil,
                               queues: [], status: k.status, since: k.since)
         }
     }

@@ -13,6 +13,11 @@ struct PolledQueue: Sendable {
     let fd: Int32
     let counters: CounterBlock
     let action: QueueAction
+    /// The queue's id: which peer queue a forwarded frame goes to (id modulo their count).
+    let index: Int
+    /// The vnet header in front of every frame (0 without IFF_VNET_HDR): not counted in bytes,
+    /// as the kernel does not count it.
+    let headerBytes: Int
 }
 
 /// What the control path asks of a worker.

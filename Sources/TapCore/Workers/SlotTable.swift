@@ -3,6 +3,8 @@ import TunKit
 /// A worker's queues, by slot index (the epoll token) and by key (how commands name them).
 /// Only the worker's thread touches it.
 struct SlotTable {
+    enum Kind { case sink, echo, forward }
+
     struct Slot {
         var key: UInt64 = 0
         var device: UInt64 = 0
@@ -11,7 +13,17 @@ struct SlotTable {
         var counters = CounterBlock.Writer?.none
         /// Keeps the block `counters` writes to alive while the slot points at it.
         var owner: CounterBlock?
-        var action = QueueAction.sink
+        /// The action as plain fields, so the packet path copies no reference: which one, the
+        /// echo's MAC offset (-1: none), and the forward target's raw fds and writers (valid
+        /// while `target` keeps them).
+        var kind = Kind.sink
+        var macOffset = -1
+        var target: ForwardTarget?
+        var targetFDs: UnsafeMutablePointer<Int32>?
+        var targetWriters: UnsafeMutablePointer<CounterBlock.Writer>?
+        var targetCount = 0
+        var index = 0
+        var headerBytes = 0
         /// The worker reads this queue.
         var polled = false
         /// The fd is in the epoll set (a solo queue is not).
@@ -48,8 +60,31 @@ struct SlotTable {
             s = slots.count - 1
         }
         slots[s] = Slot(key: q.key, device: q.device, fd: q.fd, counters: q.counters.writer, owner: q.counters,
-                        action: q.action)
+                        index: q.index, headerBytes: q.headerBytes)
+        setAction(s, q.action)
         return s
+    }
+
+    /// Unpacks an action into the slot's plain fields (the old target is released here).
+    mutating func setAction(_ s: Int, _ action: QueueAction) {
+        slots[s].target = nil
+        slots[s].targetFDs = nil
+        slots[s].targetWriters = nil
+        slots[s].targetCount = 0
+        slots[s].macOffset = -1
+        switch action {
+        case .sink:
+            slots[s].kind = .sink
+        case .echo(let m):
+            slots[s].kind = .echo
+            slots[s].macOffset = m ?? -1
+        case .forward(let t):
+            slots[s].kind = .forward
+            slots[s].target = t
+            slots[s].targetFDs = t.fds.baseAddress
+            slots[s].targetWriters = t.writers.baseAddress
+            slots[s].targetCount = t.count
+        }
     }
 
     /// Marks a slot as read (after its fd is watched or it goes solo).

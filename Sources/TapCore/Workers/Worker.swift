@@ -173,13 +173,17 @@ final class Worker: @unchecked Sendable {
             // End of file: tun never returns it; a closed peer (a vanished queue) does.
             return .gone
         case .done(let n):
-            counters.received(n)
-            switch table[s].action {
+            let header = table[s].headerBytes
+            counters.received(n - header)
+            switch table[s].kind {
             case .sink:
                 break
-            case .echo(let macOffset):
-                if let m = macOffset, n >= m + 12 { swapMACs(frame + m) }
+            case .echo:
+                let m = table[s].macOffset
+                if m >= 0 && n >= m + 12 { swapMACs(frame + m) }
                 write(s, fd, n, counters)
+            case .forward:
+                forward(s, n, counters)
             }
             return .frame
         case .failed(let e):
@@ -197,12 +201,36 @@ final class Worker: @unchecked Sendable {
         }
     }
 
+    /// Writes the frame buffer's first `n` bytes, unchanged, into the peer's queue with this
+    /// queue's index modulo the peer's count; counted on that queue's tx, or as dropped here.
+    @inline(__always)
+    private func forward(_ s: Int, _ n: Int, _ counters: CounterBlock.Writer) {
+        let count = table[s].targetCount
+        guard count > 0, let fds = table[s].targetFDs, let writers = table[s].targetWriters else {
+            counters.dropped()
+            return
+        }
+        let i = table[s].index % count
+        // SAFETY: the fds and writers belong to the slot's target, which the slot keeps alive
+        // and which owns a duplicate of each fd: none can be closed under this write.
+        switch writeFrame(fds[i], from: frame, count: n) {
+        case .done(let w) where w == n:
+            writers[i].sent(n - table[s].headerBytes)
+        case .done:
+            counters.dropped()
+            noteError(s, .ioError, write: true)
+        case .failed(let e):
+            counters.dropped()
+            noteError(s, e, write: true)
+        }
+    }
+
     /// Writes the frame buffer's first `n` bytes into `fd`, counted on `counters`.
     @inline(__always)
     private func write(_ s: Int, _ fd: Int32, _ n: Int, _ counters: CounterBlock.Writer) {
         switch writeFrame(fd, from: frame, count: n) {
         case .done(let w) where w == n:
-            counters.sent(n)
+            counters.sent(n - table[s].headerBytes)
         case .done:
             counters.writeFailed()
             noteError(s, .ioError, write: true)
@@ -251,7 +279,7 @@ final class Worker: @unchecked Sendable {
                 if let old = table.remove(key: key), old.watched { try? epoll.remove(old.fd) }
                 done.finish()
             case .setAction(let key, let action, let done):
-                if let s = table.slot(key: key) { table[s].action = action }
+                if let s = table.slot(key: key) { table.setAction(s, action) }
                 done.finish()
             case .stop:
                 return false
