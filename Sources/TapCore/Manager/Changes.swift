@@ -38,7 +38,7 @@ extension DeviceManager {
             model.devices[spec.name] = .active(d)
             journal.publish(.deviceCreated, device: spec.name)
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
-            return DeviceEntry.active(d).info
+            return view(.active(d))
         }
     }
 
