@@ -20,6 +20,10 @@ const unsigned long mqt_TUNSETQUEUE = TUNSETQUEUE;
 const unsigned long mqt_TUNSETPERSIST = TUNSETPERSIST;
 const unsigned long mqt_TUNGETFEATURES = TUNGETFEATURES;
 const unsigned long mqt_TUNSETOFFLOAD = TUNSETOFFLOAD;
+#ifndef TUNGETDEVNETNS
+#define TUNGETDEVNETNS _IO('T', 227)
+#endif
+const unsigned long mqt_TUNGETDEVNETNS = TUNGETDEVNETNS;
 const unsigned long mqt_SIOCGIFFLAGS = SIOCGIFFLAGS;
 const unsigned long mqt_SIOCSIFFLAGS = SIOCSIFFLAGS;
 const unsigned long mqt_SIOCSIFMTU = SIOCSIFMTU;
@@ -248,6 +252,9 @@ long mqt_recv_fds(int sock, void *buf, unsigned long cap, int *fds, int max_fds,
     if (msg.msg_flags & MSG_CTRUNC) return -EMSGSIZE;
     return n;
 }
+
+#include <sched.h>
+int mqt_setns_net(int fd) { return setns(fd, CLONE_NEWNET) == 0 ? 0 : -errno; }
 
 int mqt_execvpe(const char *file, char *const argv[], char *const envp[]) {
     execvpe(file, argv, envp);

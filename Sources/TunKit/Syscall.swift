@@ -38,6 +38,9 @@ public struct OwnedFD: ~Copyable, Sendable {
         self.fd = try retryingEINTR("fcntl(F_DUPFD_CLOEXEC)") { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
     }
 
+    /// Takes ownership of an fd a call returned.
+    public init(adopting fd: Int32) { self.fd = fd }
+
     deinit { closeFD(fd) }
 }
 

@@ -16,6 +16,7 @@ extern const unsigned long mqt_TUNSETQUEUE;
 extern const unsigned long mqt_TUNSETPERSIST;
 extern const unsigned long mqt_TUNGETFEATURES;
 extern const unsigned long mqt_TUNSETOFFLOAD;
+extern const unsigned long mqt_TUNGETDEVNETNS;
 extern const unsigned long mqt_SIOCGIFFLAGS;
 extern const unsigned long mqt_SIOCSIFFLAGS;
 extern const unsigned long mqt_SIOCSIFMTU;
@@ -74,6 +75,9 @@ long mqt_recv_fds(int sock, void *buf, unsigned long cap, int *fds, int max_fds,
 int mqt_peer_cred(int sock, int *pid, unsigned *uid, unsigned *gid);
 // The address family a socket is bound to (getsockname): AF_UNIX, AF_INET…, or -errno.
 int mqt_socket_family(int sock);
+
+// setns(2) is declared only under _GNU_SOURCE: 0 or -errno.
+int mqt_setns_net(int fd);
 
 // execvpe(3) is a GNU extension, declared only under _GNU_SOURCE: -errno if it returns.
 int mqt_execvpe(const char *file, char *const argv[], char *const envp[]);

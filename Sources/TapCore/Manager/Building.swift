@@ -108,7 +108,9 @@ extension DeviceManager {
         var added: [QueueEntry] = []
         for id in ids {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
-                try driver.openQueue(name: d.name, flags: flags)
+                // Next to a queue it has: the device may have moved to another namespace.
+                if let existing = d.anyFD { return try driver.openQueue(name: d.name, flags: flags, joining: existing) }
+                return try driver.openQueue(name: d.name, flags: flags)
             }
             let file = QueueHandle(QueueFile(fd, driver: driver))
             rollback.add { file.close() }

@@ -1,0 +1,63 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTunLinux
+
+/// Network namespaces, as far as the daemon needs them: a device moved into another
+/// namespace (`ip link set DEV netns NS`) keeps working through its queue fds, but a new queue
+/// must be opened from inside that namespace, or TUNSETIFF by name would make a new device of
+/// that name in the daemon's own.
+public enum Netns {
+    /// The namespace the device of a tun fd lives in, as an fd of its own.
+    /// The corresponding C call is `ioctl(TUNGETDEVNETNS)` (Linux 5.2 and later).
+    public static func ofDevice(_ tunFD: Int32) throws(SyscallError) -> OwnedFD {
+        let fd = try retryingEINTR("ioctl(TUNGETDEVNETNS)") { mqt_ioctl(tunFD, mqt_TUNGETDEVNETNS, nil) }
+        return OwnedFD(adopting: fd)
+    }
+
+    /// A namespace's identity: the inode of its fd (`/proc/PID/ns/net` shows the same).
+    /// The corresponding C function is `fstat(2)`.
+    public static func inode(_ fd: Int32) throws(SyscallError) -> UInt64 {
+        var st = stat()
+        _ = try retryingEINTR("fstat(netns)") { fstat(fd, &st) }
+        return UInt64(st.st_ino)
+    }
+
+    /// The calling thread's namespace's inode. The corresponding C function is `stat(2)`.
+    public static func currentInode() throws(SyscallError) -> UInt64 {
+        var st = stat()
+        _ = try retryingEINTR("stat(/proc/thread-self/ns/net)") { stat("/proc/thread-self/ns/net", &st) }
+        return UInt64(st.st_ino)
+    }
+
+    /// Runs `body` on a thread of its own that has entered the namespace `netns` (the
+    /// calling thread's namespace stays as it is); what `body` opens belongs to `netns`.
+    /// The corresponding C function is `setns(CLONE_NEWNET)`.
+    public static func run<T: Sendable>(in netns: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T {
+        let box = ResultBox<T>()
+        let thread = try NamedThread(name: "mqtapd-netns") {
+            let rc = mqt_setns_net(netns)
+            guard rc == 0 else {
+                box.result = .failure(SyscallError(call: "setns(CLONE_NEWNET)", errno: Errno(-rc)))
+                return
+            }
+            do throws(SyscallError) {
+                box.result = .success(try body())
+            } catch {
+                box.result = .failure(error)
+            }
+        }
+        thread.join()
+        // SAFETY: written by the thread before it ended, read after the join.
+        switch box.result! {
+        case .success(let v): return v
+        case .failure(let e): throw e
+        }
+    }
+
+    private final class ResultBox<T>: @unchecked Sendable {
+        // SAFETY (@unchecked): written once by the thread, read after it was joined.
+        var result: Result<T, SyscallError>?
+    }
+}
