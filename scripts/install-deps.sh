@@ -7,7 +7,9 @@ set -euo pipefail
 packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-venv curl gcc libc6-dev util-linux wrk systemd buildah debootstrap valgrind binutils linux-perf
           # The lease test's QEMU guest (scripts/build-guest.sh): a Debian kernel, busybox, and
           # ethtool for the guest's queue count.
-          qemu-system-x86 linux-image-amd64 busybox-static cpio ethtool xz-utils kmod)
+          qemu-system-x86 linux-image-amd64 busybox-static cpio ethtool xz-utils kmod
+          # The forward test's traffic between two namespaces.
+          iperf3 iputils-ping)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
