@@ -121,42 +121,66 @@ public final class HTTPServer: Sendable {
     /// The streams in flight, ended before MHD stops (MHD must not stop with a suspended
     /// connection).
     final class Streams: Sendable {
-        private let open = Mutex<[ObjectIdentifier: Streaming]>([:])
+        private struct State {
+            var open: [ObjectIdentifier: Streaming] = [:]
+            var stopping = false
+        }
+        private let state = Mutex(State())
 
-        func add(_ s: Streaming) { open.withLock { $0[ObjectIdentifier(s)] = s } }
-        func remove(_ s: Streaming) { open.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(s)) } }
+        /// Registers a stream; once the server stops, a new one is finished at once (its
+        /// first read ends it), so no connection is ever suspended when MHD stops.
+        func add(_ s: Streaming) {
+            let stopping = state.withLock { st in
+                st.open[ObjectIdentifier(s)] = s
+                return st.stopping
+            }
+            if stopping { s.body.finish() }
+        }
 
-        /// Ends every stream and waits (up to `seconds`) for MHD to send their last chunk.
+        func remove(_ s: Streaming) { state.withLock { _ = $0.open.removeValue(forKey: ObjectIdentifier(s)) } }
+
+        /// Ends every stream (and any that comes later) and waits (up to `seconds`) for MHD to
+        /// send their last chunk.
         func finishAll(within seconds: Double) {
-            let all = open.withLock { Array($0.values) }
+            let all = state.withLock { st in
+                st.stopping = true
+                return Array(st.open.values)
+            }
             for s in all {
                 s.body.finish()
                 s.wake()
             }
             let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
-            while open.withLock({ !$0.isEmpty }) && Clock.monotonicNanoseconds() < deadline { Clock.sleep(0.01) }
+            while state.withLock({ !$0.open.isEmpty }) && Clock.monotonicNanoseconds() < deadline { Clock.sleep(0.01) }
         }
     }
 
     /// The upgraded connections still open: closed before MHD stops (after MHD_stop_daemon
     /// their handles are freed, so nothing may close them then).
     final class Connections: Sendable {
-        private let open = Mutex<[ObjectIdentifier: UpgradedConnection]>([:])
-        private let stopped = Mutex(false)
+        private struct State {
+            var open: [ObjectIdentifier: UpgradedConnection] = [:]
+            var stopped = false
+        }
+        private let state = Mutex(State())
 
-        /// False once the server stops: the caller closes the connection at once.
+        /// False once the server stops: the caller closes the connection at once. Checked and
+        /// added in one step, so no connection slips past `closeAll`.
         func add(_ c: UpgradedConnection) -> Bool {
-            guard !stopped.withLock({ $0 }) else { return false }
-            open.withLock { $0[ObjectIdentifier(c)] = c }
-            c.onClose { [weak self] in self?.open.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(c)) } }
-            return true
+            let added = state.withLock { st -> Bool in
+                guard !st.stopped else { return false }
+                st.open[ObjectIdentifier(c)] = c
+                return true
+            }
+            if added { c.onClose { [weak self] in self?.state.withLock { _ = $0.open.removeValue(forKey: ObjectIdentifier(c)) } } }
+            return added
         }
 
         func closeAll() {
-            stopped.withLock { $0 = true }
-            let all = open.withLock { o in
-                defer { o = [:] }
-                return Array(o.values)
+            let all = state.withLock { st in
+                st.stopped = true
+                defer { st.open = [:] }
+                return Array(st.open.values)
             }
             for c in all { c.close() }
         }

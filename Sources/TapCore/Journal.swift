@@ -69,6 +69,19 @@ public final class EventJournal: Sendable {
         var head = 0
         var nextID: UInt64 = 1
         var sinks: [ObjectIdentifier: any EventSink] = [:]
+        /// A change in progress holds its events until the state it describes is readable.
+        var holding = false
+        var held: [Pending] = []
+    }
+
+    private struct Pending {
+        let time: String
+        let kind: Event.Kind
+        let device: String?
+        let queue: Int?
+        let lease: String?
+        let by: Event.Source?
+        let changes: [(String, Event.Value)]
     }
 
     private let state = Mutex(State())
@@ -81,22 +94,47 @@ public final class EventJournal: Sendable {
         boot = String(repeating: "0", count: 16 - hex.count) + hex
     }
 
-    /// Records an event and hands it to every watcher.
+    /// Records an event and hands it to every watcher; while a change holds events (`hold`),
+    /// it waits for the change's end, unless `now`.
     public func publish(_ kind: Event.Kind, device: String? = nil, queue: Int? = nil, lease: String? = nil,
-                        by: Event.Source? = nil, changes: [(String, Event.Value)] = []) {
-        let time = Clock.timestamp()
+                        by: Event.Source? = nil, changes: [(String, Event.Value)] = [], now: Bool = false) {
+        let p = Pending(time: Clock.timestamp(), kind: kind, device: device, queue: queue, lease: lease, by: by,
+                        changes: changes)
         state.withLock { s in
-            let e = Event(id: s.nextID, time: time, kind: kind, device: device, queue: queue, lease: lease, by: by,
-                          changes: changes)
-            s.nextID += 1
-            if s.ring.count < retention {
-                s.ring.append(e)
+            if s.holding && !now {
+                s.held.append(p)
             } else {
-                s.ring[s.head] = e
-                s.head = (s.head + 1) % retention
+                Self.record(p, in: &s, retention: retention)
             }
-            for (key, sink) in s.sinks where !sink.deliver(e) { s.sinks[key] = nil }
         }
+    }
+
+    /// Holds the events published from now on (the manager's change in progress: they go out
+    /// once the state they describe can be read).
+    func hold() { state.withLock { $0.holding = true } }
+
+    /// Ends a hold: the held events go out in order, or are dropped (`deliver` false: the
+    /// change failed and was undone).
+    func release(deliver: Bool) {
+        state.withLock { s in
+            s.holding = false
+            let held = s.held
+            s.held = []
+            if deliver { for p in held { Self.record(p, in: &s, retention: retention) } }
+        }
+    }
+
+    private static func record(_ p: Pending, in s: inout State, retention: Int) {
+        let e = Event(id: s.nextID, time: p.time, kind: p.kind, device: p.device, queue: p.queue, lease: p.lease,
+                      by: p.by, changes: p.changes)
+        s.nextID += 1
+        if s.ring.count < retention {
+            s.ring.append(e)
+        } else {
+            s.ring[s.head] = e
+            s.head = (s.head + 1) % retention
+        }
+        for (key, sink) in s.sinks where !sink.deliver(e) { s.sinks[key] = nil }
     }
 
     public enum ReplayError: Error, Equatable {

@@ -89,11 +89,15 @@ public enum UnixSocket {
         return !(e == EAGAIN || e == EINTR)
     }
 
-    /// Reads and drops whatever the peer sent (a lease's peer has nothing to say).
+    /// Reads and drops what the peer sent (a lease's peer has nothing to say), at most 16 KiB
+    /// a call, so a peer that keeps writing cannot hold the caller.
     /// The corresponding C function is `recv(2)` with `MSG_DONTWAIT`.
     public static func drain(_ fd: Int32) {
-        var buf = [UInt8](repeating: 0, count: 512)
-        while buf.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 {}
+        var buf = [UInt8](repeating: 0, count: 4096)
+        for _ in 0..<4 {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n <= 0 { return }
+        }
     }
 
     /// Shuts both directions down, so the peer reads end of file at once (the fd itself stays

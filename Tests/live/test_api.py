@@ -161,7 +161,7 @@ def test_unknown_field_and_wrong_types(api, name):
     r = api.post("/v1/devices", {"name": name(), "colour": "red"})
     assert r.status == 400 and r.code == "unknown_field" and r.json()["error"]["field"] == "colour"
     for field, value in [("queues", "4"), ("queues", 1.5), ("persist", 1), ("type", "bridge"),
-                         ("mode", "forward"), ("mac", "nope"), ("mtu", 20), ("queues", 0)]:
+                         ("mode", "bounce"), ("mac", "nope"), ("mtu", 20), ("queues", 0)]:
         r = api.post("/v1/devices", {"name": name(), field: value})
         assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == field, (field, r)
     assert _created_nothing(before)

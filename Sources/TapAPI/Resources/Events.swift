@@ -53,6 +53,10 @@ enum EventsResource {
     static func get(_ m: DeviceManager, _ hub: EventHub, _ r: HTTPRequest) throws -> HTTPResponse {
         let q = try decodeQuery(r)
         let journal = m.journal
+        // Watchers and leases hold connections for long: keep room for everything else.
+        if q.follow && hub.count >= EventHub.maxStreams {
+            throw APIError(503, "resource_exhausted", "too many event watchers (\(EventHub.maxStreams)); try again later")
+        }
         let headers = [("Content-Type", contentType), ("Cache-Control", "no-store")]
         let stream = q.follow ? EventStream(device: q.device, boot: journal.boot) : nil
         let replay: [Event]
@@ -90,6 +94,8 @@ final class EventStream: EventSink, StreamBody, @unchecked Sendable {
         var finished = false
         var closed = false
         var wake: (@Sendable () -> Void)?
+        /// Replayed bytes still unread, allowed on top of `capacity`.
+        var allowance = 0
         /// When something was last queued (for the keep-alive line).
         var lastWrite = Clock.monotonicNanoseconds()
     }
@@ -101,8 +107,16 @@ final class EventStream: EventSink, StreamBody, @unchecked Sendable {
         self.boot = boot
     }
 
-    /// The replayed lines, before any live event.
-    func prime(_ lines: [UInt8]) { state.withLock { $0.buffer = lines } }
+    /// The replayed lines, before the live events that may have come since the subscription.
+    /// They do not count toward the cut: a watcher is cut for falling behind, not for asking
+    /// for what is kept.
+    func prime(_ lines: [UInt8]) {
+        state.withLock { s in
+            s.buffer = lines + s.buffer[s.offset...]
+            s.offset = 0
+            s.allowance = lines.count
+        }
+    }
 
     func deliver(_ event: Event) -> Bool {
         if let device, event.device != device { return !isClosed }
@@ -125,7 +139,7 @@ final class EventStream: EventSink, StreamBody, @unchecked Sendable {
     func append(_ bytes: [UInt8]) -> Bool {
         let (keep, wake) = state.withLock { s -> (Bool, (@Sendable () -> Void)?) in
             guard !s.cut, !s.closed, !s.finished else { return (false, nil) }
-            if s.buffer.count - s.offset + bytes.count > Self.capacity {
+            if s.buffer.count - s.offset + bytes.count > Self.capacity + s.allowance {
                 // Fallen too far behind: cut, and the memory goes now.
                 s.cut = true
                 s.buffer = []
@@ -162,6 +176,7 @@ final class EventStream: EventSink, StreamBody, @unchecked Sendable {
                     out.baseAddress!.copyMemory(from: src.baseAddress! + s.offset, byteCount: n)
                 }
                 s.offset += n
+                s.allowance = max(0, s.allowance - n)
                 if s.offset == s.buffer.count {
                     s.buffer.removeAll(keepingCapacity: s.buffer.count <= 64 * 1024)
                     s.offset = 0
@@ -206,6 +221,8 @@ public final class EventHub: Sendable {
     private let stopSignal = DispatchSemaphore(value: 0)
     /// Seconds of silence before a blank line.
     let idle: Double
+    /// Open streams at most (of the server's 256 connections).
+    public static let maxStreams = 128
 
     public init(keepAliveSeconds: Double = 15) throws(SyscallError) {
         idle = keepAliveSeconds

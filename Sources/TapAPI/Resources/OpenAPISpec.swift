@@ -382,7 +382,9 @@ paths:
         ends. `device` keeps one device's events. Ids go up by one from 1 at each start of the
         daemon; `boot` names the run, so a client that sees it change starts again without
         `since`. An idle stream gets a blank line every 15 s (ignore blank lines). A watcher
-        that stops reading is cut once it is 256 KiB behind. SIGTERM ends every stream cleanly.
+        that stops reading is cut once it is 256 KiB behind (a replay does not count toward
+        that). At most 128 streams are open at once (503 `resource_exhausted` beyond, so the
+        API keeps connections for everything else). SIGTERM ends every stream cleanly.
         Types: `device.created`, `device.deleted`, `device.changed` (`changes`: each changed
         field's new value), `device.vanished` (deleted behind the daemon's back),
         `device.conflict` and `device.failed` (kept from the state file at start, `changes.reason`),
@@ -412,6 +414,7 @@ paths:
             application/x-ndjson:
               schema: { type: string }
         "400": { $ref: "#/components/responses/BadRequest" }
+        "503": { $ref: "#/components/responses/Unavailable" }
         "410":
           description: "`events_expired`: events after `since` are no longer kept."
           content:

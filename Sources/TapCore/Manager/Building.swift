@@ -137,24 +137,35 @@ extension DeviceManager {
                 rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: !enabled) }
             }
         } else {
-            guard q.enabled != enabled else { return q }
+            // The kernel's state, not only the recorded one: whoever shares the queue's open
+            // file (a revoked lease's holder) may have changed it.
+            let attached = (try? driver.isAttached(q.fd)) ?? q.enabled
+            guard q.enabled != enabled || attached != enabled else { return q }
             let entry = d
             if enabled {
-                try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
-                rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: false) }
-                do throws(SyscallError) {
-                    try pool.startPolling(polled(q, of: entry), on: q.worker)
-                } catch {
-                    throw ManagerError.from(error, device: name, step: .pollQueue)
+                if !attached {
+                    try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
+                    rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: false) }
                 }
-                rollback.add { [pool, q] in pool.stopPolling(key: q.key, on: q.worker) }
+                if !q.enabled {
+                    do throws(SyscallError) {
+                        try pool.startPolling(polled(q, of: entry), on: q.worker)
+                    } catch {
+                        throw ManagerError.from(error, device: name, step: .pollQueue)
+                    }
+                    rollback.add { [pool, q] in pool.stopPolling(key: q.key, on: q.worker) }
+                }
             } else {
                 // Out of the epoll set before the kernel detaches it: a detached queue reports
                 // POLLERR forever and is not the worker's to read any more.
-                pool.stopPolling(key: q.key, on: q.worker)
-                rollback.add { [pool, q] in try? pool.startPolling(self.polled(q, of: entry), on: q.worker) }
-                try step(name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
-                rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: true) }
+                if q.enabled {
+                    pool.stopPolling(key: q.key, on: q.worker)
+                    rollback.add { [pool, q] in try? pool.startPolling(self.polled(q, of: entry), on: q.worker) }
+                }
+                if attached {
+                    try step(name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
+                    rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: true) }
+                }
             }
         }
         q.enabled = enabled

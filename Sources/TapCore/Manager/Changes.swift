@@ -69,7 +69,7 @@ extension DeviceManager {
             var connections: [any LeaseConnection] = []
             if !d.leases.isEmpty {
                 guard force else { throw .deviceLeased(device: name, leases: d.leases.keys.sorted()) }
-                try step(name, .deleteLink) { () throws(SyscallError) in try driver.deleteLink(ifindex: d.ifindex) }
+                try deleteLink(d)
                 for id in d.leases.keys.sorted() {
                     if let c = revoke(id, of: &d) { connections.append(c) }
                 }
@@ -79,7 +79,7 @@ extension DeviceManager {
                     try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
                 } else {
                     // Every queue was an orphaned lease, now forgotten: no fd to clear it with.
-                    try step(name, .deleteLink) { () throws(SyscallError) in try driver.deleteLink(ifindex: d.ifindex) }
+                    try deleteLink(d)
                 }
             }
             release(d)
@@ -94,6 +94,18 @@ extension DeviceManager {
     /// Changes a device: limit, link state, MTU, mode, and the declared queue count and
     /// attached count. All or nothing: a refusal or a failed step leaves it as it was, and the
     /// state file is written once.
+    /// Deletes the device's link by index; one that is gone already (its holders exited) is
+    /// what was asked.
+    private func deleteLink(_ d: ActiveDevice) throws(ManagerError) {
+        do {
+            try driver.deleteLink(ifindex: d.ifindex)
+        } catch where error.errno == .noDevice {
+            return
+        } catch {
+            throw ManagerError.from(error, device: d.name, step: .deleteLink)
+        }
+    }
+
     public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
         if let m = patch.maxQueues { try Validate.maxQueues(m) }
         if let mtu = patch.mtu { try Validate.mtu(mtu) }

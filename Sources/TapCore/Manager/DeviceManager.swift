@@ -100,7 +100,7 @@ public final class DeviceManager: Sendable {
         let d = try activeSnapshot(name)
         if let o = d.orphans[id] { return o.info }
         guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
-        return q.info(attached: try? driver.isAttached(q.fd))
+        return q.info(attached: attached(q))
     }
 
     public func stats(_ name: String) throws(ManagerError) -> DeviceStats {
@@ -128,7 +128,7 @@ public final class DeviceManager: Sendable {
     /// have changed it).
     func view(_ entry: DeviceEntry) -> DeviceInfo {
         guard case .active(let d) = kernelLink(entry) else { return entry.info }
-        let own = d.queues.values.map { q in q.info(attached: try? driver.isAttached(q.fd)) }
+        let own = d.queues.values.map { q in q.info(attached: attached(q)) }
         let qs = (own + d.orphans.values.map(\.info)).sorted { $0.id < $1.id }
         let peerState = d.mode != .forward ? nil
             : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? "missing" : "active")
@@ -172,8 +172,15 @@ public final class DeviceManager: Sendable {
     }
 
     func vanished(_ entry: DeviceEntry) -> Bool {
-        guard let fd = entry.active?.anyFD else { return false }
-        return !driver.isBound(fd)
+        guard let q = entry.active?.queues.values.first else { return false }
+        // A queue closed since the snapshot was taken says nothing: not vanished.
+        return q.file.withOpenFD { !driver.isBound($0) } ?? false
+    }
+
+    /// The kernel's attach state of a queue, read from the daemon's fd (nil if it was closed
+    /// since the snapshot, or the read failed).
+    func attached(_ q: QueueEntry) -> Bool? {
+        q.file.withOpenFD { try? driver.isAttached($0) } ?? nil
     }
 
     // MARK: - The one way to change
@@ -188,11 +195,17 @@ public final class DeviceManager: Sendable {
     func change<T>(_ body: (inout ManagerModel) throws(ManagerError) -> T) throws(ManagerError) -> T {
         try control.withLock { (model) throws(ManagerError) -> T in
             guard model.lifecycle == .starting || model.lifecycle == .serving else { throw .shuttingDown }
+            // Events go out after the state they describe is published, and only if the change
+            // was made (a change whose state file was not saved was made).
+            journal.hold()
+            var made = false
             defer {
                 let copy = model
                 published.withLock { $0 = copy }
+                journal.release(deliver: made)
             }
             let result = try body(&model)
+            made = true
             // Whatever changed, the forwarders write to what their peers have now.
             retarget(model)
             if let e = save(&model) { throw e }
@@ -204,9 +217,11 @@ public final class DeviceManager: Sendable {
     @discardableResult
     func change<T>(_ body: (inout ManagerModel) -> T) -> T {
         control.withLock { model in
+            journal.hold()
             defer {
                 let copy = model
                 published.withLock { $0 = copy }
+                journal.release(deliver: true)
             }
             let result = body(&model)
             retarget(model)

@@ -43,7 +43,7 @@ extension DeviceManager {
         journal.publish(.queueErrors, device: d.name, queue: id, changes: [
             ("errno", .string(report.errno.name)), ("direction", .string(report.write ? "write" : "read")),
             ("suppressed", .int(Int(truncatingIfNeeded: report.suppressed))),
-        ])
+        ], now: true)
         logger.warning("queue i/o errors", metadata: [
             "device": "\(d.name)", "queue": "\(id.map(String.init) ?? "?")", "errno": "\(report.errno.name)",
             "direction": "\(report.write ? "write" : "read")", "suppressed": "\(report.suppressed)",
@@ -83,11 +83,23 @@ extension DeviceManager {
     /// event. Under the lock, so it never mistakes the API's own change for another's.
     func observe() {
         control.withLock { model in
+            journal.hold()
+            defer { journal.release(deliver: true) }
             var changed = false
+            var lost: [UInt64] = []
             for case .active(var d) in model.devices.values {
                 var touched = false
                 for q in d.queues.values {
-                    guard let attached = try? driver.isAttached(q.fd), attached != q.seen else { continue }
+                    let attached: Bool
+                    do throws(SyscallError) {
+                        attached = try driver.isAttached(q.fd)
+                    } catch {
+                        // Deleted behind our back: noticed here even when no worker reads the
+                        // device (all its queues detached or leased).
+                        if error.errno == .badFileDescriptorState { lost.append(d.key) }
+                        break
+                    }
+                    guard attached != q.seen else { continue }
                     d.queues[q.id]!.seen = attached
                     touched = true
                     journal.publish(attached ? .queueEnabled : .queueDisabled, device: d.name, queue: q.id,
@@ -102,6 +114,7 @@ extension DeviceManager {
                 let copy = model
                 published.withLock { $0 = copy }
             }
+            for key in lost { scheduleLost(key: key) }
         }
     }
 }

@@ -37,4 +37,10 @@ final class QueueHandle: Sendable {
 
     /// Whether `close()` has run.
     var isClosed: Bool { file.withLock { $0 == nil } }
+
+    /// Runs `body` with the fd while it is open, holding off `close()` until it returns; nil
+    /// once closed. For reads from a snapshot, which may be older than a close.
+    func withOpenFD<T>(_ body: (Int32) -> T) -> T? {
+        file.withLock { f in f == nil ? nil : body(fd) }
+    }
 }
