@@ -121,10 +121,15 @@ struct Device: ParsableCommand {
         @Option var mtu: Int?
         @Option var mac: String?
         @Flag(help: "Leave the link down.") var down = false
-        @Option(help: "sink or echo.") var mode: String?
+        @Option(help: "sink, echo or forward.") var mode: String?
+        @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
+        var peer: String?
+        @Flag(help: "GSO and checksum offloads (TUNSETOFFLOAD); needs --vnet-hdr.") var offload = false
 
         func run() throws {
             var body: JSONObject = ["name": .string(name)]
+            if let peer { body["peer"] = .string(peer) }
+            if offload { body["offload"] = true }
             if let type { body["type"] = .string(type) }
             if let queues { body["queues"] = JSON(queues) }
             if let maxQueues { body["max_queues"] = JSON(maxQueues) }
@@ -147,7 +152,9 @@ struct Device: ParsableCommand {
         @Option var maxQueues: Int?
         @Flag(inversion: .prefixedEnableDisable, help: "Bring the link up or down.") var up: Bool?
         @Option var mtu: Int?
-        @Option(help: "sink or echo.") var mode: String?
+        @Option(help: "sink, echo or forward.") var mode: String?
+        @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
+        var peer: String?
         @Option(help: ArgumentHelp("The queue count to have: adds (smallest free ids) or removes (highest ids not leased).",
                                    valueName: "n"))
         var queues: Int?
@@ -160,6 +167,7 @@ struct Device: ParsableCommand {
             if let maxQueues { body["max_queues"] = JSON(maxQueues) }
             if let queues { body["queues"] = JSON(queues) }
             if let enabledQueues { body["enabled_queues"] = JSON(enabledQueues) }
+            if let peer { body["peer"] = .string(peer) }
             if let up { body["up"] = .bool(up) }
             if let mtu { body["mtu"] = JSON(mtu) }
             if let mode { body["mode"] = .string(mode) }

@@ -17,8 +17,13 @@ enum Table {
 
     static func devices(_ list: [JSON]) -> String {
         render(["NAME", "TYPE", "QUEUES", "ENABLED", "MAX", "MODE", "UP", "MTU", "STATE"], list.map { d in
-            [d["name"]?.string ?? "", d["type"]?.string ?? "", d["queue_count"]?.description ?? "",
-             d["enabled_queues"]?.description ?? "", d["max_queues"]?.description ?? "", d["mode"]?.string ?? "",
+            // forward shows its peer, and whether it is there: forward>b, forward>b(missing).
+            var mode = d["mode"]?.string ?? ""
+            if let peer = d["peer"]?.string {
+                mode += ">" + peer + (d["peer_state"]?.string == "missing" ? "(missing)" : "")
+            }
+            return [d["name"]?.string ?? "", d["type"]?.string ?? "", d["queue_count"]?.description ?? "",
+             d["enabled_queues"]?.description ?? "", d["max_queues"]?.description ?? "", mode,
              d["up"]?.description ?? "", d["mtu"]?.description ?? "", d["state"]?.string ?? ""]
         })
     }
@@ -32,13 +37,15 @@ enum Table {
     }
 
     static func queues(_ list: [JSON]) -> String {
-        render(["ID", "ENABLED", "WORKER", "LEASE", "RX_PACKETS", "RX_BYTES", "TX_PACKETS", "TX_BYTES", "ERRORS"], list.map { q in
+        render(["ID", "ENABLED", "WORKER", "LEASE", "RX_PACKETS", "RX_BYTES", "TX_PACKETS", "TX_BYTES", "ERRORS", "DROPPED"],
+               list.map { q in
             let c = q["counters"]
             let errors = (c?["rx_errors"]?.int ?? 0) + (c?["tx_errors"]?.int ?? 0)
             let lease = q["lease"]?.string.map { $0 + (q["lease_state"]?.string == "orphaned" ? " (orphaned)" : "") } ?? "-"
             return [q["id"]?.description ?? "", q["enabled"]?.description ?? "", q["worker"]?.description ?? "-", lease,
                     c?["rx_packets"]?.description ?? "", c?["rx_bytes"]?.description ?? "",
-                    c?["tx_packets"]?.description ?? "", c?["tx_bytes"]?.description ?? "", String(errors)]
+                    c?["tx_packets"]?.description ?? "", c?["tx_bytes"]?.description ?? "", String(errors),
+                    c?["dropped"]?.description ?? "0"]
         })
     }
 

@@ -56,6 +56,27 @@ def test_every_subcommand(daemon):
         net.delete_link(n)
 
 
+def test_forward_declared_counts_and_events(daemon):
+    a, b = unique_name("fa"), unique_name("fb")
+    try:
+        js(daemon, "device", "create", b, "--vnet-hdr", "--queues", "2")
+        d = js(daemon, "device", "create", a, "--mode", "forward", "--peer", b, "--vnet-hdr", "--offload")
+        assert (d["mode"], d["peer"], d["peer_state"], d["offload"]) == ("forward", b, "active", True)
+        assert f"forward>{b}" in mqtap(daemon, "device", "list").stdout
+        d = js(daemon, "device", "set", a, "--mode", "sink")
+        assert d["mode"] == "sink" and "peer" not in d
+        d = js(daemon, "device", "set", b, "--queues", "8", "--enabled-queues", "4")
+        assert (d["queue_count"], d["enabled_queues"]) == (8, 4)
+        r = mqtap(daemon, "device", "create", unique_name("fc"), "--mode", "forward", "--peer", "nope-x")
+        assert r.returncode == 1 and "peer_unavailable" in r.stderr
+        assert "DROPPED" in mqtap(daemon, "queue", "list", a).stdout
+        for n in (a, b):
+            assert js(daemon, "device", "delete", n) == {}
+    finally:
+        net.delete_link(a)
+        net.delete_link(b)
+
+
 def test_errors_exit_nonzero_with_the_servers_code(daemon, tmpdir_short):
     r = mqtap(daemon, "device", "show", unique_name("z"))
     assert r.returncode == 1 and r.stderr.startswith("mqtap: not_found: ")
