@@ -45,12 +45,14 @@ soak: deps $(VENV)/.installed
 		"$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider test_soak.py
 
 # The benchmark tools: a generator and the C reference receiver.
-bench-tools: bench/gen bench/ref bench/uring
+bench-tools: bench/gen bench/ref bench/uring bench/fwd
 bench/gen: bench/gen.c
 	cc -O2 -Wall -Wextra -o $@ $<
 bench/ref: bench/ref.c bench/tap.h
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 bench/uring: bench/uring.c bench/tap.h
+	cc -O2 -Wall -Wextra -pthread -o $@ $<
+bench/fwd: bench/fwd.c
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
 # The benchmarks (about 8 minutes): writes bench/RESULTS.md. Needs root.
@@ -58,4 +60,4 @@ bench: deps release bench-tools
 	python3 bench/run.py
 
 clean:
-	rm -rf .build $(VENV) bench/gen bench/ref bench/uring
+	rm -rf .build $(VENV) bench/gen bench/ref bench/uring bench/fwd

@@ -30,6 +30,8 @@ BENCH = os.path.join(ROOT, "bench")
 DAEMON = os.path.join(ROOT, ".build", "release", "mqtapd")
 GEN = os.path.join(BENCH, "gen")
 REF = os.path.join(BENCH, "ref")
+FWD = os.path.join(BENCH, "fwd")
+NETNS = os.path.join(BENCH, "fwd-netns.sh")
 URING = os.path.join(BENCH, "uring")
 PREFIX = f"mqb{os.getpid() % 10000}"
 GEN_CPU, RX_CPU = "0", "1"
@@ -478,6 +480,115 @@ def watchers_row(daemon, name, path, secs, reps):
             "ratio_min": min(w / n for w, n in zip(with_w, without)), "ratio_max": max(w / n for w, n in zip(with_w, without))}
 
 
+# ---------------------------------------------------------------- forwarding
+
+def iperf_through(prefix, seconds, streams, udp=False):
+    """iperf3 from ns a to ns b (198.18.0.1 -> .2): TCP Gbit/s received, or for UDP with 18-byte
+    payloads (64-byte frames) the datagrams received per second (kpps)."""
+    server = subprocess.Popen(["ip", "netns", "exec", f"{prefix}b", "iperf3", "-s", "-1", "-B", "198.18.0.2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if subprocess.run(["ip", "netns", "exec", f"{prefix}b", "ss", "-Hltn", "sport = :5201"],
+                              capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(0.1)
+        cmd = ["ip", "netns", "exec", f"{prefix}a", "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-P", str(streams), "-J"]
+        if udp:
+            cmd += ["-u", "-l", "18", "-b", "0"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+        end = json.loads(out.stdout)["end"]
+        if udp:
+            s = end["sum"]
+            return (s["packets"] - s["lost_packets"]) / s["seconds"] / 1000
+        return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def forward_variant(variant, prefix, queues, seconds, streams, udp):
+    """One measurement: the wire set up by `variant`, iperf3 through it; returns (rate, CPU ns per
+    KiB forwarded or None)."""
+    subprocess.run([NETNS, "setup", prefix], check=True)
+    proc, daemon = None, None
+    a, b = f"{prefix}A", f"{prefix}B"
+    try:
+        if variant == "veth":
+            subprocess.run(["ip", "link", "add", f"{prefix}va", "netns", f"{prefix}a", "type", "veth", "peer", "name",
+                            f"{prefix}vb", "netns", f"{prefix}b"], check=True)
+            for ns, dev, ip in ((f"{prefix}a", f"{prefix}va", "198.18.0.1"), (f"{prefix}b", f"{prefix}vb", "198.18.0.2")):
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"], check=True)
+                subprocess.run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev], check=True)
+                subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+            cpu = lambda: 0
+        elif variant in ("c-plain", "c-offload"):
+            extra = ["--offload"] if variant == "c-offload" else []
+            proc = subprocess.Popen(["taskset", "-c", "0,1", FWD, "--a", a, "--b", b, "--queues", str(queues), *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout.readline().strip() == "ready"
+            subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
+            cpu = lambda: thread_ns(proc.pid, "fwd-")
+        else:
+            daemon = Daemon(workers=2, cpus="0,1")
+            spec = {"queues": queues, "vnet_hdr": True, "offload": True, "up": False}
+            assert daemon.api.call("POST", "/v1/devices", {"name": b, **spec})[0] == 201
+            assert daemon.api.call("POST", "/v1/devices", {"name": a, **spec, "mode": "forward", "peer": b})[0] == 201
+            assert daemon.api.call("PATCH", f"/v1/devices/{b}", {"mode": "forward", "peer": a})[0] == 200
+            subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
+            cpu = lambda: thread_ns(daemon.proc.pid, "mqtapd-w")
+        c0 = cpu()
+        r = iperf_through(prefix, seconds, streams, udp)
+        used = cpu() - c0
+        if udp:
+            return r, None
+        gbps, nbytes = r
+        return gbps, (used / (nbytes / 1024) if used and nbytes else None)
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait()
+        if daemon:
+            daemon.stop()
+        subprocess.run([NETNS, "teardown", prefix], capture_output=True)
+
+
+def forward_plane(args, report):
+    variants = ["c-plain", "c-offload", "mqtapd", "veth"]
+    cells = [(1, 1)] if args.quick else [(1, 1), (1, 4), (2, 1), (2, 4)]
+    reps = 2 if args.quick else 3
+    seconds = 2 if args.quick else 3
+    rows = []
+    for queues, streams in cells:
+        res = {v: {"gbps": [], "ns_per_kib": []} for v in variants}
+        for rep in range(reps):
+            order = variants if rep % 2 == 0 else list(reversed(variants))
+            for v in order:
+                gbps, cpu = forward_variant(v, PREFIX + "f", queues, seconds, streams, udp=False)
+                res[v]["gbps"].append(gbps)
+                if cpu:
+                    res[v]["ns_per_kib"].append(cpu)
+        row = {"queues": queues, "streams": streams, "raw": res}
+        med = lambda v, k: statistics.median(res[v][k]) if res[v][k] else None
+        ratio = lambda v, w, k: [x / y for x, y in zip(res[v][k], res[w][k])] if res[v][k] and res[w][k] else []
+        row["gbps"] = {v: med(v, "gbps") for v in variants}
+        row["ns_per_kib"] = {v: med(v, "ns_per_kib") for v in variants}
+        row["vs_offload_gbps"] = ratio("mqtapd", "c-offload", "gbps")
+        row["vs_offload_cpu"] = ratio("mqtapd", "c-offload", "ns_per_kib")
+        row["vs_plain_gbps"] = ratio("mqtapd", "c-plain", "gbps")
+        row["vs_veth_gbps"] = ratio("mqtapd", "veth", "gbps")
+        rows.append(row)
+        print(f"  {queues} queue pair(s), {streams} stream(s): " + ", ".join(
+            f"{v} {row['gbps'][v]:.2f} Gbit/s" for v in variants) +
+            f" | mqtapd/C-offload {statistics.median(row['vs_offload_gbps']):.3f}", flush=True)
+    udp = {v: [] for v in variants}
+    for rep in range(reps):
+        for v in (variants if rep % 2 == 0 else list(reversed(variants))):
+            udp[v].append(forward_variant(v, PREFIX + "f", 1, seconds, 1, udp=True)[0])
+    report["forward"] = {"rows": rows, "udp_kpps": udp, "reps": reps, "seconds": seconds}
+    print("  64-byte UDP kpps: " + ", ".join(f"{v} {statistics.median(udp[v]):.0f}" for v in variants), flush=True)
+
+
 def churn(daemon, name, secs):
     api = daemon.api
     mac = mac_of(name)
@@ -812,6 +923,41 @@ def write_report(path, report, args):
         f"traffic on {sc['exact_devices']}/{sc['devices']} devices.",
         "",
     ]
+    fw = report.get("forward")
+    if fw:
+        def rng(xs):
+            return f"{statistics.median(xs):.3f} ({min(xs):.3f}–{max(xs):.3f})" if xs else "–"
+
+        def num(x, fmt):
+            return format(x, fmt) if x is not None else "–"
+        lines += [
+            "## Forwarding",
+            "",
+            "iperf3 TCP from one network namespace to another through two taps joined by a forwarder (each tap in",
+            "its own namespace, 198.18.0.1 → .2), for "
+            f"{fw['seconds']} s, {fw['reps']} repetitions, the variants alternating: `c-plain` is `bench/fwd` (a thread",
+            "per queue and direction, blocking read() + write()), `c-offload` the same with IFF_VNET_HDR and",
+            "TUNSETOFFLOAD, `mqtapd` the daemon's forward mode with `offload: true` (2 workers), `veth` the kernel's",
+            "own veth pair. CPU per KiB is the forwarding threads' run time over the bytes received (none for veth).",
+            "",
+            "| queue pairs | streams | c-plain Gbit/s | c-offload Gbit/s | mqtapd Gbit/s | veth Gbit/s | mqtapd / c-offload Gbit/s | mqtapd / c-offload CPU per KiB | mqtapd / c-plain | mqtapd / veth | ns per KiB c-offload / mqtapd |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fw["rows"]:
+            g, c = r["gbps"], r["ns_per_kib"]
+            lines.append(
+                f"| {r['queues']} | {r['streams']} | {num(g['c-plain'], '.2f')} | {num(g['c-offload'], '.2f')} | "
+                f"{num(g['mqtapd'], '.2f')} | {num(g['veth'], '.2f')} | {rng(r['vs_offload_gbps'])} | "
+                f"{rng(r['vs_offload_cpu'])} | {rng(r['vs_plain_gbps'])} | {rng(r['vs_veth_gbps'])} | "
+                f"{num(c['c-offload'], '.0f')} / {num(c['mqtapd'], '.0f')} |")
+        u = fw["udp_kpps"]
+        lines += [
+            "",
+            "64-byte frames (iperf3 UDP, 18-byte payloads, unlimited rate), received kpps, median: " + ", ".join(
+                f"{v} {statistics.median(u[v]):.0f}" for v in u) + f" (mqtapd / c-plain "
+            f"{statistics.median([x / y for x, y in zip(u['mqtapd'], u['c-plain'])]):.3f}).",
+            "",
+        ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -827,7 +973,7 @@ def main():
         sys.exit("bench: needs root (it creates TAP devices)")
     global URING_OK
     URING_OK = os.access(URING, os.X_OK) and tuple(int(x) for x in platform.release().split(".")[:2]) >= (6, 7)
-    for exe in (DAEMON, GEN, REF):
+    for exe in (DAEMON, GEN, REF, FWD):
         if not os.access(exe, os.X_OK):
             sys.exit(f"bench: {exe} is missing; run `make bench`")
     report = {}
@@ -836,6 +982,8 @@ def main():
     profile_worker(args, report)
     print("control plane:", flush=True)
     control_plane(args, report)
+    print("forwarding:", flush=True)
+    forward_plane(args, report)
     callgrind(args, report)
     print("scale:", flush=True)
     scale(args, report)
