@@ -52,3 +52,25 @@ def test_generator_refuses_bad_arguments():
     assert r.returncode == 2 and "usage" in r.stderr
     r = subprocess.run([REF, "--name", unique_name("b"), "--queues", "1", "--mode", "poll"], capture_output=True, text=True)
     assert r.returncode == 2 and "--mode" in r.stderr
+
+
+def test_reference_forwarder():
+    """bench/fwd: what goes into A comes out of B, frame for frame (it counts without vnet headers)."""
+    fwd = os.path.join(ROOT, "bench", "fwd")
+    a, b = unique_name("fa"), unique_name("fb")
+    p = subprocess.Popen([fwd, "--a", a, "--b", b, "--queues", "2", "--offload"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        for dev in (a, b):
+            net.disable_ipv6(dev)
+            subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        mac = open(f"/sys/class/net/{b}/address").read().strip()
+        sent = net.send_frames(a, mac, 500)
+        assert net.settle(lambda: net.kernel_stats(b)["rx_packets"] >= sent), (sent, net.kernel_stats(b))
+        tx = net.kernel_stats(a)["tx_packets"]
+    finally:
+        p.send_signal(signal.SIGTERM)
+    out = json.loads(p.stdout.readline())
+    assert p.wait(10) == 0
+    assert out["a_to_b"]["frames"] == tx, out
+    assert net.settle(lambda: not net.exists(a) and not net.exists(b))
