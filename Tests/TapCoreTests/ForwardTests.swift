@@ -30,7 +30,10 @@ struct ForwardTests {
         #expect(throws: ManagerError.self) { try f.manager.create(DeviceSpec(name: "o", offload: true)) }
         #expect(f.driver.calls(.openQueue) == opened)
         #expect(throws: ManagerError.invalidField(field: "peer", reason: "a peer is only for mode forward")) {
-            try f.manager.update("b", DevicePatch(peer: "t"))
+            try f.manager.update("b", DevicePatch(mode: .echo, peer: "t"))
+        }
+        #expect(throws: ManagerError.peerUnavailable(device: "b", peer: "(none given)")) {
+            try f.manager.update("b", DevicePatch(mode: .forward))
         }
         #expect(throws: ManagerError.peerMismatch(field: "type", peer: "t")) {
             try f.manager.update("b", DevicePatch(mode: .forward, peer: "t"))

@@ -571,11 +571,27 @@ components:
       type: object
       additionalProperties: false
       required: [name]
-      # `mac` only for TAP: type absent (TAP is the default), type tap, or no mac.
-      anyOf:
-        - not: { required: [type] }
-        - properties: { type: { enum: [tap] } }
-        - not: { required: [mac] }
+      allOf:
+        # `mac` only for TAP: type absent (TAP is the default), type tap, or no mac.
+        - anyOf:
+            - not: { required: [type] }
+            - properties: { type: { enum: [tap] } }
+            - not: { required: [mac] }
+        # `offload: true` only with `vnet_hdr: true`.
+        - anyOf:
+            - not: { required: [offload] }
+            - properties: { offload: { enum: [false] } }
+            - required: [vnet_hdr]
+              properties: { vnet_hdr: { enum: [true] } }
+        # `peer` with `mode: forward`, and `mode: forward` with a `peer`.
+        - anyOf:
+            - allOf:
+                - not: { required: [peer] }
+                - anyOf:
+                    - not: { required: [mode] }
+                    - properties: { mode: { enum: [sink, echo] } }
+            - required: [mode, peer]
+              properties: { mode: { enum: [forward] } }
       properties:
         name: { $ref: "#/components/schemas/DeviceName" }
         type:
@@ -630,6 +646,11 @@ components:
     DevicePatch:
       type: object
       additionalProperties: false
+      # `peer` alone makes the device forward; with a `mode`, only with `forward`.
+      anyOf:
+        - not: { required: [peer] }
+        - not: { required: [mode] }
+        - properties: { mode: { enum: [forward] } }
       description: >-
         All or nothing, with one state-file write. `queues` declares the queue count: queues are
         added (smallest free ids) or removed (the highest ids that are not leased) until the
@@ -648,8 +669,9 @@ components:
         peer:
           type: string
           description: >-
-            The device to forward to; only with `mode: forward` (in this PATCH or already).
-            Another mode clears it.
+            The device to forward to: on its own it makes the device forward to it; with a
+            `mode`, only with `forward` (400). Another mode clears it. `mode: forward` on a device
+            that has no peer and without one is 409 `peer_unavailable`.
     Mode:
       type: string
       enum: [sink, echo, forward]

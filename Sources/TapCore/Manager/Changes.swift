@@ -117,13 +117,17 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let before = d
             let count = patch.queues ?? d.queueCount
-            // The mode and peer after the patch: a mode other than forward clears the peer.
-            let mode = patch.mode ?? d.mode
+            // The mode and peer after the patch: a peer alone means forward to it; a mode other
+            // than forward clears the peer.
+            let mode = patch.mode ?? (patch.peer != nil ? .forward : d.mode)
             if patch.peer != nil && mode != .forward {
                 throw .invalidField(field: "peer", reason: "a peer is only for mode forward")
             }
             let peer = mode == .forward ? (patch.peer ?? d.peer) : nil
             if mode == .forward && (patch.mode != nil || patch.peer != nil) {
+                // Without a peer in the patch or on the device, the device's state is what is
+                // wrong, not the request.
+                guard let peer else { throw .peerUnavailable(device: name, peer: "(none given)") }
                 try checkForward(name: name, kind: d.kind, vnetHdr: d.vnetHdr, mode: mode, peer: peer, in: model)
             }
             if let m = patch.maxQueues {
