@@ -5,7 +5,9 @@ export PATH := $(PATH):/opt/swift/usr/bin
 ARGS ?=
 VENV := .venv-test
 
-.PHONY: deps build release run test soak bench bench-tools clean
+.PHONY: deps build release run install test soak bench bench-tools clean
+
+PREFIX ?= /usr/local
 
 deps:
 	@scripts/install-deps.sh
@@ -20,6 +22,11 @@ release: deps
 # /run/mqtapd/api.sock. Extra flags: make run ARGS="--workers 4 --listen tcp:127.0.0.1:8080 --token-file /etc/mqtapd/token"
 run: release
 	.build/release/mqtapd $(ARGS)
+
+# Both binaries on PATH (the systemd units run $(PREFIX)/bin/mqtapd): make install PREFIX=/usr.
+install: release
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 .build/release/mqtapd .build/release/mqtap $(DESTDIR)$(PREFIX)/bin/
 
 # Python tools for the live tests (pinned in Tests/live/requirements.txt), from PyPI.
 $(VENV)/.installed: Tests/live/requirements.txt

@@ -32,19 +32,22 @@ let package = Package(
         .target(name: "TunKit", dependencies: ["CTunLinux"]),
         // The JSON value type: the only importer of jansson (the API's bodies, the state file).
         .target(name: "TapJSON", dependencies: ["CJansson"]),
+        // The one version string, for the daemon and the CLI.
+        .target(name: "MQTVersion"),
         // Device manager, worker pool, counters, state file. No Glibc, no ioctl.
         .target(name: "TapCore", dependencies: ["TunKit", "CCounters", "TapJSON", .product(name: "Logging", package: "swift-log")]),
         // HTTP: the only importer of libmicrohttpd; router and resources.
-        .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD"]),
+        .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD", "MQTVersion"]),
         // The client side: HTTP/1.1 over the Unix socket or TCP, for the CLI.
         .target(name: "TapClient", dependencies: ["TapJSON", "TunKit"]),
         .executableTarget(
             name: "mqtap",
-            dependencies: ["TapClient", "TapJSON", "TunKit", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+            dependencies: ["TapClient", "TapJSON", "TunKit", "MQTVersion",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(
             name: "mqtapd",
             dependencies: [
-                "TapAPI", "TapCore", "TapJSON",
+                "TapAPI", "TapCore", "TapJSON", "MQTVersion",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -52,7 +55,7 @@ let package = Package(
         .target(name: "TapTestSupport", dependencies: ["TapCore", "TunKit", "CTunLinux"]),
         .testTarget(name: "TapCoreTests", dependencies: ["TapCore", "TunKit", "TapJSON", "TapTestSupport",
                                                       .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapJSON", "TapClient", "TapTestSupport"]),
+        .testTarget(name: "TapAPITests", dependencies: ["TapAPI", "TapCore", "TapJSON", "TapClient", "TapTestSupport", "MQTVersion"]),
         .testTarget(name: "TapPrivilegedTests", dependencies: ["TapCore", "TunKit", "TapTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

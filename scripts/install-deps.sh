@@ -9,7 +9,9 @@ packages=(libmicrohttpd-dev libjansson-dev pkg-config iproute2 python3 python3-v
           # ethtool for the guest's queue count.
           qemu-system-x86 linux-image-amd64 busybox-static cpio ethtool xz-utils kmod
           # The forward test's traffic between two namespaces.
-          iperf3 iputils-ping)
+          iperf3 iputils-ping
+          # promtool, to check the /metrics exposition.
+          prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

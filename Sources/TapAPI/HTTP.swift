@@ -109,8 +109,10 @@ public struct HTTPResponse: Sendable, Equatable {
         return r
     }
 
+    /// A JSON body, ending in a newline (so a terminal's prompt starts on a line of its own).
     public static func json(_ status: Int, _ value: JSON, headers: [(String, String)] = []) -> HTTPResponse {
-        HTTPResponse(status: status, headers: [("Content-Type", "application/json")] + headers, body: value.serialized())
+        HTTPResponse(status: status, headers: [("Content-Type", "application/json")] + headers,
+                     body: value.serialized() + [10])
     }
 
     public static func text(_ status: Int, _ text: String, contentType: String) -> HTTPResponse {

@@ -210,10 +210,20 @@ public struct LeaseInfo: Hashable, Sendable {
     public let state: LeaseState
 }
 
+/// Where a device's queue limit comes from.
+public enum MaxQueuesSource: String, Sendable, Hashable {
+    /// It follows the global limit as that changes.
+    case global
+    /// Its own, given at creation or by a PATCH (capped by the global limit while that is lower).
+    case device
+}
+
 public struct DeviceInfo: Hashable, Sendable {
     public let name: String
     public let kind: DeviceKind
+    /// The limit in force now.
     public let maxQueues: Int
+    public let maxQueuesSource: MaxQueuesSource
     public let persist: Bool
     public let vnetHdr: Bool
     /// nil for a kept device whose state file entry names none.

@@ -111,7 +111,11 @@ public struct StateFile: Sendable {
         let devices: [JSON] = s.devices.map { d in
             var o: JSONObject = [
                 "name": .string(d.spec.name), "type": .string(d.spec.kind.rawValue),
-                "max_queues": JSON(d.spec.maxQueues ?? s.maxQueues), "persist": .bool(d.spec.persist),
+                // The limit in force, for a reader that knows no source; the source says whether
+                // the device follows the global limit.
+                "max_queues": JSON(d.spec.maxQueues ?? s.maxQueues),
+                "max_queues_source": .string(d.spec.maxQueues == nil ? "global" : "device"),
+                "persist": .bool(d.spec.persist),
                 "vnet_hdr": .bool(d.spec.vnetHdr),
             ]
             if let mtu = d.spec.mtu { o["mtu"] = JSON(mtu) }
@@ -153,8 +157,10 @@ public struct StateFile: Sendable {
                   case .bool(let up)? = item["up"], case .string(let m)? = item["mode"],
                   let mode = DeviceMode(rawValue: m), case .array(let qs)? = item["queues"], !qs.isEmpty
             else { throw fail("\(at) is missing a field or has one of the wrong type") }
-            var spec = DeviceSpec(name: name, kind: kind, queues: qs.count, maxQueues: Int(max), persist: persist,
-                                  vnetHdr: vnet, up: up, mode: mode)
+            // A file from before the source was kept: every limit was the device's own.
+            let follows = item["max_queues_source"] == .string("global")
+            var spec = DeviceSpec(name: name, kind: kind, queues: qs.count, maxQueues: follows ? nil : Int(max),
+                                  persist: persist, vnetHdr: vnet, up: up, mode: mode)
             if case .int(let mtu)? = item["mtu"] { spec.mtu = Int(mtu) }
             if case .string(let p)? = item["peer"] { spec.peer = p }
             if case .bool(let o)? = item["offload"] { spec.offload = o }

@@ -102,6 +102,12 @@ public struct FileLock: ~Copyable, Sendable {
     /// Releases the lock now (closing its fd).
     public consuming func release() {}
 
+    /// Removes the lock file, then releases the lock: for a lock whose file should not outlive
+    /// a clean stop. The corresponding C function is `unlink(2)`.
+    public consuming func releaseRemovingFile() {
+        _ = unlink(path)
+    }
+
     deinit { closeFD(fd) }
 }
 

@@ -18,6 +18,31 @@ public enum ProcessResources {
         return n - 1
     }
 
+    /// CPU time, memory and start time, as Prometheus' standard `process_*` metrics have them.
+    public struct Usage: Sendable {
+        public var cpuSeconds: Double
+        public var residentBytes: UInt64
+        public var virtualBytes: UInt64
+        /// Seconds since the epoch.
+        public var startTime: Double
+    }
+
+    /// This process's usage, from /proc/self/stat and /proc/stat; nil if they cannot be read.
+    public static func usage() -> Usage? {
+        guard let stat = try? readSmallFile("/proc/self/stat"), let close = stat.lastIndex(of: ")") else { return nil }
+        // Fields after the command name (which may hold spaces), from field 3 (state) on.
+        let f = stat[stat.index(after: close)...].split(separator: " ")
+        guard f.count > 22, let utime = Double(f[11]), let stime = Double(f[12]), let start = Double(f[19]),
+              let vsize = UInt64(f[20]), let rss = UInt64(f[21]) else { return nil }
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        guard let all = try? readSmallFile("/proc/stat"),
+              let line = all.split(separator: "\n").first(where: { $0.hasPrefix("btime ") }),
+              let boot = Double(line.dropFirst(6).trimmingWhitespace) else { return nil }
+        return Usage(cpuSeconds: (utime + stime) / ticks, residentBytes: rss * page, virtualBytes: vsize,
+                     startTime: boot + start / ticks)
+    }
+
     /// The soft and hard `RLIMIT_NOFILE`. The corresponding C function is `getrlimit`.
     public static func fileLimit() -> (soft: UInt64, hard: UInt64) {
         var rl = rlimit()

@@ -1,4 +1,5 @@
 import ArgumentParser
+import MQTVersion
 import TapClient
 import TapJSON
 import TunKit
@@ -9,7 +10,8 @@ import TunKit
 struct MQTap: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mqtap",
-        abstract: "Drive mqtapd: devices, queues, limits and per-queue counters.",
+        abstract: "Drive mqtapd: devices, queues, leases, limits, per-queue counters and events.",
+        version: Version.current,
         subcommands: [Ping.self, Device.self, Queue.self, Lease.self, Limits.self, Stats.self, Events.self])
 }
 
@@ -94,6 +96,7 @@ struct Device: ParsableCommand {
         subcommands: [List.self, Show.self, Create.self, Set.self, Delete.self])
 
     struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Every device, one line each.")
         @OptionGroup var connection: Connection
         func run() throws {
             let r = try connection.call("GET", "/v1/devices")
@@ -102,8 +105,9 @@ struct Device: ParsableCommand {
     }
 
     struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "One device with its queues.")
         @OptionGroup var connection: Connection
-        @Argument var name: String
+        @Argument(help: "The device.") var name: String
         func run() throws {
             let d = try connection.call("GET", "/v1/devices/\(name)")
             connection.show(d) { Table.device($0) }
@@ -111,17 +115,20 @@ struct Device: ParsableCommand {
     }
 
     struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a multiqueue device with its queues.")
         @OptionGroup var connection: Connection
-        @Argument var name: String
-        @Option(help: "tap or tun.") var type: String?
-        @Option var queues: Int?
-        @Option var maxQueues: Int?
-        @Flag var persist = false
-        @Flag var vnetHdr = false
-        @Option var mtu: Int?
-        @Option var mac: String?
-        @Flag(help: "Leave the link down.") var down = false
-        @Option(help: "sink, echo or forward.") var mode: String?
+        @Argument(help: "The interface name (1-15 of A-Z a-z 0-9 _ . -, starting with a letter).") var name: String
+        @Option(help: "tap or tun (default: tap).") var type: String?
+        @Option(help: ArgumentHelp("Queues to open, 1 to 256 (default: 1).", valueName: "n")) var queues: Int?
+        @Option(help: ArgumentHelp("The device's own queue limit (default: follow the global limit).", valueName: "n"))
+        var maxQueues: Int?
+        @Flag(help: "Outlive the daemon (TUNSETPERSIST) (default: off).") var persist = false
+        @Flag(help: "A virtio-net header before every frame (IFF_VNET_HDR) (default: off).") var vnetHdr = false
+        @Option(help: ArgumentHelp("68 to 65521 (default: the kernel's, 1500).", valueName: "bytes")) var mtu: Int?
+        @Option(help: ArgumentHelp("TAP only, e.g. 02:00:00:00:00:01 (default: a random one).", valueName: "address"))
+        var mac: String?
+        @Flag(help: "The link state (default: --up).") var link: LinkState?
+        @Option(help: "sink, echo or forward (default: sink).") var mode: String?
         @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
         var peer: String?
         @Flag(help: "GSO and checksum offloads (TUNSETOFFLOAD); needs --vnet-hdr.") var offload = false
@@ -137,7 +144,7 @@ struct Device: ParsableCommand {
             if vnetHdr { body["vnet_hdr"] = true }
             if let mtu { body["mtu"] = JSON(mtu) }
             if let mac { body["mac"] = .string(mac) }
-            if down { body["up"] = false }
+            if let link { body["up"] = .bool(link == .up) }
             if let mode { body["mode"] = .string(mode) }
             let d = try connection.call("POST", "/v1/devices", .object(body))
             connection.show(d) { Table.device($0) }
@@ -148,10 +155,10 @@ struct Device: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Change max-queues, link state, MTU, mode, the queue count or the attached count.")
         @OptionGroup var connection: Connection
-        @Argument var name: String
-        @Option var maxQueues: Int?
-        @Flag(inversion: .prefixedEnableDisable, help: "Bring the link up or down.") var up: Bool?
-        @Option var mtu: Int?
+        @Argument(help: "The device.") var name: String
+        @Option(help: ArgumentHelp("The device's own queue limit.", valueName: "n")) var maxQueues: Int?
+        @Flag(help: "Bring the link up or down (default: as it is).") var link: LinkState?
+        @Option(help: ArgumentHelp("68 to 65521.", valueName: "bytes")) var mtu: Int?
         @Option(help: "sink, echo or forward.") var mode: String?
         @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
         var peer: String?
@@ -168,7 +175,7 @@ struct Device: ParsableCommand {
             if let queues { body["queues"] = JSON(queues) }
             if let enabledQueues { body["enabled_queues"] = JSON(enabledQueues) }
             if let peer { body["peer"] = .string(peer) }
-            if let up { body["up"] = .bool(up) }
+            if let link { body["up"] = .bool(link == .up) }
             if let mtu { body["mtu"] = JSON(mtu) }
             if let mode { body["mode"] = .string(mode) }
             let d = try connection.call("PATCH", "/v1/devices/\(name)", .object(body))
@@ -177,13 +184,23 @@ struct Device: ParsableCommand {
     }
 
     struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete a device (persistent or not).")
         @OptionGroup var connection: Connection
-        @Argument var name: String
+        @Argument(help: "The device.") var name: String
         @Flag(help: "Also a device with leases: revoke them and delete the link.") var force = false
         func run() throws {
             _ = try connection.call("DELETE", "/v1/devices/\(name)" + (force ? "?force=true" : ""))
             connection.show(nil) { _ in "" }
         }
+    }
+}
+
+/// The link state, one spelling for create and set: `--up` or `--down`.
+enum LinkState: String, EnumerableFlag {
+    case up, down
+
+    static func help(for value: LinkState) -> ArgumentHelp? {
+        value == .up ? "Link up." : "Link down."
     }
 }
 
@@ -334,8 +351,9 @@ struct Queue: ParsableCommand {
         subcommands: [List.self, Add.self, Enable.self, Disable.self, Remove.self])
 
     struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "A device's queues with their counters.")
         @OptionGroup var connection: Connection
-        @Argument var device: String
+        @Argument(help: "The device.") var device: String
         func run() throws {
             let r = try connection.call("GET", "/v1/devices/\(device)/queues")
             connection.show(r) { Table.queues($0["queues"]?.array ?? []) }
@@ -343,9 +361,10 @@ struct Queue: ParsableCommand {
     }
 
     struct Add: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Add queues; each takes the smallest free id.")
         @OptionGroup var connection: Connection
-        @Argument var device: String
-        @Option var count = 1
+        @Argument(help: "The device.") var device: String
+        @Option(help: ArgumentHelp("How many, 1 to 256.", valueName: "n")) var count = 1
         func run() throws {
             let r = try connection.call("POST", "/v1/devices/\(device)/queues", ["count": JSON(count)])
             connection.show(r) { Table.queues($0["queues"]?.array ?? []) }
@@ -353,9 +372,10 @@ struct Queue: ParsableCommand {
     }
 
     struct Enable: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Attach a queue again (TUNSETQUEUE).")
         @OptionGroup var connection: Connection
-        @Argument var device: String
-        @Argument var id: Int
+        @Argument(help: "The device.") var device: String
+        @Argument(help: "The queue id.") var id: Int
         func run() throws {
             let q = try connection.call("PATCH", "/v1/devices/\(device)/queues/\(id)", ["enabled": true])
             connection.show(q) { Table.queues([$0]) }
@@ -363,9 +383,10 @@ struct Queue: ParsableCommand {
     }
 
     struct Disable: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Detach a queue; it keeps its fd, id and counters.")
         @OptionGroup var connection: Connection
-        @Argument var device: String
-        @Argument var id: Int
+        @Argument(help: "The device.") var device: String
+        @Argument(help: "The queue id.") var id: Int
         func run() throws {
             let q = try connection.call("PATCH", "/v1/devices/\(device)/queues/\(id)", ["enabled": false])
             connection.show(q) { Table.queues([$0]) }
@@ -373,9 +394,10 @@ struct Queue: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove a queue (not the last one).")
         @OptionGroup var connection: Connection
-        @Argument var device: String
-        @Argument var id: Int
+        @Argument(help: "The device.") var device: String
+        @Argument(help: "The queue id.") var id: Int
         func run() throws {
             _ = try connection.call("DELETE", "/v1/devices/\(device)/queues/\(id)")
             connection.show(nil) { _ in "" }
@@ -390,6 +412,7 @@ struct Limits: ParsableCommand {
                                                     subcommands: [Show.self, Set.self])
 
     struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The global limit, queues in use, open files.")
         @OptionGroup var connection: Connection
         func run() throws {
             let l = try connection.call("GET", "/v1/limits")
@@ -398,6 +421,8 @@ struct Limits: ParsableCommand {
     }
 
     struct Set: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Set the global limit (devices without their own follow it).")
         @OptionGroup var connection: Connection
         @Argument(help: "The new global per-device queue limit, 1 to 256.") var maxQueues: Int
         func run() throws {
@@ -410,7 +435,13 @@ struct Limits: ParsableCommand {
 // MARK: - stats
 
 struct Stats: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Per-queue counters; --watch refreshes them with rates.")
+    static let configuration = CommandConfiguration(
+        abstract: "Per-queue counters; --watch refreshes them with packet and byte rates.",
+        discussion: """
+            rx counts the frames the daemon read from a queue: what the kernel sent into the device (so the \
+            total rx is the kernel's tx_packets). tx counts the frames written into a queue: what the kernel \
+            received from the device. Off a terminal, --watch prints plain tables one after another.
+            """)
     @OptionGroup var connection: Connection
     @Argument var device: String
     @Flag(help: "Refresh every --interval seconds, with packet and byte rates.") var watch = false
@@ -428,10 +459,16 @@ struct Stats: ParsableCommand {
             let s = try connection.call("GET", "/v1/devices/\(device)/stats") ?? .null
             let now = Double(Clock.monotonicNanoseconds()) / 1e9
             if connection.json {
-                print(s.text)
+                writeStdoutLine(s.text)
             } else {
-                if watch { print("\u{1B}[H\u{1B}[2J", terminator: "") }
-                print(Table.stats(s, previous: previous.map { ($0.0, now - $0.1) }))
+                let table = Table.stats(s, previous: previous.map { ($0.0, now - $0.1) })
+                // On a terminal the table is redrawn in place; in a pipe or a file each refresh
+                // is a plain block, written at once (nothing waits in a buffer).
+                if watch && isTerminal(1) {
+                    writeStdoutLine("\u{1B}[H\u{1B}[2J" + table)
+                } else {
+                    writeStdoutLine(table + (watch ? "\n" : ""))
+                }
             }
             previous = (s, now)
             n += 1

@@ -16,7 +16,7 @@ enum Table {
     }
 
     static func devices(_ list: [JSON]) -> String {
-        render(["NAME", "TYPE", "QUEUES", "ENABLED", "MAX", "MODE", "UP", "MTU", "STATE"], list.map { d in
+        render(["NAME", "TYPE", "QUEUES", "ENABLED", "MAX", "MODE", "UP", "MTU", "VNET", "PERSIST", "MAC", "STATE"], list.map { d in
             // forward shows its peer, and whether it is there: forward>b, forward>b(missing).
             var mode = d["mode"]?.string ?? ""
             if let peer = d["peer"]?.string {
@@ -24,7 +24,8 @@ enum Table {
             }
             return [d["name"]?.string ?? "", d["type"]?.string ?? "", d["queue_count"]?.description ?? "",
              d["enabled_queues"]?.description ?? "", d["max_queues"]?.description ?? "", mode,
-             d["up"]?.description ?? "", d["mtu"]?.description ?? "", d["state"]?.string ?? ""]
+             d["up"]?.description ?? "", d["mtu"]?.description ?? "-", d["vnet_hdr"]?.description ?? "",
+             d["persist"]?.description ?? "", d["mac"]?.string ?? "-", d["state"]?.string ?? ""]
         })
     }
 
@@ -91,20 +92,23 @@ enum Table {
             guard let before, let after = now[key]?.int else { return "-" }
             return String(Int((Double(after - before) / dt).rounded()))
         }
-        var rows: [[String]] = (s["queues"]?.array ?? []).map { q in
-            [q["id"]?.description ?? "", q["rx_packets"]?.description ?? "", rate(q["id"], "rx_packets", q),
-             q["rx_bytes"]?.description ?? "", q["tx_packets"]?.description ?? "", rate(q["id"], "tx_packets", q),
-             String((q["rx_errors"]?.int ?? 0) + (q["tx_errors"]?.int ?? 0))]
+        func row(_ label: String, _ id: JSON?, _ c: JSON) -> [String] {
+            [label, c["rx_packets"]?.description ?? "", rate(id, "rx_packets", c),
+             c["rx_bytes"]?.description ?? "", rate(id, "rx_bytes", c),
+             c["tx_packets"]?.description ?? "", rate(id, "tx_packets", c),
+             c["tx_bytes"]?.description ?? "", rate(id, "tx_bytes", c),
+             c["rx_errors"]?.description ?? "0", c["tx_errors"]?.description ?? "0", c["dropped"]?.description ?? "0"]
         }
-        if let t = s["total"] {
-            rows.append(["total", t["rx_packets"]?.description ?? "", rate(nil, "rx_packets", t),
-                         t["rx_bytes"]?.description ?? "", t["tx_packets"]?.description ?? "", rate(nil, "tx_packets", t),
-                         String((t["rx_errors"]?.int ?? 0) + (t["tx_errors"]?.int ?? 0))])
-        }
-        var out = render(["QUEUE", "RX_PACKETS", "RX_PPS", "RX_BYTES", "TX_PACKETS", "TX_PPS", "ERRORS"], rows)
-        if let k = s["kernel"] {
-            out += "\nkernel: tx_packets \(k["tx_packets"]?.description ?? "?")  tx_dropped \(k["tx_dropped"]?.description ?? "?")"
-                + "  rx_packets \(k["rx_packets"]?.description ?? "?")"
+        var rows: [[String]] = (s["queues"]?.array ?? []).map { q in row(q["id"]?.description ?? "", q["id"], q) }
+        if let t = s["total"] { rows.append(row("total", nil, t)) }
+        var out = "rx: frames the daemon read from a queue (the kernel sent them into the device); "
+            + "tx: frames written into a queue (the kernel received them)\n"
+        out += render(["QUEUE", "RX_PACKETS", "RX_PPS", "RX_BYTES", "RX_BPS", "TX_PACKETS", "TX_PPS", "TX_BYTES", "TX_BPS",
+                       "RX_ERRORS", "TX_ERRORS", "DROPPED"], rows)
+        if case .object(let k)? = s["kernel"] {
+            out += "\nkernel: " + k.entries.map { "\($0.key) \($0.value.description)" }.joined(separator: "  ")
+        } else if let e = s["kernel_error"] {
+            out += "\nkernel: not read (\(e["errno"]?.string ?? "?"))"
         }
         return out
     }

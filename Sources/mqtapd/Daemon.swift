@@ -190,14 +190,14 @@ final class Daemon {
             throw StartError("cannot create the state directory", ["path": options.stateDir, "error": "\(error)"])
         }
         let locks = Locks()
-        var paths = [(options.stateDir + "/lock", "state directory")]
+        var paths = [(options.stateDir + "/lock", "state directory", false)]
         for case .unix(let path) in addresses {
             if let slash = path.lastIndex(of: "/"), slash != path.startIndex { try? makeDirectories(String(path[..<slash])) }
-            paths.append((path + ".lock", "API socket \(path)"))
+            paths.append((path + ".lock", "API socket \(path)", true))
         }
-        for (path, what) in paths {
+        for (path, what, removeFile) in paths {
             do {
-                try locks.take(path)
+                try locks.take(path, removeFile: removeFile)
             } catch {
                 locks.releaseAll()
                 let why = error.errno == .wouldBlock ? "another mqtapd instance holds \(path)" : "\(error)"
@@ -240,18 +240,27 @@ final class Daemon {
 final class Locks {
     private final class Held {
         var lock: FileLock?
-        init(_ lock: consuming FileLock) { self.lock = consume lock }
+        let removeFile: Bool
+        init(_ lock: consuming FileLock, removeFile: Bool) {
+            self.lock = consume lock
+            self.removeFile = removeFile
+        }
     }
 
     private var held: [Held] = []
 
-    func take(_ path: String) throws(SyscallError) {
-        held.append(Held(try FileLock(path: path)))
+    /// `removeFile`: the lock file goes with a clean stop (a socket's, next to the socket file
+    /// that goes too); the state directory's stays.
+    func take(_ path: String, removeFile: Bool = false) throws(SyscallError) {
+        held.append(Held(try FileLock(path: path), removeFile: removeFile))
     }
 
     /// Releases every lock (each exactly once). Idempotent.
     func releaseAll() {
-        for h in held.reversed() { h.lock.take()?.release() }
+        for h in held.reversed() {
+            guard let lock = h.lock.take() else { continue }
+            if h.removeFile { lock.releaseRemovingFile() } else { lock.release() }
+        }
         held = []
     }
 }

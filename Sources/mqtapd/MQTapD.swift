@@ -1,3 +1,4 @@
+import MQTVersion
 import ArgumentParser
 import Logging
 import TapAPI

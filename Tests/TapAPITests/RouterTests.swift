@@ -1,4 +1,5 @@
 @testable import TapAPI
+import MQTVersion
 import TapCore
 import TapTestSupport
 import Testing

@@ -131,3 +131,30 @@ struct HouseTests {
         #expect(h.isClosed && driver.openFDs == 0)
     }
 }
+
+@Suite("limits that follow (fake driver, no root)")
+struct LimitSourceTests {
+    @Test("a device made without max_queues follows the global limit; one with its own keeps it, capped while lower")
+    func follows() throws {
+        let dir = StateDir()
+        let m = try DeviceManager(driver: FakeDriver(), workers: 1, maxQueues: 64, stateFile: dir.file)
+        defer { m.shutdown() }
+        _ = try m.create(DeviceSpec(name: "g"))
+        _ = try m.create(DeviceSpec(name: "o", maxQueues: 10))
+        func limits() throws -> [Int] { [try m.device("g").maxQueues, try m.device("o").maxQueues] }
+        #expect(try limits() == [64, 10])
+        #expect(try m.device("g").maxQueuesSource == .global && m.device("o").maxQueuesSource == .device)
+        _ = try m.setLimit(maxQueues: 8)
+        #expect(try limits() == [8, 8])
+        _ = try m.setLimit(maxQueues: 32)
+        #expect(try limits() == [32, 10], "nothing was rewritten: each comes back to what it follows")
+        #expect(dir.saved?.devices.map(\.spec.maxQueues) == [nil, 10])
+        _ = try m.update("g", DevicePatch(maxQueues: 20))
+        #expect(try m.device("g").maxQueuesSource == .device)
+        // The state file keeps the difference, and an older file (no source) reads as the device's own.
+        let text = String(decoding: try Files.read(dir.file.path)!, as: UTF8.self)
+        #expect(text.contains("\"max_queues_source\":\"device\""))
+        let old = try StateFile.decode(JSON.parse(Array(#"{"version":1,"max_queues":9,"devices":[{"name":"x","type":"tap","max_queues":5,"persist":false,"vnet_hdr":false,"up":true,"mode":"sink","queues":[{"id":0,"enabled":true}]}]}"#.utf8)))
+        #expect(old.devices[0].spec.maxQueues == 5)
+    }
+}

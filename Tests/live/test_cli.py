@@ -27,14 +27,16 @@ def test_every_subcommand(daemon):
     try:
         assert js(daemon, "ping")["status"] == "ok"
         assert mqtap(daemon, "ping").stdout.startswith("mqtapd ")
-        d = js(daemon, "device", "create", n, "--queues", "3", "--mode", "echo", "--mtu", "1400", "--down")
+        d = js(daemon, "device", "create", n, "--queues", "3", "--mode", "echo", "--mtu", "1400", "--down", "--vnet-hdr")
         assert (d["queue_count"], d["mode"], d["mtu"], d["up"]) == (3, "echo", 1400, False)
         assert net.kernel_queue_count(n) == 3
         assert n in [x["name"] for x in js(daemon, "device", "list")["devices"]]
         table = mqtap(daemon, "device", "list").stdout
         assert table.splitlines()[0].split()[:3] == ["NAME", "TYPE", "QUEUES"] and n in table
         assert js(daemon, "device", "show", n, tcp=True)["name"] == n
-        d = js(daemon, "device", "set", n, "--enable-up", "--max-queues", "8", "--mode", "sink")
+        table = mqtap(daemon, "device", "list").stdout
+        assert {"VNET", "PERSIST", "MAC"} <= set(table.splitlines()[0].split())
+        d = js(daemon, "device", "set", n, "--up", "--max-queues", "8", "--mode", "sink")
         assert (d["up"], d["max_queues"], d["mode"]) == (True, 8, "sink")
         added = js(daemon, "queue", "add", n, "--count", "2")["queues"]
         assert [q["id"] for q in added] == [3, 4]
@@ -46,7 +48,13 @@ def test_every_subcommand(daemon):
         s = js(daemon, "stats", n)
         assert set(s) == {"queues", "total", "kernel"}
         watch = mqtap(daemon, "stats", n, "--watch", "--count", "2", "--interval", "0.2")
-        assert watch.returncode == 0 and watch.stdout.count("RX_PPS") == 2
+        # Off a terminal: plain tables one after the other, no screen codes, every counter.
+        assert watch.returncode == 0 and watch.stdout.count("RX_PPS") == 2 and "\x1b" not in watch.stdout
+        header = [l for l in watch.stdout.splitlines() if l.startswith("QUEUE")][0].split()
+        assert {"RX_BPS", "TX_BPS", "RX_ERRORS", "TX_ERRORS", "DROPPED"} <= set(header)
+        kernel = [l for l in watch.stdout.splitlines() if l.startswith("kernel: ")][0]
+        assert all(k in kernel for k in ("rx_packets", "tx_packets", "rx_dropped", "tx_dropped", "rx_errors", "tx_bytes"))
+        assert "rx: frames the daemon read" in watch.stdout
         assert js(daemon, "limits", "show")["kernel_max_queues"] == 256
         assert js(daemon, "limits", "set", "200")["max_queues"] == 200
         assert js(daemon, "limits", "set", "256")["max_queues"] == 256
@@ -75,6 +83,19 @@ def test_forward_declared_counts_and_events(daemon):
     finally:
         net.delete_link(a)
         net.delete_link(b)
+
+
+def test_version_and_help():
+    from conftest import BIN
+    v = subprocess.run([CLI, "--version"], capture_output=True, text=True)
+    d = subprocess.run([BIN, "--version"], capture_output=True, text=True)
+    assert v.returncode == 0 and v.stdout.strip() == d.stdout.strip() != ""
+    h = subprocess.run([CLI, "device", "create", "--help"], capture_output=True, text=True).stdout
+    for opt in ("--queues", "--max-queues", "--persist", "--vnet-hdr", "--mtu", "--mac", "--up", "--down", "--mode"):
+        assert opt in h, opt
+    assert "default" in h
+    s = subprocess.run([CLI, "device", "set", "--help"], capture_output=True, text=True).stdout
+    assert "--up" in s and "--down" in s and "enable-up" not in s
 
 
 def test_errors_exit_nonzero_with_the_servers_code(daemon, tmpdir_short):

@@ -37,6 +37,7 @@ def test_sigterm_leaves_no_device_and_no_socket(tmpdir_short):
         assert rc == 0, d.log
         assert not net.exists(a) and not net.exists(b)
         assert not os.path.exists(d.socket)
+        assert not os.path.exists(d.socket + ".lock"), "a clean stop leaves no lock file beside the socket"
         assert any("msg=stopped" in line for line in d.log)
     finally:
         d.stop(signal.SIGKILL)

@@ -45,6 +45,7 @@ enum DevicesResource {
     static func encode(_ d: DeviceInfo) -> JSON {
         var o: JSONObject = [
             "name": .string(d.name), "type": .string(d.kind.rawValue), "max_queues": JSON(d.maxQueues),
+            "max_queues_source": .string(d.maxQueuesSource.rawValue),
             "persist": .bool(d.persist), "vnet_hdr": .bool(d.vnetHdr),
         ]
         if let mtu = d.mtu { o["mtu"] = JSON(mtu) }

@@ -1,3 +1,4 @@
+import MQTVersion
 /// `/v1/health`: answers as long as the daemon serves requests.
 enum HealthResource {
     static func get() -> HTTPResponse {

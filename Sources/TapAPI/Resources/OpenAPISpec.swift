@@ -52,7 +52,9 @@ paths:
       operationId: putLimits
       summary: Set the global per-device queue limit.
       description: |
-        Caps every device's `max_queues`. Refused with 409 `limit_below_usage` if a device
+        Devices created without `max_queues` follow it; a device's own `max_queues` is capped
+        by it while it is lower (and comes back when it is raised): nothing is rewritten.
+        Refused with 409 `limit_below_usage` if a device
         already has more queues (detached ones count), or asks for more: a device kept from the
         state file as `conflict` or `failed` counts with the queues it would be made with, so
         the refusal can name a device whose queues are not in `queues_in_use`.
@@ -424,6 +426,12 @@ paths:
     get:
       operationId: getMetrics
       summary: Prometheus metrics (text format 0.0.4).
+      description: >-
+        Per queue `mqtapd_queue_{rx,tx}_{packets,bytes}_total`, `_{rx,tx}_errors_total`,
+        `_dropped_total` (rx: what the daemon read from the queue, which the kernel sent into the
+        device); per device the kernel's own counters `mqtapd_device_kernel_*_total`,
+        `mqtapd_device_info{state,type,persist,mode}` (alert on `state!="active"`), queue gauges;
+        the global limit; the standard `process_*` metrics. `promtool check metrics` accepts it.
       responses:
         "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
@@ -686,7 +694,18 @@ components:
       properties:
         name: { type: string }
         type: { type: string, enum: [tap, tun] }
-        max_queues: { type: integer, minimum: 1, maximum: 256 }
+        max_queues:
+          type: integer
+          minimum: 1
+          maximum: 256
+          description: The device's queue limit in force now.
+        max_queues_source:
+          type: string
+          enum: [global, device]
+          description: >-
+            `global`: created without `max_queues`, the device follows the global limit as it
+            changes. `device`: its own limit (from the create or a PATCH), capped by the global
+            limit while that is lower.
         persist: { type: boolean }
         vnet_hdr: { type: boolean }
         mtu:

@@ -8,13 +8,13 @@ extension DeviceManager {
     ///
     /// With `join`, the device exists already (a persistent one, after a restart): the
     /// queues attach to it and a failure leaves it as it was, persistent and queue-less.
-    func build(_ spec: DeviceSpec, ids: [Int], limit: Int, key: UInt64, join: Bool = false,
+    func build(_ spec: DeviceSpec, ids: [Int], key: UInt64, join: Bool = false,
                model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
         precondition(!ids.isEmpty, "a device has at least one queue")
         return try withRollback { (rollback) throws(ManagerError) in
             let first = try openFirstQueue(spec, join: join, rollback: &rollback)
             try configure(spec, fd: first.fd, join: join, rollback: &rollback)
-            var d = try readLink(spec, key: key, limit: limit)
+            var d = try readLink(spec, key: key)
             if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
             let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
             d.queues[q0.id] = q0
@@ -68,7 +68,7 @@ extension DeviceManager {
     }
 
     /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet.
-    func readLink(_ spec: DeviceSpec, key: UInt64, limit: Int) throws(ManagerError) -> ActiveDevice {
+    func readLink(_ spec: DeviceSpec, key: UInt64) throws(ManagerError) -> ActiveDevice {
         let name = spec.name
         let mtu = try step(name, .readMTU) { () throws(SyscallError) in try driver.mtu(name) }
         var mac: MACAddress?
@@ -76,7 +76,7 @@ extension DeviceManager {
             mac = try step(name, .readMAC) { () throws(SyscallError) in MACAddress(bytes: try driver.mac(name)) }
         }
         let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try driver.ifindex(name) }
-        return ActiveDevice(key: key, name: name, kind: spec.kind, maxQueues: limit, persist: spec.persist,
+        return ActiveDevice(key: key, name: name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
                             vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, peer: spec.peer,
                             offload: spec.offload, ifindex: ifindex, queues: [:], since: Clock.timestamp())
     }

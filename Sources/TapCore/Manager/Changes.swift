@@ -34,7 +34,7 @@ extension DeviceManager {
                 guard vanished(existing) else { throw .nameConflict(name: spec.name, errno: nil) }
                 drop(existing, from: &model)
             }
-            let d = try build(spec, ids: Array(0..<spec.queues), limit: limit, key: model.takeKey(), model: &model)
+            let d = try build(spec, ids: Array(0..<spec.queues), key: model.takeKey(), model: &model)
             model.devices[spec.name] = .active(d)
             journal.publish(.deviceCreated, device: spec.name)
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
@@ -139,7 +139,7 @@ extension DeviceManager {
                 }
             }
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
-                                          limit: min(patch.maxQueues ?? d.maxQueues, model.maxQueues))
+                                          limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues))
             // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
             // `ip link` changed behind the daemon's back.
             guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
@@ -178,7 +178,7 @@ extension DeviceManager {
                     for q in d.queues.values where q.polled { pool.setAction(key: q.key, action(for: d), on: q.worker) }
                 }
             }
-            if let m = patch.maxQueues { d.maxQueues = m }
+            if let m = patch.maxQueues { d.ownMaxQueues = m }
             model.devices[name] = .active(d)
             for id in plan.add { journal.publish(.queueAdded, device: name, queue: id, by: .api) }
             for id in plan.remove { journal.publish(.queueRemoved, device: name, queue: id, by: .api) }
@@ -195,7 +195,7 @@ extension DeviceManager {
     static func changes(from old: ActiveDevice, to new: ActiveDevice, patch: DevicePatch,
                         kernel: ActiveDevice) -> [(String, Event.Value)] {
         var c: [(String, Event.Value)] = []
-        if new.maxQueues != old.maxQueues { c.append(("max_queues", .int(new.maxQueues))) }
+        if new.ownMaxQueues != old.ownMaxQueues, let m = new.ownMaxQueues { c.append(("max_queues", .int(m))) }
         if patch.up != nil && new.up != kernel.up { c.append(("up", .bool(new.up))) }
         if patch.mtu != nil && new.mtu != kernel.mtu { c.append(("mtu", .int(new.mtu))) }
         if new.mode != old.mode { c.append(("mode", .string(new.mode.rawValue))) }
@@ -254,7 +254,7 @@ extension DeviceManager {
         try Validate.queueCount(count, field: "count")
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
-            let limit = min(d.maxQueues, model.maxQueues)
+            let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
             // Both terms are at most 256: no overflow.
             guard d.queueCount + count <= limit else {
                 throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + count, errno: nil)
@@ -316,7 +316,6 @@ extension DeviceManager {
             }
             let old = model.maxQueues
             model.maxQueues = maxQueues
-            for name in model.devices.keys { model.devices[name]!.maxQueues = min(model.devices[name]!.maxQueues, maxQueues) }
             if old != maxQueues { journal.publish(.limitsChanged, changes: [("max_queues", .int(maxQueues))]) }
             logger.info("limit set", metadata: ["max_queues": "\(maxQueues)"])
         }

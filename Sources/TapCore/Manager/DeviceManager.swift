@@ -127,12 +127,14 @@ public final class DeviceManager: Sendable {
     /// from the daemon's own fd (a lease holder, or any process sharing the open file, may
     /// have changed it).
     func view(_ entry: DeviceEntry) -> DeviceInfo {
-        guard case .active(let d) = kernelLink(entry) else { return entry.info }
+        guard case .active(let d) = kernelLink(entry) else { return entry.info(global: published.withLock { $0.maxQueues }) }
         let own = d.queues.values.map { q in q.info(attached: attached(q)) }
         let qs = (own + d.orphans.values.map(\.info)).sorted { $0.id < $1.id }
         let peerState = d.mode != .forward ? nil
             : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? "missing" : "active")
-        return DeviceInfo(name: d.name, kind: d.kind, maxQueues: d.maxQueues, persist: d.persist, vnetHdr: d.vnetHdr,
+        let global = published.withLock { $0.maxQueues }
+        return DeviceInfo(name: d.name, kind: d.kind, maxQueues: queueLimit(own: d.ownMaxQueues, global: global),
+                          maxQueuesSource: d.ownMaxQueues == nil ? .global : .device, persist: d.persist, vnetHdr: d.vnetHdr,
                           mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, peer: d.peer, peerState: peerState,
                           offload: d.offload, offloads: d.offloads.names, ifindex: d.ifindex, queues: qs,
                           status: .active, since: d.since)

@@ -64,7 +64,8 @@ struct ActiveDevice: Sendable {
     let key: UInt64
     let name: String
     let kind: DeviceKind
-    var maxQueues: Int
+    /// The device's own queue limit; nil: it follows the global limit as that changes.
+    var ownMaxQueues: Int?
     let persist: Bool
     let vnetHdr: Bool
     var mtu: Int
@@ -98,7 +99,7 @@ struct ActiveDevice: Sendable {
     var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
 
     var desired: DesiredState.Device {
-        let spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: maxQueues, persist: persist,
+        let spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: ownMaxQueues, persist: persist,
                               vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload)
         let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
@@ -119,8 +120,6 @@ struct KeptDevice: Sendable {
 
     let key: UInt64
     let desired: DesiredState.Device
-    /// The state file's limit, capped by the global one.
-    var maxQueues: Int
     let why: Why
     let since: String
 
@@ -166,21 +165,13 @@ enum DeviceEntry: Sendable {
     /// Queues the device holds or asks for (a kept device's count toward the limits).
     var queueCount: Int { desired.queues.count }
 
-    var maxQueues: Int {
-        get {
-            switch self {
-            case .active(let d): return d.maxQueues
-            case .kept(let k): return k.maxQueues
-            }
-        }
-        set {
-            switch self {
-            case .active(var d): d.maxQueues = newValue; self = .active(d)
-            case .kept(var k): k.maxQueues = newValue; self = .kept(k)
-            }
-        }
-    }
+    /// The device's own limit; nil: it follows the global one.
+    var ownMaxQueues: Int? { desired.spec.maxQueues }
 }
+
+/// The limit a device has now: its own, capped by the global one while that is lower; or the
+/// global one, for a device that follows it.
+func queueLimit(own: Int?, global: Int) -> Int { min(own ?? global, global) }
 
 /// Whether the manager accepts changes.
 public enum ManagerState: String, Sendable {
@@ -233,17 +224,20 @@ extension OrphanQueue {
 }
 
 extension DeviceEntry {
-    var info: DeviceInfo {
+    /// The device as the API shows it; `global`: the global queue limit now.
+    func info(global: Int) -> DeviceInfo {
         switch self {
         case .active(let e):
             let qs = e.queues.values.map(\.info) + e.orphans.values.map(\.info)
-            return DeviceInfo(name: e.name, kind: e.kind, maxQueues: e.maxQueues, persist: e.persist,
+            return DeviceInfo(name: e.name, kind: e.kind, maxQueues: queueLimit(own: e.ownMaxQueues, global: global),
+                              maxQueuesSource: e.ownMaxQueues == nil ? .global : .device, persist: e.persist,
                               vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, peer: e.peer,
                               peerState: nil, offload: e.offload, offloads: e.offloads.names, ifindex: e.ifindex,
                               queues: qs.sorted { $0.id < $1.id }, status: .active, since: e.since)
         case .kept(let k):
             let s = k.desired.spec
-            return DeviceInfo(name: s.name, kind: s.kind, maxQueues: k.maxQueues, persist: s.persist,
+            return DeviceInfo(name: s.name, kind: s.kind, maxQueues: queueLimit(own: s.maxQueues, global: global),
+                              maxQueuesSource: s.maxQueues == nil ? .global : .device, persist: s.persist,
                               vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
                               peerState: nil, offload: s.offload, offloads: [], ifindex: nil,
                               queues: [], status: k.status, since: k.since)

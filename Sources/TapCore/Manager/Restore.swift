@@ -35,9 +35,8 @@ extension DeviceManager {
 
     private func restoreOne(_ d: DesiredState.Device, model: inout ManagerModel) -> DeviceEntry {
         let spec = d.spec
-        let limit = min(spec.maxQueues ?? model.maxQueues, model.maxQueues)
         func kept(_ why: KeptDevice.Why) -> DeviceEntry {
-            .kept(KeptDevice(key: model.takeKey(), desired: d, maxQueues: limit, why: why, since: Clock.timestamp()))
+            .kept(KeptDevice(key: model.takeKey(), desired: d, why: why, since: Clock.timestamp()))
         }
         let join: Bool
         switch joinable(spec, leased: !d.leases.isEmpty) {
@@ -59,9 +58,9 @@ extension DeviceManager {
                 var a: ActiveDevice
                 if own.isEmpty {
                     // Every queue is a holder's: nothing to open, only the link to read.
-                    a = try readLink(spec, key: key, limit: limit)
+                    a = try readLink(spec, key: key)
                 } else {
-                    a = try build(spec, ids: own.map(\.id), limit: limit, key: key, join: join, model: &model)
+                    a = try build(spec, ids: own.map(\.id), key: key, join: join, model: &model)
                     let made = a
                     rollback.add { [self] in
                         if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
