@@ -177,9 +177,16 @@ def run_daemon(daemon, name, queues, size, seconds):
             st, s = daemon.api.call("GET", f"/v1/devices/{name}/stats")
             return s
         r = measure(name, daemon.proc.pid, "mqtapd-w", size, seconds, spread)
-        # The daemon's own counters against the kernel's, over the whole device life.
-        s = spread()
-        r["exact"] = s["total"]["rx_packets"] == s["kernel"]["tx_packets"]
+        # The daemon's own counters against the kernel's, over the whole device life, once the
+        # last frames are read (one worker draining four queues may take longer than the 50 ms
+        # measure() waits; a read in between would race the two counts).
+        deadline = time.monotonic() + 3
+        while True:
+            s = spread()
+            r["exact"] = s["total"]["rx_packets"] == s["kernel"]["tx_packets"]
+            if r["exact"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         r["spread"] = [q["rx_packets"] for q in s["queues"]]
         return r
     finally:

@@ -42,6 +42,11 @@ public protocol TunDriver: Sendable {
     func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD
     /// Sets the device's offloads (TUNSETOFFLOAD) through one of its queue fds.
     func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError)
+    /// Runs `body` in the network namespace of the device `fd` (one of its queue fds) is in:
+    /// names and ifindexes mean that namespace's interfaces there. nil if the device is in
+    /// the daemon's own namespace (run `body` directly then).
+    func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T?
 }
 
 public enum InterfaceState: Equatable, Sendable {
@@ -95,4 +100,10 @@ public struct LinuxTunDriver: TunDriver {
     public func deleteLink(ifindex: Int) throws(SyscallError) { try Link.delete(ifindex: ifindex) }
     public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
     public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) { try Tun.setOffload(fd, offloads) }
+    public func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T? {
+        let ns = try Netns.ofDevice(fd)
+        guard try Netns.inode(ns.fd) != Netns.currentInode() else { return nil }
+        return try Netns.run(in: ns.fd, body)
+    }
 }

@@ -251,6 +251,10 @@ public final class FakeDriver: TunDriver, Sendable {
 
     public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
 
+    /// The fake has one namespace: every device is in the daemon's.
+    public func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T? { nil }
+
     /// Offloads set per device; USO is refused (EINVAL), as on kernels before 6.2.
     public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) {
         try state.withLock { (s) throws(SyscallError) in

@@ -106,6 +106,18 @@ def test_a_forwarded_wire_between_two_namespaces(tmpdir_short):
         frames = ta["rx_packets"] - base["ta"]["rx_packets"]
         assert (ta["rx_bytes"] - base["ta"]["rx_bytes"]) / frames > 1500, "GSO super-frames pass through whole"
         assert ta["dropped"] == 0
+        # The daemon reads and sets each moved device where it is: its kernel counters are the
+        # namespace's, and a PATCH never touches what took its name here.
+        assert settled(lambda: api.get(f"/v1/devices/{a}/stats").json()["kernel"]["tx_packets"]
+                       == kstats(nsa, a)["tx_packets"])
+        sh("ip", "link", "add", a, "type", "veth", "peer", "name", f"{a}p")
+        try:
+            assert api.patch(f"/v1/devices/{a}", {"mtu": 9000}).json()["mtu"] == 9000
+            assert "mtu 9000" in sh("ip", "-n", nsa, "link", "show", a).stdout
+            assert "mtu 1500" in sh("ip", "link", "show", a).stdout, "the stranger that took the name is untouched"
+            assert api.patch(f"/v1/devices/{a}", {"mtu": 1500}).status == 200
+        finally:
+            sh("ip", "link", "del", a, check=False)
 
         # Churn under traffic: modes, queues on both sides, the peer deleted and made again.
         result = {}

@@ -146,17 +146,26 @@ extension DeviceManager {
             try withRollback { (rollback) throws(ManagerError) in
                 for q in try openQueues(ids: plan.add, for: d, model: &model, rollback: &rollback) { d.queues[q.id] = q }
                 for (id, on) in plan.attach { _ = try setEnabled(&d, id: id, on, rollback: &rollback) }
+                // By name in the device's namespace when it was moved out of the daemon's: here the
+                // name may belong to another interface.
+                let fd = d.anyFD
+                let driver = self.driver
+                let link = { (op: @escaping @Sendable () throws(SyscallError) -> Void) throws(SyscallError) in
+                    if let fd, try driver.inDeviceNamespace(fd, op) != nil { return }
+                    try op()
+                }
                 if let up = patch.up {
                     if up != now.up {
-                        try step(name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(name, up) }
-                        rollback.add { [driver] in try? driver.setUp(name, !up) }
+                        try step(name, .setLinkUp) { () throws(SyscallError) in try link { () throws(SyscallError) in try driver.setUp(name, up) } }
+                        rollback.add { try? link { () throws(SyscallError) in try driver.setUp(name, !up) } }
                     }
                     d.up = up
                 }
                 if let mtu = patch.mtu {
                     if mtu != now.mtu {
-                        try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, mtu) }
-                        rollback.add { [driver] in try? driver.setMTU(name, now.mtu) }
+                        let old = now.mtu
+                        try step(name, .setMTU) { () throws(SyscallError) in try link { () throws(SyscallError) in try driver.setMTU(name, mtu) } }
+                        rollback.add { try? link { () throws(SyscallError) in try driver.setMTU(name, old) } }
                     }
                     d.mtu = mtu
                 }

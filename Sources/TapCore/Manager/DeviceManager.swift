@@ -109,7 +109,7 @@ public final class DeviceManager: Sendable {
         let total = queues.reduce(CounterValues()) { $0 + $1.counters }
         do {
             // nil: the link went between the snapshot and the read; the workers report it.
-            return DeviceStats(queues: queues, total: total, kernel: try driver.statistics(ifindex: d.ifindex) ?? [:])
+            return DeviceStats(queues: queues, total: total, kernel: try linkStatistics(d) ?? [:])
         } catch {
             return DeviceStats(queues: queues, total: total, kernel: nil, kernelError: error)
         }
@@ -144,9 +144,31 @@ public final class DeviceManager: Sendable {
     /// them behind the daemon's back. A kept device keeps what the state file asks for.
     func kernelLink(_ entry: DeviceEntry) -> DeviceEntry {
         guard case .active(var d) = entry else { return entry }
-        if let up = try? driver.isUp(d.name) { d.up = up }
-        if let mtu = try? driver.mtu(d.name) { d.mtu = mtu }
+        let (driver, name) = (self.driver, d.name)
+        // In the device's namespace if it was moved out of the daemon's (a name here may be
+        // another interface's), else here.
+        let read = { @Sendable () throws(SyscallError) -> (Bool, Int) in (try driver.isUp(name), try driver.mtu(name)) }
+        let seen: (Bool, Int)?
+        if let fd = d.anyFD, case .some(.some(let v)) = try? driver.inDeviceNamespace(fd, read) {
+            seen = v
+        } else {
+            seen = try? read()
+        }
+        if let (up, mtu) = seen {
+            d.up = up
+            d.mtu = mtu
+        }
         return .active(d)
+    }
+
+    /// The kernel's counters of the device, by its ifindex; in the device's namespace when it
+    /// is not in the daemon's (asked only then: the stats request stays one netlink round trip).
+    /// nil if it is gone.
+    func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
+        let (driver, ifindex) = (self.driver, d.ifindex)
+        if let here = try driver.statistics(ifindex: ifindex) { return here }
+        guard let fd = d.anyFD else { return nil }
+        return try driver.inDeviceNamespace(fd, { () throws(SyscallError) in try driver.statistics(ifindex: ifindex) }) ?? nil
     }
 
     /// The published entry of `name`, unless it is gone from the kernel.
