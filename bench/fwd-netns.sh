@@ -31,7 +31,9 @@ configure() {  # NS DEV ADDR
 }
 
 exists() { [ -e "/var/run/netns/${P}a" ] || [ -e "/var/run/netns/${P}b" ]; }
-need_ns() { [ -e "/var/run/netns/${P}a" ] && [ -e "/var/run/netns/${P}b" ] || die "no ${P}a/${P}b: run setup"; }
+need_ns() {
+    [ -e "/var/run/netns/${P}a" ] && [ -e "/var/run/netns/${P}b" ] || die "no ${P}a/${P}b (setup?)"
+}
 
 do_setup() {
     ip netns add "${P}a"
