@@ -118,7 +118,9 @@ void mqt_set_thread_name(const char *name) {
     pthread_setname_np(pthread_self(), buf);
 }
 
-int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
+// One rtnetlink request about one link (an ifinfomsg with its index) and its answer, read
+// into `buf`: the byte count, or -errno.
+static ssize_t link_request(int ifindex, int type, int flags, char *buf, size_t cap) {
     int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
     if (fd < 0) return -errno;
     struct {
@@ -127,8 +129,8 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
     } req;
     memset(&req, 0, sizeof req);
     req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
-    req.nh.nlmsg_type = RTM_GETLINK;
-    req.nh.nlmsg_flags = NLM_F_REQUEST;
+    req.nh.nlmsg_type = type;
+    req.nh.nlmsg_flags = NLM_F_REQUEST | flags;
     req.nh.nlmsg_seq = 1;
     req.ifi.ifi_family = AF_UNSPEC;
     req.ifi.ifi_index = ifindex;
@@ -138,13 +140,18 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
         close(fd);
         return -e;
     }
-    // One RTM_NEWLINK (or an error) answers; its attributes fit in 32 KiB with room to spare.
-    static __thread char buf[32768];
     ssize_t n;
-    do { n = recv(fd, buf, sizeof buf, 0); } while (n < 0 && errno == EINTR);
+    do { n = recv(fd, buf, cap, 0); } while (n < 0 && errno == EINTR);
     int e = n < 0 ? errno : 0;
     close(fd);
-    if (n < 0) return -e;
+    return n < 0 ? -e : n;
+}
+
+int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
+    // One RTM_NEWLINK (or an error) answers; its attributes fit in 32 KiB with room to spare.
+    static __thread char buf[32768];
+    ssize_t n = link_request(ifindex, RTM_GETLINK, 0, buf, sizeof buf);
+    if (n < 0) return (int)n;
     for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
         if (nh->nlmsg_type == NLMSG_ERROR) {
             struct nlmsgerr *err = NLMSG_DATA(nh);
@@ -168,32 +175,10 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
 }
 
 int mqt_link_delete(int ifindex) {
-    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
-    if (fd < 0) return -errno;
-    struct {
-        struct nlmsghdr nh;
-        struct ifinfomsg ifi;
-    } req;
-    memset(&req, 0, sizeof req);
-    req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
-    req.nh.nlmsg_type = RTM_DELLINK;
     // ACK: the kernel answers with an NLMSG_ERROR whose error is 0 on success.
-    req.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
-    req.nh.nlmsg_seq = 1;
-    req.ifi.ifi_family = AF_UNSPEC;
-    req.ifi.ifi_index = ifindex;
-    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
-    if (sendto(fd, &req, req.nh.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) {
-        int e = errno;
-        close(fd);
-        return -e;
-    }
     char buf[4096];
-    ssize_t n;
-    do { n = recv(fd, buf, sizeof buf, 0); } while (n < 0 && errno == EINTR);
-    int e = n < 0 ? errno : 0;
-    close(fd);
-    if (n < 0) return -e;
+    ssize_t n = link_request(ifindex, RTM_DELLINK, NLM_F_ACK, buf, sizeof buf);
+    if (n < 0) return (int)n;
     for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
         if (nh->nlmsg_type == NLMSG_ERROR) {
             struct nlmsgerr *err = NLMSG_DATA(nh);
