@@ -213,31 +213,36 @@ final class Worker: @unchecked Sendable {
         let i = table[s].index % count
         // SAFETY: the fds and writers belong to the slot's target, which the slot keeps alive
         // and which owns a duplicate of each fd: none can be closed under this write.
-        switch writeFrame(fds[i], from: frame, count: n) {
-        case .done(let w) where w == n:
+        if writeOut(s, fds[i], n) {
             writers[i].sent(n - table[s].headerBytes)
-        case .done:
+        } else {
             counters.dropped()
-            noteError(s, .ioError, write: true)
-        case .failed(let e):
-            counters.dropped()
-            noteError(s, e, write: true)
         }
     }
 
-    /// Writes the frame buffer's first `n` bytes into `fd`, counted on `counters`.
+    /// Writes the frame buffer's first `n` bytes back into the queue `fd`, counted on `counters`.
     @inline(__always)
     private func write(_ s: Int, _ fd: Int32, _ n: Int, _ counters: CounterBlock.Writer) {
+        if writeOut(s, fd, n) {
+            counters.sent(n - table[s].headerBytes)
+        } else {
+            counters.writeFailed()
+        }
+    }
+
+    /// One write of the frame buffer's first `n` bytes; a failure (or a short write) is
+    /// reported, rate-limited, against slot `s`.
+    @inline(__always)
+    private func writeOut(_ s: Int, _ fd: Int32, _ n: Int) -> Bool {
         switch writeFrame(fd, from: frame, count: n) {
         case .done(let w) where w == n:
-            counters.sent(n - table[s].headerBytes)
+            return true
         case .done:
-            counters.writeFailed()
             noteError(s, .ioError, write: true)
         case .failed(let e):
-            counters.writeFailed()
             noteError(s, e, write: true)
         }
+        return false
     }
 
     /// Off the fast path (only after a failure): report at most once a second per queue.
