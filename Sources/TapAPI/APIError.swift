@@ -47,6 +47,36 @@ public struct APIError: Error, Sendable, Equatable {
         APIError(500, "internal_error", "unexpected error: \(error)")
     }
 
+    /// Over TCP: no credentials, no answer.
+    static let unauthorized: APIError = {
+        var e = APIError(401, "unauthorized", "a TCP request needs Authorization: Bearer TOKEN (the daemon's --token-file)")
+        e.headers = [("WWW-Authenticate", "Bearer realm=\"mqtapd\"")]
+        return e
+    }()
+
+    /// What only the Unix socket carries (a lease's fds) was asked over TCP.
+    static func unixSocketRequired(_ what: String) -> APIError {
+        APIError(400, "unix_socket_required", "\(what), which only a Unix socket carries; connect to the daemon's Unix socket")
+    }
+
+    /// The request must switch the connection to `protocolName`.
+    static func upgradeRequired(_ protocolName: String) -> APIError {
+        var e = APIError(426, "upgrade_required",
+                         "this is an HTTP/1.1 upgrade: send Connection: Upgrade and Upgrade: \(protocolName)")
+        e.headers = [("Upgrade", protocolName), ("Connection", "Upgrade")]
+        return e
+    }
+
+    static func eventsExpired(since: UInt64, oldest: UInt64) -> APIError {
+        APIError(410, "events_expired",
+                 "events after \(since) are gone: the oldest kept is \(oldest) (--event-retention); start again without since")
+    }
+
+    /// A server-wide bound on long-lived connections (event streams) was reached.
+    static func tooMany(_ what: String, limit: Int) -> APIError {
+        APIError(503, "resource_exhausted", "too many \(what) (\(limit)); try again later")
+    }
+
     public static func payloadTooLarge(limit: Int) -> APIError {
         APIError(413, "payload_too_large", "the body is larger than \(limit) bytes")
     }
@@ -59,6 +89,8 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(400, "invalid_field", e.message, field: field)
         case .deviceNotFound, .queueNotFound:
             self.init(404, "not_found", e.message)
+        case .leasedQueueNotFound:
+            self.init(404, "not_found", e.message, field: "queues")
         case .nameConflict:
             self.init(409, "name_conflict", e.message, field: "name", errno: errno)
         case .queueLimitExceeded:

@@ -36,10 +36,4 @@ public struct BearerToken: Sendable {
         }
         return diff == 0
     }
-
-    static let unauthorized: APIError = {
-        var e = APIError(401, "unauthorized", "a TCP request needs Authorization: Bearer TOKEN (the daemon's --token-file)")
-        e.headers = [("WWW-Authenticate", "Bearer realm=\"mqtapd\"")]
-        return e
-    }()
 }

@@ -173,7 +173,7 @@ public struct Router: Sendable {
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {
         // Before anything else, /v1/health and /metrics included: over TCP, no token, no answer.
         if case .tcp = r.transport, token?.accepts(r.headers["authorization"]) != true {
-            throw BearerToken.unauthorized
+            throw APIError.unauthorized
         }
         guard let route = Route(path: r.path) else { throw APIError.notFound("no such path: \(r.path)") }
         let endpoints = Self.table[route.kind, default: []]

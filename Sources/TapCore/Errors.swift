@@ -53,6 +53,8 @@ public enum ManagerError: Error, Equatable, Sendable {
     /// The device has leases: deleting it needs `force` (which revokes them).
     case deviceLeased(device: String, leases: [String])
     case leaseNotFound(device: String, id: String)
+    /// A lease asked for a queue the device does not have (the request's `queues` names it).
+    case leasedQueueNotFound(device: String, id: Int)
     /// `enabled_queues` above the queue count the device would have.
     case notEnoughQueues(device: String, queues: Int, enabled: Int)
     /// The forwarding peer does not exist or is not active.
@@ -79,6 +81,7 @@ public enum ManagerError: Error, Equatable, Sendable {
         case .invalidField(let f, _), .limitBelowUsage(let f, _, _, _), .aboveGlobalLimit(let f, _, _): return f
         case .featureMissing(_, let f): return f
         case .notEnoughQueues: return "enabled_queues"
+        case .leasedQueueNotFound: return "queues"
         case .peerUnavailable: return "peer"
         case .peerMismatch(let f, _): return f
         default: return nil
@@ -121,6 +124,8 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "\(device) has leases (\(leases.joined(separator: ", "))); revoke them, or delete with ?force=true"
         case .leaseNotFound(let device, let id):
             return "device \(device) has no lease \(id)"
+        case .leasedQueueNotFound(let device, let id):
+            return "queues: device \(device) has no queue \(id)"
         case .peerUnavailable(let device, let peer):
             return "\(device) cannot forward to \(peer): no active device has that name"
         case .peerMismatch(let field, let peer):

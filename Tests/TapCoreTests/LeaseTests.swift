@@ -52,7 +52,7 @@ struct LeaseTests {
             try f.manager.grantLease("d", LeaseRequest(queues: [1, 2]), peer: Self.peer)
         }
         #expect(try f.manager.queue("d", id: 1).lease == nil, "a refused lease leases nothing")
-        #expect(throws: ManagerError.queueNotFound(device: "d", id: 7)) {
+        #expect(throws: ManagerError.leasedQueueNotFound(device: "d", id: 7)) {
             try f.manager.grantLease("d", LeaseRequest(queues: [7]), peer: Self.peer)
         }
         #expect(throws: ManagerError.self) {

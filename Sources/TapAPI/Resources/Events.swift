@@ -55,7 +55,7 @@ enum EventsResource {
         let journal = m.journal
         // Watchers and leases hold connections for long: keep room for everything else.
         if q.follow && hub.count >= EventHub.maxStreams {
-            throw APIError(503, "resource_exhausted", "too many event watchers (\(EventHub.maxStreams)); try again later")
+            throw APIError.tooMany("event watchers", limit: EventHub.maxStreams)
         }
         let headers = [("Content-Type", contentType), ("Cache-Control", "no-store")]
         let stream = q.follow ? EventStream(device: q.device, boot: journal.boot) : nil
@@ -65,8 +65,7 @@ enum EventsResource {
             replay = try journal.replay(after: q.since ?? (q.follow ? journal.nextID - 1 : nil), subscribing: stream)
         } catch {
             guard case .expired(let since, let oldest) = error else { throw error }
-            throw APIError(410, "events_expired",
-                           "events after \(since) are gone: the oldest kept is \(oldest) (--event-retention); start again without since")
+            throw APIError.eventsExpired(since: since, oldest: oldest)
         }
         let lines = replay.filter { q.device == nil || $0.device == q.device }.flatMap { line($0, boot: journal.boot) }
         guard let stream else { return HTTPResponse(status: 200, headers: headers, body: lines) }

@@ -32,17 +32,13 @@ enum LeasesResource {
     /// connection (`handOver`). Every refusal is an ordinary error and changes nothing.
     static func take(_ m: DeviceManager, _ watcher: LeaseWatcher, _ device: String, _ r: HTTPRequest) throws -> HTTPResponse {
         guard case .unix(let peer) = r.transport else {
-            throw APIError(400, "unix_socket_required",
-                           "a lease passes fds, which only a Unix socket carries; connect to the daemon's Unix socket")
+            throw APIError.unixSocketRequired("a lease passes fds")
         }
         guard r.asksUpgrade(to: protocolName) else {
-            var e = APIError(426, "upgrade_required",
-                             "a lease is an HTTP/1.1 upgrade: send Connection: Upgrade and Upgrade: \(protocolName)")
-            e.headers = [("Upgrade", protocolName), ("Connection", "Upgrade")]
-            throw e
+            throw APIError.upgradeRequired(protocolName)
         }
         let request = try decodeRequest(r.body)
-        let offer = try grant(m, device, request, peer: peer ?? PeerCredentials(pid: 0, uid: 0, gid: 0))
+        let offer = try m.grantLease(device, request, peer: peer ?? PeerCredentials(pid: 0, uid: 0, gid: 0))
         return .switching(Upgrade(
             protocolName: protocolName,
             run: { connection in handOver(offer, on: connection, m, watcher) },
@@ -50,19 +46,6 @@ enum LeasesResource {
                 offer.close()
                 m.leaseEnded(device: offer.device, lease: offer.id)
             }))
-    }
-
-    /// The manager's grant; a queue it does not know is named as the `queues` field.
-    private static func grant(_ m: DeviceManager, _ device: String, _ request: LeaseRequest,
-                              peer: PeerCredentials) throws -> LeaseOffer {
-        do {
-            return try m.grantLease(device, request, peer: peer)
-        } catch {
-            guard case .queueNotFound = error else { throw error }
-            var e = APIError(error)
-            e.field = "queues"
-            throw e
-        }
     }
 
     /// After the 101: one JSON line with the fds (SCM_RIGHTS, in the order of `queues`), then

@@ -89,7 +89,7 @@ extension DeviceManager {
             let ids = (request.queues ?? d.queues.keys.sorted() + d.orphans.keys.sorted()).sorted()
             for id in ids {
                 if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
-                guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
+                guard let q = d.queues[id] else { throw .leasedQueueNotFound(device: name, id: id) }
                 if let l = q.lease { throw .queueLeased(device: name, id: id, lease: l) }
             }
             guard !ids.isEmpty else { throw .invalidField(field: "queues", reason: "the device has no queue to lease") }
