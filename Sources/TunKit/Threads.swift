@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import CTunLinux
+import Dispatch
+import Synchronization
 
 /// A named OS thread that runs one closure and is joined explicitly.
 public final class NamedThread: Sendable {
@@ -39,5 +41,31 @@ public final class NamedThread: Sendable {
     public func join() {
         let rc = pthread_join(handle, nil)
         precondition(rc == 0, "pthread_join: \(Errno(rc))")
+    }
+}
+
+/// A named thread that runs `body` every `interval` seconds until stopped; `stop()` wakes it
+/// at once (no waiting out the interval) and joins it.
+public final class PeriodicThread: Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private let thread = Mutex<NamedThread?>(nil)
+
+    /// The corresponding C functions are those of `NamedThread`.
+    public init(name: String, every interval: Double, _ body: @escaping @Sendable () -> Void) throws(SyscallError) {
+        let done = self.done
+        let t = try NamedThread(name: name) {
+            while done.wait(timeout: .now() + interval) == .timedOut { body() }
+        }
+        thread.withLock { $0 = t }
+    }
+
+    /// Stops and joins the thread. Idempotent.
+    public func stop() {
+        guard let t = thread.withLock({ t in
+            defer { t = nil }
+            return t
+        }) else { return }
+        done.signal()
+        t.join()
     }
 }

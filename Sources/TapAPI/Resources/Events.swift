@@ -214,10 +214,7 @@ public final class EventHub: Sendable {
     }
 
     private let streams = Mutex<[ObjectIdentifier: Watched]>([:])
-    private let thread = Mutex<NamedThread?>(nil)
-    private let stopping = Atomic<Bool>(false)
-    /// Signalled to stop the thread at once instead of after its sleep.
-    private let stopSignal = DispatchSemaphore(value: 0)
+    private let ticker = Mutex<PeriodicThread?>(nil)
     /// Seconds of silence before a blank line.
     let idle: Double
     /// Open streams at most (of the server's 256 connections).
@@ -225,8 +222,8 @@ public final class EventHub: Sendable {
 
     public init(keepAliveSeconds: Double = 15) throws(SyscallError) {
         idle = keepAliveSeconds
-        let t = try NamedThread(name: "mqtapd-events") { [self] in run() }
-        thread.withLock { $0 = t }
+        let t = try PeriodicThread(name: "mqtapd-events", every: min(1, keepAliveSeconds / 2)) { [weak self] in self?.tick() }
+        ticker.withLock { $0 = t }
     }
 
     func add(_ s: EventStream, journal: EventJournal) {
@@ -236,28 +233,19 @@ public final class EventHub: Sendable {
     /// Open streams.
     public var count: Int { streams.withLock { $0.count } }
 
-    private func run() {
-        while stopSignal.wait(timeout: .now() + min(1, idle / 2)) == .timedOut {
-            let all = streams.withLock { Array($0) }
-            for (key, w) in all {
-                if w.stream.isClosed {
-                    w.journal.unsubscribe(w.stream)
-                    streams.withLock { _ = $0.removeValue(forKey: key) }
-                } else {
-                    w.stream.keepAlive(idle: idle)
-                }
+    /// Forgets the streams that ended; gives the idle ones their keep-alive line.
+    private func tick() {
+        let all = streams.withLock { Array($0) }
+        for (key, w) in all {
+            if w.stream.isClosed {
+                w.journal.unsubscribe(w.stream)
+                streams.withLock { _ = $0.removeValue(forKey: key) }
+            } else {
+                w.stream.keepAlive(idle: idle)
             }
         }
     }
 
-    /// Stops the thread (the servers end the streams themselves).
-    public func stop() {
-        guard !stopping.exchange(true, ordering: .relaxed) else { return }
-        stopSignal.signal()
-        let t = thread.withLock { t in
-            defer { t = nil }
-            return t
-        }
-        t?.join()
-    }
+    /// Stops the thread (the servers end the streams themselves). Idempotent.
+    public func stop() { ticker.withLock { $0 }?.stop() }
 }

@@ -25,7 +25,7 @@ public final class DeviceManager: Sendable {
     /// Every change, for watchers.
     public let journal: EventJournal
     /// Looks for attach-state changes made outside the API (a lease holder's TUNSETQUEUE).
-    private let observer: Observer
+    private let observer = Mutex<PeriodicThread?>(nil)
     /// What forwarding devices write to.
     let forwarding = ForwardRegistry()
 
@@ -51,7 +51,6 @@ public final class DeviceManager: Sendable {
             throw ManagerError.invalidField(field: "event_retention", reason: "must be at least 1")
         }
         journal = EventJournal(retention: eventRetention)
-        observer = Observer()
         self.logger = logger
         self.stateFile = stateFile
         // The pool reports vanished devices before `self` exists; the relay is pointed at
@@ -63,7 +62,8 @@ public final class DeviceManager: Sendable {
         control = Mutex(model)
         published = Mutex(model)
         relay.set(self)
-        try observer.start { [weak self] in self?.observe() }
+        let observing = try PeriodicThread(name: "mqtapd-observe", every: 0.2) { [weak self] in self?.observe() }
+        observer.withLock { $0 = observing }
     }
 
     /// A manager dropped without `shutdown()` still closes its fds and joins its workers.
@@ -149,7 +149,9 @@ public final class DeviceManager: Sendable {
         // another interface's), else here.
         let read = { @Sendable () throws(SyscallError) -> (Bool, Int) in (try driver.isUp(name), try driver.mtu(name)) }
         let seen: (Bool, Int)?
-        if let fd = d.anyFD, case .some(.some(let v)) = try? driver.inDeviceNamespace(fd, read) {
+        // The fd only while it is open: the snapshot may be older than a close.
+        if let q = d.queues.values.first,
+           case .some(.some(.some(let v))) = q.file.withOpenFD({ fd in try? driver.inDeviceNamespace(fd, read) }) {
             seen = v
         } else {
             seen = try? read()
@@ -308,7 +310,7 @@ public final class DeviceManager: Sendable {
             return true
         }
         guard first else { return }
-        observer.stop()
+        observer.withLock { $0 }?.stop()
         control.withLock { model in
             for case .active(let d) in model.devices.values.sorted(by: { $0.name < $1.name }) {
                 release(d)

@@ -118,31 +118,3 @@ extension DeviceManager {
         }
     }
 }
-
-/// A named thread that runs `body` every `interval` until stopped.
-final class Observer: Sendable {
-    private let interval: Double
-    private let done = DispatchSemaphore(value: 0)
-    private let thread = Mutex<NamedThread?>(nil)
-
-    init(interval: Double = 0.2) { self.interval = interval }
-
-    func start(_ body: @escaping @Sendable () -> Void) throws(SyscallError) {
-        let done = self.done
-        let interval = self.interval
-        let t = try NamedThread(name: "mqtapd-observe") {
-            while done.wait(timeout: .now() + interval) == .timedOut { body() }
-        }
-        thread.withLock { $0 = t }
-    }
-
-    /// Stops and joins the thread. Idempotent.
-    func stop() {
-        guard let t = thread.withLock({ t in
-            defer { t = nil }
-            return t
-        }) else { return }
-        done.signal()
-        t.join()
-    }
-}
