@@ -210,6 +210,13 @@ public struct LeaseInfo: Hashable, Sendable {
     public let state: LeaseState
 }
 
+/// Whether a forwarding device's peer is there to write to.
+public enum PeerState: String, Sendable, Hashable {
+    case active
+    /// No active device has the name: frames are dropped (and counted) until one has.
+    case missing
+}
+
 /// Where a device's queue limit comes from.
 public enum MaxQueuesSource: String, Sendable, Hashable {
     /// It follows the global limit as that changes.
@@ -235,7 +242,7 @@ public struct DeviceInfo: Hashable, Sendable {
     public let peer: String?
     /// Whether the peer is there to forward to (`active`) or not (`missing`); nil unless
     /// forwarding.
-    public let peerState: String?
+    public let peerState: PeerState?
     public let offload: Bool
     /// What TUNSETOFFLOAD set: `csum`, `tso4`, `tso6`, `uso4`, `uso6`.
     public let offloads: [String]

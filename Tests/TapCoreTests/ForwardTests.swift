@@ -48,7 +48,7 @@ struct ForwardTests {
         let f = try FakeFixture()
         _ = try f.manager.create(DeviceSpec(name: "b", queues: 2))
         let a = try f.manager.create(DeviceSpec(name: "a", queues: 3, mode: .forward, peer: "b"))
-        #expect(a.peer == "b" && a.peerState == "active")
+        #expect(a.peer == "b" && a.peerState == .active)
         let aFDs = f.driver.fds(of: "a"), bFDs = f.driver.fds(of: "b")
         for (i, fd) in aFDs.enumerated() {
             for _ in 0..<(i + 1) { #expect(inject(f.driver.peer(of: fd)!, Self.frame)) }
@@ -70,12 +70,12 @@ struct ForwardTests {
         _ = try f.manager.create(DeviceSpec(name: "b"))
         _ = try f.manager.create(DeviceSpec(name: "a", mode: .forward, peer: "b"))
         try f.manager.delete("b")
-        #expect(try f.manager.device("a").peerState == "missing")
+        #expect(try f.manager.device("a").peerState == .missing)
         let src = f.driver.peer(of: f.driver.fds(of: "a")[0])!
         inject(src, Self.frame)
         #expect(eventually { (try? f.manager.stats("a").total.dropped) == 1 })
         _ = try f.manager.create(DeviceSpec(name: "b"))
-        #expect(try f.manager.device("a").peerState == "active")
+        #expect(try f.manager.device("a").peerState == .active)
         inject(src, Self.frame)
         #expect(eventually { (try? f.manager.stats("b").total.txPackets) == 1 })
         #expect(try f.manager.stats("a").total.rxPackets == 2)
@@ -140,7 +140,7 @@ struct ForwardTests {
         defer { m.shutdown() }
         #expect(m.restore(saved).isEmpty)
         // "a" came back before its peer "z": it forwards all the same.
-        #expect(try m.device("a").peerState == "active" && m.device("a").offloads == ["csum", "tso4", "tso6"])
+        #expect(try m.device("a").peerState == .active && m.device("a").offloads == ["csum", "tso4", "tso6"])
         inject(driver.peer(of: driver.fds(of: "a")[0])!, Self.frame + [UInt8](repeating: 0, count: 10))
         #expect(eventually { (try? m.stats("z").total.txPackets) == 1 })
         #expect(try m.stats("z").total.txBytes == 120, "bytes leave the vnet header out")

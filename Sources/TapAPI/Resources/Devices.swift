@@ -53,7 +53,7 @@ enum DevicesResource {
         o["up"] = .bool(d.up)
         o["mode"] = .string(d.mode.rawValue)
         if let p = d.peer { o["peer"] = .string(p) }
-        if let s = d.peerState { o["peer_state"] = .string(s) }
+        if let s = d.peerState { o["peer_state"] = .string(s.rawValue) }
         o["offload"] = .bool(d.offload)
         o["offloads"] = .array(d.offloads.map { .string($0) })
         // 0 for a device that is not active, as the API has always answered.

@@ -131,7 +131,7 @@ public final class DeviceManager: Sendable {
         let own = d.queues.values.map { q in q.info(attached: attached(q)) }
         let qs = (own + d.orphans.values.map(\.info)).sorted { $0.id < $1.id }
         let peerState = d.mode != .forward ? nil
-            : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? "missing" : "active")
+            : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? PeerState.missing : .active)
         let global = published.withLock { $0.maxQueues }
         return DeviceInfo(name: d.name, kind: d.kind, maxQueues: queueLimit(own: d.ownMaxQueues, global: global),
                           maxQueuesSource: d.ownMaxQueues == nil ? .global : .device, persist: d.persist, vnetHdr: d.vnetHdr,
