@@ -23,19 +23,67 @@ public final class HTTPServer: Sendable {
 
     public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
 
+    /// The answers the server gives by itself, made by the API so that their body is the
+    /// API's error format.
+    public struct Refusals: Sendable {
+        /// The body is larger than the limit (413).
+        public var tooLarge: @Sendable (_ limit: Int) -> HTTPResponse
+        /// The server is stopping and takes no new request (503).
+        public var stopping: HTTPResponse
+        /// The request is malformed in a way the handler never sees (400): the message says how.
+        public var badRequest: @Sendable (_ message: String) -> HTTPResponse
+
+        public init(tooLarge: @escaping @Sendable (Int) -> HTTPResponse, stopping: HTTPResponse,
+                    badRequest: @escaping @Sendable (String) -> HTTPResponse) {
+            self.tooLarge = tooLarge
+            self.stopping = stopping
+            self.badRequest = badRequest
+        }
+    }
+
+    /// Requests handled whose answer MHD has not finished sending, and whether the server
+    /// stops: in one lock, so that no request starts once a stop has counted them.
+    final class Answering: Sendable {
+        private struct State {
+            var count = 0
+            var stopping = false
+        }
+        private let state = Mutex(State())
+
+        /// False once the server stops: the request is refused, unhandled.
+        func begin() -> Bool {
+            state.withLock { s in
+                guard !s.stopping else { return false }
+                s.count += 1
+                return true
+            }
+        }
+
+        func end() { state.withLock { $0.count -= 1 } }
+
+        /// Refuses new requests, then waits (up to `seconds`) for the answers of those handled.
+        func stopAndWait(within seconds: Double) {
+            state.withLock { $0.stopping = true }
+            let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
+            while state.withLock({ $0.count > 0 }) && Clock.monotonicNanoseconds() < deadline { Clock.sleep(0.005) }
+        }
+    }
+
     /// What the C callbacks reach through their `cls` pointer.
     private final class Context: Sendable {
         let handler: Handler
         let limits: Limits
-        let tooLarge: @Sendable (Int) -> HTTPResponse
+        let refusals: Refusals
         let connections: Connections
         let streams: Streams
+        /// A stop waits for these, so a change that was committed is answered.
+        let answering = Answering()
 
-        init(handler: @escaping Handler, limits: Limits, tooLarge: @escaping @Sendable (Int) -> HTTPResponse,
+        init(handler: @escaping Handler, limits: Limits, refusals: Refusals,
              connections: Connections, streams: Streams) {
             self.handler = handler
             self.limits = limits
-            self.tooLarge = tooLarge
+            self.refusals = refusals
             self.connections = connections
             self.streams = streams
         }
@@ -50,6 +98,8 @@ public final class HTTPServer: Sendable {
         /// A 101 was queued: run on the raw connection once MHD has sent the head, or
         /// abandoned in `completed` if it never was.
         var upgrade: Upgrade?
+        /// Counted in the context's `answering` until `completed`.
+        var answering = false
         weak var server: Connections?
     }
 
@@ -195,11 +245,11 @@ public final class HTTPServer: Sendable {
     private let connections = Connections()
     private let streams = Streams()
 
-    /// Serves `socket`, which the server then owns. `tooLarge` makes the 413 body, so the
-    /// error format stays the API's. On failure the socket is closed.
+    /// Serves `socket`, which the server then owns. `refusals` are the answers the server
+    /// gives by itself. On failure the socket is closed.
     public init(socket: consuming ListeningSocket, limits: Limits = Limits(), handler: @escaping Handler,
-                tooLarge: @escaping @Sendable (Int) -> HTTPResponse) throws(HTTPServerError) {
-        context = Context(handler: handler, limits: limits, tooLarge: tooLarge, connections: connections,
+                refusals: Refusals) throws(HTTPServerError) {
+        context = Context(handler: handler, limits: limits, refusals: refusals, connections: connections,
                           streams: streams)
         // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
         // run by deinit) stops the daemon, and with it every callback, before it is released.
@@ -208,7 +258,7 @@ public final class HTTPServer: Sendable {
         // SAFETY: the fd is borrowed by MHD until `stop()`, which closes the owner only after
         // MHD_stop_daemon has returned.
         let d = mqt_mhd_start(socket.fd, UInt32(limits.threads), HTTPServer.access, cls,
-                              HTTPServer.completed, nil, UInt32(limits.connections),
+                              HTTPServer.completed, cls, UInt32(limits.connections),
                               UInt32(limits.idleTimeoutSeconds), limits.connectionMemory, &err)
         guard let d else { throw HTTPServerError.startFailed(errno: err == 0 ? nil : Errno(err)) }
         daemon = Mutex(d)
@@ -233,6 +283,10 @@ public final class HTTPServer: Sendable {
         // connections are the application's to close, and only before MHD stops.
         streams.finishAll(within: 2)
         connections.closeAll()
+        // A request already handled has changed what it changed: its answer goes out before
+        // MHD closes the connection (bounded, for a client that does not read). Requests that
+        // come meanwhile are refused unhandled.
+        context.answering.stopAndWait(within: 5)
         MHD_stop_daemon(d)
         let owner = socket.withLock { $0.take() }
         _ = consume owner
@@ -258,7 +312,7 @@ public final class HTTPServer: Sendable {
             }
             if let length = header(connection, "Content-Length").flatMap(Int.init), length > context.limits.bodyBytes {
                 upload.answered = true
-                return queue(connection, context.tooLarge(context.limits.bodyBytes))
+                return queue(connection, context.refusals.tooLarge(context.limits.bodyBytes))
             }
             return .YES
         }
@@ -272,7 +326,7 @@ public final class HTTPServer: Sendable {
             if upload.body.count + n > context.limits.bodyBytes {
                 upload.answered = true
                 upload.body = []
-                return queue(connection, context.tooLarge(context.limits.bodyBytes))
+                return queue(connection, context.refusals.tooLarge(context.limits.bodyBytes))
             }
             // SAFETY: MHD guarantees `n` readable bytes at uploadData for this call only;
             // they are copied out before returning.
@@ -293,7 +347,15 @@ public final class HTTPServer: Sendable {
                                   headers: headers, body: upload.body, query: query, transport: upload.transport,
                                   version: version.map { String(cString: $0) } ?? "HTTP/1.1")
         upload.body = []
+        // Counted before the handler runs: a stop that begins meanwhile waits for the answer.
+        guard context.answering.begin() else { return queue(connection, context.refusals.stopping) }
+        upload.answering = true
         let response = context.handler(request)
+        if response.upgrade != nil || response.stream != nil {
+            // Streams and upgraded connections are ended by the stop itself.
+            upload.answering = false
+            context.answering.end()
+        }
         if let upgrade = response.upgrade {
             upload.upgrade = upgrade
             upload.server = context.connections
@@ -365,10 +427,14 @@ public final class HTTPServer: Sendable {
         upgrade.run(c)
     }
 
-    private static let completed: MHD_RequestCompletedCallback = { _, _, conCls, _ in
+    private static let completed: MHD_RequestCompletedCallback = { cls, _, conCls, _ in
         guard let conCls, let state = conCls.pointee else { return }
         // SAFETY: `state` is the Upload retained in the access handler, not yet released.
         let upload = Unmanaged<Upload>.fromOpaque(state).takeUnretainedValue()
+        if upload.answering, let cls {
+            // SAFETY: `cls` is the Context passed unretained in init; it outlives the daemon.
+            Unmanaged<Context>.fromOpaque(cls).takeUnretainedValue().answering.end()
+        }
         // A 101 queued but never sent (the client went first): undo what it was for.
         if let upgrade = upload.upgrade {
             upload.upgrade = nil

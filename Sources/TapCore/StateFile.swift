@@ -76,7 +76,7 @@ public struct StateFile: Sendable {
     public func load() throws(LoadError) -> DesiredState? {
         let bytes: [UInt8]?
         do {
-            bytes = try Files.read(path)
+            bytes = try Files.read(path, followingLinks: false)
         } catch {
             throw .unreadable(error)
         }

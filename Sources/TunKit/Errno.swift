@@ -47,6 +47,9 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let noSuchDeviceOrAddress = Errno(ENXIO)
     public static let addressInUse = Errno(EADDRINUSE)
     public static let noSpace = Errno(ENOSPC)
+    public static let isDirectory = Errno(EISDIR)
+    public static let notSocket = Errno(ENOTSOCK)
+    public static let tooManyLinks = Errno(ELOOP)
 }
 
 /// A failed system call: which call, and the errno it returned.

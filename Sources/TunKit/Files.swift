@@ -10,7 +10,14 @@ public enum Files {
     /// fsync the directory (so the rename itself survives a power cut).
     public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: UInt32 = 0o600) throws(SyscallError) {
         let tmp = path + ".tmp"
-        let fd = try retryingEINTR("open(\(tmp))") { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(mode)) }
+        // A new file, never one found there: O_EXCL refuses whatever is at the path, a planted
+        // symlink included (so a root write is never redirected). A temporary file left by a
+        // crash is removed first; unlink removes a symlink itself, not its target. The rename
+        // below replaces a symlink at `path` itself, too.
+        _ = unlink(tmp)
+        let fd = try retryingEINTR("open(\(tmp))") {
+            open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode_t(mode))
+        }
         do throws(SyscallError) {
             var offset = 0
             while offset < bytes.count {
@@ -38,8 +45,27 @@ public enum Files {
         _ = try retryingEINTR("fsync(\(dir))") { fsync(dfd) }
     }
 
-    /// The whole file, or nil if it does not exist.
-    public static func read(_ path: String) throws(SyscallError) -> [UInt8]? { try readWholeFile(path) }
+    /// The whole file, or nil if it does not exist. With `followingLinks` false a symlink at
+    /// `path` fails (ELOOP): for the daemon's own files, which are never links (a token file
+    /// may be one: Kubernetes mounts secrets as links).
+    public static func read(_ path: String, followingLinks: Bool = true) throws(SyscallError) -> [UInt8]? {
+        try readWholeFile(path, noFollow: !followingLinks)
+    }
+
+    /// Why a directory the daemon keeps state in is unsafe, or nil if it is not: it must be
+    /// a directory owned by this process's user and writable by no one
+    /// else, or another user could plant files or links in it for root to write through.
+    /// The corresponding C function is `stat(2)`.
+    public static func unsafeDirectoryReason(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return "cannot stat it: \(Errno.current.message)" }
+        guard st.st_mode & S_IFMT == S_IFDIR else { return "it is not a directory" }
+        guard st.st_uid == geteuid() else { return "it is owned by uid \(st.st_uid), not by this process's uid \(geteuid())" }
+        guard st.st_mode & 0o022 == 0 else {
+            return "it is writable by its group or by others (mode 0\(String(UInt32(st.st_mode) & 0o7777, radix: 8)))"
+        }
+        return nil
+    }
 
     /// Moves a file aside (`rename(2)`), e.g. a corrupt state file kept for inspection.
     public static func move(_ from: String, to: String) throws(SyscallError) {
@@ -89,7 +115,8 @@ public struct FileLock: ~Copyable, Sendable {
     /// The corresponding C functions are `open(2)` and `flock(LOCK_EX | LOCK_NB)`.
     public init(path: String) throws(SyscallError) {
         self.path = path
-        let fd = try retryingEINTR("open(\(path))") { open(path, O_RDWR | O_CREAT | O_CLOEXEC, mode_t(0o600)) }
+        // O_NOFOLLOW: a lock file is never a link, so one planted there is not written through.
+        let fd = try retryingEINTR("open(\(path))") { open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, mode_t(0o600)) }
         do throws(SyscallError) {
             _ = try retryingEINTR("flock(\(path))") { flock(fd, LOCK_EX | LOCK_NB) }
         } catch {

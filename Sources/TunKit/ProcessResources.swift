@@ -2,21 +2,39 @@
 import Glibc
 #endif
 import CTunLinux
+import Synchronization
 
 /// Facts about this process and machine that limits and leak checks need.
 public enum ProcessResources {
-    /// Open file descriptors of this process (entries of /proc/self/fd, without the one
-    /// used to list them).
+    /// Open file descriptors of this process (entries of /proc/self/fd, the one kept to list
+    /// them included: it is one of the process's fds for good).
+    ///
+    /// The directory is opened once and kept (rewound for each count), so counting needs no
+    /// new fd: under EMFILE, when the answer matters most, it still counts. If it could never
+    /// be opened, the last count made is the answer. Never negative.
     public static func openFileCount() -> Int {
-        guard let dir = opendir("/proc/self/fd") else { return -1 }
-        defer { closedir(dir) }
-        var n = 0
-        while let entry = readdir(dir) {
-            let isDot = withUnsafeBytes(of: entry.pointee.d_name) { $0.first == UInt8(ascii: ".") }
-            if !isDot { n += 1 }
+        fdDirectory.withLock { state in
+            if state.dir == nil { state.dir = opendir("/proc/self/fd") }
+            guard let dir = state.dir else { return state.last }
+            rewinddir(dir)
+            var n = 0
+            while let entry = readdir(dir) {
+                let isDot = withUnsafeBytes(of: entry.pointee.d_name) { $0.first == UInt8(ascii: ".") }
+                if !isDot { n += 1 }
+            }
+            state.last = n
+            return state.last
         }
-        return n - 1
     }
+
+    private struct FDDirectory: @unchecked Sendable {
+        // SAFETY (@unchecked): the DIR is only used under the mutex, by one thread at a time.
+        var dir: OpaquePointer?
+        var last = 0
+    }
+
+    /// Opened on first use and kept for the life of the process (one fd).
+    private static let fdDirectory = Mutex(FDDirectory())
 
     /// CPU time, memory and start time, as Prometheus' standard `process_*` metrics have them.
     public struct Usage: Sendable {

@@ -7,6 +7,9 @@ import CTunLinux
 public enum Signals {
     public static let terminate = SIGTERM
     public static let interrupt = SIGINT
+    /// The terminal hung up: by default the end of the process; the daemon has no terminal
+    /// and no file to reopen, so it only logs it.
+    public static let hangUp = SIGHUP
 
     /// Blocks `signals` in the calling thread and in every thread it starts afterwards (the
     /// mask is inherited), so only `wait` receives them. Call before starting any thread.

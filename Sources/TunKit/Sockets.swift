@@ -92,15 +92,26 @@ public enum ListenSocket {
     /// A Unix socket at `path` with permissions `mode`, its directory created if missing.
     ///
     /// A socket file left by a crashed instance is replaced; one that a live instance still
-    /// accepts on is not: that fails with EADDRINUSE, and the caller says which path.
+    /// accepts on is not: that fails with EADDRINUSE, and the caller says which path. Anything
+    /// else at the path (a file, a directory, a symlink) is left alone and fails.
     public static func unix(path: String, mode: UInt32 = 0o660) throws(SyscallError) -> ListeningSocket {
         let address = try SocketAddress.unix(path)
         if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
             try makeDirectories(String(path[..<slash]))
         }
-        if access(path, F_OK) == 0 {
-            if isAcceptingUnix(path) { throw SyscallError(call: "bind(\(path))", errno: .addressInUse) }
-            _ = unlink(path)
+        // Only a socket file is ever replaced: a regular file or a directory at the path is
+        // the caller's mistake, not a leftover, and stays as it is.
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            switch st.st_mode & S_IFMT {
+            case S_IFSOCK:
+                if isAcceptingUnix(path) { throw SyscallError(call: "bind(\(path))", errno: .addressInUse) }
+                _ = unlink(path)
+            case S_IFDIR:
+                throw SyscallError(call: "bind(\(path))", errno: .isDirectory)
+            default:
+                throw SyscallError(call: "bind(\(path)): a file that is not a socket is there", errno: .exists)
+            }
         }
         let fd = try address.socket(SOCK_STREAM, flags: Int32(SOCK_NONBLOCK.rawValue))
         do throws(SyscallError) {

@@ -85,10 +85,10 @@ public func readSmallFile(_ path: String) throws(SyscallError) -> String? {
 }
 
 /// Reads a whole file's bytes. Returns nil if it (or, in sysfs, its device) does not exist.
-func readWholeFile(_ path: String) throws(SyscallError) -> [UInt8]? {
+func readWholeFile(_ path: String, noFollow: Bool = false) throws(SyscallError) -> [UInt8]? {
     let fd: Int32
     do {
-        fd = try openFile(path, flags: O_RDONLY)
+        fd = try openFile(path, flags: O_RDONLY | (noFollow ? O_NOFOLLOW : 0))
     } catch where error.errno == .noSuchFile || error.errno == .noDevice {
         return nil
     }

@@ -47,10 +47,12 @@ final class Daemon {
     func start() throws(StartError) {
         precondition(state == .starting, "a daemon starts once")
         // Before any thread starts, so that only the main thread ever receives them.
-        Signals.block([Signals.terminate, Signals.interrupt])
+        Signals.block([Signals.terminate, Signals.interrupt, Signals.hangUp])
         // Every queue is an fd: use all the fds the hard limit allows.
         let limit = ProcessResources.fileLimit()
         if limit.soft < limit.hard { try? ProcessResources.setFileLimit(soft: limit.hard) }
+        // Opens the fd directory it keeps, while fds are plenty: /v1/limits counts under EMFILE.
+        _ = ProcessResources.openFileCount()
 
         // Socket activation: systemd passes listening sockets (LISTEN_FDS); without --listen
         // they are all the daemon serves. Each becomes its owner at once.
@@ -138,9 +140,15 @@ final class Daemon {
         Systemd.notify("READY=1\nSTATUS=serving")
     }
 
-    /// Waits for SIGTERM or SIGINT.
+    /// Waits for SIGTERM or SIGINT. SIGHUP (a reload, by habit) is logged and ignored: the
+    /// daemon has no configuration file to reread and logs to stderr, which it never reopens;
+    /// by default it would end the process without any cleanup.
     func waitForSignal() -> Int32 {
-        Signals.wait([Signals.terminate, Signals.interrupt])
+        while true {
+            let s = Signals.wait([Signals.terminate, Signals.interrupt, Signals.hangUp])
+            guard s == Signals.hangUp else { return s }
+            log.info("SIGHUP ignored: there is nothing to reload", [:])
+        }
     }
 
     /// Stops every part that started, in reverse. Idempotent.
@@ -189,6 +197,9 @@ final class Daemon {
         } catch {
             throw StartError("cannot create the state directory", ["path": options.stateDir, "error": "\(error)"])
         }
+        if let why = Files.unsafeDirectoryReason(options.stateDir) {
+            throw StartError("refusing the state directory: \(why)", ["path": options.stateDir])
+        }
         let locks = Locks()
         var paths = [(options.stateDir + "/lock", "state directory", false)]
         for case .unix(let path) in addresses {
@@ -197,7 +208,12 @@ final class Daemon {
         }
         for (path, what, removeFile) in paths {
             do {
-                try locks.take(path, removeFile: removeFile)
+                // A process killed with SIGKILL holds its locks until the kernel has closed
+                // all its fds, which takes a moment with many queues: a restart right after
+                // waits for that instead of failing.
+                try locks.take(path, removeFile: removeFile, waiting: 5) {
+                    self.log.info("waiting for the lock: another process holds it", ["path": path])
+                }
             } catch {
                 locks.releaseAll()
                 let why = error.errno == .wouldBlock ? "another mqtapd instance holds \(path)" : "\(error)"
@@ -251,8 +267,22 @@ final class Locks {
 
     /// `removeFile`: the lock file goes with a clean stop (a socket's, next to the socket file
     /// that goes too); the state directory's stays.
-    func take(_ path: String, removeFile: Bool = false) throws(SyscallError) {
-        held.append(Held(try FileLock(path: path), removeFile: removeFile))
+    /// Retries while another process holds the lock, up to `seconds`; `waiting` is called once
+    /// if it has to wait.
+    func take(_ path: String, removeFile: Bool = false, waiting seconds: Double,
+              onWait: () -> Void) throws(SyscallError) {
+        let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
+        var told = false
+        while true {
+            do {
+                held.append(Held(try FileLock(path: path), removeFile: removeFile))
+                return
+            } catch where error.errno == .wouldBlock && Clock.monotonicNanoseconds() < deadline {
+                if !told { onWait() }
+                told = true
+                Clock.sleep(0.05)
+            }
+        }
     }
 
     /// Releases every lock (each exactly once). Idempotent.
@@ -294,7 +324,7 @@ final class Listeners {
         for e in entries where e.server == nil {
             guard let socket = e.socket.take() else { continue }
             e.server = try HTTPServer(socket: socket, limits: limits, handler: handler,
-                                      tooLarge: { APIError.payloadTooLarge(limit: $0).response })
+                                      refusals: APIError.serverRefusals)
             ready(e.address)
         }
     }

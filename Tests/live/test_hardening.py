@@ -1,0 +1,206 @@
+"""Hardening (issue 11): signals and stops, paths, numbers under faults. Each test reproduces a
+break that was seen against an earlier build."""
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, Daemon, unique_name
+from mqtapd_client import _UnixConnection, validate
+import net
+
+
+def _start_fails(args, timeout=30):
+    r = subprocess.run([BIN] + args, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode != 0, r.stderr
+    return r.stderr
+
+
+# MARK: signals and stops
+
+
+def test_sighup_is_logged_and_ignored(tmpdir_short):
+    d = Daemon(tmpdir_short, tcp=False)
+    n = unique_name("h")
+    try:
+        assert d.unix.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+        os.kill(d.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not any("SIGHUP ignored" in l for l in d.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("SIGHUP ignored" in l for l in d.log), d.log
+        assert d.proc.poll() is None, "SIGHUP ended the daemon"
+        assert d.unix.get(f"/v1/devices/{n}").json()["queue_count"] == 2
+        assert net.kernel_queue_count(n) == 2
+    finally:
+        assert d.stop() == 0
+        net.delete_link(n)
+    assert not os.path.exists(d.socket)
+
+
+def test_a_restart_waits_for_a_lock_the_dying_process_still_holds(tmpdir_short):
+    state = os.path.join(tmpdir_short, "state")
+    os.makedirs(state, mode=0o700)
+    # flock(1) stands for a process killed with SIGKILL that still closes its fds.
+    holder = subprocess.Popen(["flock", "-x", os.path.join(state, "lock"), "-c", "sleep 1.5"])
+    try:
+        time.sleep(0.3)
+        d = Daemon(tmpdir_short, tcp=False)
+        try:
+            assert any("waiting for the lock" in l for l in d.log), d.log
+            assert holder.poll() is not None, "the daemon started while the lock was held"
+        finally:
+            assert d.stop() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_held_for_long_still_fails_with_a_true_message(tmpdir_short):
+    state = os.path.join(tmpdir_short, "state")
+    os.makedirs(state, mode=0o700)
+    holder = subprocess.Popen(["flock", "-x", os.path.join(state, "lock"), "-c", "sleep 20"])
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        err = _start_fails(["--listen", f"unix:{tmpdir_short}/api.sock", "--state-dir", state])
+        assert "another mqtapd instance holds" in err, err
+        assert 4 < time.monotonic() - started < 15
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_every_change_committed_at_sigterm_is_answered(tmpdir_short):
+    """16 persistent creates race a SIGTERM: a device in the state file was answered 201, and
+    a client that got no answer made no device."""
+    d = Daemon(tmpdir_short, tcp=False, workers=1)
+    names = [unique_name("t") for _ in range(16)]
+    first = threading.Event()
+
+    def create(n):
+        try:
+            r = d.unix.post("/v1/devices", {"name": n, "queues": 8, "persist": True}, check=False)
+            first.set()
+            return r.status, r.json().get("error", {}).get("code")
+        except (OSError, ConnectionError) as e:
+            first.set()
+            return None, type(e).__name__
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            futures = {n: pool.submit(create, n) for n in names}
+            assert first.wait(20)
+            d.proc.send_signal(signal.SIGTERM)
+            outcome = {n: f.result() for n, f in futures.items()}
+        assert d.stop() == 0, d.log[-10:]
+        with open(os.path.join(tmpdir_short, "state", "state.json")) as f:
+            saved = {x["name"] for x in json.load(f)["devices"]}
+        answered = {n for n, (status, _) in outcome.items() if status == 201}
+        assert saved == answered, outcome
+        for n, (status, code) in outcome.items():
+            assert status in (201, 503, None), (n, status, code)
+            if status == 503:
+                assert code == "shutting_down"
+        # The race was real: some were made, and the stop came before all of them.
+        assert answered and len(answered) < len(names), outcome
+    finally:
+        d.stop(signal.SIGKILL)
+        for n in names:
+            net.delete_link(n)
+
+
+# MARK: paths
+
+
+def test_listen_on_a_regular_file_leaves_it_alone(tmpdir_short):
+    path = os.path.join(tmpdir_short, "precious")
+    with open(path, "w") as f:
+        f.write("keep me\n")
+    err = _start_fails(["--listen", f"unix:{path}", "--state-dir", os.path.join(tmpdir_short, "state")])
+    assert "not a socket" in err and path in err, err
+    with open(path) as f:
+        assert f.read() == "keep me\n"
+
+
+def test_listen_on_a_directory_says_so(tmpdir_short):
+    path = os.path.join(tmpdir_short, "adir")
+    os.mkdir(path)
+    err = _start_fails(["--listen", f"unix:{path}", "--state-dir", os.path.join(tmpdir_short, "state")])
+    assert "EISDIR" in err and path in err, err
+    assert os.path.isdir(path)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_state_dir_others_can_write_is_refused(tmpdir_short, mode):
+    state = os.path.join(tmpdir_short, "state")
+    os.mkdir(state)
+    os.chmod(state, mode)
+    err = _start_fails(["--listen", f"unix:{tmpdir_short}/api.sock", "--state-dir", state])
+    assert "refusing the state directory" in err and "writable" in err, err
+    assert os.listdir(state) == [], "nothing is written into a refused directory"
+
+
+def test_a_symlink_planted_in_the_state_dir_is_not_written_through(tmpdir_short):
+    d = Daemon(tmpdir_short, tcp=False)
+    n = unique_name("y")
+    victim = os.path.join(tmpdir_short, "victim")
+    with open(victim, "w") as f:
+        f.write("untouched\n")
+    state = os.path.join(tmpdir_short, "state")
+    try:
+        # A change first: the start's own save is over once it is answered.
+        assert d.unix.put("/v1/limits", {"max_queues": 200}).status == 200
+        os.symlink(victim, os.path.join(state, "state.json.tmp"))
+        assert d.unix.post("/v1/devices", {"name": n, "queues": 1}).status == 201
+        with open(victim) as f:
+            assert f.read() == "untouched\n"
+        assert not os.path.islink(os.path.join(state, "state.json"))
+        with open(os.path.join(state, "state.json")) as f:
+            assert n in {x["name"] for x in json.load(f)["devices"]}
+        assert not os.path.lexists(os.path.join(state, "state.json.tmp"))
+    finally:
+        assert d.stop() == 0
+        net.delete_link(n)
+
+
+# MARK: numbers under faults
+
+
+def test_limits_count_open_files_under_emfile(tmpdir_short):
+    """With every fd in use, /v1/limits still says how many are open (not -1) and stays valid."""
+    d = Daemon(tmpdir_short, tcp=False, prefix=("prlimit", "--nofile=96:96"))
+    n = unique_name("f")
+    conn = _UnixConnection(d.socket)
+
+    def call(method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        r = conn.getresponse()
+        raw = r.read()
+        validate(method, path, r.status, {k.lower(): v for k, v in r.getheaders()}, raw)
+        return r.status, json.loads(raw) if raw else None
+
+    try:
+        assert call("POST", "/v1/devices", {"name": n, "queues": 1})[0] == 201
+        for _ in range(200):
+            status, body = call("POST", f"/v1/devices/{n}/queues", {"count": 1})
+            if status != 201:
+                break
+        assert status == 503 and body["error"]["errno"] == "EMFILE", body
+        status, limits = call("GET", "/v1/limits")
+        assert status == 200
+        assert limits["open_files"] == len(os.listdir(f"/proc/{d.pid}/fd"))
+        assert limits["open_files_limit"] == 96
+        assert limits["open_files"] >= 94
+        assert call("DELETE", f"/v1/devices/{n}")[0] == 204
+    finally:
+        conn.close()
+        assert d.stop() == 0
+        net.delete_link(n)
