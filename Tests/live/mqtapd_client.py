@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import re
+import urllib.parse
 import socket
 
 import jsonschema
@@ -16,7 +17,9 @@ with open(SPEC_PATH) as f:
     SPEC = yaml.safe_load(f)
 _REGISTRY = referencing.Registry().with_resource(
     "spec.json", referencing.Resource.from_contents(SPEC, default_specification=referencing.jsonschema.DRAFT202012))
-_TEMPLATES = [(re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", p) + "$"), p) for p in SPEC["paths"]]
+# A queue id is a small integer (the router takes up to 9 digits): `/queues/abc` is no path.
+_TEMPLATES = [(re.compile("^" + re.sub(r"\{[^}]+\}", lambda m: "[0-9]{1,9}" if m[0] == "{id}" else "[^/]+", p) + "$"), p)
+              for p in SPEC["paths"]]
 
 
 class SpecViolation(AssertionError):
@@ -25,7 +28,9 @@ class SpecViolation(AssertionError):
 
 def validate(method, path, status, headers, body):
     """Raises SpecViolation unless the response is what openapi.yaml says this operation answers."""
-    path = path.split("?", 1)[0]
+    # As the server sees it: percent-escapes decoded (an escaped `/` is a separator then), and
+    # a C string (an escaped NUL ends it).
+    path = urllib.parse.unquote(path.split("?", 1)[0]).split("\0", 1)[0]
     template = next((t for rx, t in _TEMPLATES if rx.match(path)), None)
     if template is None:
         if status != 404:
