@@ -20,6 +20,8 @@ const unsigned long mqt_TUNSETQUEUE = TUNSETQUEUE;
 const unsigned long mqt_TUNSETPERSIST = TUNSETPERSIST;
 const unsigned long mqt_TUNGETFEATURES = TUNGETFEATURES;
 const unsigned long mqt_TUNSETOFFLOAD = TUNSETOFFLOAD;
+const unsigned long mqt_TUNSETOWNER = TUNSETOWNER;
+const unsigned long mqt_TUNSETGROUP = TUNSETGROUP;
 #ifndef TUNGETDEVNETNS
 #define TUNGETDEVNETNS _IO('T', 227)
 #endif
@@ -118,14 +120,15 @@ void mqt_set_thread_name(const char *name) {
     pthread_setname_np(pthread_self(), buf);
 }
 
-// One rtnetlink request about one link (an ifinfomsg with its index) and its answer, read
-// into `buf`: the byte count, or -errno.
-static ssize_t link_request(int ifindex, int type, int flags, char *buf, size_t cap) {
+// One rtnetlink request about one link (an ifinfomsg with its index, or with IFLA_IFNAME when
+// `name` is given) and its answer, read into `buf`: the byte count, or -errno.
+static ssize_t link_request(int ifindex, const char *name, int type, int flags, char *buf, size_t cap) {
     int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
     if (fd < 0) return -errno;
     struct {
         struct nlmsghdr nh;
         struct ifinfomsg ifi;
+        char attrs[RTA_SPACE(IFNAMSIZ)];
     } req;
     memset(&req, 0, sizeof req);
     req.nh.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
@@ -134,6 +137,15 @@ static ssize_t link_request(int ifindex, int type, int flags, char *buf, size_t 
     req.nh.nlmsg_seq = 1;
     req.ifi.ifi_family = AF_UNSPEC;
     req.ifi.ifi_index = ifindex;
+    if (name != NULL) {
+        size_t n = strnlen(name, IFNAMSIZ);
+        if (n == 0 || n >= IFNAMSIZ) { close(fd); return -EINVAL; }
+        struct rtattr *a = (struct rtattr *)((char *)&req + NLMSG_ALIGN(req.nh.nlmsg_len));
+        a->rta_type = IFLA_IFNAME;
+        a->rta_len = RTA_LENGTH(n + 1);
+        memcpy(RTA_DATA(a), name, n);  // the terminating NUL is the memset's
+        req.nh.nlmsg_len = NLMSG_ALIGN(req.nh.nlmsg_len) + RTA_ALIGN(a->rta_len);
+    }
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
     if (sendto(fd, &req, req.nh.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0) {
         int e = errno;
@@ -147,10 +159,40 @@ static ssize_t link_request(int ifindex, int type, int flags, char *buf, size_t 
     return n < 0 ? -e : n;
 }
 
-int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
+// IFLA_INFO_DATA of a tun link: its driver's attributes.
+static void read_tun_info(struct rtattr *linkinfo, mqt_link_info *out) {
+    int len = (int)RTA_PAYLOAD(linkinfo);
+    struct rtattr *kind = NULL, *data = NULL;
+    for (struct rtattr *a = RTA_DATA(linkinfo); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+        if (a->rta_type == IFLA_INFO_KIND) kind = a;
+        if (a->rta_type == IFLA_INFO_DATA) data = a;
+    }
+    if (kind == NULL || strncmp(RTA_DATA(kind), "tun", RTA_PAYLOAD(kind)) != 0 || data == NULL) return;
+    out->is_tun = 1;
+    int dlen = (int)RTA_PAYLOAD(data);
+    for (struct rtattr *a = RTA_DATA(data); RTA_OK(a, dlen); a = RTA_NEXT(a, dlen)) {
+        uint32_t u32 = 0;
+        uint8_t u8 = 0;
+        // Attributes are only 4-byte aligned: copied out, never cast in place.
+        if (RTA_PAYLOAD(a) >= sizeof u32) memcpy(&u32, RTA_DATA(a), sizeof u32);
+        if (RTA_PAYLOAD(a) >= sizeof u8) memcpy(&u8, RTA_DATA(a), sizeof u8);
+        switch (a->rta_type) {
+        case IFLA_TUN_OWNER: out->tun_owner = u32; break;
+        case IFLA_TUN_GROUP: out->tun_group = u32; break;
+        case IFLA_TUN_PERSIST: out->tun_persist = u8; break;
+        case IFLA_TUN_NUM_QUEUES: out->tun_queues = (int)u32; break;
+        case IFLA_TUN_NUM_DISABLED_QUEUES: out->tun_disabled_queues = (int)u32; break;
+        }
+    }
+}
+
+int mqt_link_info_get(int ifindex, const char *name, mqt_link_info *out) {
     // One RTM_NEWLINK (or an error) answers; its attributes fit in 32 KiB with room to spare.
     static __thread char buf[32768];
-    ssize_t n = link_request(ifindex, RTM_GETLINK, 0, buf, sizeof buf);
+    memset(out, 0, sizeof *out);
+    out->tun_owner = -1;
+    out->tun_group = -1;
+    ssize_t n = link_request(ifindex, ifindex == 0 ? name : NULL, RTM_GETLINK, 0, buf, sizeof buf);
     if (n < 0) return (int)n;
     for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
         if (nh->nlmsg_type == NLMSG_ERROR) {
@@ -159,17 +201,40 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
         }
         if (nh->nlmsg_type != RTM_NEWLINK) continue;
         struct ifinfomsg *ifi = NLMSG_DATA(nh);
+        out->ifindex = ifi->ifi_index;
+        out->flags = ifi->ifi_flags;
         int len = (int)IFLA_PAYLOAD(nh);
         for (struct rtattr *a = IFLA_RTA(ifi); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
-            if (a->rta_type != IFLA_STATS64 || RTA_PAYLOAD(a) < sizeof(struct rtnl_link_stats64)) continue;
-            struct rtnl_link_stats64 st;
-            memcpy(&st, RTA_DATA(a), sizeof st);  // attributes are only 4-byte aligned
-            out->rx_packets = st.rx_packets; out->tx_packets = st.tx_packets;
-            out->rx_bytes = st.rx_bytes; out->tx_bytes = st.tx_bytes;
-            out->rx_errors = st.rx_errors; out->tx_errors = st.tx_errors;
-            out->rx_dropped = st.rx_dropped; out->tx_dropped = st.tx_dropped;
-            return 0;
+            switch (a->rta_type) {
+            case IFLA_IFNAME: {
+                size_t k = RTA_PAYLOAD(a) < sizeof out->name ? RTA_PAYLOAD(a) : sizeof out->name - 1;
+                memcpy(out->name, RTA_DATA(a), k);
+                out->name[sizeof out->name - 1] = 0;
+                break;
+            }
+            case IFLA_MTU:
+                if (RTA_PAYLOAD(a) >= sizeof out->mtu) memcpy(&out->mtu, RTA_DATA(a), sizeof out->mtu);
+                break;
+            case IFLA_ADDRESS:
+                if (RTA_PAYLOAD(a) == 6) { memcpy(out->mac, RTA_DATA(a), 6); out->has_mac = 1; }
+                break;
+            case IFLA_STATS64:
+                if (RTA_PAYLOAD(a) >= sizeof(struct rtnl_link_stats64)) {
+                    struct rtnl_link_stats64 st;
+                    memcpy(&st, RTA_DATA(a), sizeof st);
+                    out->stats.rx_packets = st.rx_packets; out->stats.tx_packets = st.tx_packets;
+                    out->stats.rx_bytes = st.rx_bytes; out->stats.tx_bytes = st.tx_bytes;
+                    out->stats.rx_errors = st.rx_errors; out->stats.tx_errors = st.tx_errors;
+                    out->stats.rx_dropped = st.rx_dropped; out->stats.tx_dropped = st.tx_dropped;
+                    out->has_stats = 1;
+                }
+                break;
+            case IFLA_LINKINFO:
+                read_tun_info(a, out);
+                break;
+            }
         }
+        return 0;
     }
     return -EIO;
 }
@@ -177,7 +242,7 @@ int mqt_link_stats64(int ifindex, mqt_link_stats *out) {
 int mqt_link_delete(int ifindex) {
     // ACK: the kernel answers with an NLMSG_ERROR whose error is 0 on success.
     char buf[4096];
-    ssize_t n = link_request(ifindex, RTM_DELLINK, NLM_F_ACK, buf, sizeof buf);
+    ssize_t n = link_request(ifindex, NULL, RTM_DELLINK, NLM_F_ACK, buf, sizeof buf);
     if (n < 0) return (int)n;
     for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
         if (nh->nlmsg_type == NLMSG_ERROR) {

@@ -25,9 +25,17 @@ public protocol TunDriver: Sendable {
     /// behind the daemon's back (the kernel then answers TUNGETIFF with EBADFD): how the
     /// manager tells, for attached and detached queues alike, without racing sysfs.
     func isBound(_ fd: Int32) -> Bool
-    /// The kernel's device counters (`/sys/class/net/<dev>/statistics`); nil if the device
-    /// is gone.
-    func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]?
+    /// The interface called `name` as rtnetlink has it (MTU, flags, counters, and a tun
+    /// device's owner, group and kernel queue counts); nil if there is none.
+    func link(named name: String) throws(SyscallError) -> LinkInfo?
+    /// The name the device of a queue fd has now (TUNGETIFF): after `ip link set … name`,
+    /// the new one. What every by-name operation on a managed device uses.
+    func boundName(_ fd: Int32) throws(SyscallError) -> String
+    /// The network namespace the device of a queue fd is in now.
+    func place(of fd: Int32) throws(SyscallError) -> Netns.Place
+    /// Who may attach queues without CAP_NET_ADMIN (TUNSETOWNER, TUNSETGROUP).
+    func setOwner(_ fd: Int32, _ uid: UInt32) throws(SyscallError)
+    func setGroup(_ fd: Int32, _ gid: UInt32) throws(SyscallError)
     /// What has the name now: nothing, a tun/tap device (with its `tun_flags`), or another
     /// kind of interface.
     func interface(_ name: String) throws(SyscallError) -> InterfaceState
@@ -87,9 +95,11 @@ public struct LinuxTunDriver: TunDriver {
             return error.errno != .badFileDescriptorState
         }
     }
-    public func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
-        try Link.statistics(ifindex: ifindex)
-    }
+    public func link(named name: String) throws(SyscallError) -> LinkInfo? { try Link.info(name: name) }
+    public func boundName(_ fd: Int32) throws(SyscallError) -> String { try Tun.getInterface(fd).name }
+    public func place(of fd: Int32) throws(SyscallError) -> Netns.Place { try Netns.place(ofDevice: fd) }
+    public func setOwner(_ fd: Int32, _ uid: UInt32) throws(SyscallError) { try Tun.setOwner(fd, uid) }
+    public func setGroup(_ fd: Int32, _ gid: UInt32) throws(SyscallError) { try Tun.setGroup(fd, gid) }
     public func interface(_ name: String) throws(SyscallError) -> InterfaceState {
         guard try Link.sysfsIfindex(name) != nil else { return .absent }
         guard let flags = try Link.tunFlags(name) else { return .other }

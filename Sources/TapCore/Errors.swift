@@ -19,6 +19,9 @@ public enum DeviceStep: String, Sendable, Hashable {
     case setOffload = "set offloads"
     case duplicateFD = "duplicate queue fd"
     case deleteLink = "delete link"
+    case setOwner = "set owner"
+    case setGroup = "set group"
+    case readLink = "read link"
 }
 
 /// Everything the manager can refuse or fail with. The API maps each case to one HTTP

@@ -90,10 +90,17 @@ public struct DeviceSpec: Sendable, Hashable {
     public var peer: String?
     /// GSO/checksum offloads (TUNSETOFFLOAD): super-frames pass through; needs `vnetHdr`.
     public var offload = false
+    /// Who else may attach queues (TUNSETOWNER, TUNSETGROUP): only this user, or members of
+    /// this group (either, with both); nil: anyone who may open /dev/net/tun.
+    public var owner: UInt32?
+    public var group: UInt32?
 
     public init(name: String, kind: DeviceKind = .tap, queues: Int = 1, maxQueues: Int? = nil,
                 persist: Bool = false, vnetHdr: Bool = false, mtu: Int? = nil, mac: MACAddress? = nil,
-                up: Bool = true, mode: DeviceMode = .sink, peer: String? = nil, offload: Bool = false) {
+                up: Bool = true, mode: DeviceMode = .sink, peer: String? = nil, offload: Bool = false,
+                owner: UInt32? = nil, group: UInt32? = nil) {
+        self.owner = owner
+        self.group = group
         self.peer = peer
         self.offload = offload
         self.name = name
@@ -248,6 +255,10 @@ public struct DeviceInfo: Hashable, Sendable {
     public let offloads: [String]
     /// nil for a device that is not active (it is not held in the kernel).
     public let ifindex: Int?
+    public let owner: UInt32?
+    public let group: UInt32?
+    /// What the kernel says about the device now; nil for a device that is not active.
+    public let kernel: KernelView?
     /// Ordered by id.
     public let queues: [QueueInfo]
     public let status: DeviceStatus
@@ -256,6 +267,33 @@ public struct DeviceInfo: Hashable, Sendable {
 
     public var queueCount: Int { queues.count }
     public var enabledQueues: Int { queues.lazy.filter(\.enabled).count }
+
+    /// Why the device is not plainly as created: a kept device's reason, or a rename.
+    public var stateReason: String? {
+        if let r = status.reason { return r }
+        if let k = kernel, k.name != name {
+            return "renamed in the kernel to \(k.name); the API keeps the name it was created with"
+        }
+        return nil
+    }
+}
+
+/// An active device as the kernel has it, found through the daemon's own queue fds (never by
+/// the name it was created with, which another interface may have taken).
+public struct KernelView: Hashable, Sendable {
+    /// Its name now (`ip link set … name` changes it).
+    public let name: String
+    /// The network namespace it is in now (`ip link set … netns` moves it).
+    public let netns: Netns.Place?
+    /// Queues other processes attached by name (the kernel's count minus the daemon's own
+    /// and its leases' orphans); they count toward the limits.
+    public let foreignQueues: Int
+
+    public init(name: String, netns: Netns.Place?, foreignQueues: Int) {
+        self.name = name
+        self.netns = netns
+        self.foreignQueues = foreignQueues
+    }
 }
 
 public struct QueueStats: Hashable, Sendable {

@@ -38,11 +38,15 @@ public struct DesiredState: Equatable, Sendable {
         public var queues: [Queue]
         /// Ordered by id.
         public var leases: [Lease]
+        /// The kernel's name for it when it was renamed behind the daemon's back (nil: the
+        /// spec's name): where a restart looks for a persistent device.
+        public var kernelName: String?
 
-        public init(spec: DeviceSpec, queues: [Queue], leases: [Lease] = []) {
+        public init(spec: DeviceSpec, queues: [Queue], leases: [Lease] = [], kernelName: String? = nil) {
             self.spec = spec
             self.queues = queues
             self.leases = leases
+            self.kernelName = kernelName
         }
     }
 
@@ -124,6 +128,9 @@ public struct StateFile: Sendable {
             o["mode"] = .string(d.spec.mode.rawValue)
             if let p = d.spec.peer { o["peer"] = .string(p) }
             if d.spec.offload { o["offload"] = .bool(true) }
+            if let u = d.spec.owner { o["owner"] = JSON(Int(u)) }
+            if let g = d.spec.group { o["group"] = JSON(Int(g)) }
+            if let k = d.kernelName { o["kernel_name"] = .string(k) }
             o["queues"] = .array(d.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] })
             if !d.leases.isEmpty {
                 o["leases"] = .array(d.leases.map { l in
@@ -164,6 +171,18 @@ public struct StateFile: Sendable {
             if case .int(let mtu)? = item["mtu"] { spec.mtu = Int(mtu) }
             if case .string(let p)? = item["peer"] { spec.peer = p }
             if case .bool(let o)? = item["offload"] { spec.offload = o }
+            // A uid or gid; (uid_t)-1 means none to the kernel, so it is never one.
+            func id(_ key: String) throws(LoadError) -> UInt32? {
+                guard let v = item[key] else { return nil }
+                guard case .int(let n) = v, let id = UInt32(exactly: n), id != UInt32.max else {
+                    throw fail("\(at).\(key) is not a user or group id")
+                }
+                return id
+            }
+            spec.owner = try id("owner")
+            spec.group = try id("group")
+            var kernelName: String?
+            if case .string(let k)? = item["kernel_name"] { kernelName = k }
             if case .string(let mac)? = item["mac"] {
                 guard let parsed = MACAddress(mac) else { throw fail("\(at).mac is not a MAC address") }
                 spec.mac = parsed
@@ -195,7 +214,7 @@ public struct StateFile: Sendable {
                                                               gid: UInt32(truncatingIfNeeded: gid)), since: since))
                 }
             }
-            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }, leases: leases))
+            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }, leases: leases, kernelName: kernelName))
         }
         guard Set(devices.map(\.spec.name)).count == devices.count else { throw fail("a device name repeats") }
         return DesiredState(maxQueues: Int(limit), devices: devices)

@@ -30,6 +30,10 @@ public final class FakeDriver: TunDriver, Sendable {
         /// Another process (a lease holder) has fds of it: it outlives the daemon's.
         public var heldElsewhere = false
         public var offloads: TunOffloads = []
+        public var owner: UInt32?
+        public var group: UInt32?
+        /// Queues other processes attached (by name, as QEMU with `ifname=` does).
+        public var foreignQueues = 0
     }
 
     struct State: Sendable {
@@ -223,11 +227,49 @@ public final class FakeDriver: TunDriver, Sendable {
         state.withLock { _ = $0.foreign.insert(name) }
     }
 
-    public func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
-        try state.withLock { (s) throws(SyscallError) -> [String: UInt64]? in
-            if let e = s.statisticsError { throw SyscallError(call: "RTM_GETLINK(\(ifindex))", errno: e) }
-            return s.devices.values.contains { $0.ifindex == ifindex } ? [:] : nil
+    public func link(named name: String) throws(SyscallError) -> LinkInfo? {
+        try state.withLock { (s) throws(SyscallError) -> LinkInfo? in
+            if let e = s.statisticsError { throw SyscallError(call: "RTM_GETLINK(\(name))", errno: e) }
+            guard let d = s.devices[name] else { return nil }
+            return LinkInfo(ifindex: d.ifindex, name: name, mtu: d.mtu, up: d.up, mac: d.mac, statistics: [:],
+                            tun: LinkInfo.Tun(owner: d.owner, group: d.group, persist: d.persist,
+                                              attachedQueues: d.fds.count - d.detached.count + d.foreignQueues,
+                                              detachedQueues: d.detached.count))
         }
+    }
+
+    public func boundName(_ fd: Int32) throws(SyscallError) -> String {
+        try state.withLock { (s) throws(SyscallError) -> String in
+            guard !s.vanished.contains(fd), let name = s.owner[fd], s.devices[name] != nil else {
+                throw SyscallError(call: "ioctl(TUNGETIFF)", errno: .badFileDescriptorState)
+            }
+            return name
+        }
+    }
+
+    /// The fake has one namespace.
+    public func place(of fd: Int32) throws(SyscallError) -> Netns.Place { Netns.Place(inode: 1, name: nil, isOwn: true) }
+
+    public func setOwner(_ fd: Int32, _ uid: UInt32) throws(SyscallError) {
+        state.withLock { s in if let name = s.owner[fd] { s.devices[name]?.owner = uid } }
+    }
+
+    public func setGroup(_ fd: Int32, _ gid: UInt32) throws(SyscallError) {
+        state.withLock { s in if let name = s.owner[fd] { s.devices[name]?.group = gid } }
+    }
+
+    /// Renames a device, as `ip link set … name` does: its fds stay bound to it.
+    public func rename(_ name: String, to new: String) {
+        state.withLock { s in
+            guard let d = s.devices.removeValue(forKey: name) else { return }
+            s.devices[new] = d
+            for fd in d.fds { s.owner[fd] = new }
+        }
+    }
+
+    /// Another process attaches (or detaches, negative) queues to `name`.
+    public func attachForeign(_ name: String, _ count: Int) {
+        state.withLock { $0.devices[name]?.foreignQueues += count }
     }
 
     public func features() throws(SyscallError) -> TunFlags {

@@ -98,6 +98,17 @@ public enum Files {
         return UInt32(group.gr_gid)
     }
 
+    /// The id of the user called `name`, nil if there is none.
+    /// The corresponding C function is `getpwnam_r(3)`.
+    public static func userID(_ name: String) -> UInt32? {
+        var user = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 16384)
+        let rc = getpwnam_r(name, &user, &buffer, buffer.count, &result)
+        guard rc == 0, result != nil else { return nil }
+        return UInt32(user.pw_uid)
+    }
+
     static func directory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])

@@ -116,19 +116,32 @@ public enum Link {
         return Int32(hex, radix: 16).map(TunFlags.init(rawValue:))
     }
 
-    /// The statistics the kernel keeps for the interface (the counters `statisticsKeys` of
-    /// `/sys/class/net/<dev>/statistics`) through one rtnetlink request (`RTM_GETLINK`,
-    /// `IFLA_STATS64`); nil if no interface has that index. The corresponding C function is
-    /// `mqt_link_stats64`.
-    public static func statistics(ifindex: Int) throws(SyscallError) -> [String: UInt64]? {
-        var st = mqt_link_stats()
-        let rc = mqt_link_stats64(Int32(ifindex), &st)
+    /// The interface as rtnetlink has it (one `RTM_GETLINK`), by index, or by name when
+    /// `ifindex` is nil; in the calling thread's namespace. nil if there is no such interface.
+    /// The corresponding C function is `mqt_link_info_get`.
+    public static func info(ifindex: Int? = nil, name: String? = nil) throws(SyscallError) -> LinkInfo? {
+        precondition(ifindex != nil || name != nil, "a link is asked for by index or by name")
+        var li = mqt_link_info()
+        let rc = (name ?? "").withCString { mqt_link_info_get(Int32(ifindex ?? 0), $0, &li) }
         if rc == -ENODEV { return nil }
-        if rc < 0 { throw SyscallError(call: "RTM_GETLINK(\(ifindex))", errno: Errno(-rc)) }
-        return [
-            "rx_packets": st.rx_packets, "rx_bytes": st.rx_bytes, "rx_errors": st.rx_errors, "rx_dropped": st.rx_dropped,
-            "tx_packets": st.tx_packets, "tx_bytes": st.tx_bytes, "tx_errors": st.tx_errors, "tx_dropped": st.tx_dropped,
-        ]
+        if rc < 0 { throw SyscallError(call: "RTM_GETLINK(\(ifindex.map(String.init) ?? name ?? ""))", errno: Errno(-rc)) }
+        let st = li.stats
+        let linkName = withUnsafeBytes(of: li.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let mac = li.has_mac != 0 ? withUnsafeBytes(of: li.mac) { Array($0) } : nil
+        var tun: LinkInfo.Tun?
+        if li.is_tun != 0 {
+            tun = LinkInfo.Tun(owner: li.tun_owner < 0 ? nil : UInt32(li.tun_owner),
+                               group: li.tun_group < 0 ? nil : UInt32(li.tun_group), persist: li.tun_persist != 0,
+                               attachedQueues: Int(li.tun_queues), detachedQueues: Int(li.tun_disabled_queues))
+        }
+        return LinkInfo(
+            ifindex: Int(li.ifindex), name: linkName, mtu: Int(li.mtu), up: Int32(bitPattern: li.flags) & mqt_IFF_UP != 0,
+            mac: mac,
+            statistics: li.has_stats == 0 ? nil : [
+                "rx_packets": st.rx_packets, "rx_bytes": st.rx_bytes, "rx_errors": st.rx_errors, "rx_dropped": st.rx_dropped,
+                "tx_packets": st.tx_packets, "tx_bytes": st.tx_bytes, "tx_errors": st.tx_errors, "tx_dropped": st.tx_dropped,
+            ],
+            tun: tun)
     }
 
     /// Deletes the link with this index (`ip link del`, by index: never whatever took the
@@ -148,5 +161,50 @@ public enum Link {
     /// solicitations or MLD reports of its own on the device).
     public static func setIPv6Disabled(_ name: String, _ disabled: Bool) throws(SyscallError) {
         try writeSmallFile("/proc/sys/net/ipv6/conf/\(name)/disable_ipv6", disabled ? "1" : "0")
+    }
+}
+
+/// One interface as rtnetlink answered for it.
+public struct LinkInfo: Hashable, Sendable {
+    /// What a tun/tap device's driver reports about it.
+    public struct Tun: Hashable, Sendable {
+        /// Who may attach queues without CAP_NET_ADMIN (TUNSETOWNER, TUNSETGROUP); nil: anyone
+        /// who may open /dev/net/tun.
+        public var owner: UInt32?
+        public var group: UInt32?
+        public var persist: Bool
+        /// Queues attached, and detached (TUNSETQUEUE), whoever holds their fds.
+        public var attachedQueues: Int
+        public var detachedQueues: Int
+
+        public init(owner: UInt32?, group: UInt32?, persist: Bool, attachedQueues: Int, detachedQueues: Int) {
+            self.owner = owner
+            self.group = group
+            self.persist = persist
+            self.attachedQueues = attachedQueues
+            self.detachedQueues = detachedQueues
+        }
+
+        public var queues: Int { attachedQueues + detachedQueues }
+    }
+
+    public var ifindex: Int
+    public var name: String
+    public var mtu: Int
+    public var up: Bool
+    public var mac: [UInt8]?
+    /// The counters `Link.statisticsKeys` names (IFLA_STATS64).
+    public var statistics: [String: UInt64]?
+    /// nil: not a tun/tap device.
+    public var tun: Tun?
+
+    public init(ifindex: Int, name: String, mtu: Int, up: Bool, mac: [UInt8]?, statistics: [String: UInt64]?, tun: Tun?) {
+        self.ifindex = ifindex
+        self.name = name
+        self.mtu = mtu
+        self.up = up
+        self.mac = mac
+        self.statistics = statistics
+        self.tun = tun
     }
 }

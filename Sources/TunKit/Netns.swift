@@ -23,6 +23,43 @@ public enum Netns {
         return UInt64(st.st_ino)
     }
 
+    /// Where a device is: its namespace's inode, the name `ip netns` knows it by (a bind
+    /// mount under /run/netns), and whether it is the daemon's own.
+    public struct Place: Hashable, Sendable {
+        public var inode: UInt64
+        public var name: String?
+        public var isOwn: Bool
+
+        public init(inode: UInt64, name: String?, isOwn: Bool) {
+            self.inode = inode
+            self.name = name
+            self.isOwn = isOwn
+        }
+    }
+
+    /// The namespace the device of a tun fd lives in. The name is looked up only for a
+    /// namespace other than the daemon's (whose own may have no name).
+    public static func place(ofDevice tunFD: Int32) throws(SyscallError) -> Place {
+        let ns = try ofDevice(tunFD)
+        let ino = try inode(ns.fd)
+        let own = try currentInode() == ino
+        return Place(inode: ino, name: own ? nil : name(ofInode: ino), isOwn: own)
+    }
+
+    /// The entry of /run/netns (where `ip netns add` bind-mounts namespaces) whose inode is
+    /// `ino`, if any.
+    public static func name(ofInode ino: UInt64) -> String? {
+        guard let dir = opendir("/run/netns") else { return nil }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name != ".", name != ".." else { continue }
+            var st = stat()
+            if stat("/run/netns/" + name, &st) == 0 && UInt64(st.st_ino) == ino { return name }
+        }
+        return nil
+    }
+
     /// The calling thread's namespace's inode. The corresponding C function is `stat(2)`.
     public static func currentInode() throws(SyscallError) -> UInt64 {
         var st = stat()

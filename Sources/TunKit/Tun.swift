@@ -117,6 +117,18 @@ public enum Tun {
         }
     }
 
+    /// Lets only `uid` (and processes with CAP_NET_ADMIN) attach queues to the device.
+    /// The corresponding C call is `ioctl(TUNSETOWNER)`.
+    public static func setOwner(_ fd: Int32, _ uid: UInt32) throws(SyscallError) {
+        _ = try retryingEINTR("ioctl(TUNSETOWNER)") { mqt_ioctl_value(fd, mqt_TUNSETOWNER, UInt(uid)) }
+    }
+
+    /// Lets only members of `gid` (and processes with CAP_NET_ADMIN) attach queues; with an
+    /// owner too, either suffices. The corresponding C call is `ioctl(TUNSETGROUP)`.
+    public static func setGroup(_ fd: Int32, _ gid: UInt32) throws(SyscallError) {
+        _ = try retryingEINTR("ioctl(TUNSETGROUP)") { mqt_ioctl_value(fd, mqt_TUNSETGROUP, UInt(gid)) }
+    }
+
     /// The `IFF_*` flags this kernel's tun driver supports, asked on a fresh unbound fd.
     /// The corresponding C calls are `open(2)` and `ioctl(TUNGETFEATURES)`.
     public static func features() throws(SyscallError) -> TunFlags {

@@ -132,9 +132,18 @@ struct Device: ParsableCommand {
         @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
         var peer: String?
         @Flag(help: "GSO and checksum offloads (TUNSETOFFLOAD); needs --vnet-hdr.") var offload = false
+        @Option(help: ArgumentHelp("Only this user (id or name) may attach queues besides root (TUNSETOWNER).",
+                                   valueName: "user"))
+        var owner: String?
+        @Option(help: ArgumentHelp("Only this group's members (id or name) may attach queues besides root (TUNSETGROUP).",
+                                   valueName: "group"))
+        var group: String?
 
         func run() throws {
             var body: JSONObject = ["name": .string(name)]
+            // A number is an id; anything else a name the daemon looks up.
+            if let owner { body["owner"] = UInt32(owner).map { JSON(Int($0)) } ?? .string(owner) }
+            if let group { body["group"] = UInt32(group).map { JSON(Int($0)) } ?? .string(group) }
             if let peer { body["peer"] = .string(peer) }
             if offload { body["offload"] = true }
             if let type { body["type"] = .string(type) }

@@ -32,6 +32,13 @@ enum Table {
     static func device(_ d: JSON) -> String {
         var out = devices([d])
         if let reason = d["state_reason"]?.string { out += "\nreason: \(reason)" }
+        // Where the kernel has it, when that is not simply here under its own name.
+        if case .object(let ns)? = d["netns"], ns["own"] != .bool(true) {
+            out += "\nnetns: " + (ns["name"]?.string ?? "inode \(ns["inode"]?.description ?? "?")")
+        }
+        if let foreign = d["foreign_queues"]?.int, foreign > 0 { out += "\nforeign queues: \(foreign)" }
+        if let owner = d["owner"]?.description { out += "\nowner: \(owner)" }
+        if let group = d["group"]?.description { out += "\ngroup: \(group)" }
         let queues = d["queues"]?.array ?? []
         if !queues.isEmpty { out += "\n\n" + Self.queues(queues) }
         return out

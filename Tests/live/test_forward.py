@@ -98,6 +98,12 @@ def test_a_forwarded_wire_between_two_namespaces(tmpdir_short):
         move(b, nsb, B_IP)
         assert sh("ip", "netns", "exec", nsa, "ping", "-c", "3", "-i", "0.2", "-W", "2", B_IP, check=False).returncode == 0
         assert sh("ip", "netns", "exec", nsb, "ping", "-c", "3", "-i", "0.2", "-W", "2", A_IP, check=False).returncode == 0
+        # Each device shows where it is: the namespace's inode and its name under /run/netns.
+        for dev, ns in ((a, nsa), (b, nsb)):
+            info = api.get(f"/v1/devices/{dev}").json()
+            assert info["netns"] == {"inode": os.stat(f"/run/netns/{ns}").st_ino, "name": ns, "own": False}, info
+            assert info["kernel_name"] == dev and info["foreign_queues"] == 0
+            assert info["ifindex"] == int(sh("ip", "netns", "exec", ns, "cat", f"/sys/class/net/{dev}/ifindex").stdout)
         base = snapshot(api, a, b, nsa, nsb)
         gbps = iperf(nsa, nsb, 3)
         assert gbps and gbps > 0.05, gbps

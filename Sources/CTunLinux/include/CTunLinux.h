@@ -16,6 +16,8 @@ extern const unsigned long mqt_TUNSETQUEUE;
 extern const unsigned long mqt_TUNSETPERSIST;
 extern const unsigned long mqt_TUNGETFEATURES;
 extern const unsigned long mqt_TUNSETOFFLOAD;
+extern const unsigned long mqt_TUNSETOWNER;
+extern const unsigned long mqt_TUNSETGROUP;
 extern const unsigned long mqt_TUNGETDEVNETNS;
 extern const unsigned long mqt_SIOCGIFFLAGS;
 extern const unsigned long mqt_SIOCSIFFLAGS;
@@ -55,9 +57,29 @@ typedef struct mqt_link_stats {
     uint64_t rx_errors, tx_errors, rx_dropped, tx_dropped;
 } mqt_link_stats;
 
-// Reads them with one rtnetlink RTM_GETLINK request (IFLA_STATS64): one round trip instead of
-// eight sysfs files. Returns 0, or -errno (-ENODEV if there is no such interface).
-int mqt_link_stats64(int ifindex, mqt_link_stats *out);
+// One interface as rtnetlink has it: index, name, MTU, flags, address, counters, and for a
+// tun/tap device what its driver reports (IFLA_LINKINFO/IFLA_INFO_DATA): owner, group,
+// persistence and how many queues are attached and detached, whoever holds them.
+typedef struct mqt_link_info {
+    int ifindex;
+    char name[16];
+    unsigned int mtu;
+    unsigned int flags;  // IFF_*
+    uint8_t mac[6];
+    int has_mac;
+    mqt_link_stats stats;
+    int has_stats;
+    int is_tun;  // the tun attributes below are set
+    long long tun_owner;  // -1: none
+    long long tun_group;  // -1: none
+    int tun_persist;
+    int tun_queues;  // attached
+    int tun_disabled_queues;  // detached
+} mqt_link_info;
+
+// Reads it with one RTM_GETLINK request, by index, or by name when `ifindex` is 0 (in the
+// calling thread's network namespace). Returns 0, or -errno (-ENODEV: no such interface).
+int mqt_link_info_get(int ifindex, const char *name, mqt_link_info *out);
 
 // Deletes a link by index (RTM_DELLINK): what `ip link del` does, but never by name, so a
 // name another interface took meanwhile is never hit. 0, or -errno.

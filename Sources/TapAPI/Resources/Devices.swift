@@ -5,7 +5,7 @@ import TunKit
 /// `/v1/devices` and `/v1/devices/{name}`.
 enum DevicesResource {
     static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode",
-                             "peer", "offload"]
+                             "peer", "offload", "owner", "group"]
     static let patchFields = ["max_queues", "up", "mtu", "mode", "queues", "enabled_queues", "peer"]
 
     /// DeviceSpec from a POST body. Types and the schema's ranges are checked here, before
@@ -29,7 +29,21 @@ enum DevicesResource {
         if let mode = try b.oneOf("mode", DeviceMode.self) { spec.mode = mode }
         spec.peer = try b.string("peer")
         if let o = try b.bool("offload") { spec.offload = o }
+        spec.owner = try account(b, "owner", lookUp: Files.userID)
+        spec.group = try account(b, "group", lookUp: Files.groupID)
         return spec
+    }
+
+    /// A user or group: its id, or its name as this host's passwd or group database knows it.
+    /// (uid_t)-1 means "none" to the kernel, so it is never an id.
+    private static func account(_ b: Body, _ key: String, lookUp: (String) -> UInt32?) throws(APIError) -> UInt32? {
+        guard b.has(key) else { return nil }
+        if let id = try? b.int(key, in: 0...Int(UInt32.max - 1)) { return UInt32(id) }
+        guard let name = try? b.string(key) else {
+            throw APIError.invalidField(key, "must be an id between 0 and \(UInt32.max - 1) or a name")
+        }
+        guard let id = lookUp(name) else { throw APIError.invalidField(key, "no \(key == "owner" ? "user" : "group") is called \(name)") }
+        return id
     }
 
     static func decodePatch(_ bytes: [UInt8]) throws(APIError) -> DevicePatch {
@@ -58,11 +72,22 @@ enum DevicesResource {
         o["offloads"] = .array(d.offloads.map { .string($0) })
         // 0 for a device that is not active, as the API has always answered.
         o["ifindex"] = JSON(d.ifindex ?? 0)
+        if let u = d.owner { o["owner"] = JSON(Int(u)) }
+        if let g = d.group { o["group"] = JSON(Int(g)) }
+        if let k = d.kernel {
+            o["kernel_name"] = .string(k.name)
+            o["foreign_queues"] = JSON(k.foreignQueues)
+            if let ns = k.netns {
+                var n: JSONObject = ["inode": JSON(Int(ns.inode)), "own": .bool(ns.isOwn)]
+                if let name = ns.name { n["name"] = .string(name) }
+                o["netns"] = .object(n)
+            }
+        }
         o["queue_count"] = JSON(d.queueCount)
         o["enabled_queues"] = JSON(d.enabledQueues)
         o["queues"] = .array(d.queues.map(QueuesResource.encode))
         o["state"] = .string(d.status.name)
-        if let reason = d.status.reason { o["state_reason"] = .string(reason) }
+        if let reason = d.stateReason { o["state_reason"] = .string(reason) }
         o["since"] = .string(d.since)
         return .object(o)
     }

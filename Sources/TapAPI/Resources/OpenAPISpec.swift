@@ -651,6 +651,20 @@ components:
             TUNSETOFFLOAD with CSUM, TSO4, TSO6, and USO4/USO6 where the kernel takes them:
             GSO super-frames (up to 64 KiB) and their virtio-net headers pass through. Needs
             `vnet_hdr: true` (400 naming `offload`).
+        owner:
+          oneOf:
+            - { type: integer, minimum: 0, maximum: 4294967294 }
+            - { type: string, minLength: 1 }
+          description: >-
+            A user id or name (TUNSETOWNER): besides processes with CAP_NET_ADMIN, only this
+            user may attach queues to the device (QEMU run as that user, with `ifname=`). With
+            `group` too, either suffices. An unknown name is 400 naming the field. Set at
+            create (and again by a restart); shown as the id.
+        group:
+          oneOf:
+            - { type: integer, minimum: 0, maximum: 4294967294 }
+            - { type: string, minLength: 1 }
+          description: A group id or name (TUNSETGROUP); as `owner`, for the group's members.
     DevicePatch:
       type: object
       additionalProperties: false
@@ -738,7 +752,41 @@ components:
         ifindex:
           type: integer
           minimum: 0
-          description: 0 for a device that is not active.
+          description: >-
+            As the kernel has it now, in the namespace the device is in; 0 for a device that
+            is not active.
+        owner: { type: integer, minimum: 0, description: "Who may attach queues besides CAP_NET_ADMIN (TUNSETOWNER)." }
+        group: { type: integer, minimum: 0, description: "The group that may (TUNSETGROUP)." }
+        kernel_name:
+          type: string
+          description: >-
+            The name the kernel has for the device now, found through the daemon's own queue
+            fd (TUNGETIFF). After `ip link set DEV name NEW` the device keeps its API name (the
+            path you use) and this shows NEW, with a `state_reason`; every operation follows
+            the device itself, never whatever takes its old name. Saved, so a restart finds a
+            renamed persistent device. Active devices only.
+        netns:
+          type: object
+          additionalProperties: false
+          required: [inode, own]
+          description: >-
+            The network namespace the device is in now (`ip link set DEV netns NS` moves it, as
+            container runtimes do): it stays fully managed there. Active devices only.
+          properties:
+            inode: { type: integer, minimum: 0, description: "As /proc/PID/ns/net shows it." }
+            name: { type: string, description: "Its name under /run/netns (`ip netns`), if it has one." }
+            own: { type: boolean, description: "The daemon's own namespace." }
+        foreign_queues:
+          type: integer
+          minimum: 0
+          description: >-
+            Queues other processes attached by name (QEMU with `ifname=`, any TUNSETIFF): the
+            kernel's count of attached and detached queues minus the daemon's own and its
+            leases'. They count toward `max_queues` and the kernel's 256 (adding queues is 409
+            `queue_limit_exceeded` sooner); the kernel spreads frames over them too, so they
+            take a share of the traffic the daemon's queues would count. A change is logged.
+            `DELETE` deletes the link (RTM_DELLINK) when they would keep it alive. `owner` and
+            `group` restrict who may attach. Active devices only.
         queue_count: { type: integer, minimum: 0 }
         enabled_queues: { type: integer, minimum: 0 }
         queues:
@@ -755,7 +803,9 @@ components:
             the next restart tries again.
         state_reason:
           type: string
-          description: Why the device is not active.
+          description: >-
+            Why the device is not active; for an active one renamed in the kernel, that it
+            was (see `kernel_name`).
         since:
           type: string
           format: date-time

@@ -8,13 +8,16 @@ extension DeviceManager {
     ///
     /// With `join`, the device exists already (a persistent one, after a restart): the
     /// queues attach to it and a failure leaves it as it was, persistent and queue-less.
-    func build(_ spec: DeviceSpec, ids: [Int], key: UInt64, join: Bool = false,
+    /// `kernelName`: the name the kernel has for a joined device that was renamed behind the
+    /// old process's back (nil: the spec's).
+    func build(_ spec: DeviceSpec, ids: [Int], key: UInt64, join: Bool = false, kernelName: String? = nil,
                model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
         precondition(!ids.isEmpty, "a device has at least one queue")
+        let at = kernelName ?? spec.name
         return try withRollback { (rollback) throws(ManagerError) in
-            let first = try openFirstQueue(spec, join: join, rollback: &rollback)
-            try configure(spec, fd: first.fd, join: join, rollback: &rollback)
-            var d = try readLink(spec, key: key)
+            let first = try openFirstQueue(spec, at: at, join: join, rollback: &rollback)
+            try configure(spec, at: at, fd: first.fd, join: join, rollback: &rollback)
+            var d = try readLink(spec, at: at, key: key)
             if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
             let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
             d.queues[q0.id] = q0
@@ -22,10 +25,10 @@ extension DeviceManager {
                 d.queues[q.id] = q
             }
             if spec.up {
-                try step(spec.name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(spec.name, true) }
+                try step(spec.name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(at, true) }
                 d.up = true
             } else if join {
-                try? driver.setUp(spec.name, false)
+                try? driver.setUp(at, false)
             }
             return d
         }
@@ -33,14 +36,14 @@ extension DeviceManager {
 
     /// Opens the queue that creates (or joins) the device. Undo: close it, which destroys a
     /// device it created (a joined one stays, as it was).
-    private func openFirstQueue(_ spec: DeviceSpec, join: Bool,
+    private func openFirstQueue(_ spec: DeviceSpec, at name: String, join: Bool,
                                 rollback: inout Rollback) throws(ManagerError) -> QueueHandle {
         let flags = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
         let fd: Int32
         do {
             // IFF_TUN_EXCL makes the kernel refuse (EBUSY) a name that exists, instead of
             // silently joining that interface.
-            fd = try driver.openQueue(name: spec.name, flags: join ? flags : flags.union(.exclusive))
+            fd = try driver.openQueue(name: name, flags: join ? flags : flags.union(.exclusive))
         } catch where error.errno == .busy && !join {
             throw .nameConflict(name: spec.name, errno: error.errno)
         } catch {
@@ -53,8 +56,8 @@ extension DeviceManager {
 
     /// MAC, MTU and persistence, as the spec asks. Undo: persistence cleared (before the
     /// first fd closes, so the device goes with it); MAC and MTU go with a made device.
-    private func configure(_ spec: DeviceSpec, fd: Int32, join: Bool, rollback: inout Rollback) throws(ManagerError) {
-        let name = spec.name
+    private func configure(_ spec: DeviceSpec, at name: String, fd: Int32, join: Bool,
+                           rollback: inout Rollback) throws(ManagerError) {
         if let m = spec.mac, !join || (try? driver.mac(name)) != m.bytes {
             try step(name, .setMAC) { () throws(SyscallError) in try driver.setMAC(name, m.bytes) }
         }
@@ -65,20 +68,28 @@ extension DeviceManager {
             try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, true) }
             rollback.add { [driver] in try? driver.setPersist(fd, false) }
         }
+        // Who else may attach: set on a joined device too (a restart puts back what was asked).
+        if let uid = spec.owner {
+            try step(name, .setOwner) { () throws(SyscallError) in try driver.setOwner(fd, uid) }
+        }
+        if let gid = spec.group {
+            try step(name, .setGroup) { () throws(SyscallError) in try driver.setGroup(fd, gid) }
+        }
     }
 
-    /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet.
-    func readLink(_ spec: DeviceSpec, key: UInt64) throws(ManagerError) -> ActiveDevice {
-        let name = spec.name
+    /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet; `at` is
+    /// the name the kernel has for it.
+    func readLink(_ spec: DeviceSpec, at name: String, key: UInt64) throws(ManagerError) -> ActiveDevice {
         let mtu = try step(name, .readMTU) { () throws(SyscallError) in try driver.mtu(name) }
         var mac: MACAddress?
         if spec.kind == .tap {
             mac = try step(name, .readMAC) { () throws(SyscallError) in MACAddress(bytes: try driver.mac(name)) }
         }
         let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try driver.ifindex(name) }
-        return ActiveDevice(key: key, name: name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
+        return ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
                             vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, peer: spec.peer,
-                            offload: spec.offload, ifindex: ifindex, queues: [:], since: Clock.timestamp())
+                            offload: spec.offload, ifindex: ifindex, owner: spec.owner, group: spec.group,
+                            kernelName: name, queues: [:], since: Clock.timestamp())
     }
 
     /// Makes a worker read an open queue. Undo: the worker lets go of it (the fd's own undo
@@ -108,9 +119,13 @@ extension DeviceManager {
         var added: [QueueEntry] = []
         for id in ids {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
-                // Next to a queue it has: the device may have moved to another namespace.
-                if let existing = d.anyFD { return try driver.openQueue(name: d.name, flags: flags, joining: existing) }
-                return try driver.openQueue(name: d.name, flags: flags)
+                // Next to a queue it has, by the name that queue's device has now: it may have
+                // been renamed or moved to another namespace, and the old name may be another
+                // interface's.
+                if let existing = d.anyFD {
+                    return try driver.openQueue(name: try driver.boundName(existing), flags: flags, joining: existing)
+                }
+                return try driver.openQueue(name: d.kernelName, flags: flags)
             }
             let file = QueueHandle(QueueFile(fd, driver: driver))
             rollback.add { file.close() }

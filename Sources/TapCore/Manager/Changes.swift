@@ -67,13 +67,22 @@ extension DeviceManager {
             }
             var d = try active(name, in: &model)
             var connections: [any LeaseConnection] = []
+            // The kernel's view, not only the daemon's: `TUNSETPERSIST` by anyone sharing a
+            // queue's open file, or queues others attached by name, keep the link after the
+            // daemon's fds close. The answer is 204 only once the link is gone.
+            let link = lookUp(d)?.0
+            let persistent = link?.tun?.persist ?? d.persist
+            let foreign = link.map { foreignQueues(d, $0) } ?? 0
             if !d.leases.isEmpty {
                 guard force else { throw .deviceLeased(device: name, leases: d.leases.keys.sorted()) }
                 try deleteLink(d)
                 for id in d.leases.keys.sorted() {
                     if let c = revoke(id, of: &d) { connections.append(c) }
                 }
-            } else if d.persist {
+            } else if foreign > 0 {
+                try deleteLink(d)
+                logger.info("device deleted with queues others held", metadata: ["device": "\(name)", "foreign_queues": "\(foreign)"])
+            } else if persistent {
                 if let fd = d.anyFD {
                     // Cleared first: if the kernel refuses, nothing has changed yet.
                     try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
@@ -97,9 +106,18 @@ extension DeviceManager {
     /// Deletes the device's link by index; one that is gone already (its holders exited) is
     /// what was asked.
     private func deleteLink(_ d: ActiveDevice) throws(ManagerError) {
+        let driver = self.driver
         do {
-            try driver.deleteLink(ifindex: d.ifindex)
-        } catch where error.errno == .noDevice {
+            if let fd = d.anyFD {
+                // By the index the device has in the namespace it is in now.
+                try onLink(fd) { name throws(SyscallError) in
+                    guard let link = try driver.link(named: name) else { return }
+                    try driver.deleteLink(ifindex: link.ifindex)
+                }
+            } else {
+                try driver.deleteLink(ifindex: d.ifindex)
+            }
+        } catch where error.errno == .noDevice || error.errno == .badFileDescriptorState {
             return
         } catch {
             throw ManagerError.from(error, device: d.name, step: .deleteLink)
@@ -138,34 +156,37 @@ extension DeviceManager {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: count)
                 }
             }
+            // Queues others attached count toward the limit of a device that grows.
+            let foreign = count > d.queueCount ? (lookUp(d).map { foreignQueues(d, $0.0) } ?? 0) : 0
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
-                                          limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues))
+                                          limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues),
+                                          foreign: foreign)
             // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
             // `ip link` changed behind the daemon's back.
             guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
             try withRollback { (rollback) throws(ManagerError) in
                 for q in try openQueues(ids: plan.add, for: d, model: &model, rollback: &rollback) { d.queues[q.id] = q }
                 for (id, on) in plan.attach { _ = try setEnabled(&d, id: id, on, rollback: &rollback) }
-                // By name in the device's namespace when it was moved out of the daemon's: here the
-                // name may belong to another interface.
+                // By the name its own fd gives, in the namespace it is in now: the name it was
+                // created with may belong to another interface.
                 let fd = d.anyFD
                 let driver = self.driver
-                let link = { (op: @escaping @Sendable () throws(SyscallError) -> Void) throws(SyscallError) in
-                    if let fd, try driver.inDeviceNamespace(fd, op) != nil { return }
-                    try op()
+                let link = { (op: @escaping @Sendable (String) throws(SyscallError) -> Void) throws(SyscallError) in
+                    guard let fd else { throw SyscallError(call: "ioctl(TUNGETIFF)", errno: .badFileDescriptorState) }
+                    try self.onLink(fd, op)
                 }
                 if let up = patch.up {
                     if up != now.up {
-                        try step(name, .setLinkUp) { () throws(SyscallError) in try link { () throws(SyscallError) in try driver.setUp(name, up) } }
-                        rollback.add { try? link { () throws(SyscallError) in try driver.setUp(name, !up) } }
+                        try step(name, .setLinkUp) { () throws(SyscallError) in try link { n throws(SyscallError) in try driver.setUp(n, up) } }
+                        rollback.add { try? link { n throws(SyscallError) in try driver.setUp(n, !up) } }
                     }
                     d.up = up
                 }
                 if let mtu = patch.mtu {
                     if mtu != now.mtu {
                         let old = now.mtu
-                        try step(name, .setMTU) { () throws(SyscallError) in try link { () throws(SyscallError) in try driver.setMTU(name, mtu) } }
-                        rollback.add { try? link { () throws(SyscallError) in try driver.setMTU(name, old) } }
+                        try step(name, .setMTU) { () throws(SyscallError) in try link { n throws(SyscallError) in try driver.setMTU(n, mtu) } }
+                        rollback.add { try? link { n throws(SyscallError) in try driver.setMTU(n, old) } }
                     }
                     d.mtu = mtu
                 }
@@ -225,12 +246,13 @@ extension DeviceManager {
     /// `count` queues (add the smallest free ids, or remove the highest that are not leased)
     /// with the `enabled` lowest ids attached and the rest detached. Decided before anything
     /// is touched.
-    func declaredQueues(_ d: ActiveDevice, count: Int, enabled: Int?, limit: Int) throws(ManagerError) -> QueuePlan {
+    func declaredQueues(_ d: ActiveDevice, count: Int, enabled: Int?, limit: Int,
+                        foreign: Int = 0) throws(ManagerError) -> QueuePlan {
         var plan = QueuePlan()
         let current = d.queueCount
         if count > current {
-            guard count <= limit else {
-                throw .queueLimitExceeded(device: d.name, limit: limit, requested: count, errno: nil)
+            guard count + foreign <= limit else {
+                throw .queueLimitExceeded(device: d.name, limit: limit, requested: count + foreign, errno: nil)
             }
             plan.add = Self.freeIDs(count - current, taken: { d.hasQueue($0) })
         } else if count < current {
@@ -264,9 +286,11 @@ extension DeviceManager {
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
             let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
-            // Both terms are at most 256: no overflow.
-            guard d.queueCount + count <= limit else {
-                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + count, errno: nil)
+            // Queues others attached by name count too: the kernel's 256 is for all of them.
+            let foreign = lookUp(d).map { foreignQueues(d, $0.0) } ?? 0
+            // Every term is at most 256: no overflow.
+            guard d.queueCount + foreign + count <= limit else {
+                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil)
             }
             let ids = Self.freeIDs(count, taken: { d.hasQueue($0) })
             let added = try withRollback { (rollback) throws(ManagerError) in

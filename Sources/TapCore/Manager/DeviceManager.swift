@@ -28,6 +28,8 @@ public final class DeviceManager: Sendable {
     private let observer = Mutex<PeriodicThread?>(nil)
     /// What forwarding devices write to.
     let forwarding = ForwardRegistry()
+    /// The observer's rounds: some looks are taken only every few.
+    let observeTicks = Atomic<Int>(0)
 
     /// Starts `workers` worker threads (default: one per online CPU) with a global queue
     /// limit of `maxQueues` (default: the kernel's 256). With a `stateFile`, every accepted
@@ -136,41 +138,69 @@ public final class DeviceManager: Sendable {
         return DeviceInfo(name: d.name, kind: d.kind, maxQueues: queueLimit(own: d.ownMaxQueues, global: global),
                           maxQueuesSource: d.ownMaxQueues == nil ? .global : .device, persist: d.persist, vnetHdr: d.vnetHdr,
                           mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, peer: d.peer, peerState: peerState,
-                          offload: d.offload, offloads: d.offloads.names, ifindex: d.ifindex, queues: qs,
-                          status: .active, since: d.since)
+                          offload: d.offload, offloads: d.offloads.names, ifindex: d.ifindex, owner: d.owner,
+                          group: d.group, kernel: KernelView(name: d.kernelName, netns: d.place, foreignQueues: d.foreignQueues),
+                          queues: qs, status: .active, since: d.since)
     }
 
-    /// The entry with `up` and `mtu` as the kernel has them now: `ip link` may have changed
-    /// them behind the daemon's back. A kept device keeps what the state file asks for.
+    /// The entry as the kernel has it now, found through one of its own fds: `up`, `mtu`,
+    /// `ifindex`, its name and namespace (`ip link` may have changed any of them behind the
+    /// daemon's back) and the queues others attached. A kept device keeps what the state file
+    /// asks for.
     func kernelLink(_ entry: DeviceEntry) -> DeviceEntry {
-        guard case .active(var d) = entry else { return entry }
-        let (driver, name) = (self.driver, d.name)
-        // In the device's namespace if it was moved out of the daemon's (a name here may be
-        // another interface's), else here.
-        let read = { @Sendable () throws(SyscallError) -> (Bool, Int) in (try driver.isUp(name), try driver.mtu(name)) }
-        let seen: (Bool, Int)?
-        // The fd only while it is open: the snapshot may be older than a close.
-        if let q = d.queues.values.first,
-           case .some(.some(.some(let v))) = q.file.withOpenFD({ fd in try? driver.inDeviceNamespace(fd, read) }) {
-            seen = v
-        } else {
-            seen = try? read()
-        }
-        if let (up, mtu) = seen {
-            d.up = up
-            d.mtu = mtu
-        }
+        guard case .active(var d) = entry, let (link, place) = lookUp(d) else { return entry }
+        d.up = link.up
+        d.mtu = link.mtu
+        d.ifindex = link.ifindex
+        d.kernelName = link.name
+        d.place = place
+        d.foreignQueues = foreignQueues(d, link)
         return .active(d)
     }
 
-    /// The kernel's counters of the device, by its ifindex; in the device's namespace when it
-    /// is not in the daemon's (asked only then: the stats request stays one netlink round trip).
-    /// nil if it is gone.
+    /// The device's link and namespace, through a queue fd while it is open (the snapshot
+    /// may be older than a close); nil if there is none or the kernel did not answer.
+    func lookUp(_ d: ActiveDevice) -> (LinkInfo, Netns.Place)? {
+        guard let q = d.queues.values.first else { return nil }
+        let driver = self.driver
+        let found = q.file.withOpenFD { fd -> (LinkInfo, Netns.Place)? in
+            guard let link = try? onLink(fd, { name throws(SyscallError) in try driver.link(named: name) }),
+                  let place = try? driver.place(of: fd) else { return nil }
+            return (link, place)
+        }
+        return found ?? nil
+    }
+
+    /// Queues of the device that neither the daemon nor a lease's orphan accounts for: the
+    /// kernel counts every attached and detached queue, whoever holds it.
+    func foreignQueues(_ d: ActiveDevice, _ link: LinkInfo) -> Int {
+        guard let tun = link.tun else { return 0 }
+        return max(0, tun.queues - d.queueCount)
+    }
+
+    /// Runs `body` with the name the device of `fd` has now (TUNGETIFF on the fd), in the
+    /// namespace the device is in now: by-name calls then reach that device and never an
+    /// interface that took its old name, here or there.
+    func onLink<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable (String) throws(SyscallError) -> T)
+        throws(SyscallError) -> T {
+        let name = try driver.boundName(fd)
+        if let v = try driver.inDeviceNamespace(fd, { () throws(SyscallError) -> T in try body(name) }) { return v }
+        return try body(name)
+    }
+
+    /// The kernel's counters of the device, found through its own fd; nil if it is gone.
     func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
-        let (driver, ifindex) = (self.driver, d.ifindex)
-        if let here = try driver.statistics(ifindex: ifindex) { return here }
-        guard let fd = d.anyFD else { return nil }
-        return try driver.inDeviceNamespace(fd, { () throws(SyscallError) in try driver.statistics(ifindex: ifindex) }) ?? nil
+        guard let q = d.queues.values.first else { return nil }
+        let driver = self.driver
+        let read = q.file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
+            do throws(SyscallError) {
+                return .success(try onLink(fd, { name throws(SyscallError) in try driver.link(named: name)?.statistics }))
+            } catch {
+                // The device went between the snapshot and the read: the workers report it.
+                return error.errno == .badFileDescriptorState ? .success(nil) : .failure(error)
+            }
+        }
+        return try (read ?? .success(nil)).get()
     }
 
     /// The published entry of `name`, unless it is gone from the kernel.
@@ -257,7 +287,7 @@ public final class DeviceManager: Sendable {
     }
 
     /// Writes the desired state if it changed; returns the error to report, if any.
-    private func save(_ model: inout ManagerModel) -> ManagerError? {
+    func save(_ model: inout ManagerModel) -> ManagerError? {
         guard let stateFile, model.lifecycle == .starting || model.lifecycle == .serving else { return nil }
         let desired = model.desired
         guard desired != model.saved else { return nil }

@@ -77,7 +77,17 @@ struct ActiveDevice: Sendable {
     let offload: Bool
     /// The offloads TUNSETOFFLOAD took.
     var offloads: Offloads = []
-    let ifindex: Int
+    /// As the kernel last said (a move to another namespace may change it).
+    var ifindex: Int
+    let owner: UInt32?
+    let group: UInt32?
+    /// The name the kernel has for it, as last seen through its fds: after a rename behind
+    /// the daemon's back, not `name`. Saved, so that a restart finds a renamed device.
+    var kernelName: String
+    /// Queues others attached by name, as last seen.
+    var foreignQueues = 0
+    /// Where it was last seen.
+    var place: Netns.Place?
     var queues: [Int: QueueEntry]
     /// Leased queues recorded before a restart, which the daemon holds no fd of.
     var orphans: [Int: OrphanQueue] = [:]
@@ -100,11 +110,13 @@ struct ActiveDevice: Sendable {
 
     var desired: DesiredState.Device {
         let spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: ownMaxQueues, persist: persist,
-                              vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload)
+                              vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload,
+                              owner: owner, group: group)
         let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
-                                   leases: leases.values.sorted { $0.id < $1.id }.map(\.record))
+                                   leases: leases.values.sorted { $0.id < $1.id }.map(\.record),
+                                   kernelName: kernelName == name ? nil : kernelName)
     }
 }
 
@@ -233,14 +245,16 @@ extension DeviceEntry {
                               maxQueuesSource: e.ownMaxQueues == nil ? .global : .device, persist: e.persist,
                               vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, peer: e.peer,
                               peerState: nil, offload: e.offload, offloads: e.offloads.names, ifindex: e.ifindex,
+                              owner: e.owner, group: e.group,
+                              kernel: KernelView(name: e.kernelName, netns: e.place, foreignQueues: e.foreignQueues),
                               queues: qs.sorted { $0.id < $1.id }, status: .active, since: e.since)
         case .kept(let k):
             let s = k.desired.spec
             return DeviceInfo(name: s.name, kind: s.kind, maxQueues: queueLimit(own: s.maxQueues, global: global),
                               maxQueuesSource: s.maxQueues == nil ? .global : .device, persist: s.persist,
                               vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
-                              peerState: nil, offload: s.offload, offloads: [], ifindex: nil,
-                              queues: [], status: k.status, since: k.since)
+                              peerState: nil, offload: s.offload, offloads: [], ifindex: nil, owner: s.owner,
+                              group: s.group, kernel: nil, queues: [], status: k.status, since: k.since)
         }
     }
 }

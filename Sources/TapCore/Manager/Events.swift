@@ -81,14 +81,45 @@ extension DeviceManager {
     /// daemon knew: a difference was made by someone else (a lease holder's TUNSETQUEUE, or
     /// another process sharing the open file), and becomes a `queue.enabled`/`disabled`
     /// event. Under the lock, so it never mistakes the API's own change for another's.
+    ///
+    /// It also follows each device's name (TUNGETIFF on its own fd: a rename behind the
+    /// daemon's back is logged and saved, so a restart finds the device under its new name)
+    /// and, once a second, the queues others attached by name and the namespace it is in.
     func observe() {
+        let lookAtLinks = observeTicks.add(1, ordering: .relaxed).newValue % 5 == 0
         control.withLock { model in
             journal.hold()
             defer { journal.release(deliver: true) }
             var changed = false
+            var renamed = false
             var lost: [UInt64] = []
             for case .active(var d) in model.devices.values {
                 var touched = false
+                if let fd = d.anyFD, let now = try? driver.boundName(fd), now != d.kernelName {
+                    logger.warning("device renamed in the kernel; the API keeps its name",
+                                   metadata: ["device": "\(d.name)", "from": "\(d.kernelName)", "to": "\(now)"])
+                    d.kernelName = now
+                    touched = true
+                    renamed = true
+                }
+                if lookAtLinks, let (link, place) = lookUp(d) {
+                    let foreign = foreignQueues(d, link)
+                    if foreign != d.foreignQueues {
+                        logger.warning("queues attached by another process", metadata: [
+                            "device": "\(d.name)", "foreign_queues": "\(foreign)", "was": "\(d.foreignQueues)"])
+                        d.foreignQueues = foreign
+                        touched = true
+                    }
+                    if place != d.place {
+                        if d.place != nil {
+                            logger.info("device moved to another network namespace", metadata: [
+                                "device": "\(d.name)", "netns_inode": "\(place.inode)", "netns": "\(place.name ?? "")"])
+                        }
+                        d.place = place
+                        d.ifindex = link.ifindex
+                        touched = true
+                    }
+                }
                 for q in d.queues.values {
                     let attached: Bool
                     do throws(SyscallError) {
@@ -110,6 +141,7 @@ extension DeviceManager {
                     changed = true
                 }
             }
+            if renamed { _ = save(&model) }
             if changed {
                 let copy = model
                 published.withLock { $0 = copy }

@@ -39,9 +39,17 @@ extension DeviceManager {
             .kept(KeptDevice(key: model.takeKey(), desired: d, why: why, since: Clock.timestamp()))
         }
         let join: Bool
-        switch joinable(spec, leased: !d.leases.isEmpty) {
-        case .success(let j): join = j
-        case .failure(let why): return kept(why)
+        // A device renamed behind the old process's back is looked for under the name it had
+        // last; if that finds nothing to join, under the name it was created with.
+        var at = spec.name
+        if let k = d.kernelName, k != spec.name, case .success(true) = joinable(spec, at: k, leased: !d.leases.isEmpty) {
+            at = k
+            join = true
+        } else {
+            switch joinable(spec, at: spec.name, leased: !d.leases.isEmpty) {
+            case .success(let j): join = j
+            case .failure(let why): return kept(why)
+            }
         }
         // Leases live on only in a device that outlived the old process (their holders keep
         // it); made anew, it has no holder, and every queue is the daemon's again.
@@ -58,9 +66,9 @@ extension DeviceManager {
                 var a: ActiveDevice
                 if own.isEmpty {
                     // Every queue is a holder's: nothing to open, only the link to read.
-                    a = try readLink(spec, key: key)
+                    a = try readLink(spec, at: at, key: key)
                 } else {
-                    a = try build(spec, ids: own.map(\.id), key: key, join: join, model: &model)
+                    a = try build(spec, ids: own.map(\.id), key: key, join: join, kernelName: at, model: &model)
                     let made = a
                     rollback.add { [self] in
                         if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
@@ -86,10 +94,10 @@ extension DeviceManager {
     /// Whether the state file's device can be made (false) or joined (true), or why neither.
     /// A device with recorded leases may be joined though it is not persistent: the lease
     /// holders kept it alive.
-    private func joinable(_ spec: DeviceSpec, leased: Bool) -> Result<Bool, KeptDevice.Why> {
+    private func joinable(_ spec: DeviceSpec, at name: String, leased: Bool) -> Result<Bool, KeptDevice.Why> {
         let state: InterfaceState
         do {
-            state = try driver.interface(spec.name)
+            state = try driver.interface(name)
         } catch {
             return .failure(.failed(.kernel(device: spec.name, step: .inspect, call: error.call, errno: error.errno)))
         }
