@@ -121,6 +121,8 @@ final class Daemon {
         let handler = RequestLog(router: router, logger: log.logger).handle
         var limits = HTTPServer.Limits()
         limits.bodyBytes = options.maxBody
+        // Before the first readiness line: the state file's first write is over by then.
+        manager.serving()
         do throws(HTTPServerError) {
             try listeners.serve(limits: limits, handler: handler) { address in
                 log.info("listening", ["address": address.description])
@@ -133,7 +135,6 @@ final class Daemon {
         // Stopped first: no request reaches the manager once it begins to stop.
         started.append(("HTTP servers", { listeners.stopServing() }))
 
-        manager.serving()
         state = .serving
         log.info("ready", ["workers": String(manager.workerCount), "max_queues": String(manager.limits().maxQueues)])
         // Type=notify: ready only now, with the state restored and every socket served.

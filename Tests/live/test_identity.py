@@ -198,3 +198,78 @@ def test_owner_and_group_decide_who_may_attach(daemon, api):
         for n in (o, g):
             api.delete(f"/v1/devices/{n}", check=False)
             net.delete_link(n)
+
+
+# MARK: persistent leftovers
+
+
+def test_a_persistent_create_that_cannot_be_recorded_makes_nothing(tmpdir_short):
+    d = Daemon(tmpdir_short, tcp=False)
+    n = unique_name("pi")
+    blocker = os.path.join(tmpdir_short, "state", "state.json.tmp")
+    try:
+        os.mkdir(blocker)  # the state file cannot be written now
+        r = d.unix.post("/v1/devices", {"name": n, "queues": 2, "persist": True})
+        assert r.status == 503 and r.code == "resource_exhausted", r
+        assert not net.exists(n), "nothing persistent is made that the state file does not know"
+        os.rmdir(blocker)
+        assert d.unix.post("/v1/devices", {"name": n, "queues": 2, "persist": True}).status == 201
+        with open(os.path.join(tmpdir_short, "state", "state.json")) as f:
+            assert n in {x["name"] for x in json.load(f)["devices"]}
+        assert d.unix.delete(f"/v1/devices/{n}").status == 204
+    finally:
+        if os.path.isdir(blocker):
+            os.rmdir(blocker)
+        d.stop()
+        net.delete_link(n)
+
+
+def test_kill_9_during_persistent_creates_leaves_no_device_the_api_does_not_know(tmpdir_short):
+    names = []
+    try:
+        for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+            d = Daemon(tmpdir_short, tcp=False)
+            n = unique_name("pk")
+            names.append(n)
+            t = subprocess.Popen(["curl", "-s", "--unix-socket", d.socket, "-X", "POST", "-H", "Content-Type: application/json",
+                                  "-d", json.dumps({"name": n, "queues": 256, "persist": True}), "http://x/v1/devices"],
+                                 stdout=subprocess.DEVNULL)
+            time.sleep(delay)
+            d.proc.kill()
+            d.stop()
+            t.wait(10)
+        d = Daemon(tmpdir_short, tcp=False)
+        listed = {x["name"]: x for x in d.unix.get("/v1/devices").json()["devices"]}
+        for n in names:
+            if net.exists(n):
+                assert n in listed and listed[n]["state"] == "active", (n, listed.get(n))
+                assert net.kernel_queue_count(n) == listed[n]["queue_count"]
+        for n in listed:
+            assert d.unix.delete(f"/v1/devices/{n}").status == 204
+        assert not any(net.exists(n) for n in names)
+        assert d.stop() == 0
+    finally:
+        for n in names:
+            net.delete_link(n)
+
+
+def test_a_restart_reclaims_a_device_persisted_from_outside(tmpdir_short):
+    d = Daemon(tmpdir_short, tcp=False)
+    x = unique_name("px")
+    try:
+        assert d.unix.post("/v1/devices", {"name": x, "queues": 2}).status == 201
+        fd = attach(x)
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        os.close(fd)
+        assert d.stop() == 0
+        assert net.exists(x) and net.kernel_queue_count(x) == 0, "the outside persistence kept it"
+        d = Daemon(tmpdir_short, tcp=False)
+        info = d.unix.get(f"/v1/devices/{x}").json()
+        assert info["state"] == "active" and info["persist"] is False and info["queue_count"] == 2, info
+        assert net.kernel_queue_count(x) == 2
+        assert any("device reclaimed" in l for l in d.log)
+        assert d.stop() == 0
+        assert not net.exists(x), "not persistent again: it went with the daemon's fds"
+    finally:
+        d.stop()
+        net.delete_link(x)

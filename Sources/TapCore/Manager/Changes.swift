@@ -34,12 +34,47 @@ extension DeviceManager {
                 guard vanished(existing) else { throw .nameConflict(name: spec.name, errno: nil) }
                 drop(existing, from: &model)
             }
-            let d = try build(spec, ids: Array(0..<spec.queues), key: model.takeKey(), model: &model)
+            let ids = Array(0..<spec.queues)
+            // A persistent device outlives a crash: it is in the state file before the kernel
+            // has it, so a crash (or a state file that cannot be written) never leaves a
+            // persistent link the daemon does not know. A restart makes or joins it.
+            if spec.persist { try recordIntent(spec, ids: ids, model: &model) }
+            let d: ActiveDevice
+            do throws(ManagerError) {
+                d = try build(spec, ids: ids, key: model.takeKey(), model: &model)
+            } catch {
+                if spec.persist { forgetIntent(&model) }
+                throw error
+            }
             model.devices[spec.name] = .active(d)
             journal.publish(.deviceCreated, device: spec.name)
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
             return view(.active(d))
         }
+    }
+
+    /// Saves the state with `spec` in it, before the device is made; refused (nothing made)
+    /// if it cannot be saved.
+    private func recordIntent(_ spec: DeviceSpec, ids: [Int], model: inout ManagerModel) throws(ManagerError) {
+        guard let stateFile else { return }
+        var intent = model.desired
+        intent.devices.append(.init(spec: spec, queues: ids.map { .init(id: $0, enabled: true) }))
+        intent.devices.sort { $0.spec.name < $1.spec.name }
+        do {
+            try stateFile.save(intent)
+            model.saved = intent
+        } catch {
+            logger.error("state file not saved; the persistent device is not made",
+                         metadata: ["device": "\(spec.name)", "path": "\(stateFile.path)", "errno": "\(error.errno.name)"])
+            throw .stateNotSaved(path: stateFile.path, call: error.call, errno: error.errno)
+        }
+    }
+
+    /// The make failed (and rolled back): the state file goes back to what the model has.
+    private func forgetIntent(_ model: inout ManagerModel) {
+        guard let stateFile else { return }
+        let desired = model.desired
+        if (try? stateFile.save(desired)) != nil { model.saved = desired }
     }
 
     /// A spec that needs a tun feature this kernel lacks is refused, naming the field.

@@ -75,6 +75,11 @@ extension DeviceManager {
                         release(made)
                     }
                     for q in own where !q.enabled { _ = try setEnabled(&a, id: q.id, false, rollback: &rollback) }
+                    if join && !spec.persist && leases.isEmpty, let fd = a.anyFD {
+                        try step(spec.name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
+                        logger.info("device reclaimed: it was persisted from outside; it is not persistent again",
+                                    metadata: ["device": "\(spec.name)"])
+                    }
                 }
                 for l in leases {
                     for qid in l.queues {
@@ -107,7 +112,11 @@ extension DeviceManager {
         case .other:
             return .failure(.conflict("the name belongs to an interface that is not a tun/tap device"))
         case .tun(let flags):
-            guard spec.persist || leased else {
+            // A non-persistent device of the state file that someone persisted from outside
+            // (TUNSETPERSIST through a shared fd) and no one holds now is this daemon's
+            // leftover: joined, and made non-persistent again as asked.
+            let reclaimable = flags.contains(.persist) && (try? driver.link(named: name))?.tun?.queues == 0
+            guard spec.persist || leased || reclaimable else {
                 return .failure(.conflict("a tun/tap device of that name exists that is not this daemon's "
                     + "(a non-persistent device does not outlive its daemon)"))
             }
