@@ -16,6 +16,7 @@ static inline struct MHD_Daemon *
 mqt_mhd_start(int listen_fd, unsigned int threads,
               MHD_AccessHandlerCallback handler, void *handler_cls,
               MHD_RequestCompletedCallback completed, void *completed_cls,
+              MHD_NotifyConnectionCallback notify, void *notify_cls,
               unsigned int connection_limit, unsigned int idle_timeout_seconds,
               size_t connection_memory_limit, int *start_errno) {
     // MHD_USE_ITC: MHD_quiesce_daemon (stop accepting before stopping) needs it with a pool.
@@ -28,6 +29,7 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
                             MHD_OPTION_LISTEN_SOCKET, (MHD_socket)listen_fd,
                             MHD_OPTION_THREAD_POOL_SIZE, threads,
                             MHD_OPTION_NOTIFY_COMPLETED, completed, completed_cls,
+                            MHD_OPTION_NOTIFY_CONNECTION, notify, notify_cls,
                             MHD_OPTION_CONNECTION_LIMIT, connection_limit,
                             MHD_OPTION_CONNECTION_TIMEOUT, idle_timeout_seconds,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, connection_memory_limit,
@@ -53,6 +55,13 @@ static inline struct MHD_Response *mqt_mhd_response_stream(size_t block, MHD_Con
 static inline int mqt_mhd_connection_fd(struct MHD_Connection *c) {
     const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     return info == NULL ? -1 : info->connect_fd;
+}
+
+// MHD_get_connection_info is variadic: what the NOTIFY_CONNECTION callback stored for the
+// connection when it started, or NULL.
+static inline void *mqt_mhd_socket_context(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return info == NULL ? NULL : info->socket_context;
 }
 
 // MHD_upgrade_action is variadic: closes an upgraded connection (MHD closes the socket and

@@ -1,13 +1,16 @@
 import CMicroHTTPD
+import Dispatch
 import Synchronization
 import TunKit
 
 /// An HTTP/1.1 server on libmicrohttpd, serving one listening socket. This file is the only
 /// importer of the C module.
 ///
-/// MHD runs an internal pool of epoll threads; the handler runs on them, synchronously and
-/// briefly (the manager never blocks on I/O for long), so a slow or idle client holds only
-/// its own connection, bounded by the idle timeout and the connection limit.
+/// MHD runs an internal pool of epoll threads. Reads are handled on them; a change (which
+/// waits for the manager's lock) runs on a queue of its own with its connection suspended, so
+/// a read or a health check on the same thread never waits behind it. A slow client holds
+/// only its own connection, and not for long: `ConnectionWatch` bounds the time a request may
+/// take to arrive and cuts the slowest when connections near the limit.
 public final class HTTPServer: Sendable {
     public struct Limits: Sendable {
         /// Largest request body; a larger one gets 413 as soon as it is known to be larger.
@@ -15,6 +18,12 @@ public final class HTTPServer: Sendable {
         /// Per-connection memory for the request line and headers; past it MHD answers 431.
         public var connectionMemory = 32 * 1024
         public var connections = 256
+        /// Past this many connections, those whose request has been arriving the longest
+        /// are cut, so that new ones find room.
+        public var connectionsRoom = 192
+        /// How long a request may take to arrive, headers and body, from the moment it may
+        /// begin (the connection opened, or the previous answer was sent).
+        public var requestSeconds = 10.0
         public var idleTimeoutSeconds = 30
         public var threads = 2
 
@@ -41,11 +50,13 @@ public final class HTTPServer: Sendable {
         }
     }
 
-    /// Requests handled whose answer MHD has not finished sending, and whether the server
-    /// stops: in one lock, so that no request starts once a stop has counted them.
+    /// Requests handled whose answer MHD has not finished sending, those of them whose handler
+    /// still runs, and whether the server stops: in one lock, so that no request starts once
+    /// a stop has counted them.
     final class Answering: Sendable {
         private struct State {
             var count = 0
+            var handling = 0
             var stopping = false
         }
         private let state = Mutex(State())
@@ -55,15 +66,23 @@ public final class HTTPServer: Sendable {
             state.withLock { s in
                 guard !s.stopping else { return false }
                 s.count += 1
+                s.handling += 1
                 return true
             }
         }
 
+        /// The handler returned (its response is queued or about to be).
+        func handled() { state.withLock { $0.handling -= 1 } }
+
+        /// MHD is done with the response.
         func end() { state.withLock { $0.count -= 1 } }
 
-        /// Refuses new requests, then waits (up to `seconds`) for the answers of those handled.
+        /// Refuses new requests, waits for every handler that runs (a change is never cut
+        /// short, and MHD must not stop with a connection suspended for one), then (up to
+        /// `seconds`) for their answers to be sent.
         func stopAndWait(within seconds: Double) {
             state.withLock { $0.stopping = true }
+            while state.withLock({ $0.handling > 0 }) { Clock.sleep(0.005) }
             let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
             while state.withLock({ $0.count > 0 }) && Clock.monotonicNanoseconds() < deadline { Clock.sleep(0.005) }
         }
@@ -78,9 +97,15 @@ public final class HTTPServer: Sendable {
         let streams: Streams
         /// A stop waits for these, so a change that was committed is answered.
         let answering = Answering()
+        let watch: ConnectionWatch
+        /// Where changes run, off MHD's threads: a change waits for the manager's lock, and a
+        /// read or a health check on another connection of the same MHD thread must not wait
+        /// behind it.
+        let changes = DispatchQueue(label: "mqtapd-http-changes")
 
         init(handler: @escaping Handler, limits: Limits, refusals: Refusals,
-             connections: Connections, streams: Streams) {
+             connections: Connections, streams: Streams, watch: ConnectionWatch) {
+            self.watch = watch
             self.handler = handler
             self.limits = limits
             self.refusals = refusals
@@ -90,7 +115,10 @@ public final class HTTPServer: Sendable {
     }
 
     /// One request's upload, kept across the access handler's calls for that request.
-    private final class Upload {
+    private final class Upload: @unchecked Sendable {
+        // SAFETY (@unchecked): used on the MHD thread that serves the connection, except
+        // `response`, written by the change queue while the connection is suspended and read
+        // by MHD's thread after MHD_resume_connection (whose lock orders the two).
         var body: [UInt8] = []
         /// A response was queued early (413); the rest of the upload is discarded.
         var answered = false
@@ -100,6 +128,9 @@ public final class HTTPServer: Sendable {
         var upgrade: Upgrade?
         /// Counted in the context's `answering` until `completed`.
         var answering = false
+        /// A change handled on the change queue: its response, once there.
+        var response: HTTPResponse?
+        var dispatched = false
         weak var server: Connections?
     }
 
@@ -249,8 +280,14 @@ public final class HTTPServer: Sendable {
     /// gives by itself. On failure the socket is closed.
     public init(socket: consuming ListeningSocket, limits: Limits = Limits(), handler: @escaping Handler,
                 refusals: Refusals) throws(HTTPServerError) {
+        let watch: ConnectionWatch
+        do {
+            watch = try ConnectionWatch(requestSeconds: limits.requestSeconds, room: limits.connectionsRoom)
+        } catch {
+            throw HTTPServerError.startFailed(errno: error.errno)
+        }
         context = Context(handler: handler, limits: limits, refusals: refusals, connections: connections,
-                          streams: streams)
+                          streams: streams, watch: watch)
         // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
         // run by deinit) stops the daemon, and with it every callback, before it is released.
         let cls = Unmanaged.passUnretained(context).toOpaque()
@@ -258,9 +295,12 @@ public final class HTTPServer: Sendable {
         // SAFETY: the fd is borrowed by MHD until `stop()`, which closes the owner only after
         // MHD_stop_daemon has returned.
         let d = mqt_mhd_start(socket.fd, UInt32(limits.threads), HTTPServer.access, cls,
-                              HTTPServer.completed, cls, UInt32(limits.connections),
+                              HTTPServer.completed, cls, HTTPServer.notify, cls, UInt32(limits.connections),
                               UInt32(limits.idleTimeoutSeconds), limits.connectionMemory, &err)
-        guard let d else { throw HTTPServerError.startFailed(errno: err == 0 ? nil : Errno(err)) }
+        guard let d else {
+            watch.stop()
+            throw HTTPServerError.startFailed(errno: err == 0 ? nil : Errno(err))
+        }
         daemon = Mutex(d)
         self.socket = Mutex(socket)
     }
@@ -288,6 +328,7 @@ public final class HTTPServer: Sendable {
         // come meanwhile are refused unhandled.
         context.answering.stopAndWait(within: 5)
         MHD_stop_daemon(d)
+        context.watch.stop()
         let owner = socket.withLock { $0.take() }
         _ = consume owner
     }
@@ -334,6 +375,17 @@ public final class HTTPServer: Sendable {
             return .YES
         }
         if upload.answered { return .YES }
+        if !upload.dispatched {
+            // The whole request is in: no longer timed.
+            entry(of: connection)?.arrived()
+        }
+        if upload.dispatched {
+            // Resumed: the change queue's response is there.
+            guard let response = upload.response else { return .YES }
+            upload.response = nil
+            upload.dispatched = false
+            return respond(connection, response, upload, context)
+        }
 
         var headers: [String: String] = [:]
         for name in ["Content-Type", "Content-Length", "Accept", "Host", "Connection", "Upgrade", "Authorization"] {
@@ -350,7 +402,36 @@ public final class HTTPServer: Sendable {
         // Counted before the handler runs: a stop that begins meanwhile waits for the answer.
         guard context.answering.begin() else { return queue(connection, context.refusals.stopping) }
         upload.answering = true
+        if request.method != "GET" && request.method != "HEAD" {
+            // A change: handled on the change queue with the connection suspended, so this
+            // thread goes on serving its other connections; resumed with the response.
+            upload.dispatched = true
+            MHD_suspend_connection(connection)
+            let suspended = SuspendedConnection(connection)
+            let handler = context.handler
+            context.changes.async {
+                upload.response = handler(request)
+                context.answering.handled()
+                MHD_resume_connection(suspended.connection)
+            }
+            return .YES
+        }
         let response = context.handler(request)
+        context.answering.handled()
+        return respond(connection, response, upload, context)
+    }
+
+    /// A connection suspended for a change, handed to the change queue to resume.
+    private struct SuspendedConnection: @unchecked Sendable {
+        // SAFETY (@unchecked): MHD keeps a suspended connection alive until it is resumed,
+        // which is the only use made of it, once.
+        let connection: OpaquePointer
+        init(_ c: OpaquePointer) { connection = c }
+    }
+
+    /// Queues a handler's response: plain, streamed or a 101.
+    private static func respond(_ connection: OpaquePointer, _ response: HTTPResponse, _ upload: Upload,
+                                _ context: Context) -> MHD_Result {
         if response.upgrade != nil || response.stream != nil {
             // Streams and upgraded connections are ended by the stop itself.
             upload.answering = false
@@ -427,7 +508,34 @@ public final class HTTPServer: Sendable {
         upgrade.run(c)
     }
 
-    private static let completed: MHD_RequestCompletedCallback = { cls, _, conCls, _ in
+    /// The watch entry of a connection, which `notify` stored as its socket context.
+    private static func entry(of connection: OpaquePointer) -> ConnectionWatch.Entry? {
+        // SAFETY: the context is the Entry retained in `notify` at STARTED and released there
+        // at CLOSED, after the connection's last request.
+        mqt_mhd_socket_context(connection).map { Unmanaged<ConnectionWatch.Entry>.fromOpaque($0).takeUnretainedValue() }
+    }
+
+    private static let notify: MHD_NotifyConnectionCallback = { cls, connection, socketContext, code in
+        // SAFETY: `cls` is the Context passed unretained in init; it outlives the daemon.
+        guard let cls, let connection, let socketContext else { return }
+        let context = Unmanaged<Context>.fromOpaque(cls).takeUnretainedValue()
+        if code == .CONNECTION_NOTIFY_STARTED {
+            let e = ConnectionWatch.Entry(fd: mqt_mhd_connection_fd(connection))
+            context.watch.add(e)
+            // SAFETY: retained here, released once below at CLOSED, which MHD calls for
+            // every connection it told STARTED of.
+            socketContext.pointee = Unmanaged.passRetained(e).toOpaque()
+        } else if let p = socketContext.pointee {
+            // SAFETY: balances the passRetained of STARTED.
+            let e = Unmanaged<ConnectionWatch.Entry>.fromOpaque(p).takeRetainedValue()
+            context.watch.remove(e)
+            socketContext.pointee = nil
+        }
+    }
+
+    private static let completed: MHD_RequestCompletedCallback = { cls, connection, conCls, _ in
+        // The answer is sent (or the request ended): the next request may begin.
+        if let connection { entry(of: connection)?.waiting() }
         guard let conCls, let state = conCls.pointee else { return }
         // SAFETY: `state` is the Upload retained in the access handler, not yet released.
         let upload = Unmanaged<Upload>.fromOpaque(state).takeUnretainedValue()

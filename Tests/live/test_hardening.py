@@ -204,3 +204,108 @@ def test_limits_count_open_files_under_emfile(tmpdir_short):
         conn.close()
         assert d.stop() == 0
         net.delete_link(n)
+
+
+# MARK: starvation
+
+
+def _health_ms(path, timeout=3.0):
+    started = time.monotonic()
+    conn = _UnixConnection(path, timeout=timeout)
+    try:
+        conn.request("GET", "/v1/health")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200
+    finally:
+        conn.close()
+    return (time.monotonic() - started) * 1000
+
+
+def test_slowloris_connections_neither_starve_health_nor_stay(tmpdir_short):
+    """300 clients trickling one byte a second: new requests still find room, and each slow
+    request is cut once it has taken 10 s to arrive."""
+    d = Daemon(tmpdir_short, tcp=False)
+    slow = []
+    try:
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            try:
+                s.connect(d.socket)
+            except OSError:
+                s.close()
+                continue
+            slow.append(s)
+        line = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 64
+        started = time.monotonic()
+        latencies = []
+        i = 0
+        while time.monotonic() - started < 13:
+            for s in slow:
+                try:
+                    s.send(line[i % len(line):i % len(line) + 1])
+                except OSError:
+                    pass
+            i += 1
+            for _ in range(4):
+                latencies.append(_health_ms(d.socket))  # fails on a timeout (3 s)
+                time.sleep(0.25)
+        assert len(latencies) >= 40
+        # After 13 s every trickle is past the 10 s bound: each was cut (end of file, or a reset).
+        cut = 0
+        for s in slow:
+            try:
+                s.settimeout(0.5)
+                cut += s.recv(1) == b""
+            except ConnectionResetError:
+                cut += 1
+            except OSError:
+                pass
+        assert cut == len(slow), f"{len(slow) - cut} of {len(slow)} slow connections still open"
+        assert d.proc.poll() is None
+    finally:
+        for s in slow:
+            s.close()
+        assert d.stop() == 0
+
+
+def test_health_and_reads_do_not_queue_behind_changes(tmpdir_short):
+    """8 writers making and deleting 256-queue devices: every health check and read is
+    answered while they run (before, the HTTP threads waited on the change lock: 0.57 s p50).
+    The bound is a liveness bound, orders of magnitude above an answer's time."""
+    d = Daemon(tmpdir_short, tcp=False, workers=1)
+    names = [unique_name("w") for _ in range(8)]
+    stop = threading.Event()
+    made = [0]
+
+    def writer(n):
+        while not stop.is_set():
+            if d.unix.post("/v1/devices", {"name": n, "queues": 256}).status == 201:
+                made[0] += 1
+            d.unix.delete(f"/v1/devices/{n}", check=False)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in names]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        health, reads = [], []
+        for _ in range(40):
+            health.append(_health_ms(d.socket, timeout=10))
+            t0 = time.monotonic()
+            assert d.unix.get("/v1/limits").status == 200
+            reads.append((time.monotonic() - t0) * 1000)
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert made[0] >= 8, "the writers ran"
+        for latencies in (health, reads):
+            latencies.sort()
+            assert latencies[len(latencies) // 2] < 100 and latencies[-1] < 1000, latencies
+    finally:
+        stop.set()
+        assert d.stop() == 0
+        for n in names:
+            net.delete_link(n)
