@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <string.h>
+#include <strings.h>
 #include <sys/types.h>
 #include <sys/select.h>
 #include <sys/socket.h>
@@ -55,6 +57,33 @@ static inline struct MHD_Response *mqt_mhd_response_stream(size_t block, MHD_Con
 static inline int mqt_mhd_connection_fd(struct MHD_Connection *c) {
     const union MHD_ConnectionInfo *info = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     return info == NULL ? -1 : info->connect_fd;
+}
+
+// Framing headers as they came, for the checks MHD does not make: how many Content-Length
+// headers, whether their values differ, and whether Transfer-Encoding is there too.
+struct mqt_framing {
+    int content_lengths;
+    int lengths_differ;
+    int transfer_encoding;
+    const char *first_length;
+};
+
+static enum MHD_Result mqt_framing_header(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    (void)kind;
+    struct mqt_framing *f = (struct mqt_framing *)cls;
+    if (strcasecmp(key, "Content-Length") == 0) {
+        if (f->content_lengths++ == 0) f->first_length = value;
+        else if (value == NULL || f->first_length == NULL || strcmp(value, f->first_length) != 0) f->lengths_differ = 1;
+    } else if (strcasecmp(key, "Transfer-Encoding") == 0) {
+        f->transfer_encoding = 1;
+    }
+    return MHD_YES;
+}
+
+static inline struct mqt_framing mqt_mhd_framing(struct MHD_Connection *c) {
+    struct mqt_framing f = {0, 0, 0, NULL};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, mqt_framing_header, &f);
+    return f;
 }
 
 // MHD_get_connection_info is variadic: what the NOTIFY_CONNECTION callback stored for the

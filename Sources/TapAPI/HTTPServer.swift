@@ -16,7 +16,7 @@ public final class HTTPServer: Sendable {
         /// Largest request body; a larger one gets 413 as soon as it is known to be larger.
         public var bodyBytes = 64 * 1024
         /// Per-connection memory for the request line and headers; past it MHD answers 431.
-        public var connectionMemory = 32 * 1024
+        public var connectionMemory = 128 * 1024
         public var connections = 256
         /// Past this many connections, those whose request has been arriving the longest
         /// are cut, so that new ones find room.
@@ -120,8 +120,10 @@ public final class HTTPServer: Sendable {
         // `response`, written by the change queue while the connection is suspended and read
         // by MHD's thread after MHD_resume_connection (whose lock orders the two).
         var body: [UInt8] = []
-        /// A response was queued early (413); the rest of the upload is discarded.
+        /// A response was queued early (413, 400); the rest of the upload is discarded.
         var answered = false
+        /// The body went past the limit: the rest is discarded, and 413 answers at its end.
+        var tooLarge = false
         var transport = HTTPRequest.Transport.tcp
         /// A 101 was queued: run on the raw connection once MHD has sent the head, or
         /// abandoned in `completed` if it never was.
@@ -351,9 +353,20 @@ public final class HTTPServer: Sendable {
             if fd >= 0 && UnixSocket.isUnix(fd) {
                 upload.transport = .unix(try? UnixSocket.peerCredentials(fd))
             }
+            // Framing that two parties could read two ways (request smuggling) is refused, and
+            // the connection closed: where this request ends is not known.
+            let framing = mqt_mhd_framing(connection)
+            if framing.lengths_differ != 0 {
+                upload.answered = true
+                return queue(connection, closing(context.refusals.badRequest("two Content-Length headers with different values")))
+            }
+            if framing.content_lengths > 0 && framing.transfer_encoding != 0 {
+                upload.answered = true
+                return queue(connection, closing(context.refusals.badRequest("Content-Length and Transfer-Encoding together")))
+            }
             if let length = header(connection, "Content-Length").flatMap(Int.init), length > context.limits.bodyBytes {
                 upload.answered = true
-                return queue(connection, context.refusals.tooLarge(context.limits.bodyBytes))
+                return queue(connection, closing(context.refusals.tooLarge(context.limits.bodyBytes)))
             }
             return .YES
         }
@@ -363,11 +376,14 @@ public final class HTTPServer: Sendable {
         if uploadSize.pointee > 0 {
             let n = uploadSize.pointee
             uploadSize.pointee = 0  // consumed (or discarded)
-            guard !upload.answered else { return .YES }
+            guard !upload.answered && !upload.tooLarge else { return .YES }
             if upload.body.count + n > context.limits.bodyBytes {
-                upload.answered = true
+                // A body of no announced length (chunked) grew past the limit: the rest is
+                // read and dropped, and the 413 goes out once it is in (MHD 0.9 resets a
+                // chunked upload answered half-way).
+                upload.tooLarge = true
                 upload.body = []
-                return queue(connection, context.refusals.tooLarge(context.limits.bodyBytes))
+                return .YES
             }
             // SAFETY: MHD guarantees `n` readable bytes at uploadData for this call only;
             // they are copied out before returning.
@@ -375,6 +391,10 @@ public final class HTTPServer: Sendable {
             return .YES
         }
         if upload.answered { return .YES }
+        if upload.tooLarge {
+            upload.answered = true
+            return queue(connection, closing(context.refusals.tooLarge(context.limits.bodyBytes)))
+        }
         if !upload.dispatched {
             // The whole request is in: no longer timed.
             entry(of: connection)?.arrived()
@@ -551,6 +571,13 @@ public final class HTTPServer: Sendable {
         // SAFETY: balances the passRetained of the access handler's first call.
         Unmanaged<Upload>.fromOpaque(state).release()
         conCls.pointee = nil
+    }
+
+    /// The response with `Connection: close`: after it, MHD closes the connection.
+    private static func closing(_ r: HTTPResponse) -> HTTPResponse {
+        var r = r
+        r.headers.append(("Connection", "close"))
+        return r
     }
 
     private static func header(_ connection: OpaquePointer, _ name: String) -> String? {

@@ -18,6 +18,16 @@ info:
 
     Every error is `{"error": {"code", "message", "field"?, "errno"?}}` with the status
     given for each operation.
+
+    Except for what libmicrohttpd (0.9) refuses before any request reaches the API, which it
+    answers itself with a short HTML body and closes the connection: 414 (a URI over the
+    per-connection memory of 128 KiB), 431 (headers over it), 505 (an HTTP version other
+    than 1.0 and 1.1), and a request line it cannot parse (closed without an answer). Query
+    strings of up to about 1,500 parameters fit; past the memory, libmicrohttpd neither
+    answers nor closes, and the daemon cuts the connection when the request has taken 10 s.
+    A request must arrive whole within 10 s of when it may begin (the connection opened, or
+    the previous answer sent); a body over the limit is 413 `payload_too_large`, chunked or
+    not.
   license:
     name: Apache-2.0
 servers:
@@ -487,7 +497,10 @@ components:
         `invalid_json`, `invalid_field` (also for a value outside the schema's `minimum` and
         `maximum`; 409 `queue_limit_exceeded` is only for a value the schema allows but the
         current limits refuse) or `unknown_field`; `feature_unsupported` (with `field`) when
-        the kernel's tun driver lacks what the field asks for (`vnet_hdr`: `IFF_VNET_HDR`).
+        the kernel's tun driver lacks what the field asks for (`vnet_hdr`: `IFF_VNET_HDR`);
+        `bad_request` for framing two parties could read two ways (two `Content-Length`
+        headers with different values, or `Content-Length` with `Transfer-Encoding`), after
+        which the connection is closed.
       content:
         application/json:
           schema: { $ref: "#/components/schemas/Error" }
@@ -1020,6 +1033,7 @@ components:
             code:
               type: string
               enum:
+                - bad_request
                 - invalid_json
                 - invalid_field
                 - unknown_field
