@@ -26,8 +26,6 @@ struct Body {
         object = o
     }
 
-    func has(_ key: String) -> Bool { object[key] != nil }
-
     func string(_ key: String) throws(APIError) -> String? {
         guard let v = object[key] else { return nil }
         guard case .string(let s) = v else { throw APIError.invalidField(key, "must be a string, not \(v.typeName)") }

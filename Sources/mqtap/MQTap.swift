@@ -141,9 +141,15 @@ struct Device: ParsableCommand {
 
         func run() throws {
             var body: JSONObject = ["name": .string(name)]
-            // A number is an id; anything else a name the daemon looks up.
-            if let owner { body["owner"] = UInt32(owner).map { JSON(Int($0)) } ?? .string(owner) }
-            if let group { body["group"] = UInt32(group).map { JSON(Int($0)) } ?? .string(group) }
+            // A number is an id; a name is looked up here (the daemon takes ids).
+            if let owner {
+                guard let id = UInt32(owner) ?? Files.userID(owner) else { throw ValidationError("--owner: no user is called \(owner)") }
+                body["owner"] = JSON(Int(id))
+            }
+            if let group {
+                guard let id = UInt32(group) ?? Files.groupID(group) else { throw ValidationError("--group: no group is called \(group)") }
+                body["group"] = JSON(Int(id))
+            }
             if let peer { body["peer"] = .string(peer) }
             if offload { body["offload"] = true }
             if let type { body["type"] = .string(type) }

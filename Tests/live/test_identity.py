@@ -185,15 +185,20 @@ def test_owner_and_group_decide_who_may_attach(daemon, api):
         assert "user nobody" in sh("ip", "-d", "link", "show", "dev", o).stdout
         assert attach_as(65533, 65533, o) == "1", "EPERM for anyone else"
         assert attach_as(65534, 65534, o) == "attached"
-        r = api.post("/v1/devices", {"name": g, "queues": 1, "group": "nogroup"})
+        # The CLI takes a name and sends its id.
         nogroup = int(sh("getent", "group", "nogroup").stdout.split(":")[2])
-        assert r.status == 201 and r.json()["group"] == nogroup, r
+        cli = sh(os.path.join(os.path.dirname(BIN), "mqtap"), "device", "create", g, "--group", "nogroup",
+                 "--socket", daemon.socket, check=False)
+        assert cli.returncode == 0, cli.stderr
+        assert api.get(f"/v1/devices/{g}").json()["group"] == nogroup
         assert attach_as(65533, 65533, g) == "1"
         assert attach_as(65533, nogroup, g) == "attached"
-        for bad, why in [({"owner": "no-such-user-x"}, "no user"), ({"group": -1}, "group"), ({"owner": 4294967295}, "owner"),
-                         ({"owner": True}, "owner")]:
+        for bad in ({"owner": "nobody"}, {"group": -1}, {"owner": 4294967295}, {"owner": True}):
             r = api.post("/v1/devices", {"name": unique_name("ob"), **bad})
-            assert r.status == 400 and r.json()["error"]["field"] == next(iter(bad)) and why in r.json()["error"]["message"] + r.json()["error"]["field"], r
+            assert r.status == 400 and r.json()["error"]["field"] == next(iter(bad)), r
+        cli = sh(os.path.join(os.path.dirname(BIN), "mqtap"), "device", "create", unique_name("ob"),
+                 "--owner", "no-such-user-x", "--socket", daemon.socket, check=False)
+        assert cli.returncode != 0 and "no user is called no-such-user-x" in cli.stderr
     finally:
         for n in (o, g):
             api.delete(f"/v1/devices/{n}", check=False)

@@ -29,21 +29,12 @@ enum DevicesResource {
         if let mode = try b.oneOf("mode", DeviceMode.self) { spec.mode = mode }
         spec.peer = try b.string("peer")
         if let o = try b.bool("offload") { spec.offload = o }
-        spec.owner = try account(b, "owner", lookUp: Files.userID)
-        spec.group = try account(b, "group", lookUp: Files.groupID)
+        // An id: (uid_t)-1 means "none" to the kernel, so it is never one. Names are the
+        // client's to resolve (the CLI does), so that what a request means never depends on
+        // this host's user database.
+        spec.owner = try b.int("owner", in: 0...Int(UInt32.max - 1)).map(UInt32.init)
+        spec.group = try b.int("group", in: 0...Int(UInt32.max - 1)).map(UInt32.init)
         return spec
-    }
-
-    /// A user or group: its id, or its name as this host's passwd or group database knows it.
-    /// (uid_t)-1 means "none" to the kernel, so it is never an id.
-    private static func account(_ b: Body, _ key: String, lookUp: (String) -> UInt32?) throws(APIError) -> UInt32? {
-        guard b.has(key) else { return nil }
-        if let id = try? b.int(key, in: 0...Int(UInt32.max - 1)) { return UInt32(id) }
-        guard let name = try? b.string(key) else {
-            throw APIError.invalidField(key, "must be an id between 0 and \(UInt32.max - 1) or a name")
-        }
-        guard let id = lookUp(name) else { throw APIError.invalidField(key, "no \(key == "owner" ? "user" : "group") is called \(name)") }
-        return id
     }
 
     static func decodePatch(_ bytes: [UInt8]) throws(APIError) -> DevicePatch {

@@ -665,19 +665,19 @@ components:
             GSO super-frames (up to 64 KiB) and their virtio-net headers pass through. Needs
             `vnet_hdr: true` (400 naming `offload`).
         owner:
-          oneOf:
-            - { type: integer, minimum: 0, maximum: 4294967294 }
-            - { type: string, minLength: 1 }
+          type: integer
+          minimum: 0
+          maximum: 4294967294
           description: >-
-            A user id or name (TUNSETOWNER): besides processes with CAP_NET_ADMIN, only this
-            user may attach queues to the device (QEMU run as that user, with `ifname=`). With
-            `group` too, either suffices. An unknown name is 400 naming the field. Set at
-            create (and again by a restart); shown as the id.
+            A user id (TUNSETOWNER): besides processes with CAP_NET_ADMIN, only this user may
+            attach queues to the device (QEMU run as that user, with `ifname=`). With `group`
+            too, either suffices. Set at create (and again by a restart). `mqtap device create
+            --owner NAME` resolves a user name on its host.
         group:
-          oneOf:
-            - { type: integer, minimum: 0, maximum: 4294967294 }
-            - { type: string, minLength: 1 }
-          description: A group id or name (TUNSETGROUP); as `owner`, for the group's members.
+          type: integer
+          minimum: 0
+          maximum: 4294967294
+          description: A group id (TUNSETGROUP); as `owner`, for the group's members.
     DevicePatch:
       type: object
       additionalProperties: false
