@@ -35,8 +35,14 @@ if ! buildah images --quiet "$BASE" >/dev/null 2>&1 || [ -z "$(buildah images --
 fi
 
 # The build stage's product, built on the host the way the Dockerfile builds it.
-swift build -c release --static-swift-stdlib --scratch-path .build-static --product mqtapd >/dev/null
-swift build -c release --static-swift-stdlib --scratch-path .build-static --product mqtap >/dev/null
+# Quiet unless it fails: then its output says why.
+for product in mqtapd mqtap; do
+  if ! out=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$product" 2>&1); then
+    echo "container-test: the static build of $product failed:" >&2
+    echo "$out" | tail -40 >&2
+    exit 1
+  fi
+done
 
 ctx=$(mktemp -d)
 ctr=""

@@ -53,9 +53,13 @@ final class ConnectionWatch: Sendable {
     var count: Int { entries.withLock { $0.count } }
 
     func sweep() {
-        let now = Clock.monotonicNanoseconds()
         entries.withLock { all in
-            var arriving: [(entry: Entry, since: UInt64)] = all.values.compactMap { e in e.arrivingSince.map { (e, $0) } }
+            // Read under the lock, and ages never below zero: an entry added, or an answer
+            // sent, a moment after `now` was read is young, not ancient.
+            let now = Clock.monotonicNanoseconds()
+            var arriving: [(entry: Entry, since: UInt64)] = all.values.compactMap { e in
+                e.arrivingSince.map { (e, min($0, now)) }
+            }
             var done = 0
             for (e, since) in arriving where now &- since > requestNanos {
                 cut(e)

@@ -74,15 +74,24 @@ public final class HTTPServer: Sendable {
         /// The handler returned (its response is queued or about to be).
         func handled() { state.withLock { $0.handling -= 1 } }
 
+        /// Work on the change queue for a connection MHD still serves (a lease's hand-over or
+        /// its end): counted like a handler, stopping or not, so MHD does not stop under it.
+        func aside() { state.withLock { $0.handling += 1 } }
+
+        /// From now on every new request is refused, unhandled.
+        func refuse() { state.withLock { $0.stopping = true } }
+
         /// MHD is done with the response.
         func end() { state.withLock { $0.count -= 1 } }
 
-        /// Refuses new requests, waits for every handler that runs (a change is never cut
-        /// short, and MHD must not stop with a connection suspended for one), then (up to
-        /// `seconds`) for their answers to be sent.
-        func stopAndWait(within seconds: Double) {
-            state.withLock { $0.stopping = true }
+        /// Waits for every handler that runs, and every lease hand-over on the change queue: a
+        /// change is never cut short, and MHD must not stop with a connection suspended for one.
+        func waitForHandlers() {
             while state.withLock({ $0.handling > 0 }) { Clock.sleep(0.005) }
+        }
+
+        /// Waits (up to `seconds`) for the answers of the requests handled to be sent.
+        func waitForAnswers(within seconds: Double) {
             let deadline = Clock.monotonicNanoseconds() + UInt64(seconds * 1e9)
             while state.withLock({ $0.count > 0 }) && Clock.monotonicNanoseconds() < deadline { Clock.sleep(0.005) }
         }
@@ -132,6 +141,9 @@ public final class HTTPServer: Sendable {
         var answering = false
         /// A change handled on the change queue: its response, once there.
         var response: HTTPResponse?
+        /// For a 101: where the hand-over (or its abandon) runs, off MHD's threads, since it
+        /// waits for the manager's lock.
+        weak var context: Context?
         var dispatched = false
         weak var server: Connections?
     }
@@ -311,7 +323,14 @@ public final class HTTPServer: Sendable {
 
     /// Stops accepting, lets in-flight requests finish, stops every thread, then closes the
     /// socket. Idempotent.
+    /// Refuses every new request (503, unhandled) from now on; `stop` does the rest. For a
+    /// daemon with several servers: all refuse at once, then each stops.
+    public func refuse() {
+        context.answering.refuse()
+    }
+
     public func stop() {
+        context.answering.refuse()
         let d = daemon.withLock { d in
             defer { d = nil }
             return d
@@ -321,14 +340,17 @@ public final class HTTPServer: Sendable {
         // MHD hands it back instead of closing it in MHD_stop_daemon (its owner closes it).
         let fd = MHD_quiesce_daemon(d)
         precondition(fd >= 0, "MHD_quiesce_daemon failed: the daemon was started without MHD_USE_ITC")
-        // Streams end with their last chunk (and no connection stays suspended); upgraded
-        // connections are the application's to close, and only before MHD stops.
+        // Streams end with their last chunk (and no connection stays suspended).
         streams.finishAll(within: 2)
+        // Changes and lease hand-overs under way finish; requests that come meanwhile are
+        // refused unhandled.
+        context.answering.waitForHandlers()
+        // Upgraded connections are the application's to close, and only before MHD stops.
         connections.closeAll()
         // A request already handled has changed what it changed: its answer goes out before
-        // MHD closes the connection (bounded, for a client that does not read). Requests that
-        // come meanwhile are refused unhandled.
-        context.answering.stopAndWait(within: 5)
+        // MHD closes the connection (bounded, for a client that does not read).
+        context.answering.waitForAnswers(within: 5)
+        context.answering.waitForHandlers()
         MHD_stop_daemon(d)
         context.watch.stop()
         let owner = socket.withLock { $0.take() }
@@ -431,8 +453,10 @@ public final class HTTPServer: Sendable {
             let handler = context.handler
             context.changes.async {
                 upload.response = handler(request)
-                context.answering.handled()
+                // Resumed before it counts as handled: a stop waits for `handled`, and MHD must
+                // never stop with the connection still suspended.
                 MHD_resume_connection(suspended.connection)
+                context.answering.handled()
             }
             return .YES
         }
@@ -460,6 +484,7 @@ public final class HTTPServer: Sendable {
         if let upgrade = response.upgrade {
             upload.upgrade = upgrade
             upload.server = context.connections
+            upload.context = context
             return queueUpgrade(connection, response)
         }
         if let body = response.stream {
@@ -519,13 +544,26 @@ public final class HTTPServer: Sendable {
         guard let upgrade = upload.upgrade else { return }
         upload.upgrade = nil
         let c = UpgradedConnection(fd: Int32(sock), handle: urh)
-        guard upload.server?.add(c) == true else {
+        guard let context = upload.context, upload.server?.add(c) == true else {
             // The server is stopping: no lease starts now.
             c.close()
-            upgrade.abandon()
+            if let context = upload.context { aside(context) { upgrade.abandon() } } else { upgrade.abandon() }
             return
         }
-        upgrade.run(c)
+        aside(context) {
+            // Closed meanwhile by a stopping server: the lease never starts.
+            guard !c.isClosed else { return upgrade.abandon() }
+            upgrade.run(c)
+        }
+    }
+
+    /// Runs `work` on the change queue, counted so that MHD does not stop under it.
+    private static func aside(_ context: Context, _ work: @escaping @Sendable () -> Void) {
+        context.answering.aside()
+        context.changes.async {
+            work()
+            context.answering.handled()
+        }
     }
 
     /// The watch entry of a connection, which `notify` stored as its socket context.
@@ -566,7 +604,7 @@ public final class HTTPServer: Sendable {
         // A 101 queued but never sent (the client went first): undo what it was for.
         if let upgrade = upload.upgrade {
             upload.upgrade = nil
-            upgrade.abandon()
+            if let context = upload.context { aside(context) { upgrade.abandon() } } else { upgrade.abandon() }
         }
         // SAFETY: balances the passRetained of the access handler's first call.
         Unmanaged<Upload>.fromOpaque(state).release()

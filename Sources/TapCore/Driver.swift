@@ -112,8 +112,9 @@ public struct LinuxTunDriver: TunDriver {
     public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) { try Tun.setOffload(fd, offloads) }
     public func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T? {
-        let ns = try Netns.ofDevice(fd)
-        guard try Netns.inode(ns.fd) != Netns.currentInode() else { return nil }
+        // Before Linux 5.2 there is no TUNGETDEVNETNS (ENOTTY): no device can be elsewhere
+        // as far as the daemon can tell, so here.
+        guard let ns = try Netns.ofDeviceIfSupported(fd), try Netns.inode(ns.fd) != Netns.currentInode() else { return nil }
         return try Netns.run(in: ns.fd, body)
     }
 }

@@ -15,6 +15,16 @@ public enum Netns {
         return OwnedFD(adopting: fd)
     }
 
+    /// As `ofDevice`, but nil on a kernel without TUNGETDEVNETNS (before 5.2: ENOTTY, or
+    /// EINVAL), where the device is taken to be in the caller's namespace.
+    public static func ofDeviceIfSupported(_ tunFD: Int32) throws(SyscallError) -> OwnedFD? {
+        do {
+            return try ofDevice(tunFD)
+        } catch where error.errno == Errno(ENOTTY) || error.errno == .invalidArgument {
+            return nil
+        }
+    }
+
     /// A namespace's identity: the inode of its fd (`/proc/PID/ns/net` shows the same).
     /// The corresponding C function is `fstat(2)`.
     public static func inode(_ fd: Int32) throws(SyscallError) -> UInt64 {
@@ -40,7 +50,9 @@ public enum Netns {
     /// The namespace the device of a tun fd lives in. The name is looked up only for a
     /// namespace other than the daemon's (whose own may have no name).
     public static func place(ofDevice tunFD: Int32) throws(SyscallError) -> Place {
-        let ns = try ofDevice(tunFD)
+        guard let ns = try ofDeviceIfSupported(tunFD) else {
+            return Place(inode: try currentInode(), name: nil, isOwn: true)
+        }
         let ino = try inode(ns.fd)
         let own = try currentInode() == ino
         return Place(inode: ino, name: own ? nil : name(ofInode: ino), isOwn: own)
@@ -54,10 +66,17 @@ public enum Netns {
         while let entry = readdir(dir) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
             guard name != ".", name != ".." else { continue }
+            // A namespace bind mount is an nsfs inode: same inode on the same (nsfs) device.
             var st = stat()
-            if stat("/run/netns/" + name, &st) == 0 && UInt64(st.st_ino) == ino { return name }
+            if stat("/run/netns/" + name, &st) == 0 && UInt64(st.st_ino) == ino && st.st_dev == nsfsDevice { return name }
         }
         return nil
+    }
+
+    /// The device number of nsfs, where every namespace inode lives.
+    private static var nsfsDevice: UInt64 {
+        var st = stat()
+        return stat("/proc/self/ns/net", &st) == 0 ? UInt64(st.st_dev) : 0
     }
 
     /// The calling thread's namespace's inode. The corresponding C function is `stat(2)`.

@@ -96,8 +96,9 @@ public enum Tun {
     /// the device's network namespace when it was moved out of the daemon's, so that the name
     /// finds that device and never makes a new one here.
     public static func openQueue(name: String, flags: TunFlags, joining existing: Int32) throws(SyscallError) -> Int32 {
-        let ns = try Netns.ofDevice(existing)
-        guard try Netns.inode(ns.fd) != Netns.currentInode() else { return try openQueue(name: name, flags: flags) }
+        guard let ns = try Netns.ofDeviceIfSupported(existing), try Netns.inode(ns.fd) != Netns.currentInode() else {
+            return try openQueue(name: name, flags: flags)
+        }
         return try Netns.run(in: ns.fd) { () throws(SyscallError) -> Int32 in try openQueue(name: name, flags: flags) }
     }
 

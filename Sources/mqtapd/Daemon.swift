@@ -332,6 +332,8 @@ final class Listeners {
 
     /// Stops accepting and finishes in-flight requests on every server. Idempotent.
     func stopServing() {
+        // Every listener refuses new requests at once; then each finishes what it has.
+        for e in entries { e.server?.refuse() }
         for e in entries { e.server?.stop() }
     }
 

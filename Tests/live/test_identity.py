@@ -127,6 +127,7 @@ def test_foreign_queues_are_shown_counted_toward_the_limit_and_logged(daemon, ap
         assert net.kernel_queue_count(f) == 3
         info = api.get(f"/v1/devices/{f}").json()
         assert info["foreign_queues"] == 1 and info["queue_count"] == 2, info
+        assert f'mqtapd_device_foreign_queues{{device="{f}"}} 1' in api.get("/metrics").body.decode()
         # 2 own + 1 foreign + 2 > 4.
         r = api.post(f"/v1/devices/{f}/queues", {"count": 2})
         assert r.status == 409 and r.code == "queue_limit_exceeded", r

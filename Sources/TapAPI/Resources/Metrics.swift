@@ -54,6 +54,8 @@ enum MetricsResource {
             ("mqtapd_device_queues", "Queues the device has, detached ones included.", { $0.queueCount }),
             ("mqtapd_device_enabled_queues", "Queues attached to the device.", { $0.enabledQueues }),
             ("mqtapd_device_max_queues", "The device's queue limit.", { $0.maxQueues }),
+            ("mqtapd_device_foreign_queues", "Queues other processes attached to the device by name.",
+             { $0.kernel?.foreignQueues ?? 0 }),
         ]
         for (name, help, value) in gauges {
             family(name, "gauge", help)
@@ -63,7 +65,7 @@ enum MetricsResource {
         out += "mqtapd_max_queues \(limits.maxQueues)\n"
         // The standard process metrics, as client libraries export them.
         family("process_open_fds", "gauge", "Number of open file descriptors.")
-        out += "process_open_fds \(max(limits.openFiles, 0))\n"
+        out += "process_open_fds \(limits.openFiles)\n"
         family("process_max_fds", "gauge", "Maximum number of open file descriptors.")
         out += "process_max_fds \(limits.openFilesLimit)\n"
         if let u = usage {

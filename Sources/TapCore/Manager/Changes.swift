@@ -105,9 +105,15 @@ extension DeviceManager {
             // The kernel's view, not only the daemon's: `TUNSETPERSIST` by anyone sharing a
             // queue's open file, or queues others attached by name, keep the link after the
             // daemon's fds close. The answer is 204 only once the link is gone.
+            // nil if the kernel did not answer (out of fds, say: when a DELETE is most wanted);
+            // the persistence is then cleared whatever it is.
             let link = lookUp(d)?.0
-            let persistent = link?.tun?.persist ?? d.persist
+            let persistent = link.map { $0.tun?.persist ?? d.persist } ?? true
             let foreign = link.map { foreignQueues(d, $0) } ?? 0
+            if link == nil && d.anyFD != nil {
+                logger.warning("device deleted without a look at the kernel's view of it: queues others hold would keep it",
+                               metadata: ["device": "\(name)"])
+            }
             if !d.leases.isEmpty {
                 guard force else { throw .deviceLeased(device: name, leases: d.leases.keys.sorted()) }
                 try deleteLink(d)
@@ -117,7 +123,7 @@ extension DeviceManager {
             } else if foreign > 0 {
                 try deleteLink(d)
                 logger.info("device deleted with queues others held", metadata: ["device": "\(name)", "foreign_queues": "\(foreign)"])
-            } else if persistent {
+            } else if persistent || d.persist {
                 if let fd = d.anyFD {
                     // Cleared first: if the kernel refuses, nothing has changed yet.
                     try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
@@ -187,8 +193,10 @@ extension DeviceManager {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
-                guard m >= count else {
-                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: count)
+                // Queues others attached are in use too.
+                let inUse = count + (lookUp(d).map { foreignQueues(d, $0.0) } ?? 0)
+                guard m >= inUse else {
+                    throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: inUse)
                 }
             }
             // Queues others attached count toward the limit of a device that grows.
@@ -206,8 +214,10 @@ extension DeviceManager {
                 // created with may belong to another interface.
                 let fd = d.anyFD
                 let driver = self.driver
+                let kernelName = d.kernelName
                 let link = { (op: @escaping @Sendable (String) throws(SyscallError) -> Void) throws(SyscallError) in
-                    guard let fd else { throw SyscallError(call: "ioctl(TUNGETIFF)", errno: .badFileDescriptorState) }
+                    // Every queue a lease's orphan: no fd to ask, so by the name last seen.
+                    guard let fd else { return try op(kernelName) }
                     try self.onLink(fd, op)
                 }
                 if let up = patch.up {
@@ -379,8 +389,12 @@ extension DeviceManager {
     public func setLimit(maxQueues: Int) throws(ManagerError) -> LimitsInfo {
         try Validate.maxQueues(maxQueues)
         try change { (model) throws(ManagerError) in
-            for entry in model.devices.values.sorted(by: { $0.name < $1.name }) where entry.queueCount > maxQueues {
-                throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount)
+            for entry in model.devices.values.sorted(by: { $0.name < $1.name }) {
+                // Queues others attached are in use too.
+                let foreign = entry.queueCount <= maxQueues ? entry.active.flatMap { d in lookUp(d).map { foreignQueues(d, $0.0) } } ?? 0 : 0
+                guard entry.queueCount + foreign <= maxQueues else {
+                    throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount + foreign)
+                }
             }
             let old = model.maxQueues
             model.maxQueues = maxQueues

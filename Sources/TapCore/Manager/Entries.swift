@@ -116,7 +116,10 @@ struct ActiveDevice: Sendable {
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
                                    leases: leases.values.sorted { $0.id < $1.id }.map(\.record),
-                                   kernelName: kernelName == name ? nil : kernelName)
+                                   // Only where a restart may find the device again: a non-persistent
+                                   // one without leases dies with the process, and a name it had
+                                   // then may be anyone's.
+                                   kernelName: kernelName == name || !(persist || !leases.isEmpty) ? nil : kernelName)
     }
 }
 

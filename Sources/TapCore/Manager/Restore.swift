@@ -115,7 +115,9 @@ extension DeviceManager {
             // A non-persistent device of the state file that someone persisted from outside
             // (TUNSETPERSIST through a shared fd) and no one holds now is this daemon's
             // leftover: joined, and made non-persistent again as asked.
-            let reclaimable = flags.contains(.persist) && (try? driver.link(named: name))?.tun?.queues == 0
+            // Only under the name it was created with: a name seen later may be anyone's now.
+            let reclaimable = name == spec.name && flags.contains(.persist)
+                && (try? driver.link(named: name))?.tun?.queues == 0
             guard spec.persist || leased || reclaimable else {
                 return .failure(.conflict("a tun/tap device of that name exists that is not this daemon's "
                     + "(a non-persistent device does not outlive its daemon)"))
