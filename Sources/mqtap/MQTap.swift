@@ -142,14 +142,12 @@ struct Device: ParsableCommand {
         func run() throws {
             var body: JSONObject = ["name": .string(name)]
             // A number is an id; a name is looked up here (the daemon takes ids).
-            if let owner {
-                guard let id = UInt32(owner) ?? Files.userID(owner) else { throw ValidationError("--owner: no user is called \(owner)") }
-                body["owner"] = JSON(Int(id))
+            func id(_ text: String, _ flag: String, _ what: String, _ lookUp: (String) -> UInt32?) throws -> JSON {
+                guard let id = UInt32(text) ?? lookUp(text) else { throw ValidationError("\(flag): no \(what) is called \(text)") }
+                return JSON(Int(id))
             }
-            if let group {
-                guard let id = UInt32(group) ?? Files.groupID(group) else { throw ValidationError("--group: no group is called \(group)") }
-                body["group"] = JSON(Int(id))
-            }
+            if let owner { body["owner"] = try id(owner, "--owner", "user", Files.userID) }
+            if let group { body["group"] = try id(group, "--group", "group", Files.groupID) }
             if let peer { body["peer"] = .string(peer) }
             if offload { body["offload"] = true }
             if let type { body["type"] = .string(type) }
