@@ -81,11 +81,18 @@ public struct APIError: Error, Sendable, Equatable {
         APIError(413, "payload_too_large", "the body is larger than \(limit) bytes")
     }
 
-    /// What the HTTP server answers by itself, in the API's error format.
-    public static let serverRefusals = HTTPServer.Refusals(
-        tooLarge: { payloadTooLarge(limit: $0).response },
-        stopping: APIError(.shuttingDown).response,
-        badRequest: { APIError(400, "bad_request", $0).response })
+    /// What the HTTP server answers by itself, in the API's error format; over TCP, nothing but
+    /// 401 without `token`.
+    public static func serverRefusals(token: BearerToken?) -> HTTPServer.Refusals {
+        HTTPServer.Refusals(
+            tooLarge: { payloadTooLarge(limit: $0).response },
+            stopping: APIError(.shuttingDown).response,
+            badRequest: { APIError(400, "bad_request", $0).response },
+            admit: { transport, authorization in
+                guard case .tcp = transport, token?.accepts(authorization) != true else { return nil }
+                return unauthorized.response
+            })
+    }
 
     /// The mapping of manager errors: by kind, not by message.
     init(_ e: ManagerError) {

@@ -41,12 +41,18 @@ public final class HTTPServer: Sendable {
         public var stopping: HTTPResponse
         /// The request is malformed in a way the handler never sees (400): the message says how.
         public var badRequest: @Sendable (_ message: String) -> HTTPResponse
+        /// Asked as soon as the headers are in, before any body is read: a refusal (401 for a
+        /// TCP request without the token), or nil to go on. So a client that may not call is
+        /// never told more (a 413) than that.
+        public var admit: @Sendable (_ transport: HTTPRequest.Transport, _ authorization: String?) -> HTTPResponse?
 
         public init(tooLarge: @escaping @Sendable (Int) -> HTTPResponse, stopping: HTTPResponse,
-                    badRequest: @escaping @Sendable (String) -> HTTPResponse) {
+                    badRequest: @escaping @Sendable (String) -> HTTPResponse,
+                    admit: @escaping @Sendable (HTTPRequest.Transport, String?) -> HTTPResponse? = { _, _ in nil }) {
             self.tooLarge = tooLarge
             self.stopping = stopping
             self.badRequest = badRequest
+            self.admit = admit
         }
     }
 
@@ -374,6 +380,10 @@ public final class HTTPServer: Sendable {
             let fd = mqt_mhd_connection_fd(connection)
             if fd >= 0 && UnixSocket.isUnix(fd) {
                 upload.transport = .unix(try? UnixSocket.peerCredentials(fd))
+            }
+            if let refusal = context.refusals.admit(upload.transport, header(connection, "Authorization")) {
+                upload.answered = true
+                return queue(connection, closing(refusal))
             }
             // Framing that two parties could read two ways (request smuggling) is refused, and
             // the connection closed: where this request ends is not known.

@@ -25,6 +25,16 @@ def test_tcp_needs_the_token_unix_does_not(daemon):
     assert not any(daemon.token in line for line in daemon.log)
 
 
+def test_without_the_token_nothing_but_401_is_told(daemon):
+    # Not 413 for a body over the limit, nor 400 for its framing: the headers alone say 401,
+    # before any body is read, and the connection closes.
+    for body in (b"x" * 100000, b"{}"):
+        r = daemon.tcp.request("POST", "/v1/devices", body=body, headers={"Authorization": "Bearer nope"})
+        assert r.status == 401 and r.code == "unauthorized", r
+        assert r.headers.get("connection") == "close"
+    assert daemon.tcp.get("/v1/health").status == 200
+
+
 @pytest.mark.parametrize("mode,needle", [(None, "--token-file"), (0o644, "chmod 600"), (0o640, "chmod 600")])
 def test_tcp_without_a_private_token_file_does_not_start(tmpdir_short, mode, needle):
     args = [BIN, "--listen", f"unix:{tmpdir_short}/api.sock", "--listen", "tcp:127.0.0.1:0",
