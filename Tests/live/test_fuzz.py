@@ -201,12 +201,14 @@ def test_paths_and_queries(fuzzed):
     run()
 
 
+# Each under the 64 KiB body limit, so the parser sees it (a larger one is 413 before it is read,
+# and the client may then find the connection closed under its send).
 @pytest.mark.parametrize("raw", [
-    b"[" * 100000, b"{" * 5000, b'{"count":' * 3000, b'{"count":9223372036854775807}', b'{"count":1e400}',
+    b"[" * 60000, b"{" * 5000, b'{"count":' * 3000, b'{"count":9223372036854775807}', b'{"count":1e400}',
     b'{"count":-9223372036854775808}', b'{"count":18446744073709551616}', b'{"count":1.0}', b'{"count":-0}',
     b'{"count":1,"count":2}', b'{"count":"\\u0000"}', b'{"\\u0000":1}', b'\xff\xfe{"count":1}', b'{"count":1}\x00',
     b'{"count":1} {"count":1}', b"null", b"nan", b'"' + b"a" * 60000 + b'"',
-])
+], ids=lambda raw: f"{len(raw)}B-{raw[:12]!r}")
 def test_raw_bodies(fuzzed, raw):
     d, target = fuzzed
     for method, path in [("POST", f"/v1/devices/{target}/queues"), ("POST", "/v1/devices"),
