@@ -276,18 +276,20 @@ def test_slowloris_connections_neither_starve_health_nor_stay(tmpdir_short):
 
 
 def test_health_and_reads_do_not_queue_behind_changes(tmpdir_short):
-    """8 writers making and deleting 256-queue devices: every health check and read is
-    answered while they run (before, the HTTP threads waited on the change lock: 0.57 s p50).
-    The bound is a liveness bound, orders of magnitude above an answer's time."""
+    """8 writers making and deleting 256-queue devices: health checks and reads are answered
+    while they run, not after the changes queued before them (before, the HTTP threads waited
+    on the change lock: health took 0.57 s p50, as long as a change). Compared with the
+    changes' own times in the same run, not with a fixed time."""
     d = Daemon(tmpdir_short, tcp=False, workers=1)
     names = [unique_name("w") for _ in range(8)]
     stop = threading.Event()
-    made = [0]
+    changes = []
 
     def writer(n):
         while not stop.is_set():
+            t0 = time.monotonic()
             if d.unix.post("/v1/devices", {"name": n, "queues": 256}).status == 201:
-                made[0] += 1
+                changes.append((time.monotonic() - t0) * 1000)
             d.unix.delete(f"/v1/devices/{n}", check=False)
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in names]
@@ -305,10 +307,12 @@ def test_health_and_reads_do_not_queue_behind_changes(tmpdir_short):
         stop.set()
         for t in threads:
             t.join(60)
-        assert made[0] >= 8, "the writers ran"
+        assert len(changes) >= 8, "the writers ran"
+
+        def median(xs):
+            return sorted(xs)[len(xs) // 2]
         for latencies in (health, reads):
-            latencies.sort()
-            assert latencies[len(latencies) // 2] < 100 and latencies[-1] < 1000, latencies
+            assert median(latencies) * 10 < median(changes), (median(latencies), median(changes), latencies)
     finally:
         stop.set()
         assert d.stop() == 0
