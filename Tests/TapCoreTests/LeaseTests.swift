@@ -43,6 +43,24 @@ struct LeaseTests {
         #expect(try f.manager.leases("d").isEmpty)
     }
 
+    @Test("a queue the holder left attached, that cannot be detached again at the lease's end, is read and shown attached")
+    func takeBackFails() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 2))
+        _ = try f.manager.setQueueEnabled("d", id: 1, false)
+        let fd1 = f.driver.fds(of: "d")[1]
+        let (offer, _) = try lease(f.manager, "d", [1])
+        // The holder attaches it through its own fd of the same open file.
+        try f.driver.setQueue(fd1, enabled: true)
+        f.driver.fail(.setQueue, with: .ioError)
+        f.manager.leaseEnded(device: "d", lease: offer.id)
+        #expect(try f.driver.isAttached(fd1), "the detach failed")
+        #expect(try f.manager.leases("d").isEmpty)
+        #expect(try f.manager.queue("d", id: 1).enabled, "the record follows the kernel")
+        inject(f.driver.peer(of: fd1)!, [UInt8](repeating: 7, count: 60))
+        #expect(eventually { (try? f.manager.queue("d", id: 1).counters.rxPackets) == 1 }, "an attached queue is read")
+    }
+
     @Test("refusals: queue_leased, unknown queue, bad holder, a kept device; nothing changes")
     func refusals() throws {
         let f = try FakeFixture()

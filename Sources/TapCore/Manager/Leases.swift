@@ -149,20 +149,27 @@ extension DeviceManager {
                 guard var q = d.queues[qid], q.lease == id else { continue }
                 q.lease = nil
                 do {
-                    let attached = try driver.isAttached(q.fd)
+                    var attached = try driver.isAttached(q.fd)
                     if attached != q.seen {
                         // The holder's last change, not yet seen by the observer.
                         journal.publish(attached ? .queueEnabled : .queueDisabled, device: name, queue: qid, lease: id, by: .holder)
                     }
-                    q.seen = attached
                     if attached != q.enabled {
-                        try driver.setQueue(q.fd, enabled: q.enabled)
-                        q.seen = q.enabled
-                        journal.publish(q.enabled ? .queueEnabled : .queueDisabled, device: name, queue: qid, by: .daemon)
+                        do throws(SyscallError) {
+                            try driver.setQueue(q.fd, enabled: q.enabled)
+                            attached = q.enabled
+                            journal.publish(q.enabled ? .queueEnabled : .queueDisabled, device: name, queue: qid, by: .daemon)
+                        } catch {
+                            // The record follows the kernel: the API shows the state the queue
+                            // has, and an attached queue is read, whichever it is.
+                            logger.error("queue not put back as the API set it; it stays as the holder left it",
+                                         metadata: ["device": "\(name)", "queue": "\(qid)", "lease": "\(id)", "error": "\(error)"])
+                            q.enabled = attached
+                        }
                     }
-                    if q.enabled { try pool.startPolling(polled(q, of: d), on: q.worker) }
+                    q.seen = attached
+                    if attached { try pool.startPolling(polled(q, of: d), on: q.worker) }
                 } catch {
-                    // The queue stays as the kernel has it; the API shows that state.
                     logger.error("queue not taken back", metadata: ["device": "\(name)", "queue": "\(qid)", "lease": "\(id)",
                                                                     "error": "\(error)"])
                 }
