@@ -8,9 +8,6 @@ public protocol TunDriver: Sendable {
     /// Opens one queue of `name` (creating the device on the first one) and returns its fd.
     /// The fd must be pollable; on failure nothing stays open.
     func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32
-    /// Opens one more queue of the device `existing` (one of its queue fds) belongs to, in
-    /// whichever network namespace the device is now.
-    func openQueue(name: String, flags: TunFlags, joining existing: Int32) throws(SyscallError) -> Int32
     func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError)
     func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError)
     func close(_ fd: Int32)
@@ -69,9 +66,6 @@ public struct LinuxTunDriver: TunDriver {
 
     public func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
         try Tun.openQueue(name: name, flags: flags)
-    }
-    public func openQueue(name: String, flags: TunFlags, joining existing: Int32) throws(SyscallError) -> Int32 {
-        try Tun.openQueue(name: name, flags: flags, joining: existing)
     }
     public func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
         try Tun.setQueue(fd, enabled: enabled)

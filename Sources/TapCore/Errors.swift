@@ -21,7 +21,6 @@ public enum DeviceStep: String, Sendable, Hashable {
     case deleteLink = "delete link"
     case setOwner = "set owner"
     case setGroup = "set group"
-    case readLink = "read link"
 }
 
 /// Everything the manager can refuse or fail with. The API maps each case to one HTTP

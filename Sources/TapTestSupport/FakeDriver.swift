@@ -117,10 +117,6 @@ public final class FakeDriver: TunDriver, Sendable {
         }
     }
 
-    /// The fake has one namespace.
-    public func openQueue(name: String, flags: TunFlags, joining existing: Int32) throws(SyscallError) -> Int32 {
-        try openQueue(name: name, flags: flags)
-    }
 
     public func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
         try state.withLock { (s) throws(SyscallError) in

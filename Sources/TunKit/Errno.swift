@@ -48,8 +48,6 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let addressInUse = Errno(EADDRINUSE)
     public static let noSpace = Errno(ENOSPC)
     public static let isDirectory = Errno(EISDIR)
-    public static let notSocket = Errno(ENOTSOCK)
-    public static let tooManyLinks = Errno(ELOOP)
 }
 
 /// A failed system call: which call, and the errno it returned.

@@ -92,16 +92,6 @@ public enum Tun {
         return fd
     }
 
-    /// Opens one more queue of the device `existing` (a queue fd of it) belongs to: from inside
-    /// the device's network namespace when it was moved out of the daemon's, so that the name
-    /// finds that device and never makes a new one here.
-    public static func openQueue(name: String, flags: TunFlags, joining existing: Int32) throws(SyscallError) -> Int32 {
-        guard let ns = try Netns.ofDeviceIfSupported(existing), try Netns.inode(ns.fd) != Netns.currentInode() else {
-            return try openQueue(name: name, flags: flags)
-        }
-        return try Netns.run(in: ns.fd) { () throws(SyscallError) -> Int32 in try openQueue(name: name, flags: flags) }
-    }
-
     /// Detaches (`enabled == false`) or re-attaches a queue without closing it.
     /// The corresponding C call is `ioctl(TUNSETQUEUE)`.
     public static func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {

@@ -19,6 +19,29 @@ final class FakeFixture {
 
 @Suite("DeviceManager decisions and rollback (fake driver, no root)")
 struct ManagerTests {
+    @Test("queues others attach count toward the limits; a renamed device is changed under its new name")
+    func foreignAndRenamed() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 2, maxQueues: 3))
+        f.driver.attachForeign("d", 1)
+        #expect(try f.manager.device("d").kernel?.foreignQueues == 1)
+        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil)) {
+            try f.manager.addQueues("d", count: 1)
+        }
+        #expect(throws: ManagerError.limitBelowUsage(field: "max_queues", limit: 2, device: "d", inUse: 3)) {
+            try f.manager.update("d", DevicePatch(maxQueues: 2))
+        }
+        f.driver.attachForeign("d", -1)
+        f.driver.rename("d", to: "e")
+        // Another interface takes the old name: nothing may reach it.
+        f.driver.addForeign("d")
+        let d = try f.manager.update("d", DevicePatch(mtu: 1400))
+        #expect(d.kernel?.name == "e" && d.stateReason?.contains("renamed in the kernel to e") == true)
+        #expect(f.driver.device("e")?.mtu == 1400)
+        #expect(try f.manager.addQueues("d", count: 1).count == 1)
+        #expect(f.driver.fds(of: "e").count == 3)
+    }
+
     @Test("names the kernel would mangle are refused before any syscall",
           arguments: ["", "a234567890123456", "1abc", "-x", "a b", "a/b", "a%d", "é", "tap:0", "a\u{0}b"])
     func badNames(_ name: String) throws {

@@ -119,11 +119,11 @@ extension DeviceManager {
         var added: [QueueEntry] = []
         for id in ids {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
-                // Next to a queue it has, by the name that queue's device has now: it may have
-                // been renamed or moved to another namespace, and the old name may be another
-                // interface's.
+                // By the name a queue it has gives, in the namespace it is in now: it may have
+                // been renamed or moved, and the old name may be another interface's.
                 if let existing = d.anyFD {
-                    return try driver.openQueue(name: try driver.boundName(existing), flags: flags, joining: existing)
+                    let driver = self.driver
+                    return try onLink(existing) { name throws(SyscallError) in try driver.openQueue(name: name, flags: flags) }
                 }
                 return try driver.openQueue(name: d.kernelName, flags: flags)
             }

@@ -107,7 +107,7 @@ extension DeviceManager {
             // daemon's fds close. The answer is 204 only once the link is gone.
             // nil if the kernel did not answer (out of fds, say: when a DELETE is most wanted);
             // the persistence is then cleared whatever it is.
-            let link = lookUp(d)?.0
+            let link = d.anyFD.flatMap { try? self.link(of: $0) }
             let persistent = link.map { $0.tun?.persist ?? d.persist } ?? true
             let foreign = link.map { foreignQueues(d, $0) } ?? 0
             if link == nil && d.anyFD != nil {
@@ -194,13 +194,13 @@ extension DeviceManager {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
                 // Queues others attached are in use too.
-                let inUse = count + (lookUp(d).map { foreignQueues(d, $0.0) } ?? 0)
+                let inUse = count + foreignQueues(d)
                 guard m >= inUse else {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: inUse)
                 }
             }
             // Queues others attached count toward the limit of a device that grows.
-            let foreign = count > d.queueCount ? (lookUp(d).map { foreignQueues(d, $0.0) } ?? 0) : 0
+            let foreign = count > d.queueCount ? foreignQueues(d) : 0
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
                                           limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues),
                                           foreign: foreign)
@@ -332,7 +332,7 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
             // Queues others attached by name count too: the kernel's 256 is for all of them.
-            let foreign = lookUp(d).map { foreignQueues(d, $0.0) } ?? 0
+            let foreign = foreignQueues(d)
             // Every term is at most 256: no overflow.
             guard d.queueCount + foreign + count <= limit else {
                 throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil)
@@ -391,7 +391,7 @@ extension DeviceManager {
         try change { (model) throws(ManagerError) in
             for entry in model.devices.values.sorted(by: { $0.name < $1.name }) {
                 // Queues others attached are in use too.
-                let foreign = entry.queueCount <= maxQueues ? entry.active.flatMap { d in lookUp(d).map { foreignQueues(d, $0.0) } } ?? 0 : 0
+                let foreign = entry.active.map(foreignQueues) ?? 0
                 guard entry.queueCount + foreign <= maxQueues else {
                     throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount + foreign)
                 }

@@ -162,13 +162,18 @@ public final class DeviceManager: Sendable {
     /// may be older than a close); nil if there is none or the kernel did not answer.
     func lookUp(_ d: ActiveDevice) -> (LinkInfo, Netns.Place)? {
         guard let q = d.queues.values.first else { return nil }
-        let driver = self.driver
         let found = q.file.withOpenFD { fd -> (LinkInfo, Netns.Place)? in
-            guard let link = try? onLink(fd, { name throws(SyscallError) in try driver.link(named: name) }),
-                  let place = try? driver.place(of: fd) else { return nil }
+            guard let link = try? link(of: fd), let place = try? driver.place(of: fd) else { return nil }
             return (link, place)
         }
         return found ?? nil
+    }
+
+    /// The link of the device `fd` (one of its queues) belongs to, wherever it is now; nil if
+    /// it is gone.
+    func link(of fd: Int32) throws(SyscallError) -> LinkInfo? {
+        let driver = self.driver
+        return try onLink(fd) { name throws(SyscallError) in try driver.link(named: name) }
     }
 
     /// Queues of the device that neither the daemon nor a lease's orphan accounts for: the
@@ -176,6 +181,12 @@ public final class DeviceManager: Sendable {
     func foreignQueues(_ d: ActiveDevice, _ link: LinkInfo) -> Int {
         guard let tun = link.tun else { return 0 }
         return max(0, tun.queues - d.queueCount)
+    }
+
+    /// The same, asked of the kernel now (0 if it does not answer): for the limits of a change.
+    func foreignQueues(_ d: ActiveDevice) -> Int {
+        guard let fd = d.anyFD, let link = try? link(of: fd) else { return 0 }
+        return foreignQueues(d, link)
     }
 
     /// Runs `body` with the name the device of `fd` has now (TUNGETIFF on the fd), in the
@@ -191,10 +202,9 @@ public final class DeviceManager: Sendable {
     /// The kernel's counters of the device, found through its own fd; nil if it is gone.
     func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
         guard let q = d.queues.values.first else { return nil }
-        let driver = self.driver
         let read = q.file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
             do throws(SyscallError) {
-                return .success(try onLink(fd, { name throws(SyscallError) in try driver.link(named: name)?.statistics }))
+                return .success(try link(of: fd)?.statistics)
             } catch {
                 // The device went between the snapshot and the read: the workers report it.
                 return error.errno == .badFileDescriptorState ? .success(nil) : .failure(error)
