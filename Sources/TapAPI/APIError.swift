@@ -89,8 +89,7 @@ public struct APIError: Error, Sendable, Equatable {
             stopping: APIError(.shuttingDown).response,
             badRequest: { APIError(400, "bad_request", $0).response },
             admit: { transport, authorization in
-                guard case .tcp = transport, token?.accepts(authorization) != true else { return nil }
-                return unauthorized.response
+                mayCall(transport, authorization: authorization, token: token) ? nil : unauthorized.response
             })
     }
 

@@ -37,3 +37,10 @@ public struct BearerToken: Sendable {
         return diff == 0
     }
 }
+
+/// The one rule of who may call: anyone who can connect to the Unix socket; over TCP, only
+/// with `token` (and never if the daemon has none).
+func mayCall(_ transport: HTTPRequest.Transport, authorization: String?, token: BearerToken?) -> Bool {
+    guard case .tcp = transport else { return true }
+    return token?.accepts(authorization) == true
+}

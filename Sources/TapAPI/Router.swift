@@ -172,7 +172,7 @@ public struct Router: Sendable {
 
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {
         // Before anything else, /v1/health and /metrics included: over TCP, no token, no answer.
-        if case .tcp = r.transport, token?.accepts(r.headers["authorization"]) != true {
+        guard mayCall(r.transport, authorization: r.headers["authorization"], token: token) else {
             throw APIError.unauthorized
         }
         guard let route = Route(path: r.path) else { throw APIError.notFound("no such path: \(r.path)") }
