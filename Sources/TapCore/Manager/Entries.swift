@@ -114,12 +114,12 @@ struct ActiveDevice: Sendable {
                               owner: owner, group: group)
         let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
+        // The kernel's name only where a restart may find the device again: a non-persistent one
+        // without leases dies with the process, and a name it had then may be anyone's.
+        let outlives = persist || !leases.isEmpty
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
                                    leases: leases.values.sorted { $0.id < $1.id }.map(\.record),
-                                   // Only where a restart may find the device again: a non-persistent
-                                   // one without leases dies with the process, and a name it had
-                                   // then may be anyone's.
-                                   kernelName: kernelName == name || !(persist || !leases.isEmpty) ? nil : kernelName)
+                                   kernelName: outlives && kernelName != name ? kernelName : nil)
     }
 }
 
