@@ -96,6 +96,13 @@ class Daemon:
             self.proc.kill()
             rc = self.proc.wait()
         self._reader.join(5)
+        if rc not in (0, -signal.SIGKILL):
+            # A crash's cause is at the top of its report, which the last lines an assertion
+            # shows do not reach: the whole log is kept, and said where.
+            path = os.path.join(tempfile.gettempdir(), f"mqtapd-exit{rc}-{self.proc.pid}.log")
+            with open(path, "w") as f:
+                f.write("\n".join(self.log) + "\n")
+            print(f"mqtapd {self.proc.pid} exited with {rc}; its whole log: {path}")
         return rc
 
 
