@@ -89,6 +89,14 @@ public struct ListeningSocket: ~Copyable, Sendable {
 
 /// Listening sockets for the API, made here so that the HTTP layer only serves them.
 public enum ListenSocket {
+    /// Connections the kernel queues until they are accepted: as many as the system allows
+    /// (net.core.somaxconn caps it). The server stops accepting at its connection limit until
+    /// the slowest are cut; meanwhile a full queue would make a non-blocking connect fail at
+    /// once with EAGAIN (what curl does on a Unix socket), where a longer queue makes it wait
+    /// its turn. With 128, a burst of 300 connects filled it on a busy machine and a health
+    /// check was refused outright.
+    static let backlog = SOMAXCONN
+
     /// A Unix socket at `path` with permissions `mode`, its directory created if missing.
     ///
     /// A socket file left by a crashed instance is replaced; one that a live instance still
@@ -117,7 +125,7 @@ public enum ListenSocket {
         do throws(SyscallError) {
             _ = try retryingEINTR("bind(\(path))") { address.withSockaddr { bind(fd, $0, $1) } }
             _ = try retryingEINTR("chmod(\(path))") { chmod(path, mode_t(mode)) }
-            _ = try retryingEINTR("listen(\(path))") { listen(fd, 128) }
+            _ = try retryingEINTR("listen(\(path))") { listen(fd, ListenSocket.backlog) }
         } catch {
             closeFD(fd)
             throw error
@@ -134,7 +142,7 @@ public enum ListenSocket {
             var one: Int32 = 1
             _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
             _ = try retryingEINTR("bind(\(host):\(port))") { address.withSockaddr { bind(fd, $0, $1) } }
-            _ = try retryingEINTR("listen(\(host):\(port))") { listen(fd, 128) }
+            _ = try retryingEINTR("listen(\(host):\(port))") { listen(fd, ListenSocket.backlog) }
             var bound = sockaddr_in6()
             var len = socklen_t(MemoryLayout<sockaddr_in6>.size)
             _ = try retryingEINTR("getsockname") {
