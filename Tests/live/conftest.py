@@ -38,7 +38,7 @@ def unique_name(tag="d"):
 class Daemon:
     """One mqtapd process; `stop()` sends SIGTERM and returns the exit status."""
 
-    def __init__(self, tmp, *extra, tcp=True, workers=2, prefix=()):
+    def __init__(self, tmp, *extra, tcp=True, workers=2, prefix=(), ready=True):
         self.tmp = tmp
         self.socket = os.path.join(tmp, "run", "api.sock")
         args = list(prefix) + [BIN, "--listen", f"unix:{self.socket}", "--state-dir", os.path.join(tmp, "state"),
@@ -60,22 +60,32 @@ class Daemon:
         self._lines = threading.Condition()
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
-        want = 2 if tcp else 1
-        deadline = time.monotonic() + 30
+        self._want = 2 if tcp else 1
+        self.unix = self.tcp = None
+        if ready:
+            self.wait_ready()
+
+    def wait_line(self, pred, timeout=30):
+        """The daemon's log lines once `pred` holds for them; raises if the daemon ends or
+        `timeout` passes first."""
+        deadline = time.monotonic() + timeout
         with self._lines:
-            while True:
-                ready = [l for l in self.log if l.startswith("mqtapd: listening on ")]
-                if len(ready) >= want:
-                    break
+            while not pred(self.log):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mqtapd did not get ready:\n" + "\n".join(self.log))
+                    raise RuntimeError("mqtapd did not log what was awaited:\n" + "\n".join(self.log))
                 self._lines.wait(0.2)
+            return list(self.log)
+
+    def wait_ready(self, timeout=30):
+        """Waits for a `listening on` line per listener; then the clients are ready."""
+        listening = lambda log: [l for l in log if l.startswith("mqtapd: listening on ")]
+        ready = listening(self.wait_line(lambda log: len(listening(log)) >= self._want, timeout))
         for line in ready:
             addr = line.split("listening on ", 1)[1]
             if addr.startswith("tcp:"):
                 self.port = int(addr.rsplit(":", 1)[1])
         self.unix = Client(unix_path=self.socket)
-        self.tcp = Client(tcp_port=self.port, token=self.token) if tcp else None
+        self.tcp = Client(tcp_port=self.port, token=self.token) if self._want == 2 else None
 
     def _drain(self):
         for raw in self.proc.stderr:
@@ -87,7 +97,7 @@ class Daemon:
     def pid(self):
         return self.proc.pid
 
-    def stop(self, sig=signal.SIGTERM, timeout=20):
+    def stop(self, sig=signal.SIGTERM, timeout=60):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:

@@ -77,7 +77,7 @@ class Watcher:
                 self.closed = True
                 self.cond.notify_all()
 
-    def wait(self, pred, timeout=10):
+    def wait(self, pred, timeout=30):
         deadline = time.monotonic() + timeout
         with self.cond:
             while not pred(self):

@@ -131,16 +131,17 @@ class _UnixConnection(http.client.HTTPConnection):
 class Client:
     """Each call is checked against the spec; `responses` keeps them all."""
 
-    def __init__(self, unix_path=None, tcp_port=None, token=None):
+    def __init__(self, unix_path=None, tcp_port=None, token=None, timeout=30):
         self.unix_path = unix_path
         self.tcp_port = tcp_port
         self.token = token
+        self.timeout = timeout
         self.responses = []
 
     def _connection(self):
         if self.unix_path:
-            return _UnixConnection(self.unix_path)
-        return http.client.HTTPConnection("127.0.0.1", self.tcp_port, timeout=10)
+            return _UnixConnection(self.unix_path, timeout=self.timeout)
+        return http.client.HTTPConnection("127.0.0.1", self.tcp_port, timeout=self.timeout)
 
     def request(self, method, path, body=None, content_type="application/json", headers=None, check=True):
         conn = self._connection()

@@ -2,8 +2,10 @@
 since, 410, follow=false, the device filter; 64 watchers and one that never reads; SIGTERM."""
 import json
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 
 import lease_client
@@ -42,18 +44,18 @@ def test_every_type_once_and_in_order(tmpdir_short):
         assert api.put("/v1/limits", {"max_queues": 200}).status == 200
         lease = lease_client.take(d.socket, a, {"queues": [1], "holder": "ev"})
         lease_client.set_queue(lease.fds[0], False)  # the holder, another process, detaches
-        assert w.wait(lambda w: any(e.get("by") == "holder" for e in w.events), 5)
+        assert w.wait(lambda w: any(e.get("by") == "holder" for e in w.events), 30)
         lease.close()
-        assert w.wait(lambda w: "lease.released" in w.types(), 5)
+        assert w.wait(lambda w: "lease.released" in w.types(), 30)
         lease = lease_client.take(d.socket, a, {"queues": [0]})
         assert api.delete(f"/v1/devices/{a}/leases/{lease.id}").status == 204
         lease.close()
         assert api.post("/v1/devices", {"name": b}).status == 201
         subprocess.run(["ip", "link", "del", b], check=True)
-        assert w.wait(lambda w: "device.vanished" in w.types(), 5)
+        assert w.wait(lambda w: "device.vanished" in w.types(), 30)
         assert api.delete(f"/v1/devices/{a}").status == 204
         assert api.delete(f"/v1/devices/{p}").status == 204
-        assert w.wait(lambda w: w.types().count("device.deleted") == 2, 5)
+        assert w.wait(lambda w: w.types().count("device.deleted") == 2, 30)
         ev = w.events
         ids = [e["id"] for e in ev]
         assert ids == list(range(ids[0], ids[0] + len(ids))) and ids[0] == 1, ids
@@ -151,17 +153,19 @@ def test_64_watchers_and_one_that_never_reads(tmpdir_short):
         assert all(w.wait(lambda w: w.status == 200) for w in watchers)
         rss0 = rss_kib(d.pid)
         t0 = time.monotonic()
-        worst = 0.0
+        health = []
         cycles = 1000
         for i in range(cycles):
             assert api.patch(f"/v1/devices/{n}/queues/1", {"enabled": i % 2 == 1}).status == 200
-            if i % 100 == 0:
+            if i % 50 == 0:
                 t = time.monotonic()
                 assert api.get("/v1/health").status == 200
-                worst = max(worst, time.monotonic() - t)
+                health.append(time.monotonic() - t)
         assert all(w.wait(lambda w: len(w.events) == cycles, 30) for w in watchers), \
             sorted({len(w.events) for w in watchers})
-        assert worst < 2.0, f"health took {worst:.2f} s with 64 watchers"
+        # The median of 20: one stall of a shared machine is not the daemon's doing.
+        health.sort()
+        assert health[len(health) // 2] < 1.0, f"health took {health} s with 64 watchers"
         # 5000 lines of ~110 bytes: well past what the slow watcher may fall behind (256 KiB)
         # plus what the sockets between hold.
         for i in range(4000):
@@ -195,7 +199,7 @@ def test_sigterm_ends_the_streams_cleanly(tmpdir_short):
     try:
         assert all(w.wait(lambda w: w.status == 200) for w in watchers)
         assert d.stop(signal.SIGTERM) == 0
-        assert all(w.wait(lambda w: w.closed, 10) for w in watchers)
+        assert all(w.wait(lambda w: w.closed) for w in watchers)
         assert all(w.ended for w in watchers), "each stream ended with its last chunk"
     finally:
         for w in watchers:
@@ -207,12 +211,16 @@ def test_mqtap_events(tmpdir_short):
     d = Daemon(tmpdir_short, tcp=False)
     n = unique_name("c")
     try:
-        follower = subprocess.Popen([CLI, "events", "--socket", d.socket, "--device", n], stdout=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+        # From the journal's start (the daemon is the test's own), so the follower sees both
+        # events however long it takes to connect; its lines are read with a deadline.
+        follower = subprocess.Popen([CLI, "events", "--socket", d.socket, "--device", n, "--since", "0"],
+                                    stdout=subprocess.PIPE, text=True)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in follower.stdout], daemon=True).start()
         assert d.unix.post("/v1/devices", {"name": n, "queues": 2}).status == 201
         assert d.unix.patch(f"/v1/devices/{n}/queues/1", {"enabled": False}).status == 200
-        first = follower.stdout.readline().split()
-        second = follower.stdout.readline().split()
+        first = lines.get(timeout=30).split()
+        second = lines.get(timeout=30).split()
         follower.terminate()
         follower.wait(10)
         assert first[2:4] == ["device.created", n]

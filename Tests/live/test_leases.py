@@ -43,23 +43,25 @@ def test_frames_go_to_the_holder_then_back_to_the_daemon(daemon, api, name):
     """Exact over the whole sequence: what the holder read plus what the daemon counted is
     what the kernel transmitted into the device."""
     n = name()
-    assert api.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+    # Down until the kernel's own IPv6 packets are off, so only the test's frames go through.
+    assert api.post("/v1/devices", {"name": n, "queues": 2, "up": False}).status == 201
     net.disable_ipv6(n)
+    assert api.patch(f"/v1/devices/{n}", {"up": True}).status == 200
     mac = mac_of(api, n)
+    total = lambda: api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"]
+    before = total()
     start = net.kernel_stats(n)
     lease = lease_client.take(daemon.socket, n)
     sent = net.send_frames(n, mac, 400)
     held = lease_client.drain(lease.fds)
-    daemon_during = api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"]
-    assert daemon_during == 0, "a leased queue is the holder's: the daemon does not read it"
+    assert total() == before, "a leased queue is the holder's: the daemon does not read it"
     assert held > 0
     lease.close()
     assert net.settle(lambda: not any(q["leased"] for q in queues(api, n)))
     sent += net.send_frames(n, mac, 300)
     kernel = lambda: net.kernel_stats(n)["tx_packets"] - start["tx_packets"]
-    total = lambda: api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"]
-    assert net.settle(lambda: held + total() == kernel()), (held, total(), kernel(), sent)
-    assert total() > 0, "taken back, the queues are read and counted by the daemon again"
+    assert net.settle(lambda: held + total() - before == kernel()), (held, total(), before, kernel(), sent)
+    assert total() > before, "taken back, the queues are read and counted by the daemon again"
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 
@@ -161,13 +163,15 @@ def test_cli_lease_runs_a_command_with_the_fds(daemon, api, name):
     mqtap = os.path.join(os.path.dirname(os.environ.get("MQTAPD_BIN", os.path.join(ROOT, ".build", "debug", "mqtapd"))), "mqtap")
     # The command sees the fds (as {fds} and in the environment) and the lease is live while it runs.
     script = ('for fd in $(echo "$0" | tr : " "); do test -e /proc/self/fd/$fd || exit 9; done; '
-              'test "$0" = "$MQTAP_QUEUE_FDS" || exit 8; echo "$MQTAP_LEASE"; sleep 1')
+              'test "$0" = "$MQTAP_QUEUE_FDS" || exit 8; echo "$MQTAP_LEASE"; read _')
     p = subprocess.Popen([mqtap, "lease", n, "--socket", daemon.socket, "--queues", "0,2", "--holder", "cli",
-                          "--", "sh", "-c", script, "{fds}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert net.settle(lambda: [q["leased"] for q in queues(api, n)] == [True, False, True], timeout=5)
+                          "--", "sh", "-c", script, "{fds}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    # The command lives until the test has seen its lease (it waits for a line on stdin).
+    assert net.settle(lambda: [q["leased"] for q in queues(api, n)] == [True, False, True])
     lease = api.get(f"/v1/devices/{n}/leases").json()["leases"][0]
     assert lease["holder"] == "cli" and lease["queues"] == [0, 2]
-    out, err = p.communicate(timeout=20)
+    out, err = p.communicate(input="\n", timeout=60)
     assert p.returncode == 0, err
     assert out.strip() == lease["id"]
     # The command exited: its connection closed, the lease ended.

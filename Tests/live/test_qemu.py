@@ -54,7 +54,7 @@ def wait_for(fn, timeout, what):
 def start_vm(d, dev, guest, serial, hold):
     kernel, initrd = guest
     cmdline = f"console=ttyS0 quiet panic=-1 mqt.ip={GUEST_IP}/24 mqt.peer={HOST_IP} " + \
-        ("mqt.hold=1" if hold else "mqt.count=15 mqt.min=10")
+        ("mqt.hold=1" if hold else "mqt.count=20 mqt.min=10")
     # mqtap execs QEMU: the process is QEMU, holding the queue fds and the lease connection.
     return subprocess.Popen([
         MQTAP, "lease", dev, "--socket", d.socket, "--holder", "qemu", "--",
@@ -87,7 +87,7 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         # Two vCPUs: the guest enables 2 of the 4 queue pairs; QEMU detaches the other 2.
         api = d.unix
         wait_for(lambda: [q["enabled"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]].count(True) == 2,
-                 10, "2 queues enabled")
+                 60, "2 queues enabled")
         device = api.get(f"/v1/devices/{dev}").json()
         assert device["enabled_queues"] == 2 and device["queue_count"] == 4
         assert all(q["leased"] and q["lease_state"] == "live" for q in device["queues"])
@@ -100,7 +100,7 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         assert k1["rx_packets"] - k0["rx_packets"] >= 10 and k1["tx_packets"] > k0["tx_packets"]
         # QEMU exited: the lease ended, every queue is attached again and read by the daemon.
         wait_for(lambda: all(q["enabled"] and not q["leased"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]),
-                 10, "the queues to come back")
+                 60, "the queues to come back")
         assert numqueues(dev) == (4, 0)
         assert api.get(f"/v1/devices/{dev}/leases").json()["leases"] == []
         mac = api.get(f"/v1/devices/{dev}").json()["mac"]

@@ -125,8 +125,8 @@ def test_deleted_behind_the_back_is_not_recreated(tmpdir_short):
     try:
         d.unix.post("/v1/devices", {"name": a, "queues": 2})
         subprocess.run(["ip", "link", "del", a], check=True)
-        assert net.settle(lambda: d.unix.get("/v1/limits").json()["devices"] == 0, timeout=1.0)
-        assert net.settle(lambda: a not in open(state_path(tmpdir_short)).read(), timeout=1.0)
+        assert net.settle(lambda: d.unix.get("/v1/limits").json()["devices"] == 0)
+        assert net.settle(lambda: a not in open(state_path(tmpdir_short)).read())
         d.stop(signal.SIGKILL)
         d = Daemon(tmpdir_short)
         assert d.unix.get(f"/v1/devices/{a}").status == 404
