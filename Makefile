@@ -4,6 +4,9 @@ export PATH := $(PATH):/opt/swift/usr/bin
 
 ARGS ?=
 VENV := .venv-test
+# SwiftPM leaves a few TemporaryDirectory.* behind in $TMPDIR on every run: kept under .build
+# (which `make clean` removes), not in /tmp.
+SWIFT := mkdir -p .build/tmp && TMPDIR="$(CURDIR)/.build/tmp" swift
 
 .PHONY: deps build release run install test soak bench bench-tools clean
 
@@ -13,10 +16,10 @@ deps:
 	@scripts/install-deps.sh
 
 build: deps
-	swift build
+	$(SWIFT) build
 
 release: deps
-	swift build -c release
+	$(SWIFT) build -c release
 
 # Runs the daemon in the foreground (as root, for /dev/net/tun), serving
 # /run/mqtapd/api.sock. Extra flags: make run ARGS="--workers 4 --listen tcp:127.0.0.1:8080 --token-file /etc/mqtapd/token"
@@ -40,14 +43,14 @@ $(VENV)/.installed: Tests/live/requirements.txt
 test: deps $(VENV)/.installed bench-tools
 	$(VENV)/bin/openapi-spec-validator openapi.yaml
 	$(VENV)/bin/hadolint Dockerfile
-	swift build --build-tests
-	swift test --skip-build --no-parallel
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build --no-parallel
 	scripts/container-test.sh
 	cd Tests/live && MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" "$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider
 
 # The 5-minute soak (the regular test command runs it for 30 s).
 soak: deps $(VENV)/.installed
-	swift build
+	$(SWIFT) build
 	cd Tests/live && MQTAPD_SOAK_SECONDS=300 MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" \
 		"$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider test_soak.py
 

@@ -36,8 +36,10 @@ fi
 
 # The build stage's product, built on the host the way the Dockerfile builds it.
 # Quiet unless it fails: then its output says why.
+# (SwiftPM's own temporary directories stay in the scratch path, not in /tmp.)
+mkdir -p .build-static/tmp
 for product in mqtapd mqtap; do
-  if ! out=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$product" 2>&1); then
+  if ! out=$(TMPDIR="$PWD/.build-static/tmp" swift build -c release --static-swift-stdlib --scratch-path .build-static --product "$product" 2>&1); then
     echo "container-test: the static build of $product failed:" >&2
     echo "$out" | tail -40 >&2
     exit 1
