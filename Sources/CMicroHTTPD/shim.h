@@ -21,7 +21,7 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
               MHD_NotifyConnectionCallback notify, void *notify_cls,
               unsigned int connection_limit, unsigned int idle_timeout_seconds,
               size_t connection_memory_limit, int *start_errno) {
-    // MHD_USE_ITC: MHD_quiesce_daemon (stop accepting before stopping) needs it with a pool.
+    // MHD_USE_ITC: a resume, or the stop, wakes the pool's threads at once.
     // MHD_ALLOW_UPGRADE: a lease takes over its connection after a 101 (HTTP/1.1 only).
     // MHD_ALLOW_SUSPEND_RESUME: an event stream waits for events with its connection suspended.
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG

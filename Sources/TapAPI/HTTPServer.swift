@@ -289,9 +289,9 @@ public final class HTTPServer: Sendable {
 
     private let context: Context
     // SAFETY: the daemon pointer is set once in init and cleared once in stop under the
-    // mutex; MHD's own functions are thread-safe for stop/quiesce.
+    // mutex; MHD_stop_daemon is called once, from whichever thread stops the server.
     private let daemon: Mutex<OpaquePointer?>
-    /// The socket served: the server owns it and closes it once MHD has stopped with it.
+    /// The socket served: its one owner until MHD_stop_daemon closes it.
     private let socket: Mutex<ListeningSocket?>
     private let connections = Connections()
     private let streams = Streams()
@@ -312,8 +312,8 @@ public final class HTTPServer: Sendable {
         // run by deinit) stops the daemon, and with it every callback, before it is released.
         let cls = Unmanaged.passUnretained(context).toOpaque()
         var err: Int32 = 0
-        // SAFETY: the fd is borrowed by MHD until `stop()`, which closes the owner only after
-        // MHD_stop_daemon has returned.
+        // SAFETY: the fd is MHD's to serve until `stop()`: MHD_stop_daemon closes it, and the
+        // owner then lets go of the number without closing it again.
         let d = mqt_mhd_start(socket.fd, UInt32(limits.threads), HTTPServer.access, cls,
                               HTTPServer.completed, cls, HTTPServer.notify, cls, UInt32(limits.connections),
                               UInt32(limits.idleTimeoutSeconds), limits.connectionMemory, &err)
@@ -342,10 +342,11 @@ public final class HTTPServer: Sendable {
             return d
         }
         guard let d else { return }
-        // Quiesce first: the listening socket stops being polled while requests finish, and
-        // MHD hands it back instead of closing it in MHD_stop_daemon (its owner closes it).
-        let fd = MHD_quiesce_daemon(d)
-        precondition(fd >= 0, "MHD_quiesce_daemon failed: the daemon was started without MHD_USE_ITC")
+        // No MHD_quiesce_daemon: in libmicrohttpd 0.9.75 it races each pool thread that takes
+        // the listening socket out of its own epoll set (at its connection limit, or having
+        // seen the quiesce) and aborts the process when it loses ("Failed to remove listen FD
+        // from epoll set", daemon.c:5531). MHD goes on accepting until it stops, and every
+        // new request meanwhile is refused (503) unhandled; MHD_stop_daemon closes the socket.
         // Streams end with their last chunk (and no connection stays suspended).
         streams.finishAll(within: 2)
         // Changes and lease hand-overs under way finish; requests that come meanwhile are
@@ -359,8 +360,7 @@ public final class HTTPServer: Sendable {
         context.answering.waitForHandlers()
         MHD_stop_daemon(d)
         context.watch.stop()
-        let owner = socket.withLock { $0.take() }
-        _ = consume owner
+        socket.withLock { $0.take() }?.closedElsewhere()
     }
 
     // MARK: C callbacks

@@ -85,6 +85,10 @@ public struct ListeningSocket: ~Copyable, Sendable {
     }
 
     deinit { closeFD(fd) }
+
+    /// For a socket its user has closed (libmicrohttpd closes the socket it serves when it
+    /// stops): lets go of the number without closing it a second time.
+    public consuming func closedElsewhere() { discard self }
 }
 
 /// Listening sockets for the API, made here so that the HTTP layer only serves them.
