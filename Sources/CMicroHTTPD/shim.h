@@ -12,16 +12,19 @@
 
 // MHD_start_daemon is variadic, which Swift cannot call. This fixes the option list the
 // daemon uses, with every argument typed, so no function pointer is cast in Swift.
-// Threads: an internal epoll polling thread pool of `threads` threads, serving the already
-// listening socket `listen_fd`.
+// One internal epoll polling thread, serving the already listening socket `listen_fd`, which
+// MHD closes when it stops. No thread pool: with one, MHD_stop_daemon shuts the listening
+// socket down (shutdown(2), which reaches every copy of it, systemd's too) and
+// MHD_quiesce_daemon races the pool's threads and aborts (0.9.75).
 static inline struct MHD_Daemon *
-mqt_mhd_start(int listen_fd, unsigned int threads,
+mqt_mhd_start(int listen_fd,
               MHD_AccessHandlerCallback handler, void *handler_cls,
               MHD_RequestCompletedCallback completed, void *completed_cls,
               MHD_NotifyConnectionCallback notify, void *notify_cls,
               unsigned int connection_limit, unsigned int idle_timeout_seconds,
               size_t connection_memory_limit, int *start_errno) {
-    // MHD_USE_ITC: a resume, or the stop, wakes the pool's threads at once.
+    // MHD_USE_ITC: a resume, or the stop, wakes the thread through it (without it the stop
+    // would shut the listening socket down).
     // MHD_ALLOW_UPGRADE: a lease takes over its connection after a 101 (HTTP/1.1 only).
     // MHD_ALLOW_SUSPEND_RESUME: an event stream waits for events with its connection suspended.
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ITC | MHD_USE_ERROR_LOG
@@ -29,7 +32,6 @@ mqt_mhd_start(int listen_fd, unsigned int threads,
     errno = 0;
     struct MHD_Daemon *d = MHD_start_daemon(flags, 0, NULL, NULL, handler, handler_cls,
                             MHD_OPTION_LISTEN_SOCKET, (MHD_socket)listen_fd,
-                            MHD_OPTION_THREAD_POOL_SIZE, threads,
                             MHD_OPTION_NOTIFY_COMPLETED, completed, completed_cls,
                             MHD_OPTION_NOTIFY_CONNECTION, notify, notify_cls,
                             MHD_OPTION_CONNECTION_LIMIT, connection_limit,

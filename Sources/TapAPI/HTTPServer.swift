@@ -288,10 +288,14 @@ public final class HTTPServer: Sendable {
     }
 
     private let context: Context
-    // SAFETY: the daemon pointer is set once in init and cleared once in stop under the
-    // mutex; MHD_stop_daemon is called once, from whichever thread stops the server.
-    private let daemon: Mutex<OpaquePointer?>
-    /// The socket served: its one owner until MHD_stop_daemon closes it.
+    /// One MHD daemon per thread, each with one thread and its own copy of the socket (MHD
+    /// closes the copy when it stops). Not MHD's thread pool: its stop shuts the listening
+    /// socket itself down, for every holder (systemd's socket-activation copy too), and its
+    /// quiesce races the pool's threads and aborts (libmicrohttpd 0.9.75, daemon.c:5531).
+    // SAFETY: the daemon pointers are set once in init and taken once in stop under the
+    // mutex; MHD_stop_daemon is called once for each, from whichever thread stops the server.
+    private let daemons: Mutex<[OpaquePointer]>
+    /// The socket served: closed by its owner once every daemon has stopped.
     private let socket: Mutex<ListeningSocket?>
     private let connections = Connections()
     private let streams = Streams()
@@ -308,45 +312,56 @@ public final class HTTPServer: Sendable {
         }
         context = Context(handler: handler, limits: limits, refusals: refusals, connections: connections,
                           streams: streams, watch: watch)
-        // SAFETY: `context` is owned by this server and outlives the daemon: `stop()` (also
-        // run by deinit) stops the daemon, and with it every callback, before it is released.
+        // SAFETY: `context` is owned by this server and outlives the daemons: `stop()` (also
+        // run by deinit) stops them, and with them every callback, before it is released.
         let cls = Unmanaged.passUnretained(context).toOpaque()
-        var err: Int32 = 0
-        // SAFETY: the fd is MHD's to serve until `stop()`: MHD_stop_daemon closes it, and the
-        // owner then lets go of the number without closing it again.
-        let d = mqt_mhd_start(socket.fd, UInt32(limits.threads), HTTPServer.access, cls,
-                              HTTPServer.completed, cls, HTTPServer.notify, cls, UInt32(limits.connections),
-                              UInt32(limits.idleTimeoutSeconds), limits.connectionMemory, &err)
-        guard let d else {
-            watch.stop()
-            throw HTTPServerError.startFailed(errno: err == 0 ? nil : Errno(err))
+        let threads = max(1, limits.threads)
+        var started: [OpaquePointer] = []
+        for i in 0..<threads {
+            // The connection limit is the listener's: shared out among the threads.
+            let share = limits.connections / threads + (i < limits.connections % threads ? 1 : 0)
+            var err: Int32 = 0
+            var d: OpaquePointer?
+            do {
+                let copy = try socket.copy()
+                // SAFETY: the copy is MHD's from here: it closes it in MHD_stop_daemon, or on
+                // some of its start failures, after which only a copy still open is closed.
+                d = mqt_mhd_start(copy, HTTPServer.access, cls, HTTPServer.completed, cls, HTTPServer.notify, cls,
+                                  UInt32(share), UInt32(limits.idleTimeoutSeconds), limits.connectionMemory, &err)
+                if d == nil { socket.closeCopyIfOpen(copy) }
+            } catch {
+                err = error.errno.rawValue
+            }
+            guard let d else {
+                for d in started { MHD_stop_daemon(d) }
+                watch.stop()
+                throw HTTPServerError.startFailed(errno: err == 0 ? nil : Errno(err))
+            }
+            started.append(d)
         }
-        daemon = Mutex(d)
+        daemons = Mutex(started)
         self.socket = Mutex(socket)
     }
 
     deinit { stop() }
 
-    /// Stops accepting, lets in-flight requests finish, stops every thread, then closes the
-    /// socket. Idempotent.
     /// Refuses every new request (503, unhandled) from now on; `stop` does the rest. For a
     /// daemon with several servers: all refuse at once, then each stops.
     public func refuse() {
         context.answering.refuse()
     }
 
+    /// Refuses new requests, lets those in flight finish and be answered, stops every thread,
+    /// then closes the socket. Idempotent.
     public func stop() {
         context.answering.refuse()
-        let d = daemon.withLock { d in
-            defer { d = nil }
+        let all = daemons.withLock { d in
+            defer { d = [] }
             return d
         }
-        guard let d else { return }
-        // No MHD_quiesce_daemon: in libmicrohttpd 0.9.75 it races each pool thread that takes
-        // the listening socket out of its own epoll set (at its connection limit, or having
-        // seen the quiesce) and aborts the process when it loses ("Failed to remove listen FD
-        // from epoll set", daemon.c:5531). MHD goes on accepting until it stops, and every
-        // new request meanwhile is refused (503) unhandled; MHD_stop_daemon closes the socket.
+        guard !all.isEmpty else { return }
+        // MHD accepts until it stops (there is no safe quiesce, see `daemons`): every new
+        // request meanwhile is refused (503) unhandled.
         // Streams end with their last chunk (and no connection stays suspended).
         streams.finishAll(within: 2)
         // Changes and lease hand-overs under way finish; requests that come meanwhile are
@@ -358,9 +373,10 @@ public final class HTTPServer: Sendable {
         // MHD closes the connection (bounded, for a client that does not read).
         context.answering.waitForAnswers(within: 5)
         context.answering.waitForHandlers()
-        MHD_stop_daemon(d)
+        for d in all { MHD_stop_daemon(d) }
         context.watch.stop()
-        socket.withLock { $0.take() }?.closedElsewhere()
+        let owner = socket.withLock { $0.take() }
+        _ = consume owner
     }
 
     // MARK: C callbacks

@@ -71,7 +71,7 @@ struct SocketAddress {
 }
 
 /// A listening socket, and the owner of its fd: closed once, when the owner goes (after the
-/// server that accepted on it has stopped).
+/// server that accepted on it has stopped). A server that closes what it serves gets a copy.
 public struct ListeningSocket: ~Copyable, Sendable {
     public let fd: Int32
     /// The TCP port it is bound to (the one asked for, or the one the kernel chose for 0);
@@ -86,9 +86,25 @@ public struct ListeningSocket: ~Copyable, Sendable {
 
     deinit { closeFD(fd) }
 
-    /// For a socket its user has closed (libmicrohttpd closes the socket it serves when it
-    /// stops): lets go of the number without closing it a second time.
-    public consuming func closedElsewhere() { discard self }
+    /// A second number for the same socket (close-on-exec), for a server that closes the
+    /// socket it serves (libmicrohttpd does when it stops): closing the copy leaves the
+    /// socket open and listening here.
+    /// The corresponding C call is `fcntl(F_DUPFD_CLOEXEC)`.
+    public func copy() throws(SyscallError) -> Int32 {
+        try retryingEINTR("fcntl(F_DUPFD_CLOEXEC)") { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+    }
+
+    /// Closes a copy its server did not take, if it is still open: libmicrohttpd closes the
+    /// socket on some of its start failures and not on others. The number is closed only
+    /// while it still names this socket (same device and inode): a number it closed, even if
+    /// reused since, is left alone.
+    public func closeCopyIfOpen(_ copy: Int32) {
+        var mine = stat()
+        var theirs = stat()
+        guard fstat(fd, &mine) == 0, fstat(copy, &theirs) == 0,
+              mine.st_dev == theirs.st_dev, mine.st_ino == theirs.st_ino else { return }
+        closeFD(copy)
+    }
 }
 
 /// Listening sockets for the API, made here so that the HTTP layer only serves them.

@@ -1,6 +1,7 @@
 """systemd integration: the units verify, the daemon serves an inherited socket (socket
 activation), and it says READY=1 only once the API answers, STOPPING=1 on SIGTERM."""
 import os
+import select
 import shutil
 import signal
 import socket
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from conftest import BIN
+import net
 from mqtapd_client import ROOT, Client
 
 UNITS = os.path.join(ROOT, "deploy", "systemd")
@@ -57,6 +59,49 @@ def test_serves_an_inherited_socket(tmpdir_short):
     log = proc.stderr.read()
     assert rc == 0, log
     assert f"listening on unix:{path}" in log
+
+
+def test_a_stop_leaves_the_inherited_socket_listening_for_the_next_start(tmpdir_short):
+    """As systemd does with mqtapd.socket: the listening socket is kept by the manager and
+    handed to every start. A stop closes the daemon's copy only: it never shuts the socket
+    itself down (libmicrohttpd's thread pool did, with shutdown(2): the socket unit failed on
+    its hang-up and a restarted daemon found it refusing connections)."""
+    path = os.path.join(tmpdir_short, "held.sock")
+    held = socket.socket(socket.AF_UNIX)
+    try:
+        held.bind(path)
+        held.listen(16)
+        for start in range(2):
+            # fd 3 and LISTEN_PID of the process that execs mqtapd, as systemd passes them.
+            proc = subprocess.Popen(["sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"', BIN,
+                                     "--state-dir", os.path.join(tmpdir_short, "state")],
+                                    env=dict(os.environ, LISTEN_FDS="1"), close_fds=False,
+                                    preexec_fn=lambda: os.dup2(held.fileno(), 3),
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                assert net.settle(lambda: _answers(path)), f"start {start} does not answer"
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(30)
+                log = proc.stderr.read()
+            assert rc == 0, log
+            poller = select.poll()
+            poller.register(held, select.POLLIN | select.POLLHUP | select.POLLERR)
+            assert not [e for _, e in poller.poll(0) if e & (select.POLLHUP | select.POLLERR)], \
+                "the stop hung up the listening socket"
+            # Still listening: a connect is queued for the next start, not refused.
+            with socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(5)
+                c.connect(path)
+    finally:
+        held.close()
+
+
+def _answers(path):
+    try:
+        return Client(unix_path=path, timeout=5).get("/v1/health").status == 200
+    except OSError:
+        return False
 
 
 def test_ready_only_once_the_api_answers(tmpdir_short):
