@@ -468,7 +468,8 @@ public final class HTTPServer: Sendable {
                                   version: version.map { String(cString: $0) } ?? "HTTP/1.1")
         upload.body = []
         // Counted before the handler runs: a stop that begins meanwhile waits for the answer.
-        guard context.answering.begin() else { return queue(connection, context.refusals.stopping) }
+        // Refused with the connection closed: a keep-alive client does not come back on it.
+        guard context.answering.begin() else { return queue(connection, closing(context.refusals.stopping)) }
         upload.answering = true
         if request.method != "GET" && request.method != "HEAD" {
             // A change: handled on the change queue with the connection suspended, so this

@@ -63,7 +63,12 @@ class Daemon:
         self._want = 2 if tcp else 1
         self.unix = self.tcp = None
         if ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.proc.kill()
+                self.proc.wait()
+                raise
 
     def wait_line(self, pred, timeout=30):
         """The daemon's log lines once `pred` holds for them; raises if the daemon ends or

@@ -70,6 +70,8 @@ def _lock_held(tmp, seconds):
 
 
 def _let_go(holder):
+    if holder.returncode is not None:
+        return  # let go already: its group id may be another's by now
     try:
         os.killpg(holder.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -82,8 +84,11 @@ def test_a_restart_waits_for_a_lock_the_dying_process_still_holds(tmpdir_short):
         d = Daemon(tmpdir_short, tcp=False, ready=False)
         try:
             d.wait_line(lambda log: any("waiting for the lock" in l for l in log))
+            # And it does wait: a second on, it still neither listens nor made its socket.
+            time.sleep(1)
             assert not any(l.startswith("mqtapd: listening on ") for l in d.log), \
                 "the daemon started while the lock was held"
+            assert not os.path.exists(d.socket)
             # The dying process lets go within the daemon's wait: the start goes on.
             _let_go(holder)
             d.wait_ready()
@@ -153,13 +158,14 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
             finally:
                 conn.close()
 
-        watchers = [Watcher(d.socket, "?since=0", check=False) for _ in range(3)] + [Watcher(d.socket, read=False)]
         work = [quietly(lambda n=n: churn(n)) for n in names[:3]] + [quietly(lease), quietly(half_sent),
                                                                       quietly(tcp_without_token)]
-        threads = [threading.Thread(target=w) for w in work]
+        threads, watchers = [], []
         try:
-            for t in threads:
-                t.start()
+            watchers = [Watcher(d.socket, "?since=0", check=False) for _ in range(3)] + [Watcher(d.socket, read=False)]
+            for w in work:
+                threads.append(threading.Thread(target=w))
+                threads[-1].start()
             time.sleep(rng.random())
             rc = d.stop(rng.choice([signal.SIGTERM, signal.SIGINT]))
             assert rc == 0, (cycle, d.log[-20:])

@@ -167,11 +167,16 @@ def test_cli_lease_runs_a_command_with_the_fds(daemon, api, name):
     p = subprocess.Popen([mqtap, "lease", n, "--socket", daemon.socket, "--queues", "0,2", "--holder", "cli",
                           "--", "sh", "-c", script, "{fds}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    # The command lives until the test has seen its lease (it waits for a line on stdin).
-    assert net.settle(lambda: [q["leased"] for q in queues(api, n)] == [True, False, True])
-    lease = api.get(f"/v1/devices/{n}/leases").json()["leases"][0]
-    assert lease["holder"] == "cli" and lease["queues"] == [0, 2]
-    out, err = p.communicate(input="\n", timeout=60)
+    try:
+        # The command lives until the test has seen its lease (it waits for a line on stdin).
+        assert net.settle(lambda: [q["leased"] for q in queues(api, n)] == [True, False, True])
+        lease = api.get(f"/v1/devices/{n}/leases").json()["leases"][0]
+        assert lease["holder"] == "cli" and lease["queues"] == [0, 2]
+        out, err = p.communicate(input="\n", timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
     assert p.returncode == 0, err
     assert out.strip() == lease["id"]
     # The command exited: its connection closed, the lease ended.
