@@ -348,20 +348,21 @@ public enum Validate {
 
     /// 1–15 characters of `[A-Za-z0-9_.-]`, starting with a letter. The kernel would
     /// truncate a longer name and expand `%d`, and `/` or spaces would break sysfs paths.
-    public static func name(_ name: String) throws(ManagerError) {
+    /// `field` is the request field that names a device (`name`, or `peer`).
+    public static func name(_ name: String, field: String = "name") throws(ManagerError) {
         let bytes = Array(name.utf8)
         guard !bytes.isEmpty else {
-            throw .invalidField(field: "name", reason: "must not be empty")
+            throw .invalidField(field: field, reason: "must not be empty")
         }
         guard bytes.count <= 15 else {
-            throw .invalidField(field: "name", reason: "must be at most 15 characters (IFNAMSIZ - 1)")
+            throw .invalidField(field: field, reason: "must be at most 15 characters (IFNAMSIZ - 1)")
         }
         func isLetter(_ b: UInt8) -> Bool { (b >= 65 && b <= 90) || (b >= 97 && b <= 122) }
         guard isLetter(bytes[0]) else {
-            throw .invalidField(field: "name", reason: "must start with a letter")
+            throw .invalidField(field: field, reason: "must start with a letter")
         }
         for b in bytes where !(isLetter(b) || (b >= 48 && b <= 57) || b == 95 || b == 46 || b == 45) {
-            throw .invalidField(field: "name", reason: "may contain only letters, digits, '_', '.' and '-'")
+            throw .invalidField(field: field, reason: "may contain only letters, digits, '_', '.' and '-'")
         }
     }
 

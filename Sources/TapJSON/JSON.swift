@@ -19,14 +19,16 @@ public enum JSON: Equatable, Sendable {
     }
 
     /// Parses any JSON value. The corresponding C call is `json_loadb` with
-    /// `JSON_REJECT_DUPLICATES | JSON_DECODE_ANY`.
+    /// `JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL`: `\u0000` in a string is
+    /// valid JSON, so it parses, and strings are read whole by their length; the field's own
+    /// rules then refuse it, naming the field. (jansson refuses it in an object key still.)
     public static func parse(_ bytes: [UInt8]) throws(ParseError) -> JSON {
         var error = json_error_t()
         let root: UnsafeMutablePointer<json_t>? = bytes.withUnsafeBytes { raw in
             // SAFETY: jansson reads exactly `count` bytes from the buffer during the call and
             // keeps no pointer into it; bytes are bytes, so viewing them as CChar is sound.
             let p = raw.baseAddress?.assumingMemoryBound(to: CChar.self) ?? UnsafePointer(bitPattern: 1)!
-            return json_loadb(p, raw.count, Int(JSON_REJECT_DUPLICATES | JSON_DECODE_ANY), &error)
+            return json_loadb(p, raw.count, Int(JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL), &error)
         }
         guard let root else {
             let message = withUnsafeBytes(of: &error.text) { raw in

@@ -30,7 +30,7 @@ struct JSONTests {
     }
 
     @Test("malformed text keeps its position", arguments: [
-        ("{", 1), ("{\"a\":}", 1), ("[1,2", 1), ("{\"a\":1}\n}", 2), ("\"\\u0000\"", 1), ("123456789012345678901234567890", 1),
+        ("{", 1), ("{\"a\":}", 1), ("[1,2", 1), ("{\"a\":1}\n}", 2), ("{\"a\\u0000\":1}", 1), ("123456789012345678901234567890", 1),
     ])
     func malformed(_ text: String, line: Int) {
         do {
@@ -41,6 +41,16 @@ struct JSONTests {
             #expect(error.column >= 0)
             #expect(!error.message.isEmpty)
         }
+    }
+
+    @Test("\\u0000 in a string parses, and the string is read whole (the field refuses it)")
+    func nulInString() throws {
+        let v = try JSON.parse("{\"name\":\"ab\\u0000cd\"}")
+        guard case .object(let o) = v, case .string(let name)? = o["name"] else {
+            Issue.record("parsed as \(v)")
+            return
+        }
+        #expect(Array(name.utf8) == [97, 98, 0, 99, 100])
     }
 
     @Test("texts larger than the first buffer, empty strings and keys, non-ASCII keys")

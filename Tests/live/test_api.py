@@ -176,6 +176,29 @@ def test_bad_names_create_nothing(api):
     assert not any(n.startswith("tap") and n[3:].isdigit() for n in net.tap_names() - before)
 
 
+def test_nul_in_a_string_is_refused_by_its_field(api, name):
+    """\u0000 in a string is valid JSON: it is refused by the field it is in, not as a parse
+    error with the JSON library's words; and never cut short into another name (schemathesis
+    found `{"peer": "N...\u0000..."}` answered `invalid_json`)."""
+    before = net.tap_names()
+    n = name()
+    for field, body in [("name", {"name": n + "\u0000x"}),
+                        ("name", {"name": n[:4] + "\u0000"}),
+                        ("peer", {"name": n, "mode": "forward", "peer": "N\u0000wm"}),
+                        ("peer", {"name": n, "mode": "forward", "peer": "no such/peer"})]:
+        r = api.post("/v1/devices", body)  # json.dumps writes the NUL as \u0000
+        assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == field, (body, r)
+    assert _created_nothing(before)
+    assert api.post("/v1/devices", {"name": n}).status == 201
+    try:
+        r = api.patch(f"/v1/devices/{n}", '{"peer": "a\\u0000b"}')
+        assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == "peer", r
+        # A key cannot hold a NUL, even for jansson with JSON_ALLOW_NUL: that stays a parse error.
+        assert api.patch(f"/v1/devices/{n}", '{"pe\\u0000er": "x"}').code == "invalid_json"
+    finally:
+        assert api.delete(f"/v1/devices/{n}").status == 204
+
+
 def test_name_conflict_with_a_non_tap_interface(api, name):
     r = api.post("/v1/devices", {"name": "lo"})
     assert r.status == 409 and r.code == "name_conflict" and r.json()["error"]["errno"] == "EBUSY"

@@ -20,7 +20,14 @@ def test_schemathesis_finds_nothing(tmpdir_short):
             # refused (400 unix_socket_required), which schemathesis would take for a bug.
             # watchEvents follows forever unless told not to: every call would wait for the
             # request timeout. test_events.py checks every event line against the spec.
+            # positive_data_acceptance (a schema-valid request must not get 400) is left out:
+            # the API has rules across fields that a schema cannot say (mode forward needs a
+            # peer, and not the device itself), answered 400 invalid_field by design; which of
+            # them a run meets depends on the answers (409s, timing), so it came and went. What
+            # it found once (a NUL in a string answered invalid_json) has its own test in
+            # test_api.py; test_fuzz.py checks every answer to arbitrary bodies.
             [exe, "run", SPEC_PATH, "--url", f"http://127.0.0.1:{d.port}", "--checks", "all",
+             "--exclude-checks", "positive_data_acceptance",
              "-H", f"Authorization: Bearer {d.token}", "--exclude-operation-id", "takeLease",
              "--exclude-operation-id", "watchEvents",
              "--max-examples", os.environ.get("SCHEMATHESIS_EXAMPLES", "25"),

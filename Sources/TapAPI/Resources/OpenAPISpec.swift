@@ -495,7 +495,9 @@ components:
     BadRequest:
       description: >-
         `invalid_json`, `invalid_field` (also for a value outside the schema's `minimum` and
-        `maximum`; 409 `queue_limit_exceeded` is only for a value the schema allows but the
+        `maximum`, for a string the field's rules refuse, a `\u0000` in it included, and for
+        rules across fields: `mode: forward` needs a `peer` that is not the device itself;
+        409 `queue_limit_exceeded` is only for a value the schema allows but the
         current limits refuse) or `unknown_field`; `feature_unsupported` (with `field`) when
         the kernel's tun driver lacks what the field asks for (`vnet_hdr`: `IFF_VNET_HDR`);
         `bad_request` for framing two parties could read two ways (two `Content-Length`
@@ -650,7 +652,7 @@ components:
         up: { type: boolean, default: true }
         mode: { $ref: "#/components/schemas/Mode" }
         peer:
-          type: string
+          allOf: [{ $ref: '#/components/schemas/DeviceName' }]
           description: >-
             For `mode: forward` (and only then): the device every frame read from this one's
             queues is written to, unchanged, into the queue with the same index modulo the
@@ -702,7 +704,7 @@ components:
         queues: { type: integer, minimum: 1, maximum: 256 }
         enabled_queues: { type: integer, minimum: 0, maximum: 256 }
         peer:
-          type: string
+          allOf: [{ $ref: '#/components/schemas/DeviceName' }]
           description: >-
             The device to forward to: on its own it makes the device forward to it; with a
             `mode`, only with `forward` (400). Another mode clears it. `mode: forward` on a device

@@ -55,6 +55,8 @@ extension DeviceManager {
     /// Refuses a forwarding setup that cannot work; checked before anything is touched.
     func checkForward(name: String, kind: DeviceKind, vnetHdr: Bool, mode: DeviceMode, peer: String?,
                       in model: ManagerModel) throws(ManagerError) {
+        // A peer is a device name: one that could never be a device is the request's fault.
+        if let peer { try Validate.name(peer, field: "peer") }
         switch (mode, peer) {
         case (.forward, nil):
             throw .invalidField(field: "peer", reason: "mode forward needs a peer device")
