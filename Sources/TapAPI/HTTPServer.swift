@@ -6,7 +6,9 @@ import TunKit
 /// An HTTP/1.1 server on libmicrohttpd, serving one listening socket. This file is the only
 /// importer of the C module.
 ///
-/// MHD runs an internal pool of epoll threads. Reads are handled on them; a change (which
+/// MHD runs `threads` epoll threads (one MHD daemon each, on the same socket; whichever wakes
+/// first accepts, so a burst of connections may all land on one). Reads are handled on them;
+/// a change (which
 /// waits for the manager's lock) runs on a queue of its own with its connection suspended, so
 /// a read or a health check on the same thread never waits behind it. A slow client holds
 /// only its own connection, and not for long: `ConnectionWatch` bounds the time a request may
