@@ -177,8 +177,6 @@ static void read_tun_info(struct rtattr *linkinfo, mqt_link_info *out) {
         if (RTA_PAYLOAD(a) >= sizeof u32) memcpy(&u32, RTA_DATA(a), sizeof u32);
         if (RTA_PAYLOAD(a) >= sizeof u8) memcpy(&u8, RTA_DATA(a), sizeof u8);
         switch (a->rta_type) {
-        case IFLA_TUN_OWNER: out->tun_owner = u32; break;
-        case IFLA_TUN_GROUP: out->tun_group = u32; break;
         case IFLA_TUN_PERSIST: out->tun_persist = u8; break;
         case IFLA_TUN_NUM_QUEUES: out->tun_queues = (int)u32; break;
         case IFLA_TUN_NUM_DISABLED_QUEUES: out->tun_disabled_queues = (int)u32; break;
@@ -190,8 +188,6 @@ int mqt_link_info_get(int ifindex, const char *name, mqt_link_info *out) {
     // One RTM_NEWLINK (or an error) answers; its attributes fit in 32 KiB with room to spare.
     static __thread char buf[32768];
     memset(out, 0, sizeof *out);
-    out->tun_owner = -1;
-    out->tun_group = -1;
     ssize_t n = link_request(ifindex, ifindex == 0 ? name : NULL, RTM_GETLINK, 0, buf, sizeof buf);
     if (n < 0) return (int)n;
     for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, (size_t)n); nh = NLMSG_NEXT(nh, n)) {
@@ -214,9 +210,6 @@ int mqt_link_info_get(int ifindex, const char *name, mqt_link_info *out) {
             }
             case IFLA_MTU:
                 if (RTA_PAYLOAD(a) >= sizeof out->mtu) memcpy(&out->mtu, RTA_DATA(a), sizeof out->mtu);
-                break;
-            case IFLA_ADDRESS:
-                if (RTA_PAYLOAD(a) == 6) { memcpy(out->mac, RTA_DATA(a), 6); out->has_mac = 1; }
                 break;
             case IFLA_STATS64:
                 if (RTA_PAYLOAD(a) >= sizeof(struct rtnl_link_stats64)) {

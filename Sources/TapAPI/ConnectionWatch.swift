@@ -50,8 +50,6 @@ final class ConnectionWatch: Sendable {
     /// that was closed (and perhaps reused by a new connection).
     func remove(_ e: Entry) { entries.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(e)) } }
 
-    var count: Int { entries.withLock { $0.count } }
-
     func sweep() {
         entries.withLock { all in
             // Read under the lock, and ages never below zero: an entry added, or an answer

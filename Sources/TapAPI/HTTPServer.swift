@@ -50,7 +50,7 @@ public final class HTTPServer: Sendable {
 
         public init(tooLarge: @escaping @Sendable (Int) -> HTTPResponse, stopping: HTTPResponse,
                     badRequest: @escaping @Sendable (String) -> HTTPResponse,
-                    admit: @escaping @Sendable (HTTPRequest.Transport, String?) -> HTTPResponse? = { _, _ in nil }) {
+                    admit: @escaping @Sendable (HTTPRequest.Transport, String?) -> HTTPResponse?) {
             self.tooLarge = tooLarge
             self.stopping = stopping
             self.badRequest = badRequest
@@ -153,7 +153,6 @@ public final class HTTPServer: Sendable {
         /// waits for the manager's lock.
         weak var context: Context?
         var dispatched = false
-        weak var server: Connections?
     }
 
     /// The query parameters requests may carry; others are ignored.
@@ -445,10 +444,6 @@ public final class HTTPServer: Sendable {
             upload.answered = true
             return queue(connection, closing(context.refusals.tooLarge(context.limits.bodyBytes)))
         }
-        if !upload.dispatched {
-            // The whole request is in: no longer timed.
-            entry(of: connection)?.arrived()
-        }
         if upload.dispatched {
             // Resumed: the change queue's response is there.
             guard let response = upload.response else { return .YES }
@@ -456,6 +451,8 @@ public final class HTTPServer: Sendable {
             upload.dispatched = false
             return respond(connection, response, upload, context)
         }
+        // The whole request is in: no longer timed.
+        entry(of: connection)?.arrived()
 
         var headers: [String: String] = [:]
         for name in ["Content-Type", "Content-Length", "Accept", "Host", "Connection", "Upgrade", "Authorization"] {
@@ -512,7 +509,6 @@ public final class HTTPServer: Sendable {
         }
         if let upgrade = response.upgrade {
             upload.upgrade = upgrade
-            upload.server = context.connections
             upload.context = context
             return queueUpgrade(connection, response)
         }
@@ -573,7 +569,7 @@ public final class HTTPServer: Sendable {
         guard let upgrade = upload.upgrade else { return }
         upload.upgrade = nil
         let c = UpgradedConnection(fd: Int32(sock), handle: urh)
-        guard let context = upload.context, upload.server?.add(c) == true else {
+        guard let context = upload.context, context.connections.add(c) else {
             // The server is stopping: no lease starts now.
             c.close()
             if let context = upload.context { aside(context) { upgrade.abandon() } } else { upgrade.abandon() }

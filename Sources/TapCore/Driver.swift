@@ -12,7 +12,6 @@ public protocol TunDriver: Sendable {
     func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError)
     func close(_ fd: Int32)
     func setUp(_ name: String, _ up: Bool) throws(SyscallError)
-    func isUp(_ name: String) throws(SyscallError) -> Bool
     func setMTU(_ name: String, _ mtu: Int) throws(SyscallError)
     func mtu(_ name: String) throws(SyscallError) -> Int
     func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError)
@@ -75,7 +74,6 @@ public struct LinuxTunDriver: TunDriver {
     }
     public func close(_ fd: Int32) { closeFD(fd) }
     public func setUp(_ name: String, _ up: Bool) throws(SyscallError) { try Link.setUp(name, up) }
-    public func isUp(_ name: String) throws(SyscallError) -> Bool { try Link.isUp(name) }
     public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) { try Link.setMTU(name, mtu) }
     public func mtu(_ name: String) throws(SyscallError) -> Int { try Link.mtu(name) }
     public func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) { try Link.setMAC(name, mac) }

@@ -174,9 +174,6 @@ public final class FakeDriver: TunDriver, Sendable {
     public func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
         try withDevice(name, .setUp, "ioctl(SIOCSIFFLAGS)") { $0.up = up }
     }
-    public func isUp(_ name: String) throws(SyscallError) -> Bool {
-        try read(name, "ioctl(SIOCGIFFLAGS)") { $0.up }
-    }
     public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
         try withDevice(name, .setMTU, "ioctl(SIOCSIFMTU)") { $0.mtu = mtu }
     }
@@ -227,8 +224,8 @@ public final class FakeDriver: TunDriver, Sendable {
         try state.withLock { (s) throws(SyscallError) -> LinkInfo? in
             if let e = s.statisticsError { throw SyscallError(call: "RTM_GETLINK(\(name))", errno: e) }
             guard let d = s.devices[name] else { return nil }
-            return LinkInfo(ifindex: d.ifindex, name: name, mtu: d.mtu, up: d.up, mac: d.mac, statistics: [:],
-                            tun: LinkInfo.Tun(owner: d.owner, group: d.group, persist: d.persist,
+            return LinkInfo(ifindex: d.ifindex, name: name, mtu: d.mtu, up: d.up, statistics: [:],
+                            tun: LinkInfo.Tun(persist: d.persist,
                                               attachedQueues: d.fds.count - d.detached.count + d.foreignQueues,
                                               detachedQueues: d.detached.count))
         }

@@ -127,16 +127,12 @@ public enum Link {
         if rc < 0 { throw SyscallError(call: "RTM_GETLINK(\(ifindex.map(String.init) ?? name ?? ""))", errno: Errno(-rc)) }
         let st = li.stats
         let linkName = withUnsafeBytes(of: li.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        let mac = li.has_mac != 0 ? withUnsafeBytes(of: li.mac) { Array($0) } : nil
         var tun: LinkInfo.Tun?
         if li.is_tun != 0 {
-            tun = LinkInfo.Tun(owner: li.tun_owner < 0 ? nil : UInt32(li.tun_owner),
-                               group: li.tun_group < 0 ? nil : UInt32(li.tun_group), persist: li.tun_persist != 0,
-                               attachedQueues: Int(li.tun_queues), detachedQueues: Int(li.tun_disabled_queues))
+            tun = LinkInfo.Tun(persist: li.tun_persist != 0, attachedQueues: Int(li.tun_queues), detachedQueues: Int(li.tun_disabled_queues))
         }
         return LinkInfo(
             ifindex: Int(li.ifindex), name: linkName, mtu: Int(li.mtu), up: Int32(bitPattern: li.flags) & mqt_IFF_UP != 0,
-            mac: mac,
             statistics: li.has_stats == 0 ? nil : [
                 "rx_packets": st.rx_packets, "rx_bytes": st.rx_bytes, "rx_errors": st.rx_errors, "rx_dropped": st.rx_dropped,
                 "tx_packets": st.tx_packets, "tx_bytes": st.tx_bytes, "tx_errors": st.tx_errors, "tx_dropped": st.tx_dropped,
@@ -168,18 +164,12 @@ public enum Link {
 public struct LinkInfo: Hashable, Sendable {
     /// What a tun/tap device's driver reports about it.
     public struct Tun: Hashable, Sendable {
-        /// Who may attach queues without CAP_NET_ADMIN (TUNSETOWNER, TUNSETGROUP); nil: anyone
-        /// who may open /dev/net/tun.
-        public var owner: UInt32?
-        public var group: UInt32?
         public var persist: Bool
         /// Queues attached, and detached (TUNSETQUEUE), whoever holds their fds.
         public var attachedQueues: Int
         public var detachedQueues: Int
 
-        public init(owner: UInt32?, group: UInt32?, persist: Bool, attachedQueues: Int, detachedQueues: Int) {
-            self.owner = owner
-            self.group = group
+        public init(persist: Bool, attachedQueues: Int, detachedQueues: Int) {
             self.persist = persist
             self.attachedQueues = attachedQueues
             self.detachedQueues = detachedQueues
@@ -192,18 +182,16 @@ public struct LinkInfo: Hashable, Sendable {
     public var name: String
     public var mtu: Int
     public var up: Bool
-    public var mac: [UInt8]?
     /// The counters `Link.statisticsKeys` names (IFLA_STATS64).
     public var statistics: [String: UInt64]?
     /// nil: not a tun/tap device.
     public var tun: Tun?
 
-    public init(ifindex: Int, name: String, mtu: Int, up: Bool, mac: [UInt8]?, statistics: [String: UInt64]?, tun: Tun?) {
+    public init(ifindex: Int, name: String, mtu: Int, up: Bool, statistics: [String: UInt64]?, tun: Tun?) {
         self.ifindex = ifindex
         self.name = name
         self.mtu = mtu
         self.up = up
-        self.mac = mac
         self.statistics = statistics
         self.tun = tun
     }

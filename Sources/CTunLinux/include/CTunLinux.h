@@ -57,21 +57,17 @@ typedef struct mqt_link_stats {
     uint64_t rx_errors, tx_errors, rx_dropped, tx_dropped;
 } mqt_link_stats;
 
-// One interface as rtnetlink has it: index, name, MTU, flags, address, counters, and for a
-// tun/tap device what its driver reports (IFLA_LINKINFO/IFLA_INFO_DATA): owner, group,
-// persistence and how many queues are attached and detached, whoever holds them.
+// One interface as rtnetlink has it: index, name, MTU, flags, counters, and for a tun/tap
+// device what its driver reports (IFLA_LINKINFO/IFLA_INFO_DATA): persistence and how many
+// queues are attached and detached, whoever holds them.
 typedef struct mqt_link_info {
     int ifindex;
     char name[16];
     unsigned int mtu;
     unsigned int flags;  // IFF_*
-    uint8_t mac[6];
-    int has_mac;
     mqt_link_stats stats;
     int has_stats;
     int is_tun;  // the tun attributes below are set
-    long long tun_owner;  // -1: none
-    long long tun_group;  // -1: none
     int tun_persist;
     int tun_queues;  // attached
     int tun_disabled_queues;  // detached
