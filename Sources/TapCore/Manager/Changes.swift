@@ -38,12 +38,16 @@ extension DeviceManager {
             // A persistent device outlives a crash: it is in the state file before the kernel
             // has it, so a crash (or a state file that cannot be written) never leaves a
             // persistent link the daemon does not know. A restart makes or joins it.
-            if spec.persist { try recordIntent(spec, ids: ids, model: &model) }
+            if spec.persist, let error = save(&model, adding: .init(spec: spec, queues: ids.map { .init(id: $0, enabled: true) })) {
+                logger.error("the persistent device is not made: its state cannot be saved", metadata: ["device": "\(spec.name)"])
+                throw error
+            }
             let d: ActiveDevice
             do throws(ManagerError) {
                 d = try build(spec, ids: ids, key: model.takeKey(), model: &model)
             } catch {
-                if spec.persist { forgetIntent(&model) }
+                // The state file goes back to what the model has (without the intent).
+                if spec.persist { _ = save(&model) }
                 throw error
             }
             model.devices[spec.name] = .active(d)
@@ -51,30 +55,6 @@ extension DeviceManager {
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
             return view(.active(d))
         }
-    }
-
-    /// Saves the state with `spec` in it, before the device is made; refused (nothing made)
-    /// if it cannot be saved.
-    private func recordIntent(_ spec: DeviceSpec, ids: [Int], model: inout ManagerModel) throws(ManagerError) {
-        guard let stateFile else { return }
-        var intent = model.desired
-        intent.devices.append(.init(spec: spec, queues: ids.map { .init(id: $0, enabled: true) }))
-        intent.devices.sort { $0.spec.name < $1.spec.name }
-        do {
-            try stateFile.save(intent)
-            model.saved = intent
-        } catch {
-            logger.error("state file not saved; the persistent device is not made",
-                         metadata: ["device": "\(spec.name)", "path": "\(stateFile.path)", "errno": "\(error.errno.name)"])
-            throw .stateNotSaved(path: stateFile.path, call: error.call, errno: error.errno)
-        }
-    }
-
-    /// The make failed (and rolled back): the state file goes back to what the model has.
-    private func forgetIntent(_ model: inout ManagerModel) {
-        guard let stateFile else { return }
-        let desired = model.desired
-        if (try? stateFile.save(desired)) != nil { model.saved = desired }
     }
 
     /// A spec that needs a tun feature this kernel lacks is refused, naming the field.
@@ -189,24 +169,24 @@ extension DeviceManager {
                 guard let peer else { throw .peerUnavailable(device: name, peer: "(none given)") }
                 try checkForward(name: name, kind: d.kind, vnetHdr: d.vnetHdr, mode: mode, peer: peer, in: model)
             }
+            // The kernel's view, read once: its link state and MTU are what the PATCH compares
+            // with (so it puts back what `ip link` changed behind the daemon's back), and its
+            // count of queues others attached is what the limits count.
+            guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
             if let m = patch.maxQueues {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
                 // Queues others attached are in use too.
-                let inUse = count + foreignQueues(d)
+                let inUse = count + now.foreignQueues
                 guard m >= inUse else {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: inUse)
                 }
             }
             // Queues others attached count toward the limit of a device that grows.
-            let foreign = count > d.queueCount ? foreignQueues(d) : 0
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
                                           limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues),
-                                          foreign: foreign)
-            // Compared with the kernel's values, not the recorded ones: a PATCH puts back what
-            // `ip link` changed behind the daemon's back.
-            guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
+                                          foreign: count > d.queueCount ? now.foreignQueues : 0)
             try withRollback { (rollback) throws(ManagerError) in
                 for q in try openQueues(ids: plan.add, for: d, model: &model, rollback: &rollback) { d.queues[q.id] = q }
                 for (id, on) in plan.attach { _ = try setEnabled(&d, id: id, on, rollback: &rollback) }

@@ -297,9 +297,9 @@ public final class DeviceManager: Sendable {
     }
 
     /// Writes the desired state if it changed; returns the error to report, if any.
-    func save(_ model: inout ManagerModel) -> ManagerError? {
+    func save(_ model: inout ManagerModel, adding extra: DesiredState.Device? = nil) -> ManagerError? {
         guard let stateFile, model.lifecycle == .starting || model.lifecycle == .serving else { return nil }
-        let desired = model.desired
+        let desired = model.desired(adding: extra)
         guard desired != model.saved else { return nil }
         do {
             try stateFile.save(desired)

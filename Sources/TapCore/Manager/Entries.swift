@@ -209,8 +209,12 @@ struct ManagerModel: Sendable {
 
     init(maxQueues: Int) { self.maxQueues = maxQueues }
 
-    var desired: DesiredState {
-        DesiredState(maxQueues: maxQueues, devices: devices.values.sorted { $0.name < $1.name }.map(\.desired))
+    var desired: DesiredState { desired(adding: nil) }
+
+    /// The state to save, with `extra` (a device about to be made) among the devices.
+    func desired(adding extra: DesiredState.Device?) -> DesiredState {
+        let all = devices.values.map(\.desired) + (extra.map { [$0] } ?? [])
+        return DesiredState(maxQueues: maxQueues, devices: all.sorted { $0.spec.name < $1.spec.name })
     }
 
     mutating func takeKey() -> UInt64 {
