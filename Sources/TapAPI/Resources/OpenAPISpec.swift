@@ -65,7 +65,8 @@ paths:
         Devices created without `max_queues` follow it; a device's own `max_queues` is capped
         by it while it is lower (and comes back when it is raised): nothing is rewritten.
         Refused with 409 `limit_below_usage` if a device
-        already has more queues (detached ones count), or asks for more: a device kept from the
+        already has more queues (detached ones count, and so do queues other processes
+        attached), or asks for more: a device kept from the
         state file as `conflict` or `failed` counts with the queues it would be made with, so
         the refusal can name a device whose queues are not in `queues_in_use`.
       requestBody:
@@ -573,7 +574,8 @@ components:
           minimum: 0
           description: >-
             Open queues of all devices, detached ones included (a `conflict` or `failed` device
-            has none open).
+            has none open): the daemon's own fds. Queues other processes attached (each
+            device's `foreign_queues`) count toward the limits but not here.
         open_files: { type: integer, minimum: 0 }
         open_files_limit: { type: integer, minimum: 0 }
     LimitsUpdate:
