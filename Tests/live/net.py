@@ -73,12 +73,19 @@ def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def settle(fn, timeout=30.0):
-    """Polls `fn` until it holds or `timeout` passes (connections close asynchronously). The
-    deadline is long: it costs time only when the test fails, and a shared machine stalls."""
+def settle(fn, timeout=30.0, every=0.02):
+    """Polls `fn` until it returns something true, and returns that, or its last answer once
+    `timeout` has passed (connections close asynchronously). The deadline is long: it costs
+    time only when the test fails, and a shared machine stalls."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.02)
+        v = fn()
+        if v:
+            return v
+        time.sleep(every)
     return fn()
+
+
+def sh(*args, check=True):
+    """Runs a command, its output captured as text."""
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)

@@ -8,13 +8,10 @@ import threading
 import time
 
 import net
+from net import sh
 from conftest import Daemon, PREFIX, unique_name
 
 A_IP, B_IP = "198.18.0.1", "198.18.0.2"
-
-
-def sh(*args, check=True):
-    return subprocess.run(list(args), capture_output=True, text=True, check=check)
 
 
 def kstats(ns, dev):

@@ -36,10 +36,7 @@ def test_sighup_is_logged_and_ignored(tmpdir_short):
     try:
         assert d.unix.post("/v1/devices", {"name": n, "queues": 2}).status == 201
         os.kill(d.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while not any("SIGHUP ignored" in l for l in d.log) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert any("SIGHUP ignored" in l for l in d.log), d.log
+        d.wait_line(lambda log: any("SIGHUP ignored" in l for l in log))
         assert d.proc.poll() is None, "SIGHUP ended the daemon"
         assert d.unix.get(f"/v1/devices/{n}").json()["queue_count"] == 2
         assert net.kernel_queue_count(n) == 2
@@ -60,10 +57,8 @@ def _lock_held(tmp, seconds):
     # session, so the sleep goes with it.
     holder = subprocess.Popen(["flock", "-o", "-x", lock, "sleep", str(seconds)], start_new_session=True)
     try:
-        deadline = time.monotonic() + 5
-        while subprocess.run(["flock", "-n", lock, "true"]).returncode == 0:
-            assert time.monotonic() < deadline, "flock did not take the lock"
-            time.sleep(0.02)
+        assert net.settle(lambda: subprocess.run(["flock", "-n", lock, "true"]).returncode != 0), \
+            "flock did not take the lock"
         yield holder, state
     finally:
         _let_go(holder)
@@ -112,6 +107,7 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
     the process (about one stop in 150; MQTAPD_STOP_CYCLES runs more)."""
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     made = []
+    rounds = {}  # per kind of work, the rounds that went through (the stops did meet work)
     for cycle in range(int(os.environ.get("MQTAPD_STOP_CYCLES", "25"))):
         # A state directory of its own: the next start would make again the persistent
         # devices this cycle leaves in its state file.
@@ -122,11 +118,12 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
         stop = threading.Event()
         client = Client(unix_path=d.socket, timeout=30)
 
-        def quietly(fn):
+        def quietly(kind, fn):
             def run():
                 while not stop.is_set():
                     try:
                         fn()
+                        rounds[kind] = rounds.get(kind, 0) + 1
                     except Exception:  # the daemon stops under the client: any error is fine here
                         time.sleep(0.01)
             return run
@@ -140,9 +137,9 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
         def lease():
             client.post("/v1/devices", {"name": names[3], "queues": 2}, check=False)
             held = lease_client.take(d.socket, names[3])
+            assert isinstance(held, lease_client.Lease), held
             time.sleep(rng.random() * 0.05)
-            if isinstance(held, lease_client.Lease):
-                held.close()
+            held.close()
 
         def half_sent():
             with socket.socket(socket.AF_UNIX) as s:
@@ -154,12 +151,14 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
             conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
             try:
                 conn.request("GET", "/v1/devices")
-                conn.getresponse().read()
+                r = conn.getresponse()
+                r.read()
+                assert r.status == 401, r.status
             finally:
                 conn.close()
 
-        work = [quietly(lambda n=n: churn(n)) for n in names[:3]] + [quietly(lease), quietly(half_sent),
-                                                                      quietly(tcp_without_token)]
+        work = [quietly("churn", lambda n=n: churn(n)) for n in names[:3]] + [
+            quietly("lease", lease), quietly("half_sent", half_sent), quietly("tcp", tcp_without_token)]
         threads, watchers = [], []
         try:
             watchers = [Watcher(d.socket, "?since=0", check=False) for _ in range(3)] + [Watcher(d.socket, read=False)]
@@ -180,6 +179,7 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
                 net.delete_link(n)
             made += names
             assert not [n for n in made if net.exists(n)], "a device outlived its cycle"
+    assert set(rounds) == {"churn", "lease", "half_sent", "tcp"}, rounds
 
 
 def test_every_change_committed_at_sigterm_is_answered(tmpdir_short):

@@ -9,14 +9,11 @@ import time
 
 from conftest import BIN, Daemon, unique_name
 import net
+from net import sh
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x0100
-
-
-def sh(*args, check=True):
-    return subprocess.run(args, capture_output=True, text=True, check=check)
 
 
 def attach(name):
@@ -45,16 +42,6 @@ def is_up(name):
         return int(f.read(), 16) & 1 == 1  # IFF_UP
 
 
-def wait_for(fn, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.05)
-    return fn()
-
-
 def test_a_renamed_device_keeps_its_api_name_and_a_stranger_with_its_old_name_is_never_touched(daemon, api):
     a, b = unique_name("ra"), unique_name("rb")
     try:
@@ -64,11 +51,11 @@ def test_a_renamed_device_keeps_its_api_name_and_a_stranger_with_its_old_name_is
         # Another interface takes the old name, as a container runtime's veth might.
         sh("ip", "link", "add", a, "type", "veth", "peer", "name", a + "p")
         stranger = ifindex(a)
-        info = wait_for(lambda: (lambda j: j if j.get("kernel_name") == b else None)(api.get(f"/v1/devices/{a}").json()))
+        info = net.settle(lambda: (lambda j: j if j.get("kernel_name") == b else None)(api.get(f"/v1/devices/{a}").json()))
         assert info, api.get(f"/v1/devices/{a}").json()
         assert info["ifindex"] == ifindex(b) and info["state"] == "active"
         assert f"renamed in the kernel to {b}" in info["state_reason"]
-        assert wait_for(lambda: any("device renamed" in l and f"to={b}" in l for l in daemon.log)), daemon.log[-5:]
+        assert net.settle(lambda: any("device renamed" in l and f"to={b}" in l for l in daemon.log)), daemon.log[-5:]
 
         r = api.patch(f"/v1/devices/{a}", {"mtu": 1400, "up": True})
         assert r.status == 200 and r.json()["mtu"] == 1400 and r.json()["up"] is True, r
@@ -101,7 +88,7 @@ def test_a_restart_finds_a_renamed_persistent_device(tmpdir_short):
         def saved():
             with open(state) as f:
                 return next(x for x in json.load(f)["devices"] if x["name"] == p).get("kernel_name") == q
-        assert wait_for(saved), "the rename is saved"
+        assert net.settle(saved), "the rename is saved"
         assert d.stop() == 0
         assert net.exists(q) and net.kernel_queue_count(q) == 0 and not net.exists(p)
 
@@ -136,9 +123,9 @@ def test_foreign_queues_are_shown_counted_toward_the_limit_and_logged(daemon, ap
         r = api.patch(f"/v1/devices/{f}", {"queues": 4})
         assert r.status == 409 and r.code == "queue_limit_exceeded", r
         assert api.post(f"/v1/devices/{f}/queues", {"count": 1}).status == 201
-        assert wait_for(lambda: any("queues attached by another process" in l and f"device={f}" in l for l in daemon.log))
+        assert net.settle(lambda: any("queues attached by another process" in l and f"device={f}" in l for l in daemon.log))
         os.close(fds.pop())
-        assert wait_for(lambda: api.get(f"/v1/devices/{f}").json()["foreign_queues"] == 0)
+        assert net.settle(lambda: api.get(f"/v1/devices/{f}").json()["foreign_queues"] == 0)
         # A queue held elsewhere would keep the link after the daemon's fds close: DELETE
         # deletes the link, so 204 means it is gone.
         fds.append(attach(f))

@@ -41,16 +41,6 @@ def serial_lines(path):
         return []
 
 
-def wait_for(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def start_vm(d, dev, guest, serial, hold):
     kernel, initrd = guest
     cmdline = f"console=ttyS0 quiet panic=-1 mqt.ip={GUEST_IP}/24 mqt.peer={HOST_IP} " + \
@@ -83,11 +73,12 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         setup_device(d.unix, dev)
         k0 = net.kernel_stats(dev)
         vm = start_vm(d, dev, guest, serial, hold=False)
-        wait_for(lambda: any(l.startswith("MQT-READY") for l in serial_lines(serial)), 120, "the guest to boot")
+        assert net.settle(lambda: any(l.startswith("MQT-READY") for l in serial_lines(serial)),
+                          120, every=0.2), "timed out waiting for the guest to boot"
         # Two vCPUs: the guest enables 2 of the 4 queue pairs; QEMU detaches the other 2.
         api = d.unix
-        wait_for(lambda: [q["enabled"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]].count(True) == 2,
-                 60, "2 queues enabled")
+        assert net.settle(lambda: [q["enabled"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]].count(True) == 2,
+                          60, every=0.2), "timed out waiting for 2 queues enabled"
         device = api.get(f"/v1/devices/{dev}").json()
         assert device["enabled_queues"] == 2 and device["queue_count"] == 4
         assert all(q["leased"] and q["lease_state"] == "live" for q in device["queues"])
@@ -99,8 +90,8 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         k1 = net.kernel_stats(dev)
         assert k1["rx_packets"] - k0["rx_packets"] >= 10 and k1["tx_packets"] > k0["tx_packets"]
         # QEMU exited: the lease ended, every queue is attached again and read by the daemon.
-        wait_for(lambda: all(q["enabled"] and not q["leased"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]),
-                 60, "the queues to come back")
+        assert net.settle(lambda: all(q["enabled"] and not q["leased"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]),
+                          60, every=0.2), "timed out waiting for the queues to come back"
         assert numqueues(dev) == (4, 0)
         assert api.get(f"/v1/devices/{dev}/leases").json()["leases"] == []
         mac = api.get(f"/v1/devices/{dev}").json()["mac"]
@@ -125,12 +116,13 @@ def test_a_daemon_killed_while_qemu_holds_a_lease(guest, tmpdir_short):
     try:
         setup_device(d.unix, dev)
         vm = start_vm(d, dev, guest, serial, hold=True)
-        wait_for(lambda: pings_ok(serial) >= 3, 120, "the guest to ping")
+        assert net.settle(lambda: pings_ok(serial) >= 3, 120, every=0.2), "timed out waiting for the guest to ping"
         lease = d.unix.get(f"/v1/devices/{dev}/leases").json()["leases"][0]
         d.stop(signal.SIGKILL)
         # The guest's network does not go down with the daemon.
         seen = pings_ok(serial)
-        wait_for(lambda: pings_ok(serial) >= seen + 5, 30, "pings after the daemon died")
+        assert net.settle(lambda: pings_ok(serial) >= seen + 5,
+                          30, every=0.2), "timed out waiting for pings after the daemon died"
         assert net.exists(dev)
         d = Daemon(tmpdir_short)
         api = d.unix
@@ -143,7 +135,8 @@ def test_a_daemon_killed_while_qemu_holds_a_lease(guest, tmpdir_short):
         r = api.delete(f"/v1/devices/{dev}")
         assert r.status == 409 and r.code == "device_leased", r
         seen = pings_ok(serial)
-        wait_for(lambda: pings_ok(serial) >= seen + 3, 30, "pings after the restart")
+        assert net.settle(lambda: pings_ok(serial) >= seen + 3,
+                          30, every=0.2), "timed out waiting for pings after the restart"
         assert numqueues(dev) is not None, "nothing was deleted or re-created"
         vm.send_signal(signal.SIGTERM)
         vm.wait(timeout=30)
