@@ -26,6 +26,14 @@ const unsigned long mqt_TUNSETGROUP = TUNSETGROUP;
 #define TUNGETDEVNETNS _IO('T', 227)
 #endif
 const unsigned long mqt_TUNGETDEVNETNS = TUNGETDEVNETNS;
+const unsigned long mqt_TUNGETVNETHDRSZ = TUNGETVNETHDRSZ;
+const unsigned long mqt_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
+const unsigned long mqt_TUNGETVNETLE = TUNGETVNETLE;
+const unsigned long mqt_TUNSETVNETLE = TUNSETVNETLE;
+const unsigned long mqt_TUNGETVNETBE = TUNGETVNETBE;
+const unsigned long mqt_TUNSETVNETBE = TUNSETVNETBE;
+const unsigned long mqt_TUNSETSTEERINGEBPF = TUNSETSTEERINGEBPF;
+const unsigned long mqt_TUNSETFILTEREBPF = TUNSETFILTEREBPF;
 const unsigned long mqt_SIOCGIFFLAGS = SIOCGIFFLAGS;
 const unsigned long mqt_SIOCSIFFLAGS = SIOCSIFFLAGS;
 const unsigned long mqt_SIOCSIFMTU = SIOCSIFMTU;
@@ -51,6 +59,12 @@ _Static_assert(IFNAMSIZ == 16, "IFNAMSIZ");
 _Static_assert(TUN_F_CSUM == 0x01 && TUN_F_TSO4 == 0x02 && TUN_F_TSO6 == 0x04, "TUN_F_*");
 
 int mqt_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+
+int mqt_tun_clear_txfilter(int fd) {
+    // flags 0 (no TUN_FLT_ALLMULTI), count 0: tun_set_tx_filter drops every address.
+    struct tun_filter none = { .flags = 0, .count = 0 };
+    return ioctl(fd, TUNSETTXFILTER, &none);
+}
 
 int mqt_ioctl_value(int fd, unsigned long request, unsigned long value) {
     return ioctl(fd, request, value);
@@ -180,6 +194,8 @@ static void read_tun_info(struct rtattr *linkinfo, mqt_link_info *out) {
         case IFLA_TUN_PERSIST: out->tun_persist = u8; break;
         case IFLA_TUN_NUM_QUEUES: out->tun_queues = (int)u32; break;
         case IFLA_TUN_NUM_DISABLED_QUEUES: out->tun_disabled_queues = (int)u32; break;
+        case IFLA_TUN_OWNER: out->has_tun_owner = 1; out->tun_owner = u32; break;
+        case IFLA_TUN_GROUP: out->has_tun_group = 1; out->tun_group = u32; break;
         }
     }
 }

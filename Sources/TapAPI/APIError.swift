@@ -137,6 +137,12 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(409, "peer_unavailable", e.message, field: "peer")
         case .peerMismatch(let field, _):
             self.init(409, "peer_mismatch", e.message, field: field)
+        case .queuesHeld:
+            self.init(409, "queues_held", e.message)
+        case .deviceForwarding(_, _, let field):
+            self.init(409, "device_forwarding", e.message, field: field)
+        case .leaseLimit:
+            self.init(409, "lease_limit", e.message)
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:

@@ -46,6 +46,14 @@ public protocol TunDriver: Sendable {
     func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD
     /// Sets the device's offloads (TUNSETOFFLOAD) through one of its queue fds.
     func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError)
+    /// The device's vnet header size and byte order (device-wide: any holder of one of its
+    /// queues can change them).
+    func vnetSettings(_ fd: Int32) throws(SyscallError) -> VnetSettings
+    func setVnetHeaderSize(_ fd: Int32, _ size: Int) throws(SyscallError)
+    /// Sets the byte order flags that are not nil.
+    func setVnetByteOrder(_ fd: Int32, littleEndian: Bool?, bigEndian: Bool?) throws(SyscallError)
+    /// Takes away steering and filter eBPF programs and the TX filter (no getter exists).
+    func clearPrograms(_ fd: Int32) throws(SyscallError)
     /// Runs `body` in the network namespace of the device `fd` (one of its queue fds) is in:
     /// names and ifindexes mean that namespace's interfaces there. nil if the device is in
     /// the daemon's own namespace (run `body` directly then).
@@ -102,6 +110,16 @@ public struct LinuxTunDriver: TunDriver {
     public func deleteLink(ifindex: Int) throws(SyscallError) { try Link.delete(ifindex: ifindex) }
     public func duplicate(_ fd: Int32) throws(SyscallError) -> OwnedFD { try OwnedFD(duplicating: fd) }
     public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) { try Tun.setOffload(fd, offloads) }
+    public func vnetSettings(_ fd: Int32) throws(SyscallError) -> VnetSettings {
+        let order = try Tun.vnetByteOrder(fd)
+        return VnetSettings(headerSize: try Tun.vnetHeaderSize(fd), littleEndian: order.littleEndian, bigEndian: order.bigEndian)
+    }
+    public func setVnetHeaderSize(_ fd: Int32, _ size: Int) throws(SyscallError) { try Tun.setVnetHeaderSize(fd, size) }
+    public func setVnetByteOrder(_ fd: Int32, littleEndian: Bool?, bigEndian: Bool?) throws(SyscallError) {
+        if let le = littleEndian { try Tun.setVnetLittleEndian(fd, le) }
+        if let be = bigEndian { try Tun.setVnetBigEndian(fd, be) }
+    }
+    public func clearPrograms(_ fd: Int32) throws(SyscallError) { try Tun.clearPrograms(fd) }
     public func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T? {
         // Before Linux 5.2 there is no TUNGETDEVNETNS (ENOTTY): no device can be elsewhere

@@ -63,6 +63,14 @@ public enum ManagerError: Error, Equatable, Sendable {
     case peerUnavailable(device: String, peer: String)
     /// The forwarding peer differs in `field` (type, vnet_hdr).
     case peerMismatch(field: String, peer: String)
+    /// Another consumer has the device (its mode is `external`, or a lease lives): the
+    /// daemon's own queues stay detached, so attaching one is refused.
+    case queuesHeld(device: String, consumer: Consumer, leases: [String])
+    /// One consumer per device: a leased device is never forwarded to or from, and a device
+    /// that forwards or is forwarded to is not leased or made external.
+    case deviceForwarding(device: String, reason: String, field: String?)
+    /// As many leases live as the daemon takes (`--max-leases`).
+    case leaseLimit(limit: Int)
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -86,6 +94,7 @@ public enum ManagerError: Error, Equatable, Sendable {
         case .leasedQueueNotFound: return "queues"
         case .peerUnavailable: return "peer"
         case .peerMismatch(let f, _): return f
+        case .deviceForwarding(_, _, let f): return f
         default: return nil
         }
     }
@@ -134,6 +143,19 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "the peer \(peer) differs in \(field); both ends of a forward must agree"
         case .notEnoughQueues(let device, let queues, let enabled):
             return "enabled_queues \(enabled) is above the \(queues) queues \(device) would have"
+        case .queuesHeld(let device, let consumer, let leases):
+            switch consumer {
+            case .lease:
+                return "\(device) is leased (\(leases.joined(separator: ", "))): the queues no lease holds stay detached while one lives, "
+                    + "so the holder gets every frame"
+            default:
+                return "\(device) is in mode external: its own queues stay detached, so the queues attached by name get every frame; "
+                    + "change its mode to attach them"
+            }
+        case .deviceForwarding(let device, let reason, _):
+            return "\(device) \(reason): a device has one consumer at a time"
+        case .leaseLimit(let limit):
+            return "\(limit) leases are live, as many as the daemon takes (--max-leases); end one first"
         case .stateNotSaved(let path, let call, _):
             return "the change was made but the state file \(path) was not saved (\(call))"
         case .kernel(let device, let step, let call, _):

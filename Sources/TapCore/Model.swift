@@ -10,6 +10,21 @@ public enum DeviceMode: String, Sendable, Hashable, CaseIterable {
     case echo
     /// Write each frame, unchanged, into a queue of the peer device.
     case forward
+    /// Read nothing: the daemon keeps the device and holds its own queues detached, so the
+    /// processes that attach queues by name (libvirt `managed='no'`, QEMU `ifname=`) get
+    /// every frame.
+    case external
+}
+
+/// Who gets a device's frames: the kernel spreads them over every attached queue, whoever
+/// holds it, so one consumer at a time.
+public enum Consumer: String, Sendable, Hashable {
+    /// The daemon's workers (`sink`, `echo`, `forward`).
+    case daemon
+    /// Processes that attach queues by name (`external`); the daemon's own are detached.
+    case external
+    /// The holders of the device's leases; the queues they do not hold are detached.
+    case lease
 }
 
 /// Whether the daemon manages a device it knows of.
@@ -264,6 +279,18 @@ public struct DeviceInfo: Hashable, Sendable {
     public let status: DeviceStatus
     /// When the daemon (re)started managing the device.
     public let since: String
+    /// Who gets its frames now.
+    public var consumer: Consumer = .daemon
+    /// The vnet header size the kernel has for it now (nil: not read).
+    public var vnetHdrSize: Int?
+    /// Settings where the kernel differs from what the API set (`vnet_hdr_size`,
+    /// `vnet_byte_order`, `owner`, `group`): a holder changed them.
+    public var settingsDiffer: [String] = []
+    /// Files of revoked leases the daemon keeps detached (their former holders may still
+    /// have them).
+    public var revokedQueues = 0
+    /// Why the workers do not read the device, if they do not although it is theirs.
+    public var unreadable: String?
 
     public var queueCount: Int { queues.count }
     public var enabledQueues: Int { queues.lazy.filter(\.enabled).count }
@@ -273,6 +300,14 @@ public struct DeviceInfo: Hashable, Sendable {
         if let r = status.reason { return r }
         if let k = kernel, k.name != name {
             return "renamed in the kernel to \(k.name); the API keeps the name it was created with"
+        }
+        if let r = unreadable { return r }
+        if let k = kernel, k.foreignQueues > 0, consumer == .daemon {
+            return "\(k.foreignQueues) queues attached by name by other processes: the kernel splits the frames between them "
+                + "and the daemon's workers; use mode external for consumers that attach by name"
+        }
+        if !settingsDiffer.isEmpty {
+            return "settings changed by a holder: \(settingsDiffer.joined(separator: ", ")); put back when the last holder goes"
         }
         return nil
     }

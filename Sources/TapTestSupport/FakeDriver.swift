@@ -34,6 +34,9 @@ public final class FakeDriver: TunDriver, Sendable {
         public var group: UInt32?
         /// Queues other processes attached (by name, as QEMU with `ifname=` does).
         public var foreignQueues = 0
+        public var vnet = VnetSettings(headerSize: 10, littleEndian: false, bigEndian: false)
+        /// Times the daemon took away eBPF programs and the TX filter.
+        public var programsCleared = 0
     }
 
     struct State: Sendable {
@@ -227,7 +230,7 @@ public final class FakeDriver: TunDriver, Sendable {
             return LinkInfo(ifindex: d.ifindex, name: name, mtu: d.mtu, up: d.up, statistics: [:],
                             tun: LinkInfo.Tun(persist: d.persist,
                                               attachedQueues: d.fds.count - d.detached.count + d.foreignQueues,
-                                              detachedQueues: d.detached.count))
+                                              detachedQueues: d.detached.count, owner: d.owner, group: d.group))
         }
     }
 
@@ -289,6 +292,43 @@ public final class FakeDriver: TunDriver, Sendable {
     /// The fake has one namespace: every device is in the daemon's.
     public func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T? { nil }
+
+    public func vnetSettings(_ fd: Int32) throws(SyscallError) -> VnetSettings {
+        try onDevice(fd, "ioctl(TUNGETVNETHDRSZ)") { $0.vnet }
+    }
+    public func setVnetHeaderSize(_ fd: Int32, _ size: Int) throws(SyscallError) {
+        try onDevice(fd, "ioctl(TUNSETVNETHDRSZ)") { $0.vnet.headerSize = size }
+    }
+    public func setVnetByteOrder(_ fd: Int32, littleEndian: Bool?, bigEndian: Bool?) throws(SyscallError) {
+        try onDevice(fd, "ioctl(TUNSETVNETLE)") { d in
+            if let le = littleEndian { d.vnet.littleEndian = le }
+            if let be = bigEndian { d.vnet.bigEndian = be }
+        }
+    }
+    public func clearPrograms(_ fd: Int32) throws(SyscallError) {
+        try onDevice(fd, "ioctl(TUNSETSTEERINGEBPF)") { $0.programsCleared += 1 }
+    }
+    /// What a holder does through its fd: changes the device-wide vnet header settings.
+    public func holderSets(_ name: String, vnet: VnetSettings) {
+        state.withLock { $0.devices[name]?.vnet = vnet }
+    }
+    /// What a holder does through its fd: TUNSETOWNER / TUNSETGROUP.
+    public func holderSets(_ name: String, owner: UInt32?, group: UInt32?) {
+        state.withLock { s in
+            s.devices[name]?.owner = owner
+            s.devices[name]?.group = group
+        }
+    }
+
+    /// Runs `body` on the device `fd` is bound to; EBADFD once it is gone.
+    private func onDevice<T>(_ fd: Int32, _ call: String, _ body: (inout Device) -> T) throws(SyscallError) -> T {
+        let r: T? = state.withLock { s in
+            guard let name = s.owner[fd], !s.vanished.contains(fd), s.devices[name] != nil else { return nil }
+            return body(&s.devices[name]!)
+        }
+        guard let r else { throw SyscallError(call: call, errno: .badFileDescriptorState) }
+        return r
+    }
 
     /// Offloads set per device; USO is refused (EINVAL), as on kernels before 6.2.
     public func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) {

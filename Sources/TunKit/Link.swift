@@ -129,7 +129,8 @@ public enum Link {
         let linkName = withUnsafeBytes(of: li.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         var tun: LinkInfo.Tun?
         if li.is_tun != 0 {
-            tun = LinkInfo.Tun(persist: li.tun_persist != 0, attachedQueues: Int(li.tun_queues), detachedQueues: Int(li.tun_disabled_queues))
+            tun = LinkInfo.Tun(persist: li.tun_persist != 0, attachedQueues: Int(li.tun_queues), detachedQueues: Int(li.tun_disabled_queues),
+                               owner: li.has_tun_owner == 0 ? nil : li.tun_owner, group: li.has_tun_group == 0 ? nil : li.tun_group)
         }
         return LinkInfo(
             ifindex: Int(li.ifindex), name: linkName, mtu: Int(li.mtu), up: Int32(bitPattern: li.flags) & mqt_IFF_UP != 0,
@@ -168,11 +169,16 @@ public struct LinkInfo: Hashable, Sendable {
         /// Queues attached, and detached (TUNSETQUEUE), whoever holds their fds.
         public var attachedQueues: Int
         public var detachedQueues: Int
+        /// Who may attach queues (TUNSETOWNER/TUNSETGROUP); nil: no one set.
+        public var owner: UInt32?
+        public var group: UInt32?
 
-        public init(persist: Bool, attachedQueues: Int, detachedQueues: Int) {
+        public init(persist: Bool, attachedQueues: Int, detachedQueues: Int, owner: UInt32? = nil, group: UInt32? = nil) {
             self.persist = persist
             self.attachedQueues = attachedQueues
             self.detachedQueues = detachedQueues
+            self.owner = owner
+            self.group = group
         }
 
         public var queues: Int { attachedQueues + detachedQueues }

@@ -136,6 +136,57 @@ public enum Tun {
         _ = try retryingEINTR("ioctl(TUNSETOFFLOAD)") { mqt_ioctl_value(fd, mqt_TUNSETOFFLOAD, UInt(offloads.rawValue)) }
     }
 
+    /// The vnet header size the device puts in front of every frame (device-wide: whoever
+    /// holds a queue can change it). The corresponding C call is `ioctl(TUNGETVNETHDRSZ)`.
+    public static func vnetHeaderSize(_ fd: Int32) throws(SyscallError) -> Int {
+        var v: Int32 = 0
+        _ = try retryingEINTR("ioctl(TUNGETVNETHDRSZ)") { mqt_ioctl(fd, mqt_TUNGETVNETHDRSZ, &v) }
+        return Int(v)
+    }
+
+    public static func setVnetHeaderSize(_ fd: Int32, _ size: Int) throws(SyscallError) {
+        var v = Int32(size)
+        _ = try retryingEINTR("ioctl(TUNSETVNETHDRSZ)") { mqt_ioctl(fd, mqt_TUNSETVNETHDRSZ, &v) }
+    }
+
+    /// The vnet header's byte order: little-endian forced (`TUNGETVNETLE`) and big-endian
+    /// (`TUNGETVNETBE`); nil where this kernel has no such setting (EINVAL or ENOTTY: built
+    /// without CONFIG_TUN_VNET_CROSS_LE, for BE).
+    public static func vnetByteOrder(_ fd: Int32) throws(SyscallError) -> (littleEndian: Bool?, bigEndian: Bool?) {
+        func get(_ request: UInt, _ call: String) throws(SyscallError) -> Bool? {
+            var v: Int32 = 0
+            do {
+                _ = try retryingEINTR(call) { mqt_ioctl(fd, request, &v) }
+            } catch where error.errno == .invalidArgument || error.errno == .notTTY {
+                return nil
+            }
+            return v != 0
+        }
+        return (try get(mqt_TUNGETVNETLE, "ioctl(TUNGETVNETLE)"), try get(mqt_TUNGETVNETBE, "ioctl(TUNGETVNETBE)"))
+    }
+
+    public static func setVnetLittleEndian(_ fd: Int32, _ on: Bool) throws(SyscallError) {
+        var v: Int32 = on ? 1 : 0
+        _ = try retryingEINTR("ioctl(TUNSETVNETLE)") { mqt_ioctl(fd, mqt_TUNSETVNETLE, &v) }
+    }
+
+    public static func setVnetBigEndian(_ fd: Int32, _ on: Bool) throws(SyscallError) {
+        var v: Int32 = on ? 1 : 0
+        _ = try retryingEINTR("ioctl(TUNSETVNETBE)") { mqt_ioctl(fd, mqt_TUNSETVNETBE, &v) }
+    }
+
+    /// Takes away a steering and a filter eBPF program and the TX filter a holder may have
+    /// set: the kernel then steers by its own hash and lets every frame through. Reading
+    /// them back is not possible (no getter), so this is done whatever they are.
+    public static func clearPrograms(_ fd: Int32) throws(SyscallError) {
+        for (request, call) in [(mqt_TUNSETSTEERINGEBPF, "ioctl(TUNSETSTEERINGEBPF, -1)"),
+                                (mqt_TUNSETFILTEREBPF, "ioctl(TUNSETFILTEREBPF, -1)")] {
+            var none: Int32 = -1
+            _ = try retryingEINTR(call) { mqt_ioctl(fd, request, &none) }
+        }
+        _ = try retryingEINTR("ioctl(TUNSETTXFILTER, none)") { mqt_tun_clear_txfilter(fd) }
+    }
+
     /// Whether the queue is attached (false: detached with TUNSETQUEUE, by whoever holds the
     /// fd's open file, a lease holder included). TUNGETIFF on a detached queue's fd answers
     /// the flags with IFF_DETACH_QUEUE set.
@@ -151,5 +202,20 @@ public enum Tun {
         _ = try retryingEINTR("ioctl(TUNGETIFF)") { mqt_tun_getiff(fd, &buf, &flags) }
         let name = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         return (name, TunFlags(rawValue: flags))
+    }
+}
+
+/// A device's vnet header settings, as the kernel has them.
+public struct VnetSettings: Hashable, Sendable {
+    /// Bytes of vnet header in front of each frame (10, or 12 for virtio 1.0's).
+    public var headerSize: Int
+    /// TUNSETVNETLE / TUNSETVNETBE; nil where the kernel has no such setting.
+    public var littleEndian: Bool?
+    public var bigEndian: Bool?
+
+    public init(headerSize: Int, littleEndian: Bool?, bigEndian: Bool?) {
+        self.headerSize = headerSize
+        self.littleEndian = littleEndian
+        self.bigEndian = bigEndian
     }
 }

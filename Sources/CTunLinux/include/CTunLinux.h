@@ -19,6 +19,18 @@ extern const unsigned long mqt_TUNSETOFFLOAD;
 extern const unsigned long mqt_TUNSETOWNER;
 extern const unsigned long mqt_TUNSETGROUP;
 extern const unsigned long mqt_TUNGETDEVNETNS;
+// Device-wide settings any holder of a queue can change (the daemon reads and puts back).
+extern const unsigned long mqt_TUNGETVNETHDRSZ;
+extern const unsigned long mqt_TUNSETVNETHDRSZ;
+extern const unsigned long mqt_TUNGETVNETLE;
+extern const unsigned long mqt_TUNSETVNETLE;
+extern const unsigned long mqt_TUNGETVNETBE;
+extern const unsigned long mqt_TUNSETVNETBE;
+extern const unsigned long mqt_TUNSETSTEERINGEBPF;
+extern const unsigned long mqt_TUNSETFILTEREBPF;
+
+// Clears the TX filter (TUNSETTXFILTER with no addresses): every frame passes again.
+int mqt_tun_clear_txfilter(int fd);
 extern const unsigned long mqt_SIOCGIFFLAGS;
 extern const unsigned long mqt_SIOCSIFFLAGS;
 extern const unsigned long mqt_SIOCSIFMTU;
@@ -71,6 +83,10 @@ typedef struct mqt_link_info {
     int tun_persist;
     int tun_queues;  // attached
     int tun_disabled_queues;  // detached
+    int has_tun_owner;  // IFLA_TUN_OWNER was there (the kernel sends it only when set)
+    unsigned int tun_owner;
+    int has_tun_group;
+    unsigned int tun_group;
 } mqt_link_info;
 
 // Reads it with one RTM_GETLINK request, by index, or by name when `ifindex` is 0 (in the

@@ -68,6 +68,10 @@ enum DevicesResource {
         if let k = d.kernel {
             o["kernel_name"] = .string(k.name)
             o["foreign_queues"] = JSON(k.foreignQueues)
+            o["consumer"] = .string(d.consumer.rawValue)
+            if let size = d.vnetHdrSize { o["vnet_hdr_size"] = JSON(size) }
+            o["settings_differ"] = .array(d.settingsDiffer.map { .string($0) })
+            o["revoked_queues"] = JSON(d.revokedQueues)
             if let ns = k.netns {
                 var n: JSONObject = ["inode": JSON(Int(ns.inode)), "own": .bool(ns.isOwn)]
                 if let name = ns.name { n["name"] = .string(name) }

@@ -614,7 +614,7 @@ components:
                 - not: { required: [peer] }
                 - anyOf:
                     - not: { required: [mode] }
-                    - properties: { mode: { enum: [sink, echo] } }
+                    - properties: { mode: { enum: [sink, echo, external] } }
             - required: [mode, peer]
               properties: { mode: { enum: [forward] } }
       properties:
@@ -713,11 +713,19 @@ components:
             that has no peer and without one is 409 `peer_unavailable`.
     Mode:
       type: string
-      enum: [sink, echo, forward]
+      enum: [sink, echo, forward, external]
       default: sink
       description: >-
         `sink` reads, counts and drops; `echo` writes each frame back to its queue (MACs
-        swapped on TAP); `forward` writes each frame, unchanged, into a queue of `peer`.
+        swapped on TAP); `forward` writes each frame, unchanged, into a queue of `peer`;
+        `external` reads nothing: the daemon makes and keeps the device, holds its own queues
+        detached (so the device lives, its queues count toward the limits and its state is
+        read) and the processes that attach queues by name (libvirt's `<target
+        managed='no'/>`, QEMU's `ifname=`) get every frame. A device has one consumer at a
+        time: in `sink`, `echo` and `forward` the kernel splits frames between the daemon's
+        queues and any queue attached by name (shown in `state_reason`); use `external` for
+        consumers that attach by name. A device that forwards or is forwarded to cannot be
+        `external` or leased (409 `device_forwarding`).
     Device:
       type: object
       additionalProperties: false
@@ -772,8 +780,56 @@ components:
           description: >-
             As the kernel has it now, in the namespace the device is in; 0 for a device that
             is not active.
-        owner: { type: integer, minimum: 0, description: "Who may attach queues besides CAP_NET_ADMIN (TUNSETOWNER)." }
-        group: { type: integer, minimum: 0, description: "The group that may (TUNSETGROUP)." }
+        owner:
+          type: integer
+          minimum: 0
+          description: >-
+            Who may attach queues besides CAP_NET_ADMIN (TUNSETOWNER), as the kernel has it
+            now: a holder of a queue can change it (`settings_differ` then names `owner`); the
+            daemon puts back the owner the API set when the last holder goes. The kernel
+            cannot clear an owner once set: one a holder set on a device created without one
+            stays, and is shown.
+        group: { type: integer, minimum: 0, description: "The group that may (TUNSETGROUP), as `owner`." }
+        consumer:
+          type: string
+          enum: [daemon, external, lease]
+          description: >-
+            Who gets the device's frames now (the kernel spreads them over every attached
+            queue, whoever holds it, so there is one consumer at a time): `daemon` (its
+            workers, per `mode`), `external` (mode `external`: the processes that attach by
+            name), `lease` (while any lease lives, the queues no lease holds are detached so
+            the holders get every frame; when the last lease ends they go back to the attach
+            state the API set). While the consumer is not `daemon`, attaching one of the
+            daemon's own queues is 409 `queues_held`. Active devices only.
+        vnet_hdr_size:
+          type: integer
+          description: >-
+            The vnet header size the kernel has for the device now (TUNGETVNETHDRSZ; 10 is
+            what the daemon sets). It is device-wide: a holder of any queue can change it
+            (QEMU sets 12 for virtio 1.0). While it differs on a `vnet_hdr` device the daemon
+            shares with another holder, the workers do not read the device (`state_reason`
+            says so) rather than misread frames; it is put back when the last holder goes.
+            Active devices only.
+        settings_differ:
+          type: array
+          items: { type: string, enum: [vnet_hdr_size, vnet_byte_order, owner, group] }
+          description: >-
+            Device-wide settings where the kernel differs from what the API set, changed by a
+            holder. They are put back when the last lease ends and when the last queue
+            attached by name goes (a `device.changed` event `by: daemon` with `changes.restored`
+            naming them, and a log line), together with the offloads and with no eBPF
+            steering or filter program and no TX filter, which the kernel cannot report.
+            Active devices only.
+        revoked_queues:
+          type: integer
+          minimum: 0
+          description: >-
+            Queue files of revoked leases the daemon keeps open and detached: a revoked holder
+            may keep its copy of the same open file, so the daemon never reads it again, gives
+            the queue id a fresh file, and detaches the old one again within a second whenever
+            its former holder attaches it (`queue.disabled` `by: daemon`, `changes.revoked`).
+            They count toward the kernel's 256 for as long as the device lives. Active devices
+            only.
         kernel_name:
           type: string
           description: >-
@@ -821,8 +877,10 @@ components:
         state_reason:
           type: string
           description: >-
-            Why the device is not active; for an active one renamed in the kernel, that it
-            was (see `kernel_name`).
+            Why the device is not active; for an active one: that it was renamed in the
+            kernel (see `kernel_name`), that its workers do not read it (a holder's settings),
+            that queues attached by name split its frames with the daemon's workers, or that a
+            holder changed its settings (`settings_differ`).
         since:
           type: string
           format: date-time
@@ -1057,6 +1115,9 @@ components:
                 - shutting_down
                 - queue_leased
                 - device_leased
+                - queues_held
+                - device_forwarding
+                - lease_limit
                 - upgrade_required
                 - unix_socket_required
                 - unauthorized

@@ -96,8 +96,21 @@ extension DeviceManager {
     /// closes it after).
     private func startQueue(id: Int, file: QueueHandle, of d: ActiveDevice, model: inout ManagerModel,
                             rollback: inout Rollback) throws(ManagerError) -> QueueEntry {
-        let q = QueueEntry(id: id, key: model.takeKey(), file: file, worker: pool.reserve(), enabled: true,
+        var q = QueueEntry(id: id, key: model.takeKey(), file: file, worker: pool.reserve(), enabled: true,
                            counters: CounterBlock(), since: Clock.timestamp())
+        if holdsQueues(d) {
+            // Another consumer has the device: the new queue is held detached, never read.
+            do throws(SyscallError) {
+                try driver.setQueue(file.fd, enabled: false)
+            } catch {
+                pool.release(q.worker)
+                throw ManagerError.from(error, device: d.name, step: .detachQueue)
+            }
+            q.held = true
+            q.seen = false
+            rollback.add { [pool] in pool.release(q.worker) }
+            return q
+        }
         do {
             try pool.startPolling(polled(q, of: d), on: q.worker)
         } catch {
@@ -151,6 +164,11 @@ extension DeviceManager {
                 }
                 rollback.add { [driver, q] in try? driver.setQueue(q.fd, enabled: !enabled) }
             }
+        } else if q.held {
+            // Held for another consumer: only what the API wants once the daemon has it again.
+            q.enabled = enabled
+            d.queues[id] = q
+            return q
         } else {
             // The kernel's state, not only the recorded one: whoever shares the queue's open
             // file (a revoked lease's holder) may have changed it.
@@ -197,6 +215,14 @@ extension DeviceManager {
                     headerBytes: d.headerBytes)
     }
 
+    /// Removes a queue from a device: closed, and what it counted kept in the device's total.
+    func remove(_ id: Int, from d: inout ActiveDevice) {
+        guard let q = d.queues.removeValue(forKey: id) else { return }
+        close(q)
+        // Read after the worker let go of it: the final counts.
+        d.retired = d.retired + q.counters.read()
+    }
+
     /// Stops polling a queue, then closes it: never an fd a worker may still poll.
     func close(_ q: QueueEntry) {
         if q.polled { pool.stopPolling(key: q.key, on: q.worker) }
@@ -207,5 +233,6 @@ extension DeviceManager {
     /// Closes every queue of a device (a non-persistent device goes with its last fd).
     func release(_ d: ActiveDevice) {
         for q in d.queues.values.sorted(by: { $0.id > $1.id }) { close(q) }
+        for r in d.revoked { r.file.close() }
     }
 }

@@ -22,6 +22,7 @@ extension DeviceManager {
         return try change { (model) throws(ManagerError) in
             try checkForward(name: spec.name, kind: spec.kind, vnetHdr: spec.vnetHdr, mode: spec.mode, peer: spec.peer,
                              in: model)
+            try checkForwardConsumers(device: spec.name, mode: spec.mode, peer: spec.peer, in: model)
             let limit = spec.maxQueues ?? model.maxQueues
             guard limit <= model.maxQueues else {
                 throw .aboveGlobalLimit(field: "max_queues", value: limit, limit: model.maxQueues)
@@ -169,6 +170,15 @@ extension DeviceManager {
                 guard let peer else { throw .peerUnavailable(device: name, peer: "(none given)") }
                 try checkForward(name: name, kind: d.kind, vnetHdr: d.vnetHdr, mode: mode, peer: peer, in: model)
             }
+            if mode != d.mode || peer != d.peer {
+                if !d.leases.isEmpty && mode == .forward {
+                    throw .deviceForwarding(device: name, reason: "is leased and cannot forward", field: "mode")
+                }
+                try checkForwardConsumers(device: name, mode: mode, peer: peer, in: model)
+            }
+            var after = d
+            after.mode = mode
+            after.peer = peer
             // The kernel's view, read once: its link state and MTU are what the PATCH compares
             // with (so it puts back what `ip link` changed behind the daemon's back), and its
             // count of queues others attached is what the limits count.
@@ -187,6 +197,12 @@ extension DeviceManager {
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
                                           limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues),
                                           foreign: count > d.queueCount ? now.foreignQueues : 0)
+            // Another consumer has the device after the change: the daemon's queues stay detached.
+            if holdsQueues(after), let k = patch.enabledQueues,
+               Set(d.queues.keys).union(d.orphans.keys).union(plan.add).subtracting(plan.remove).sorted().prefix(k)
+                   .contains(where: { d.queues[$0]?.lease == nil && d.orphans[$0] == nil }) {
+                throw .queuesHeld(device: name, consumer: after.consumer, leases: d.leases.keys.sorted())
+            }
             try withRollback { (rollback) throws(ManagerError) in
                 for q in try openQueues(ids: plan.add, for: d, model: &model, rollback: &rollback) { d.queues[q.id] = q }
                 for (id, on) in plan.attach { _ = try setEnabled(&d, id: id, on, rollback: &rollback) }
@@ -215,19 +231,18 @@ extension DeviceManager {
                     }
                     d.mtu = mtu
                 }
+                // Last: the queues follow the device's consumer under its new mode.
+                d.mode = mode
+                d.peer = peer
+                try applyConsumer(&d, rollback: &rollback)
             }
             // Last, as they cannot be undone (and cannot fail): closing the queues to remove.
-            for id in plan.remove {
-                close(d.queues[id]!)
-                d.queues[id] = nil
-            }
+            for id in plan.remove { remove(id, from: &d) }
             if !plan.add.isEmpty || !plan.remove.isEmpty {
                 logger.info("queues declared", metadata: ["device": "\(name)", "count": "\(d.queueCount)",
                                                           "added": "\(plan.add.count)", "removed": "\(plan.remove.count)"])
             }
-            if mode != d.mode || peer != d.peer {
-                d.mode = mode
-                d.peer = peer
+            if mode != before.mode || peer != before.peer {
                 // A forward gets its target when the change ends (`retarget`).
                 if mode != .forward {
                     for q in d.queues.values where q.polled { pool.setAction(key: q.key, action(for: d), on: q.worker) }
@@ -338,8 +353,7 @@ extension DeviceManager {
             guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
             if let l = q.lease { throw .queueLeased(device: name, id: id, lease: l) }
             guard d.queueCount > 1 else { throw .lastQueue(device: name, id: id) }
-            close(q)
-            d.queues[id] = nil
+            remove(id, from: &d)
             model.devices[name] = .active(d)
             journal.publish(.queueRemoved, device: name, queue: id, by: .api)
             logger.info("queue removed", metadata: ["device": "\(name)", "queue": "\(id)", "count": "\(d.queues.count)"])
@@ -353,6 +367,9 @@ extension DeviceManager {
         try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
             if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
+            if let q = d.queues[id], q.lease == nil, q.held, enabled {
+                throw .queuesHeld(device: name, consumer: d.consumer, leases: d.leases.keys.sorted())
+            }
             let was = d.queues[id]?.seen
             let q = try withRollback { (rollback) throws(ManagerError) in
                 try setEnabled(&d, id: id, enabled, rollback: &rollback)

@@ -30,6 +30,9 @@ public final class DeviceManager: Sendable {
     let forwarding = ForwardRegistry()
     /// The observer's rounds: some looks are taken only every few.
     let observeTicks = Atomic<Int>(0)
+    /// Live leases the daemon takes, over all devices (their connections are counted apart
+    /// from the API's).
+    public let maxLeases: Int
 
     /// Starts `workers` worker threads (default: one per online CPU) with a global queue
     /// limit of `maxQueues` (default: the kernel's 256). With a `stateFile`, every accepted
@@ -40,6 +43,7 @@ public final class DeviceManager: Sendable {
                 maxQueues: Int = Tun.kernelMaxQueues,
                 stateFile: StateFile? = nil,
                 eventRetention: Int = 4096,
+                maxLeases: Int = 1024,
                 logger: Logger = Logger(label: "mqtapd", factory: { _ in SwiftLogNoOpLogHandler() })) throws {
         try Validate.maxQueues(maxQueues)
         guard workers >= 1 else { throw ManagerError.invalidField(field: "workers", reason: "must be at least 1") }
@@ -49,6 +53,8 @@ public final class DeviceManager: Sendable {
         }
         self.features = features
         self.driver = driver
+        guard maxLeases >= 1 else { throw ManagerError.invalidField(field: "max_leases", reason: "must be at least 1") }
+        self.maxLeases = maxLeases
         guard eventRetention >= 1 else {
             throw ManagerError.invalidField(field: "event_retention", reason: "must be at least 1")
         }
@@ -108,7 +114,8 @@ public final class DeviceManager: Sendable {
     public func stats(_ name: String) throws(ManagerError) -> DeviceStats {
         let d = try activeSnapshot(name)
         let queues = d.sortedQueues.map { QueueStats(id: $0.id, counters: $0.counters.read()) }
-        let total = queues.reduce(CounterValues()) { $0 + $1.counters }
+        // What removed queues had counted stays in the total: it is the device's since it was made.
+        let total = queues.reduce(d.retired) { $0 + $1.counters }
         do {
             // nil: the link went between the snapshot and the read; the workers report it.
             return DeviceStats(queues: queues, total: total, kernel: try linkStatistics(d) ?? [:])
@@ -135,12 +142,20 @@ public final class DeviceManager: Sendable {
         let peerState = d.mode != .forward ? nil
             : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? PeerState.missing : .active)
         let global = published.withLock { $0.maxQueues }
-        return DeviceInfo(name: d.name, kind: d.kind, maxQueues: queueLimit(own: d.ownMaxQueues, global: global),
-                          maxQueuesSource: d.ownMaxQueues == nil ? .global : .device, persist: d.persist, vnetHdr: d.vnetHdr,
-                          mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, peer: d.peer, peerState: peerState,
-                          offload: d.offload, offloads: d.offloads.names, ifindex: d.ifindex, owner: d.owner,
-                          group: d.group, kernel: KernelView(name: d.kernelName, netns: d.place, foreignQueues: d.foreignQueues),
-                          queues: qs, status: .active, since: d.since)
+        // Owner and group as the kernel has them (a holder may have changed them).
+        var info = DeviceInfo(name: d.name, kind: d.kind, maxQueues: queueLimit(own: d.ownMaxQueues, global: global),
+                              maxQueuesSource: d.ownMaxQueues == nil ? .global : .device, persist: d.persist, vnetHdr: d.vnetHdr,
+                              mtu: d.mtu, mac: d.mac, up: d.up, mode: d.mode, peer: d.peer, peerState: peerState,
+                              offload: d.offload, offloads: d.offloads.names, ifindex: d.ifindex,
+                              owner: d.settings.map { $0.owner } ?? d.owner, group: d.settings.map { $0.group } ?? d.group,
+                              kernel: KernelView(name: d.kernelName, netns: d.place, foreignQueues: d.foreignQueues),
+                              queues: qs, status: .active, since: d.since)
+        info.consumer = d.consumer
+        info.vnetHdrSize = d.settings?.vnet.headerSize
+        info.settingsDiffer = d.settings.map { differences(d, $0) } ?? []
+        info.revokedQueues = d.revoked.count
+        info.unreadable = d.unreadable
+        return info
     }
 
     /// The entry as the kernel has it now, found through one of its own fds: `up`, `mtu`,
@@ -155,14 +170,15 @@ public final class DeviceManager: Sendable {
         d.kernelName = link.name
         d.place = place
         d.foreignQueues = foreignQueues(d, link)
+        if let now = readSettings(d, link: link) { d.settings = now }
         return .active(d)
     }
 
     /// The device's link and namespace, through a queue fd while it is open (the snapshot
     /// may be older than a close); nil if there is none or the kernel did not answer.
     func lookUp(_ d: ActiveDevice) -> (LinkInfo, Netns.Place)? {
-        guard let q = d.queues.values.first else { return nil }
-        let found = q.file.withOpenFD { fd -> (LinkInfo, Netns.Place)? in
+        guard let file = d.anyFile else { return nil }
+        let found = file.withOpenFD { fd -> (LinkInfo, Netns.Place)? in
             guard let link = try? link(of: fd), let place = try? driver.place(of: fd) else { return nil }
             return (link, place)
         }
@@ -180,7 +196,7 @@ public final class DeviceManager: Sendable {
     /// kernel counts every attached and detached queue, whoever holds it.
     func foreignQueues(_ d: ActiveDevice, _ link: LinkInfo) -> Int {
         guard let tun = link.tun else { return 0 }
-        return max(0, tun.queues - d.queueCount)
+        return max(0, tun.queues - d.accountedQueues)
     }
 
     /// The same, asked of the kernel now (0 if it does not answer): for the limits of a change.
@@ -201,8 +217,8 @@ public final class DeviceManager: Sendable {
 
     /// The kernel's counters of the device, found through its own fd; nil if it is gone.
     func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
-        guard let q = d.queues.values.first else { return nil }
-        let read = q.file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
+        guard let file = d.anyFile else { return nil }
+        let read = file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
             do throws(SyscallError) {
                 return .success(try link(of: fd)?.statistics)
             } catch {
@@ -238,9 +254,9 @@ public final class DeviceManager: Sendable {
     }
 
     func vanished(_ entry: DeviceEntry) -> Bool {
-        guard let q = entry.active?.queues.values.first else { return false }
+        guard let file = entry.active?.anyFile else { return false }
         // A queue closed since the snapshot was taken says nothing: not vanished.
-        return q.file.withOpenFD { !driver.isBound($0) } ?? false
+        return file.withOpenFD { !driver.isBound($0) } ?? false
     }
 
     /// The kernel's attach state of a queue, read from the daemon's fd (nil if it was closed

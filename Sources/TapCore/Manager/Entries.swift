@@ -18,12 +18,32 @@ struct QueueEntry: Sendable {
     /// The attach state the daemon last knew the kernel to have (what it set, or what the
     /// observer saw): a difference is someone else's change, reported as an event.
     var seen = true
+    /// Held detached for another consumer of the device (its mode is `external`, or a lease
+    /// lives): not read, and not attached whatever `enabled` says, until the daemon is the
+    /// device's consumer again.
+    var held = false
 
     /// Borrowed from `file`, which stays open while the entry is the manager's.
     var fd: Int32 { file.fd }
 
-    /// Whether a worker reads the queue: attached through the API and not leased.
-    var polled: Bool { enabled && lease == nil }
+    /// Whether a worker reads the queue: attached through the API, not leased, not held.
+    var polled: Bool { enabled && lease == nil && !held }
+
+    /// The attach state the daemon wants the kernel to have for a queue that is not leased.
+    var wantsAttached: Bool { enabled && !held }
+}
+
+/// A queue file the daemon took back from a revoked lease: its former holder may still have
+/// the same open file, so the daemon never reads it again and keeps it detached (re-detached
+/// whenever the holder attaches it) for as long as the device lives. Its fd keeps counting
+/// toward the device's queues in the kernel.
+struct RevokedQueue: Sendable {
+    /// The queue id it had; the id now names a fresh queue.
+    let id: Int
+    let lease: String
+    let file: QueueHandle
+    /// Times the former holder re-attached it and the daemon detached it again.
+    var refusals = 0
 }
 
 /// A leased queue the daemon has no fd of: its lease was recorded before a crash or a stop,
@@ -92,16 +112,39 @@ struct ActiveDevice: Sendable {
     /// Leased queues recorded before a restart, which the daemon holds no fd of.
     var orphans: [Int: OrphanQueue] = [:]
     var leases: [String: LeaseEntry] = [:]
+    /// Files of revoked leases, kept detached (see `RevokedQueue`).
+    var revoked: [RevokedQueue] = []
+    /// What queues removed since the device was made had counted: the device's total keeps
+    /// them, so it stays comparable with the kernel's counters.
+    var retired = CounterValues()
+    /// The device-wide settings as the kernel last showed them (nil: not read yet).
+    var settings: DeviceSettings?
+    /// Why the workers do not read the device although the daemon is its consumer (its
+    /// settings are not what they can read); nil: nothing stops them.
+    var unreadable: String?
     let since: String
+
+    /// Who gets the device's frames now.
+    var consumer: Consumer {
+        if !leases.isEmpty { return .lease }
+        return mode == .external ? .external : .daemon
+    }
 
     /// Every queue id the device has: the daemon's own and the orphaned ones.
     var queueCount: Int { queues.count + orphans.count }
 
+    /// Queues the kernel counts that the daemon accounts for: its ids and the revoked files
+    /// it keeps. The rest are foreign.
+    var accountedQueues: Int { queueCount + revoked.count }
+
     /// Whether `id` names a queue, own or orphaned.
     func hasQueue(_ id: Int) -> Bool { queues[id] != nil || orphans[id] != nil }
 
-    /// Any queue's fd: all are bound to the same device.
-    var anyFD: Int32? { queues.values.first?.fd }
+    /// Any queue's fd: all are bound to the same device (a revoked file too).
+    var anyFD: Int32? { anyFile?.fd }
+
+    /// Any file of the device the daemon holds, to ask the kernel through.
+    var anyFile: QueueHandle? { queues.values.first?.file ?? revoked.first?.file }
 
     /// The vnet header in front of every frame, not counted in bytes.
     var headerBytes: Int { vnetHdr ? QueueAction.vnetHeaderSize : 0 }

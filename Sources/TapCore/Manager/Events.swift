@@ -119,6 +119,23 @@ extension DeviceManager {
                         d.ifindex = link.ifindex
                         touched = true
                     }
+                    // A holder's settings: put back once the daemon holds the device alone,
+                    // and the workers kept off it while they cannot read it.
+                    if checkSettings(&d, foreign: foreign, why: "observed") { touched = true }
+                }
+                // A revoked lease's file re-attached by its former holder: detached again.
+                for i in d.revoked.indices {
+                    let r = d.revoked[i]
+                    guard r.file.withOpenFD({ (try? driver.isAttached($0)) ?? false }) == true else { continue }
+                    if (try? driver.setQueue(r.file.fd, enabled: false)) != nil {
+                        d.revoked[i].refusals += 1
+                        touched = true
+                        journal.publish(.queueDisabled, device: d.name, queue: r.id, lease: r.lease, by: .daemon,
+                                        changes: [("revoked", .bool(true)), ("refusals", .int(d.revoked[i].refusals))])
+                        logger.warning("a revoked lease's file was attached again by its former holder; detached",
+                                       metadata: ["device": "\(d.name)", "queue": "\(r.id)", "lease": "\(r.lease)",
+                                                  "refusals": "\(d.revoked[i].refusals)"])
+                    }
                 }
                 for q in d.queues.values {
                     let attached: Bool
@@ -129,6 +146,18 @@ extension DeviceManager {
                         // device (all its queues detached or leased).
                         if error.errno == .badFileDescriptorState { lost.append(d.key) }
                         break
+                    }
+                    if q.lease == nil, q.held, attached {
+                        // Held for the device's consumer, attached by someone sharing the file
+                        // (a former holder): detached again.
+                        if (try? driver.setQueue(q.fd, enabled: false)) != nil {
+                            touched = true
+                            journal.publish(.queueDisabled, device: d.name, queue: q.id, by: .daemon)
+                            logger.warning("a held queue was attached by another holder of its file; detached",
+                                           metadata: ["device": "\(d.name)", "queue": "\(q.id)"])
+                            d.queues[q.id]!.seen = false
+                            continue
+                        }
                     }
                     guard attached != q.seen else { continue }
                     d.queues[q.id]!.seen = attached

@@ -16,7 +16,7 @@ extension DeviceManager {
     /// in id order (a detached queue's fd refuses writes; a leased one is its holder's).
     func peerQueues(of d: ActiveDevice, in model: ManagerModel) -> [QueueEntry] {
         guard d.mode == .forward, let name = d.peer, case .active(let p)? = model.devices[name] else { return [] }
-        return p.sortedQueues.filter { $0.enabled && $0.lease == nil }
+        return p.sortedQueues.filter { $0.enabled && $0.lease == nil && !$0.held }
     }
 
     /// What the workers do with `d`'s frames (for `forward`, the target last pushed).

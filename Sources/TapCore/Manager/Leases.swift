@@ -86,6 +86,16 @@ extension DeviceManager {
         }
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
+            // One consumer per device: the holder's frames would also go to a forwarder, and a
+            // peer's frames into the holder's queues.
+            if d.mode == .forward {
+                throw .deviceForwarding(device: name, reason: "forwards to \(d.peer ?? "a peer") and cannot be leased", field: nil)
+            }
+            if let from = forwarders(to: name, in: model).first {
+                throw .deviceForwarding(device: name, reason: "is forwarded to by \(from) and cannot be leased", field: nil)
+            }
+            let live = model.devices.values.reduce(0) { $0 + ($1.active?.leases.values.filter { !$0.orphaned }.count ?? 0) }
+            guard live < maxLeases else { throw .leaseLimit(limit: maxLeases) }
             let ids = (request.queues ?? d.queues.keys.sorted() + d.orphans.keys.sorted()).sorted()
             for id in ids {
                 if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
@@ -107,15 +117,40 @@ extension DeviceManager {
                 }
                 offered.append(.init(id: qid, enabled: (try? driver.isAttached(q.fd)) ?? q.enabled))
             }
-            for qid in ids {
-                var q = d.queues[qid]!
-                // Out of the worker's hands before the holder gets the fd.
-                if q.polled { pool.stopPolling(key: q.key, on: q.worker) }
-                q.lease = id
-                d.queues[qid] = q
+            let before = d
+            do throws(ManagerError) {
+                try withRollback { (rollback) throws(ManagerError) in
+                    for qid in ids {
+                        var q = d.queues[qid]!
+                        // Out of the worker's hands before the holder gets the fd.
+                        if q.polled {
+                            pool.stopPolling(key: q.key, on: q.worker)
+                            let was = q
+                            rollback.add { [pool] in try? pool.startPolling(self.polled(was, of: before), on: was.worker) }
+                        }
+                        if q.held {
+                            // Held detached for the device's consumer; the holder gets it as the
+                            // API set it.
+                            if q.enabled {
+                                try step(name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
+                                let fd = q.fd
+                                rollback.add { [driver] in try? driver.setQueue(fd, enabled: false) }
+                            }
+                            q.held = false
+                        }
+                        q.lease = id
+                        d.queues[qid] = q
+                    }
+                    d.leases[id] = LeaseEntry(id: id, queues: ids, holder: request.holder, peer: peer, since: Clock.timestamp(),
+                                              connection: nil, orphaned: false)
+                    // The lease takes the device: the queues it does not hold are detached.
+                    try applyConsumer(&d, rollback: &rollback)
+                }
+            } catch {
+                files.forEach { $0.close() }
+                throw error
             }
-            d.leases[id] = LeaseEntry(id: id, queues: ids, holder: request.holder, peer: peer, since: Clock.timestamp(),
-                                      connection: nil, orphaned: false)
+            offered = offered.map { o in .init(id: o.id, enabled: (try? driver.isAttached(d.queues[o.id]!.fd)) ?? o.enabled) }
             model.devices[name] = .active(d)
             var what: [(String, Event.Value)] = [("queues", .string(ids.map(String.init).joined(separator: ",")))]
             if let h = request.holder { what.append(("holder", .string(h))) }
@@ -145,36 +180,46 @@ extension DeviceManager {
     public func leaseEnded(device name: String, lease id: String) {
         change { model in
             guard case .active(var d)? = model.devices[name], let l = d.leases.removeValue(forKey: id) else { return }
+            if d.leases.isEmpty {
+                // The last holder is gone: the device's settings are the daemon's again, before
+                // any worker reads it.
+                restoreSettings(&d, why: "lease \(id) ended")
+                checkSettings(&d, foreign: foreignQueues(d), why: "lease \(id) ended")
+            }
+            let hold = holdsQueues(d)
             for qid in l.queues {
                 guard var q = d.queues[qid], q.lease == id else { continue }
                 q.lease = nil
+                q.held = hold
                 do {
                     var attached = try driver.isAttached(q.fd)
                     if attached != q.seen {
                         // The holder's last change, not yet seen by the observer.
                         journal.publish(attached ? .queueEnabled : .queueDisabled, device: name, queue: qid, lease: id, by: .holder)
                     }
-                    if attached != q.enabled {
+                    if attached != q.wantsAttached {
                         do throws(SyscallError) {
-                            try driver.setQueue(q.fd, enabled: q.enabled)
-                            attached = q.enabled
-                            journal.publish(q.enabled ? .queueEnabled : .queueDisabled, device: name, queue: qid, by: .daemon)
+                            try driver.setQueue(q.fd, enabled: q.wantsAttached)
+                            attached = q.wantsAttached
+                            journal.publish(attached ? .queueEnabled : .queueDisabled, device: name, queue: qid, by: .daemon)
                         } catch {
                             // The record follows the kernel: the API shows the state the queue
                             // has, and an attached queue is read, whichever it is.
                             logger.error("queue not put back as the API set it; it stays as the holder left it",
                                          metadata: ["device": "\(name)", "queue": "\(qid)", "lease": "\(id)", "error": "\(error)"])
-                            q.enabled = attached
+                            if !hold { q.enabled = attached }
                         }
                     }
                     q.seen = attached
-                    if attached { try pool.startPolling(polled(q, of: d), on: q.worker) }
+                    if q.polled { try pool.startPolling(polled(q, of: d), on: q.worker) }
                 } catch {
                     logger.error("queue not taken back", metadata: ["device": "\(name)", "queue": "\(qid)", "lease": "\(id)",
                                                                     "error": "\(error)"])
                 }
                 d.queues[qid] = q
             }
+            // The other queues follow: read again once the last lease is gone.
+            applyConsumerLogged(&d)
             model.devices[name] = .active(d)
             journal.publish(.leaseReleased, device: name, lease: id)
             logger.info("lease released", metadata: ["device": "\(name)", "lease": "\(id)"])
@@ -188,15 +233,41 @@ extension DeviceManager {
     public func revokeLease(device name: String, lease id: String) throws(ManagerError) {
         let connection = try change { (model) throws(ManagerError) -> (any LeaseConnection)? in
             var d = try active(name, in: &model)
-            guard d.leases[id] != nil else { throw .leaseNotFound(device: name, id: id) }
+            guard let l = d.leases[id] else { throw .leaseNotFound(device: name, id: id) }
             let connection = revoke(id, of: &d)
+            // Each revoked id gets a fresh queue (a new open): the old file is its former
+            // holder's too, so the daemon never reads it again.
+            let ids = l.queues.filter { !d.hasQueue($0) }
+            var fresh: [QueueEntry] = []
+            if !l.orphaned, !ids.isEmpty, d.anyFD != nil {
+                do throws(ManagerError) {
+                    fresh = try withRollback { (rollback) throws(ManagerError) in
+                        try openQueues(ids: ids, for: d, model: &model, rollback: &rollback)
+                    }
+                } catch {
+                    logger.error("revoked queues not opened again; the device has fewer queues",
+                                 metadata: ["device": "\(name)", "lease": "\(id)", "error": "\(error)"])
+                }
+            }
+            for q in fresh { d.queues[q.id] = q }
+            if d.leases.isEmpty {
+                restoreSettings(&d, why: "lease \(id) revoked")
+                checkSettings(&d, foreign: foreignQueues(d), why: "lease \(id) revoked")
+            }
+            applyConsumerLogged(&d)
             model.devices[name] = .active(d)
+            for q in fresh { journal.publish(.queueAdded, device: name, queue: q.id, lease: id, by: .daemon) }
+            for qid in ids where d.queues[qid] == nil {
+                journal.publish(.queueRemoved, device: name, queue: qid, lease: id, by: .daemon)
+            }
             return connection
         }
         connection?.close()
     }
 
-    /// Takes a lease away from `d` (see `revokeLease`); returns its connection to close.
+    /// Takes a lease away from `d` (see `revokeLease`); returns its connection to close. Each
+    /// of its queues leaves the device's ids: its file is kept detached among the revoked
+    /// ones (its counts stay in the device's total), and the caller gives the id a fresh queue.
     func revoke(_ id: String, of d: inout ActiveDevice) -> (any LeaseConnection)? {
         guard let l = d.leases.removeValue(forKey: id) else { return nil }
         for qid in l.queues {
@@ -204,7 +275,7 @@ extension DeviceManager {
                 d.orphans[qid] = nil
                 continue
             }
-            guard var q = d.queues[qid], q.lease == id else { continue }
+            guard let q = d.queues[qid], q.lease == id else { continue }
             if (try? driver.isAttached(q.fd)) == true {
                 do {
                     try driver.setQueue(q.fd, enabled: false)
@@ -213,10 +284,11 @@ extension DeviceManager {
                     logger.error("leased queue not detached", metadata: ["device": "\(d.name)", "queue": "\(qid)", "error": "\(error)"])
                 }
             }
-            q.lease = nil
-            q.enabled = false
-            q.seen = false
-            d.queues[qid] = q
+            // Not polled (it was leased): the worker slot is free, the file stays open.
+            pool.release(q.worker)
+            d.retired = d.retired + q.counters.read()
+            d.queues[qid] = nil
+            d.revoked.append(RevokedQueue(id: qid, lease: id, file: q.file))
         }
         journal.publish(.leaseRevoked, device: d.name, lease: id)
         logger.info(l.orphaned ? "orphaned lease forgotten" : "lease revoked", metadata: ["device": "\(d.name)", "lease": "\(id)"])

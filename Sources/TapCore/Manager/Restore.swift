@@ -89,6 +89,8 @@ extension DeviceManager {
                     a.leases[l.id] = LeaseEntry(id: l.id, queues: l.queues, holder: l.holder, peer: l.peer, since: l.since,
                                                 connection: nil, orphaned: true)
                 }
+                // The holders still have the device: the daemon's own queues stay detached.
+                try applyConsumer(&a, rollback: &rollback)
                 return .active(a)
             }
         } catch {

@@ -17,7 +17,8 @@ enum QueueAction: Sendable {
     /// The action for a device's mode; `target` for `forward`.
     static func of(_ mode: DeviceMode, kind: DeviceKind, vnetHdr: Bool, target: ForwardTarget?) -> QueueAction {
         switch mode {
-        case .sink: return .sink
+        // An external device's queues are never polled; sink is what a stray read would do.
+        case .sink, .external: return .sink
         case .echo: return .echo(macOffset: kind == .tap ? (vnetHdr ? vnetHeaderSize : 0) : nil)
         case .forward: return .forward(target ?? ForwardTarget([]))
         }

@@ -1,0 +1,251 @@
+"""One consumer per device (issue 19) on real taps: `external` mode leaves every frame to the
+processes that attach by name; a lease takes the device; a holder's device-wide settings (vnet
+header size, owner) are shown, never misread, and put back when it goes; a revoke holds; a
+removed queue's counts stay in the total."""
+import fcntl
+import os
+import struct
+
+import lease_client
+import net
+from events_client import Watcher
+from test_identity import attach
+
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETOWNER = 0x400454CC
+
+
+def device(api, n):
+    return api.get(f"/v1/devices/{n}").json()
+
+
+def total(api, n):
+    return api.get(f"/v1/devices/{n}/stats").json()["total"]
+
+
+def kbytes(n):
+    with open(f"/sys/class/net/{n}/statistics/tx_bytes") as f:
+        return int(f.read())
+
+
+def make(api, n, **spec):
+    """A device with no traffic of the kernel's own (IPv6 off before it goes up)."""
+    up = spec.pop("up", True)
+    r = api.post("/v1/devices", {"name": n, "up": False, **spec})
+    assert r.status == 201, r
+    net.disable_ipv6(n)
+    if up:
+        assert api.patch(f"/v1/devices/{n}", {"up": True}).status == 200
+    return r.json()
+
+
+def numqueues(n):
+    out = net.sh("ip", "-d", "link", "show", "dev", n).stdout.split()
+    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
+
+
+def set_hdr_size(fd, size):
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", size))
+
+
+def exact(api, n, k0, t0):
+    """The daemon's total moved exactly as the kernel's counters did since (k0, t0)."""
+    def check():
+        k, t = net.kernel_stats(n), total(api, n)
+        return (t["rx_packets"] - t0["rx_packets"] == k["tx_packets"] - k0["tx_packets"]
+                and t["rx_bytes"] - t0["rx_bytes"] == kbytes(n) - k0["tx_bytes"])
+    return net.settle(check, 10)
+
+
+def snapshot(api, n):
+    k = net.kernel_stats(n)
+    k["tx_bytes"] = kbytes(n)
+    return k, total(api, n)
+
+
+def test_external_mode_gives_every_frame_to_the_by_name_consumers(api, name):
+    n = name()
+    d = make(api, n, queues=4, mode="external")
+    assert d["mode"] == "external" and d["consumer"] == "external"
+    assert d["queue_count"] == 4 and d["enabled_queues"] == 0, "the daemon's own queues are held detached"
+    assert numqueues(n) == (0, 4)
+    fds = [attach(n) for _ in range(4)]
+    try:
+        assert net.settle(lambda: device(api, n)["foreign_queues"] == 4)
+        d = device(api, n)
+        assert d["consumer"] == "external" and "state_reason" not in d, "foreign queues are expected here"
+        k0, t0 = snapshot(api, n)
+        sent = net.send_frames(n, d["mac"], 300)
+        got = lease_client.drain(fds)
+        assert got == sent == net.kernel_stats(n)["tx_packets"] - k0["tx_packets"]
+        assert total(api, n) == t0, "the daemon read nothing"
+        # Its queues are not the API's to attach while the mode is external.
+        r = api.patch(f"/v1/devices/{n}/queues/1", {"enabled": True})
+        assert r.status == 409 and r.code == "queues_held", r
+        r = api.patch(f"/v1/devices/{n}", {"enabled_queues": 4})
+        assert r.status == 409 and r.code == "queues_held", r
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert net.settle(lambda: device(api, n)["foreign_queues"] == 0)
+    # Back to the daemon: its queues attach and are read, with exact counts.
+    r = api.patch(f"/v1/devices/{n}", {"mode": "sink"})
+    assert r.status == 200 and r.json()["enabled_queues"] == 4 and r.json()["consumer"] == "daemon", r
+    assert numqueues(n) == (4, 0)
+    k0, t0 = snapshot(api, n)
+    net.send_frames(n, d["mac"], 200)
+    assert exact(api, n, k0, t0)
+    # And external again by PATCH.
+    r = api.patch(f"/v1/devices/{n}", {"mode": "external"})
+    assert r.status == 200 and r.json()["enabled_queues"] == 0 and numqueues(n) == (0, 4), r
+    # A queue added to an external device is held too.
+    assert api.post(f"/v1/devices/{n}/queues").status == 201
+    assert numqueues(n) == (0, 5)
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_a_lease_takes_the_device(daemon, api, name):
+    n = name()
+    d = make(api, n, queues=4)
+    lease = lease_client.take(daemon.socket, n, {"queues": [0, 1]})
+    try:
+        assert isinstance(lease, lease_client.Lease), lease
+        d = device(api, n)
+        assert d["consumer"] == "lease"
+        assert [(q["id"], q["enabled"]) for q in d["queues"]] == [(0, True), (1, True), (2, False), (3, False)]
+        assert numqueues(n) == (2, 2)
+        k0, t0 = snapshot(api, n)
+        sent = net.send_frames(n, d["mac"], 300)
+        assert lease_client.drain(lease.fds) == sent, "the holder gets every frame"
+        assert total(api, n) == t0
+        r = api.patch(f"/v1/devices/{n}/queues/3", {"enabled": True})
+        assert r.status == 409 and r.code == "queues_held", r
+    finally:
+        lease.close()
+    assert net.settle(lambda: device(api, n)["consumer"] == "daemon")
+    assert net.settle(lambda: numqueues(n) == (4, 0))
+    k0, t0 = snapshot(api, n)
+    net.send_frames(n, d["mac"], 200)
+    assert exact(api, n, k0, t0)
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_one_consumer_for_forwarding(daemon, api, name):
+    a, b = name(), name()
+    make(api, a, queues=2)
+    make(api, b, queues=2, mode="forward", peer=a)
+    for dev in (a, b):
+        r = lease_client.take(daemon.socket, dev)
+        assert not isinstance(r, lease_client.Lease) and r.status == 409 and r.code == "device_forwarding", r
+    r = api.patch(f"/v1/devices/{a}", {"mode": "external"})
+    assert r.status == 409 and r.code == "device_forwarding" and r.json()["error"]["field"] == "mode", r
+    assert api.patch(f"/v1/devices/{b}", {"mode": "sink"}).status == 200
+    lease = lease_client.take(daemon.socket, a)
+    try:
+        assert isinstance(lease, lease_client.Lease), lease
+        r = api.patch(f"/v1/devices/{b}", {"mode": "forward", "peer": a})
+        assert r.status == 409 and r.code == "device_forwarding" and r.json()["error"]["field"] == "peer", r
+    finally:
+        lease.close()
+    assert net.settle(lambda: device(api, a)["consumer"] == "daemon")
+    assert api.patch(f"/v1/devices/{b}", {"mode": "forward", "peer": a}).status == 200
+    for dev in (b, a):
+        assert api.delete(f"/v1/devices/{dev}").status == 204
+
+
+def test_a_holders_header_size_is_shown_never_misread_and_put_back(daemon, api, name):
+    n = name()
+    d = make(api, n, queues=2, vnet_hdr=True)
+    w = Watcher(daemon.socket, f"?device={n}")
+    assert d["vnet_hdr_size"] == 10 and d["settings_differ"] == []
+    lease = lease_client.take(daemon.socket, n, {"queues": [0]})
+    try:
+        set_hdr_size(lease.fds[0], 12)
+        d = device(api, n)
+        assert d["vnet_hdr_size"] == 12 and d["settings_differ"] == ["vnet_hdr_size"], d
+    finally:
+        lease.close()
+    assert net.settle(lambda: device(api, n)["consumer"] == "daemon")
+    d = device(api, n)
+    assert d["vnet_hdr_size"] == 10 and d["settings_differ"] == [], d
+    assert w.wait(lambda w: any(e["type"] == "device.changed" and e.get("by") == "daemon"
+                                and "vnet_hdr_size" in e["changes"]["restored"] for e in w.events), 10), w.events
+    w.close()
+    k0, t0 = snapshot(api, n)
+    net.send_frames(n, d["mac"], 200)
+    assert exact(api, n, k0, t0), "counts exact again: the header is the daemon's size"
+
+    # A process that attaches by name (sink mode: frames are split) and sets 12: the workers
+    # stop reading the device rather than misread it, and read again once it is gone.
+    fd = attach(n)
+    try:
+        set_hdr_size(fd, 12)
+        assert net.settle(lambda: "vnet header size is 12" in device(api, n).get("state_reason", ""), 10), device(api, n)
+        k0, t0 = snapshot(api, n)
+        net.send_frames(n, d["mac"], 100)
+        lease_client.drain([fd])
+        assert total(api, n) == t0, "no frame read with the wrong header size"
+    finally:
+        os.close(fd)
+    assert net.settle(lambda: device(api, n)["vnet_hdr_size"] == 10 and device(api, n)["enabled_queues"] == 2, 10)
+    k0, t0 = snapshot(api, n)
+    net.send_frames(n, d["mac"], 200)
+    assert exact(api, n, k0, t0)
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_the_owner_a_holder_sets_is_shown_and_put_back(daemon, api, name):
+    n = name()
+    make(api, n, queues=2, owner=0)
+    lease = lease_client.take(daemon.socket, n)
+    try:
+        fcntl.ioctl(lease.fds[0], TUNSETOWNER, 65534)
+        assert int(open(f"/sys/class/net/{n}/owner").read()) == 65534
+        d = device(api, n)
+        assert d["owner"] == 65534 and "owner" in d["settings_differ"], d
+    finally:
+        lease.close()
+    assert net.settle(lambda: device(api, n)["owner"] == 0)
+    assert int(open(f"/sys/class/net/{n}/owner").read()) == 0
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_a_revoked_holder_gets_nothing_back(daemon, api, name):
+    n = name()
+    d = make(api, n, queues=2)
+    lease = lease_client.take(daemon.socket, n)
+    assert isinstance(lease, lease_client.Lease), lease
+    fds = list(lease.fds)
+    lease.fds = []  # kept open: the former holder does not let go
+    try:
+        assert api.delete(f"/v1/devices/{n}/leases/{lease.id}").status == 204
+        d = device(api, n)
+        assert d["queue_count"] == 2 and d["enabled_queues"] == 2 and d["revoked_queues"] == 2, d
+        assert d["consumer"] == "daemon" and not any(q["leased"] for q in d["queues"])
+        # The former holder attaches its file again (no privilege needed): undone.
+        for fd in fds:
+            lease_client.set_queue(fd, True)
+        assert net.settle(lambda: numqueues(n) == (2, 2), 5), numqueues(n)
+        k0, t0 = snapshot(api, n)
+        net.send_frames(n, d["mac"], 200)
+        assert lease_client.drain(fds) == 0, "the revoked files receive nothing"
+        assert exact(api, n, k0, t0)
+    finally:
+        lease.sock.close()
+        for fd in fds:
+            os.close(fd)
+    assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_a_removed_queue_stays_in_the_total(api, name):
+    n = name()
+    d = make(api, n, queues=4)
+    k0, t0 = snapshot(api, n)
+    net.send_frames(n, d["mac"], 300)
+    assert exact(api, n, k0, t0)
+    assert api.delete(f"/v1/devices/{n}/queues/3").status == 204
+    assert api.delete(f"/v1/devices/{n}/queues/1").status == 204
+    assert exact(api, n, k0, t0), "the total keeps what removed queues counted"
+    net.send_frames(n, d["mac"], 100)
+    assert exact(api, n, k0, t0)
+    assert api.delete(f"/v1/devices/{n}").status == 204
