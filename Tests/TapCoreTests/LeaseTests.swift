@@ -99,21 +99,29 @@ struct LeaseTests {
         #expect(ProcessResources.openFileCount() == before)
     }
 
-    @Test("revoke: queues detached and left detached, the connection closed, the lease forgotten")
+    @Test("revoke: the old file detached and kept, a fresh one for the id, the connection closed, the lease forgotten")
     func revoke() throws {
         let f = try FakeFixture()
         _ = try f.manager.create(DeviceSpec(name: "d", queues: 2))
         let (offer, c) = try lease(f.manager, "d", [1])
+        let old = f.driver.fds(of: "d")[1]
+        // The lease takes the device: queue 0 is held detached.
+        #expect(f.driver.device("d")!.detached == [f.driver.fds(of: "d")[0]])
         try f.manager.revokeLease(device: "d", lease: offer.id)
         #expect(c.closes == 1)
         let q = try f.manager.queue("d", id: 1)
-        #expect(!q.enabled && q.lease == nil)
-        #expect(f.driver.device("d")!.detached.contains(f.driver.fds(of: "d")[1]))
+        #expect(q.enabled && q.lease == nil, "a fresh file, attached as the API had it")
+        let fds = f.driver.fds(of: "d")
+        #expect(fds.count == 3 && fds.contains(old))
+        #expect(f.driver.device("d")!.detached == [old], "only the revoked file stays detached")
+        let d = try f.manager.device("d")
+        #expect(d.revokedQueues == 1 && d.consumer == .daemon && d.queues.map(\.id) == [0, 1])
         // The connection's close afterwards is a no-op for the manager.
         f.manager.leaseEnded(device: "d", lease: offer.id)
-        #expect(try !f.manager.queue("d", id: 1).enabled, "a revoke counts as disabled through the API")
-        _ = try f.manager.setQueueEnabled("d", id: 1, true)
-        #expect(try f.manager.queue("d", id: 1).enabled)
+        #expect(try f.manager.device("d").revokedQueues == 1)
+        // Deleting the device closes the kept file too.
+        try f.manager.delete("d")
+        #expect(f.driver.openFDs == 0)
     }
 
     @Test("release puts back the attach state the API last set, where the holder changed it")
@@ -213,8 +221,6 @@ struct DeclaredCountTests {
     func refusals() throws {
         let f = try FakeFixture()
         _ = try f.manager.create(DeviceSpec(name: "d", queues: 4, maxQueues: 6))
-        let before = try f.manager.device("d")
-        let opened = f.driver.calls(.openQueue)
         #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 6, requested: 7, errno: nil)) {
             try f.manager.update("d", DevicePatch(queues: 7))
         }
@@ -228,14 +234,20 @@ struct DeclaredCountTests {
         #expect(throws: ManagerError.queueLeased(device: "d", id: 3, lease: offer.id)) {
             try f.manager.update("d", DevicePatch(queues: 2))
         }
+        // The lease has the device: queue 0 is held, attaching it is refused.
+        #expect(throws: ManagerError.queuesHeld(device: "d", consumer: .lease, leases: [offer.id])) {
+            try f.manager.update("d", DevicePatch(enabledQueues: 4))
+        }
+        let before = try f.manager.device("d")
+        let opened = f.driver.calls(.openQueue)
         // A failure half-way (the kernel refuses the 6th queue) undoes the 5th too.
         f.driver.fail(.openQueue, with: .tooManyOpenFiles, after: 1)
-        #expect(throws: ManagerError.self) { try f.manager.update("d", DevicePatch(queues: 6, enabledQueues: 1)) }
+        #expect(throws: ManagerError.self) { try f.manager.update("d", DevicePatch(queues: 6)) }
         #expect(f.driver.calls(.openQueue) == opened + 2)
         let after = try f.manager.device("d")
         #expect(after.queues.map(\.id) == before.queues.map(\.id))
         #expect(after.queues.map(\.enabled) == before.queues.map(\.enabled))
-        #expect(f.driver.fds(of: "d").count == 4 && f.driver.device("d")!.detached.isEmpty)
+        #expect(f.driver.fds(of: "d").count == 4 && f.driver.device("d")!.detached == [f.driver.fds(of: "d")[0]])
         // Leased queues are skipped when removing: 4 → 3 removes the one queue not leased, 0.
         let d = try f.manager.update("d", DevicePatch(queues: 3))
         #expect(d.queues.map(\.id) == [1, 2, 3])

@@ -10,8 +10,8 @@ final class FakeFixture {
     let driver = FakeDriver()
     let manager: DeviceManager
 
-    init(workers: Int = 2, maxQueues: Int = 256) throws {
-        manager = try DeviceManager(driver: driver, workers: workers, maxQueues: maxQueues)
+    init(workers: Int = 2, maxQueues: Int = 256, maxLeases: Int = 1024) throws {
+        manager = try DeviceManager(driver: driver, workers: workers, maxQueues: maxQueues, maxLeases: maxLeases)
     }
 
     deinit { manager.shutdown() }
