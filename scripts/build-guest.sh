@@ -2,17 +2,25 @@
 # build-guest.sh OUTDIR
 #
 # Builds a tiny QEMU test guest from Debian packages only:
-#   OUTDIR/vmlinuz         - the Debian kernel (linux-image-*-amd64)
+#   OUTDIR/vmlinuz         - the Debian kernel (from the linux-image-*-amd64 package)
 #   OUTDIR/initrd.cpio.gz  - busybox-static + virtio-net modules + /init (heredoc below)
-#   OUTDIR/guest.env       - KVER / module list actually used (for logs and tests)
+#   OUTDIR/guest.env       - KVER / package / module list actually used (for logs and tests)
 #
-# Idempotent: packages are installed only when missing; OUTDIR files are
-# rebuilt each run and replaced atomically.  Needs root on Debian 12.
+# The kernel is not installed on the host: its package is downloaded (apt-get download) into
+# a cache and unpacked (dpkg-deb -x) into a scratch directory, so nothing goes into /boot or
+# /lib/modules and no initramfs or bootloader hook runs. The host's own kernel is never used.
+#
+# Idempotent: packages are installed only when missing, the kernel package is downloaded
+# once per version; OUTDIR files are rebuilt each run and replaced atomically.  Needs root
+# on Debian 12.
 #
 # Environment knobs:
-#   KVER=<version>     use this /lib/modules/<version> (default: newest with a /boot/vmlinuz-*)
-#   NO_ETHTOOL=1       do not put ethtool in the initramfs (then mqt.queues= is ignored)
-#   NO_INSTALL=1       never call apt-get (fail if something is missing)
+#   KVER=<version>       use the kernel package linux-image-<version> (e.g. 6.1.0-57-amd64;
+#                        default: the one the linux-image-amd64 meta package depends on)
+#   KERNEL_CACHE=<dir>   where the kernel package is kept (default: OUTDIR/kernel)
+#   NO_ETHTOOL=1         do not put ethtool in the initramfs (then mqt.queues= is ignored)
+#   NO_INSTALL=1         never call apt-get (fail if something is missing; the kernel
+#                        package must then be in the cache already)
 set -euo pipefail
 
 OUTDIR=${1:?usage: build-guest.sh OUTDIR}
@@ -27,17 +35,12 @@ need_pkgs=()
 for p in qemu-system-x86 busybox-static cpio xz-utils kmod; do
   installed "$p" || need_pkgs+=("$p")
 done
-# Any Debian amd64 kernel image will do (linux-image-amd64 is the meta package).
-compgen -G '/boot/vmlinuz-*-amd64' >/dev/null || need_pkgs+=(linux-image-amd64)
 if [ "${NO_ETHTOOL:-0}" != 1 ]; then installed ethtool || need_pkgs+=(ethtool); fi
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   [ "${NO_INSTALL:-0}" = 1 ] && die "missing packages: ${need_pkgs[*]}"
   log "installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # INITRD=No: the kernel's postinst hook (/etc/kernel/postinst.d/initramfs-tools)
-  # then skips building a host initrd in /boot, which we never use.
-  export INITRD=No
   # A missing/stale package list makes install fail ("Unable to locate package"):
   # try once as is, then update and retry.
   if ! apt-get install -y --no-install-recommends "${need_pkgs[@]}"; then
@@ -46,18 +49,78 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+STAGE=$(mktemp -d "${TMPDIR:-/tmp}/build-guest.XXXXXX")
+trap 'rm -rf "$STAGE"' EXIT
+
 # ---------------------------------------------------------------- kernel
-if [ -z "${KVER:-}" ]; then
-  # Newest kernel that has both an image and a modules dir.
-  KVER=$(for f in /boot/vmlinuz-*; do v=${f#/boot/vmlinuz-}; [ -d "/lib/modules/$v" ] && echo "$v"; done \
-         | sort -V | tail -n1)
+CACHE=${KERNEL_CACHE:-$OUTDIR/kernel}
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
+
+# Sets KPKG (linux-image-<version>) and KPKGVER (its candidate version) from apt's lists.
+resolve_kernel() {
+  local kver=${KVER:-}
+  if [ -z "$kver" ]; then
+    kver=$(apt-cache depends linux-image-amd64 2>/dev/null \
+           | sed -n 's/^ *Depends: linux-image-\([^ <>]*-amd64\)$/\1/p' | head -n1)
+  fi
+  [ -n "$kver" ] || return 1
+  KPKG=linux-image-$kver
+  KPKGVER=$(apt-cache show --no-all-versions "$KPKG" 2>/dev/null | sed -n 's/^Version: //p' | head -n1)
+  [ -n "$KPKGVER" ]
+}
+# The cached .deb of KPKG at KPKGVER, if there is one (apt writes an epoch's ':' as %3a).
+cached_kernel() {
+  local f="$CACHE/${KPKG}_${KPKGVER//:/%3a}_amd64.deb"
+  [ -s "$f" ] && echo "$f"
+}
+# apt-get download into a scratch dir, then into the cache: an interrupted download leaves
+# nothing behind that looks complete. apt checks the file against its signed lists.
+download_kernel() {
+  local dl ok=0
+  dl=$(mktemp -d "$CACHE/.download.XXXXXX")
+  chown _apt "$dl" 2>/dev/null || true   # apt downloads as _apt when that user can write there
+  if (cd "$dl" && apt-get download -q "$KPKG=$KPKGVER" >&2) && compgen -G "$dl/*.deb" >/dev/null; then
+    mv -f "$dl"/*.deb "$CACHE"/ && ok=1
+  fi
+  rm -rf "$dl"
+  [ $ok = 1 ]
+}
+
+KDEB=""
+if resolve_kernel; then
+  KDEB=$(cached_kernel) || true
+elif [ "${NO_INSTALL:-0}" = 1 ]; then
+  # No package lists to ask: the newest cached package (of version KVER, if given).
+  KDEB=$(find "$CACHE" -maxdepth 1 -name "linux-image-${KVER:-*}_*.deb" | sort -V | tail -n1)
+  [ -n "$KDEB" ] || die "no linux-image-${KVER:-*} package in $CACHE and NO_INSTALL=1"
 fi
-[ -n "${KVER:-}" ] || die "no /boot/vmlinuz-* with matching /lib/modules/* found"
-KIMG=/boot/vmlinuz-$KVER
-MODDIR=/lib/modules/$KVER
-[ -r "$KIMG" ] && [ -d "$MODDIR" ] || die "kernel $KVER incomplete ($KIMG, $MODDIR)"
-[ -s "$MODDIR/modules.dep" ] || depmod "$KVER"
-log "kernel $KVER"
+if [ -z "$KDEB" ]; then
+  [ "${NO_INSTALL:-0}" = 1 ] && die "${KPKG:-the kernel package} ${KPKGVER:-} is not in $CACHE and NO_INSTALL=1"
+  # A missing/stale package list: update once and resolve again.
+  if ! { [ -n "${KPKG:-}" ] && download_kernel; }; then
+    apt-get update
+    resolve_kernel || die "no kernel package ${KVER:+linux-image-$KVER }in the package lists (KVER, or the one linux-image-amd64 depends on)"
+    download_kernel || die "apt-get download $KPKG=$KPKGVER failed"
+  fi
+  KDEB=$(cached_kernel) || die "apt-get download left no ${KPKG}_${KPKGVER}_amd64.deb in $CACHE"
+  log "downloaded $(basename "$KDEB") into $CACHE"
+  # Only the package in use is kept.
+  find "$CACHE" -maxdepth 1 -name 'linux-image-*.deb' ! -name "$(basename "$KDEB")" -delete
+fi
+
+KROOT=$STAGE/kernel
+dpkg-deb -x "$KDEB" "$KROOT"
+KVER=$(find "$KROOT/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | head -n1) || true
+[ -n "$KVER" ] || die "$(basename "$KDEB") has no lib/modules/<version>"
+KIMG=$KROOT/boot/vmlinuz-$KVER
+MODDIR=$KROOT/lib/modules/$KVER
+[ -r "$KIMG" ] && [ -d "$MODDIR" ] || die "kernel package $(basename "$KDEB") incomplete (no boot/vmlinuz-$KVER)"
+# The package ships no modules.dep (its postinst runs depmod on an installed kernel).
+[ -s "$MODDIR/modules.dep" ] || depmod -b "$KROOT" "$KVER"
+log "kernel $KVER ($(basename "$KDEB"))"
 
 # ---------------------------------------------------------------- modules
 # Wanted leaf modules; dependencies come from modules.dep (dependency-first
@@ -92,10 +155,6 @@ for m in "${WANT[@]}"; do visit "$m"; done
 log "modules (load order): ${ORDER[*]:-<all built-in>}"
 
 # ---------------------------------------------------------------- initramfs tree
-mkdir -p "$OUTDIR"
-OUTDIR=$(cd "$OUTDIR" && pwd)
-STAGE=$(mktemp -d "${TMPDIR:-/tmp}/build-guest.XXXXXX")
-trap 'rm -rf "$STAGE"' EXIT
 R=$STAGE/root
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,etc,lib/mqt-modules}
 
@@ -243,6 +302,7 @@ find "$R" -exec touch -h -d @0 {} +
 cp "$KIMG" "$STAGE/vmlinuz"
 cat > "$STAGE/guest.env" <<EOF
 KVER=$KVER
+KERNEL_PACKAGE=$(basename "$KDEB")
 MODULES="${ORDER[*]}"
 ETHTOOL=$([ -x "$R/usr/sbin/ethtool" ] && echo yes || echo no)
 EOF
