@@ -6,7 +6,7 @@
 #
 # It runs as root: creating TUN/TAP devices needs CAP_NET_ADMIN, which --cap-add grants.
 
-FROM swift:6.3-bookworm AS build
+FROM docker.io/library/swift:6.3-bookworm AS build
 # The -dev packages are what the build links against; versions follow Debian stable's
 # security updates, so they are not pinned (pinning breaks the build at each point release).
 # hadolint ignore=DL3008
@@ -22,7 +22,7 @@ RUN swift build -c release --static-swift-stdlib --product mqtapd \
  && install -m 0755 "$(swift build -c release --show-bin-path)/mqtapd" "$(swift build -c release --show-bin-path)/mqtap" \
     /usr/local/bin/
 
-FROM debian:bookworm-slim
+FROM docker.io/library/debian:bookworm-slim
 # Only the two C libraries mqtapd links (the Swift runtime is static). Unpinned for the same
 # reason as above.
 # hadolint ignore=DL3008

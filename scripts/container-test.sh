@@ -62,12 +62,13 @@ trap cleanup EXIT
 mkdir -p "$ctx/bin"
 cp .build-static/release/mqtapd .build-static/release/mqtap "$ctx/bin/"
 # The runtime stage, verbatim but for where COPY --from=build takes the binaries.
-awk '/^FROM debian:bookworm-slim/ { on = 1 } on' Dockerfile \
+awk -v from="FROM $BASE" '$0 == from { on = 1 } on' Dockerfile \
   | sed 's|^COPY --from=build /usr/local/bin/mqtapd /usr/local/bin/mqtap /usr/local/bin/|COPY bin/mqtapd bin/mqtap /usr/local/bin/|' \
   > "$ctx/Containerfile"
 grep -q '^COPY bin/mqtapd bin/mqtap /usr/local/bin/' "$ctx/Containerfile" \
   || { echo "container-test: the Dockerfile's runtime stage changed; update this script" >&2; exit 1; }
-grep -q '^FROM debian:bookworm-slim' "$ctx/Containerfile" || { echo "container-test: no runtime stage" >&2; exit 1; }
+grep -qxF "FROM $BASE" "$ctx/Containerfile" \
+  || { echo "container-test: no runtime stage FROM $BASE in the Dockerfile" >&2; exit 1; }
 
 buildah bud --quiet --pull-never --isolation chroot --network host -t "$IMAGE" -f "$ctx/Containerfile" "$ctx" >"$ctx/build.log" 2>&1 \
   || { cat "$ctx/build.log" >&2; exit 1; }
