@@ -1,4 +1,6 @@
-# The two commands of the README: `make run` and `make test`. Both install what they need.
+# The two commands of the README: `make run` and `make test`. Both install what they need:
+# `make run` (and `make install`) only what building and running need, `make test` (and
+# `make bench`) the test and benchmark tools as well.
 SHELL := /bin/bash
 export PATH := $(PATH):/opt/swift/usr/bin
 
@@ -8,18 +10,25 @@ VENV := .venv-test
 # (which `make clean` removes), not in /tmp.
 SWIFT := mkdir -p .build/tmp && TMPDIR="$(CURDIR)/.build/tmp" swift
 
-.PHONY: deps build release run install test soak bench bench-tools clean
+.PHONY: deps test-deps build release run install test soak bench bench-tools clean
 
 PREFIX ?= /usr/local
 
+# Build and run: the compiler's packages, libmicrohttpd, jansson, pkg-config, iproute2.
 deps:
 	@scripts/install-deps.sh
+
+# The tests' and benchmarks' tools (QEMU, buildah, wrk, valgrind, promtool, …); no service is
+# started or enabled.
+test-deps:
+	@scripts/install-deps.sh --test
 
 build: deps
 	$(SWIFT) build
 
+# The Swift runtime linked in (as the Dockerfile builds): the binaries run without the toolchain.
 release: deps
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release --static-swift-stdlib
 
 # Runs the daemon in the foreground (as root, for /dev/net/tun), serving
 # /run/mqtapd/api.sock. Extra flags: make run ARGS="--workers 4 --listen tcp:127.0.0.1:8080 --token-file /etc/mqtapd/token"
@@ -40,7 +49,7 @@ $(VENV)/.installed: Tests/live/requirements.txt
 # Every test: the spec and the Dockerfile linted, Swift unit and privileged tests (serial, so
 # fd-count checks see only their own fds), then the live tests against the real binary
 # (every endpoint and error, responses validated against openapi.yaml, schemathesis).
-test: deps $(VENV)/.installed bench-tools
+test: deps test-deps $(VENV)/.installed bench-tools
 	$(VENV)/bin/openapi-spec-validator openapi.yaml
 	$(VENV)/bin/hadolint Dockerfile
 	$(SWIFT) build --build-tests
@@ -49,7 +58,7 @@ test: deps $(VENV)/.installed bench-tools
 	cd Tests/live && MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" "$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider
 
 # The 5-minute soak (the regular test command runs it for 30 s).
-soak: deps $(VENV)/.installed
+soak: deps test-deps $(VENV)/.installed
 	$(SWIFT) build
 	cd Tests/live && MQTAPD_SOAK_SECONDS=300 MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" \
 		"$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider test_soak.py
@@ -66,7 +75,7 @@ bench/fwd: bench/fwd.c
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
 # The benchmarks (about 8 minutes): writes bench/RESULTS.md. Needs root.
-bench: deps release bench-tools
+bench: deps test-deps release bench-tools
 	python3 bench/run.py
 
 clean:
