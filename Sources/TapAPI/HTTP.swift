@@ -35,12 +35,14 @@ public struct HTTPRequest: Sendable {
     public var contentType: String? { headers["content-type"] }
 
     /// Whether the request asks to switch to `protocolName` (`Connection: Upgrade`,
-    /// `Upgrade: protocolName`), as HTTP/1.1 allows.
+    /// `Upgrade: protocolName`), as HTTP/1.1 allows; tokens compared without case, as clients
+    /// spell them either way.
     public func asksUpgrade(to protocolName: String) -> Bool {
         guard version == "HTTP/1.1",
               let connection = headers["connection"], let upgrade = headers["upgrade"] else { return false }
         let tokens = connection.split(separator: ",").map { $0.trimmingWhitespace.lowercased() }
-        return tokens.contains("upgrade") && upgrade.split(separator: ",").map(\.trimmingWhitespace).contains(protocolName)
+        let wanted = protocolName.lowercased()
+        return tokens.contains("upgrade") && upgrade.split(separator: ",").map { $0.trimmingWhitespace.lowercased() }.contains(wanted)
     }
 }
 

@@ -20,6 +20,9 @@ public final class HTTPServer: Sendable {
         /// Per-connection memory for the request line and headers; past it MHD answers 431.
         public var connectionMemory = 128 * 1024
         public var connections = 256
+        /// Upgraded (lease) connections, on top of `connections`: a live lease never takes a
+        /// slot the API needs. The manager refuses leases past its own limit.
+        public var leaseConnections = 1024
         /// Past this many connections, those whose request has been arriving the longest
         /// are cut, so that new ones find room.
         public var connectionsRoom = 192
@@ -320,7 +323,8 @@ public final class HTTPServer: Sendable {
         var started: [OpaquePointer] = []
         for i in 0..<threads {
             // The connection limit is the listener's: shared out among the threads.
-            let share = limits.connections / threads + (i < limits.connections % threads ? 1 : 0)
+            // Any thread may take every lease: each has room for all of them.
+            let share = limits.connections / threads + (i < limits.connections % threads ? 1 : 0) + limits.leaseConnections
             var err: Int32 = 0
             var d: OpaquePointer?
             do {
@@ -560,11 +564,16 @@ public final class HTTPServer: Sendable {
         return MHD_queue_response(connection, 101, r)
     }
 
-    private static let upgraded: MHD_UpgradeHandler = { _, _, conCls, _, _, sock, urh in
+    private static let upgraded: MHD_UpgradeHandler = { _, connection, conCls, _, _, sock, urh in
         // SAFETY: `conCls` is the Upload retained in the first access-handler call; MHD keeps
         // the request (and so the Upload, released in `completed`) alive until the upgraded
         // connection is closed, which is after this returns.
         guard let conCls, let urh else { return }
+        // A lease's connection is not the API's: it leaves the watch (its slots and the room
+        // it keeps for new requests are the API's alone).
+        if let connection, let e = entry(of: connection) {
+            Unmanaged<Upload>.fromOpaque(conCls).takeUnretainedValue().context?.watch.remove(e)
+        }
         let upload = Unmanaged<Upload>.fromOpaque(conCls).takeUnretainedValue()
         guard let upgrade = upload.upgrade else { return }
         upload.upgrade = nil

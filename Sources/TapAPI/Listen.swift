@@ -9,8 +9,8 @@ public enum ListenAddress: Equatable, Sendable, CustomStringConvertible {
 
     public enum ParseError: Error, Equatable, CustomStringConvertible {
         case malformed(String)
-        /// The API creates network interfaces (root-equivalent) and has no authentication:
-        /// it is never exposed beyond loopback.
+        /// The API creates network interfaces (root-equivalent), and over plain TCP its bearer
+        /// token can be read on the wire: it is never exposed beyond loopback.
         case notLoopback(String)
 
         public var description: String {
@@ -18,7 +18,7 @@ public enum ListenAddress: Equatable, Sendable, CustomStringConvertible {
             case .malformed(let s):
                 return "invalid --listen '\(s)': expected unix:PATH or tcp:HOST:PORT (e.g. tcp:127.0.0.1:8080)"
             case .notLoopback(let s):
-                return "refusing --listen '\(s)': the API has no authentication, so TCP listens on loopback only (127.0.0.0/8, ::1, localhost)"
+                return "refusing --listen '\(s)': the API is root-equivalent and its token travels in clear over TCP, so TCP listens on loopback only (127.0.0.0/8, ::1, localhost)"
             }
         }
     }

@@ -96,12 +96,29 @@ public struct APIClient: Sendable {
         case refused(Response)
     }
 
+    /// One path segment, percent-encoded (RFC 3986: all but unreserved characters), so what
+    /// a caller passes as a name never adds a query, a fragment or a path of its own.
+    public static func segment(_ text: String) -> String {
+        var out = ""
+        for b in text.utf8 {
+            switch b {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+                out.unicodeScalars.append(Unicode.Scalar(b))
+            default:
+                let hex = String(b, radix: 16, uppercase: true)
+                out += "%" + (hex.count == 1 ? "0" + hex : hex)
+            }
+        }
+        return out
+    }
+
     public func lease(_ device: String, body: JSON?) throws(ConnectionError) -> LeaseOutcome {
         guard case .unix(let path) = endpoint else {
             throw ConnectionError(description: "a lease needs the daemon's Unix socket (fds cannot cross TCP)")
         }
         let payload = body?.serialized() ?? []
-        var head = "POST /v1/devices/\(device)/leases HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n"
+        var head = "POST /v1/devices/\(Self.segment(device))/leases HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n"
         head += "Connection: Upgrade\r\nUpgrade: mqtapd-lease/1\r\n"
         if body != nil { head += "Content-Type: application/json\r\n" }
         head += "Content-Length: \(payload.count)\r\n\r\n"

@@ -109,7 +109,7 @@ struct Device: ParsableCommand {
         @OptionGroup var connection: Connection
         @Argument(help: "The device.") var name: String
         func run() throws {
-            let d = try connection.call("GET", "/v1/devices/\(name)")
+            let d = try connection.call("GET", try devicePath(name))
             connection.show(d) { Table.device($0) }
         }
     }
@@ -128,7 +128,8 @@ struct Device: ParsableCommand {
         @Option(help: ArgumentHelp("TAP only, e.g. 02:00:00:00:00:01 (default: a random one).", valueName: "address"))
         var mac: String?
         @Flag(help: "The link state (default: --up).") var link: LinkState?
-        @Option(help: "sink, echo or forward (default: sink).") var mode: String?
+        @Option(help: "sink, echo, forward, or external (the daemon reads nothing: for consumers that attach by name, like libvirt's managed='no') (default: sink).")
+        var mode: String?
         @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
         var peer: String?
         @Flag(help: "GSO and checksum offloads (TUNSETOFFLOAD); needs --vnet-hdr.") var offload = false
@@ -172,7 +173,7 @@ struct Device: ParsableCommand {
         @Option(help: ArgumentHelp("The device's own queue limit.", valueName: "n")) var maxQueues: Int?
         @Flag(help: "Bring the link up or down (default: as it is).") var link: LinkState?
         @Option(help: ArgumentHelp("68 to 65521.", valueName: "bytes")) var mtu: Int?
-        @Option(help: "sink, echo or forward.") var mode: String?
+        @Option(help: "sink, echo, forward or external.") var mode: String?
         @Option(help: ArgumentHelp("With --mode forward: the device frames go to.", valueName: "device"))
         var peer: String?
         @Option(help: ArgumentHelp("The queue count to have: adds (smallest free ids) or removes (highest ids not leased).",
@@ -191,7 +192,7 @@ struct Device: ParsableCommand {
             if let link { body["up"] = .bool(link == .up) }
             if let mtu { body["mtu"] = JSON(mtu) }
             if let mode { body["mode"] = .string(mode) }
-            let d = try connection.call("PATCH", "/v1/devices/\(name)", .object(body))
+            let d = try connection.call("PATCH", try devicePath(name), .object(body))
             connection.show(d) { Table.device($0) }
         }
     }
@@ -202,7 +203,7 @@ struct Device: ParsableCommand {
         @Argument(help: "The device.") var name: String
         @Flag(help: "Also a device with leases: revoke them and delete the link.") var force = false
         func run() throws {
-            _ = try connection.call("DELETE", "/v1/devices/\(name)" + (force ? "?force=true" : ""))
+            _ = try connection.call("DELETE", try devicePath(name) + (force ? "?force=true" : ""))
             connection.show(nil) { _ in "" }
         }
     }
@@ -282,6 +283,7 @@ struct Lease: ParsableCommand {
 
         func validate() throws {
             guard !command.isEmpty else { throw ValidationError("give the command to run after --") }
+            _ = try devicePath(device)
             if let queues, queues.split(separator: ",").contains(where: { Int($0) == nil }) {
                 throw ValidationError("--queues must be queue ids separated by commas, e.g. 0,1")
             }
@@ -326,7 +328,7 @@ struct Lease: ParsableCommand {
         @OptionGroup var connection: Connection
         @Argument var device: String
         func run() throws {
-            let r = try connection.call("GET", "/v1/devices/\(device)/leases")
+            let r = try connection.call("GET", try devicePath(device) + "/leases")
             connection.show(r) { Table.leases($0["leases"]?.array ?? []) }
         }
     }
@@ -338,7 +340,7 @@ struct Lease: ParsableCommand {
         @Argument var device: String
         @Argument var id: String
         func run() throws {
-            _ = try connection.call("DELETE", "/v1/devices/\(device)/leases/\(id)")
+            _ = try connection.call("DELETE", try devicePath(device) + "/leases/\(APIClient.segment(id))")
             connection.show(nil) { _ in "" }
         }
     }
@@ -368,7 +370,7 @@ struct Queue: ParsableCommand {
         @OptionGroup var connection: Connection
         @Argument(help: "The device.") var device: String
         func run() throws {
-            let r = try connection.call("GET", "/v1/devices/\(device)/queues")
+            let r = try connection.call("GET", try devicePath(device) + "/queues")
             connection.show(r) { Table.queues($0["queues"]?.array ?? []) }
         }
     }
@@ -379,7 +381,7 @@ struct Queue: ParsableCommand {
         @Argument(help: "The device.") var device: String
         @Option(help: ArgumentHelp("How many, 1 to 256.", valueName: "n")) var count = 1
         func run() throws {
-            let r = try connection.call("POST", "/v1/devices/\(device)/queues", ["count": JSON(count)])
+            let r = try connection.call("POST", try devicePath(device) + "/queues", ["count": JSON(count)])
             connection.show(r) { Table.queues($0["queues"]?.array ?? []) }
         }
     }
@@ -390,7 +392,7 @@ struct Queue: ParsableCommand {
         @Argument(help: "The device.") var device: String
         @Argument(help: "The queue id.") var id: Int
         func run() throws {
-            let q = try connection.call("PATCH", "/v1/devices/\(device)/queues/\(id)", ["enabled": true])
+            let q = try connection.call("PATCH", try devicePath(device) + "/queues/\(id)", ["enabled": true])
             connection.show(q) { Table.queues([$0]) }
         }
     }
@@ -401,7 +403,7 @@ struct Queue: ParsableCommand {
         @Argument(help: "The device.") var device: String
         @Argument(help: "The queue id.") var id: Int
         func run() throws {
-            let q = try connection.call("PATCH", "/v1/devices/\(device)/queues/\(id)", ["enabled": false])
+            let q = try connection.call("PATCH", try devicePath(device) + "/queues/\(id)", ["enabled": false])
             connection.show(q) { Table.queues([$0]) }
         }
     }
@@ -412,7 +414,7 @@ struct Queue: ParsableCommand {
         @Argument(help: "The device.") var device: String
         @Argument(help: "The queue id.") var id: Int
         func run() throws {
-            _ = try connection.call("DELETE", "/v1/devices/\(device)/queues/\(id)")
+            _ = try connection.call("DELETE", try devicePath(device) + "/queues/\(id)")
             connection.show(nil) { _ in "" }
         }
     }
@@ -469,7 +471,7 @@ struct Stats: ParsableCommand {
         var previous: (JSON, Double)?
         var n = 0
         repeat {
-            let s = try connection.call("GET", "/v1/devices/\(device)/stats") ?? .null
+            let s = try connection.call("GET", try devicePath(device) + "/stats") ?? .null
             let now = Double(Clock.monotonicNanoseconds()) / 1e9
             if connection.json {
                 writeStdoutLine(s.text)
@@ -488,4 +490,17 @@ struct Stats: ParsableCommand {
             if watch, count.map({ n < $0 }) ?? true { Clock.sleep(interval) }
         } while watch && count.map({ n < $0 }) ?? true
     }
+}
+
+/// The API path of a device. A name the daemon could never have made is refused here (so a
+/// name like `x?force=true` or `x/queues/2` never reaches another resource), and the name is
+/// percent-encoded like every other segment.
+func devicePath(_ name: String) throws -> String {
+    let bytes = Array(name.utf8)
+    let letter = { (b: UInt8) in (b >= 65 && b <= 90) || (b >= 97 && b <= 122) }
+    guard (1...15).contains(bytes.count), letter(bytes[0]),
+          bytes.allSatisfy({ letter($0) || ($0 >= 48 && $0 <= 57) || $0 == 95 || $0 == 46 || $0 == 45 }) else {
+        throw ValidationError("'\(name)' is not a device name (1-15 of A-Z a-z 0-9 _ . -, starting with a letter)")
+    }
+    return "/v1/devices/" + APIClient.segment(name)
 }

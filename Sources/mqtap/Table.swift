@@ -36,7 +36,13 @@ enum Table {
         if case .object(let ns)? = d["netns"], ns["own"] != .bool(true) {
             out += "\nnetns: " + (ns["name"]?.string ?? "inode \(ns["inode"]?.description ?? "?")")
         }
+        if let consumer = d["consumer"]?.string, consumer != "daemon" { out += "\nconsumer: \(consumer)" }
         if let foreign = d["foreign_queues"]?.int, foreign > 0 { out += "\nforeign queues: \(foreign)" }
+        if let revoked = d["revoked_queues"]?.int, revoked > 0 { out += "\nrevoked queues kept detached: \(revoked)" }
+        if let size = d["vnet_hdr_size"]?.int, d["vnet_hdr"] == .bool(true) { out += "\nvnet header: \(size) bytes" }
+        if let differ = d["settings_differ"]?.array, !differ.isEmpty {
+            out += "\nchanged by a holder: " + differ.compactMap(\.string).joined(separator: ", ")
+        }
         if let owner = d["owner"]?.description { out += "\nowner: \(owner)" }
         if let group = d["group"]?.description { out += "\ngroup: \(group)" }
         let queues = d["queues"]?.array ?? []

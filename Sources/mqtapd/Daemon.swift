@@ -18,6 +18,7 @@ final class Daemon {
         var socketGroup: String?
         var tokenFile: String?
         var eventRetention: Int
+        var maxLeases = 1024
     }
 
     /// Why the daemon could not start: a message and its fields for the log.
@@ -76,7 +77,8 @@ final class Daemon {
         do {
             manager = try DeviceManager(workers: options.workers ?? ProcessResources.onlineCPUs(),
                                         maxQueues: options.maxQueues ?? desired?.maxQueues ?? 256,
-                                        stateFile: stateFile, eventRetention: options.eventRetention, logger: log.logger)
+                                        stateFile: stateFile, eventRetention: options.eventRetention,
+                                        maxLeases: options.maxLeases, logger: log.logger)
         } catch {
             throw StartError("cannot start the device manager", ["error": "\(error)"])
         }
@@ -121,6 +123,8 @@ final class Daemon {
         let handler = RequestLog(router: router, logger: log.logger).handle
         var limits = HTTPServer.Limits()
         limits.bodyBytes = options.maxBody
+        // Lease connections have slots of their own: live leases never take the API's.
+        limits.leaseConnections = options.maxLeases
         // Before the first readiness line: the state file's first write is over by then.
         manager.serving()
         do throws(HTTPServerError) {

@@ -38,6 +38,10 @@ struct MQTapD: ParsableCommand {
     @Option(help: ArgumentHelp("Events kept for watchers that resume with ?since=N.", valueName: "n"))
     var eventRetention = 4096
 
+    @Option(help: ArgumentHelp("Live leases at most, over all devices; each holds one connection, counted apart from the API's 256 (past it: 409 lease_limit).",
+                               valueName: "n"))
+    var maxLeases = 1024
+
     @Option(help: ArgumentHelp("Group that owns the Unix sockets (root:NAME, mode 0660): its members may call the API (default: root's).",
                                valueName: "name"))
     var socketGroup: String?
@@ -57,6 +61,7 @@ struct MQTapD: ParsableCommand {
         }
         if let w = workers, !(1...1024).contains(w) { throw ValidationError("--workers must be between 1 and 1024") }
         if let m = maxQueues, !(1...256).contains(m) { throw ValidationError("--max-queues must be between 1 and 256") }
+        guard (1...65536).contains(maxLeases) else { throw ValidationError("--max-leases must be between 1 and 65536") }
         guard (1...(1 << 20)).contains(eventRetention) else { throw ValidationError("--event-retention must be between 1 and 1048576") }
         guard (1024...(16 << 20)).contains(maxBody) else { throw ValidationError("--max-body must be between 1024 and 16777216") }
         guard LineLogHandler.Format(rawValue: logFormat) != nil else { throw ValidationError("--log-format must be logfmt or json") }
@@ -70,7 +75,7 @@ struct MQTapD: ParsableCommand {
         let log = EventLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
         let daemon = Daemon(options: .init(listen: listen, stateDir: stateDir, workers: workers, maxQueues: maxQueues,
                                            maxBody: maxBody, socketGroup: socketGroup, tokenFile: tokenFile,
-                                           eventRetention: eventRetention), log: log)
+                                           eventRetention: eventRetention, maxLeases: maxLeases), log: log)
         do {
             try daemon.start()
         } catch {

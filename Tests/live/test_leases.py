@@ -129,15 +129,16 @@ def test_revoke_detaches_closes_and_forgets(daemon, api, name):
     assert lease.sock.recv(1) == b"", "the lease's connection is closed"
     _, flags = lease_client.getiff(lease.fds[0])
     assert flags & lease_client.IFF_DETACH_QUEUE, "the holder's queue is detached"
+    # The id has a fresh file, the daemon's alone, attached as the API had it; the old one
+    # is kept detached.
     q = api.get(f"/v1/devices/{n}/queues/1").json()
-    assert q["enabled"] is False and q["leased"] is False
+    assert q["enabled"] is True and q["leased"] is False
+    d = api.get(f"/v1/devices/{n}").json()
+    assert d["revoked_queues"] == 1 and d["queue_count"] == 2 and d["consumer"] == "daemon"
+    assert net.kernel_queue_count(n) == 2, "attached: queue 0 and the fresh file of 1; the revoked one is detached"
     assert api.get(f"/v1/devices/{n}/leases").json()["leases"] == []
     assert api.delete(f"/v1/devices/{n}/leases/{lease.id}").status == 404
     lease.close()
-    # Detached until enabled through the API.
-    time.sleep(0.2)
-    assert api.get(f"/v1/devices/{n}/queues/1").json()["enabled"] is False
-    assert api.patch(f"/v1/devices/{n}/queues/1", {"enabled": True}).json()["enabled"] is True
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 

@@ -287,7 +287,10 @@ paths:
       description: |
         `kernel` is `/sys/class/net/<dev>/statistics`. The kernel counts `tx_packets` when a
         frame is read from a queue, so `kernel.tx_packets` equals `total.rx_packets`;
-        `kernel.tx_dropped` is what it dropped because a queue was full.
+        `kernel.tx_dropped` is what it dropped because a queue was full. `total` is the
+        device's since the daemon took it: it keeps what removed and revoked queues counted,
+        so it stays equal to the kernel's counters after queues come and go (frames a lease
+        holder or a process attached by name read are theirs, counted by the kernel only).
       responses:
         "401": { $ref: "#/components/responses/Unauthorized" }
         "200":
@@ -1065,7 +1068,11 @@ components:
         queues:
           type: array
           items: { $ref: "#/components/schemas/QueueStats" }
-        total: { $ref: "#/components/schemas/Counters" }
+        total:
+          allOf: [{ $ref: "#/components/schemas/Counters" }]
+          description: >-
+            Every queue's counters since the daemon took the device, removed and revoked
+            queues included (not only the sum of `queues`).
         kernel:
           type: object
           nullable: true

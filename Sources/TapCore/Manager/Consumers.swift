@@ -42,6 +42,7 @@ extension DeviceManager {
                 if attached {
                     try step(d.name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
                     rollback.add { [driver] in try? driver.setQueue(before.fd, enabled: true) }
+                    journal.publish(.queueDisabled, device: d.name, queue: id, by: .daemon)
                 }
                 q.held = true
                 q.seen = false
@@ -51,6 +52,7 @@ extension DeviceManager {
                     if !attached {
                         try step(d.name, .attachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: true) }
                         rollback.add { [driver] in try? driver.setQueue(before.fd, enabled: false) }
+                        journal.publish(.queueEnabled, device: d.name, queue: id, by: .daemon)
                     }
                     var now = d
                     now.queues[id] = q
@@ -63,6 +65,7 @@ extension DeviceManager {
                 } else if attached {
                     // Someone sharing the file attached it meanwhile: the API said detached.
                     try step(d.name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
+                    journal.publish(.queueDisabled, device: d.name, queue: id, by: .daemon)
                 }
                 q.seen = q.enabled
             }

@@ -143,6 +143,10 @@ extension DeviceManager {
                     }
                     d.leases[id] = LeaseEntry(id: id, queues: ids, holder: request.holder, peer: peer, since: Clock.timestamp(),
                                               connection: nil, orphaned: false)
+                    // Delivered only if the change is made.
+                    var what: [(String, Event.Value)] = [("queues", .string(ids.map(String.init).joined(separator: ",")))]
+                    if let h = request.holder { what.append(("holder", .string(h))) }
+                    journal.publish(.leaseGranted, device: name, lease: id, changes: what)
                     // The lease takes the device: the queues it does not hold are detached.
                     try applyConsumer(&d, rollback: &rollback)
                 }
@@ -152,9 +156,6 @@ extension DeviceManager {
             }
             offered = offered.map { o in .init(id: o.id, enabled: (try? driver.isAttached(d.queues[o.id]!.fd)) ?? o.enabled) }
             model.devices[name] = .active(d)
-            var what: [(String, Event.Value)] = [("queues", .string(ids.map(String.init).joined(separator: ",")))]
-            if let h = request.holder { what.append(("holder", .string(h))) }
-            journal.publish(.leaseGranted, device: name, lease: id, changes: what)
             logger.info("lease granted", metadata: ["device": "\(name)", "lease": "\(id)", "queue": "\(ids.map(String.init).joined(separator: ","))",
                                                     "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
             return LeaseOffer(id: id, device: name, queues: offered, files: files)
@@ -234,32 +235,33 @@ extension DeviceManager {
         let connection = try change { (model) throws(ManagerError) -> (any LeaseConnection)? in
             var d = try active(name, in: &model)
             guard let l = d.leases[id] else { throw .leaseNotFound(device: name, id: id) }
+            // What the API had set for each queue: its fresh file gets the same.
+            let wanted = Dictionary(uniqueKeysWithValues: l.queues.compactMap { d.queues[$0].map { ($0.id, $0.enabled) } })
             let connection = revoke(id, of: &d)
             // Each revoked id gets a fresh queue (a new open): the old file is its former
             // holder's too, so the daemon never reads it again.
             let ids = l.queues.filter { !d.hasQueue($0) }
-            var fresh: [QueueEntry] = []
             if !l.orphaned, !ids.isEmpty, d.anyFD != nil {
+                var next = d
                 do throws(ManagerError) {
-                    fresh = try withRollback { (rollback) throws(ManagerError) in
-                        try openQueues(ids: ids, for: d, model: &model, rollback: &rollback)
+                    try withRollback { (rollback) throws(ManagerError) in
+                        for q in try openQueues(ids: ids, for: next, model: &model, rollback: &rollback) { next.queues[q.id] = q }
+                        for qid in ids where wanted[qid] == false { _ = try setEnabled(&next, id: qid, false, rollback: &rollback) }
                     }
+                    d = next
+                    for qid in ids { journal.publish(.queueAdded, device: name, queue: qid, lease: id, by: .daemon) }
                 } catch {
                     logger.error("revoked queues not opened again; the device has fewer queues",
                                  metadata: ["device": "\(name)", "lease": "\(id)", "error": "\(error)"])
+                    for qid in ids { journal.publish(.queueRemoved, device: name, queue: qid, lease: id, by: .daemon) }
                 }
             }
-            for q in fresh { d.queues[q.id] = q }
             if d.leases.isEmpty {
                 restoreSettings(&d, why: "lease \(id) revoked")
                 checkSettings(&d, foreign: foreignQueues(d), why: "lease \(id) revoked")
             }
             applyConsumerLogged(&d)
             model.devices[name] = .active(d)
-            for q in fresh { journal.publish(.queueAdded, device: name, queue: q.id, lease: id, by: .daemon) }
-            for qid in ids where d.queues[qid] == nil {
-                journal.publish(.queueRemoved, device: name, queue: qid, lease: id, by: .daemon)
-            }
             return connection
         }
         connection?.close()

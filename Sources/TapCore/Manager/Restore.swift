@@ -38,6 +38,13 @@ extension DeviceManager {
         func kept(_ why: KeptDevice.Why) -> DeviceEntry {
             .kept(KeptDevice(key: model.takeKey(), desired: d, why: why, since: Clock.timestamp()))
         }
+        // What the API would refuse is not made from a file either (it may have been written by
+        // hand, or by an older version): set aside, with the API's reason.
+        do throws(ManagerError) {
+            try Self.check(d)
+        } catch {
+            return kept(.failed(error))
+        }
         let join: Bool
         // A device renamed behind the old process's back is looked for under the name it had
         // last; if that finds nothing to join, under the name it was created with.
@@ -95,6 +102,28 @@ extension DeviceManager {
             }
         } catch {
             return kept(.failed(error))
+        }
+    }
+
+    /// The API's rules for a device, applied to a state file's entry.
+    static func check(_ d: DesiredState.Device) throws(ManagerError) {
+        let spec = d.spec
+        try Validate.name(spec.name)
+        if let k = d.kernelName { try Validate.name(k, field: "kernel_name") }
+        try Validate.queueCount(d.queues.count, field: "queues")
+        if let m = spec.maxQueues { try Validate.maxQueues(m) }
+        if let mtu = spec.mtu { try Validate.mtu(mtu) }
+        if spec.mac != nil && spec.kind != .tap { throw .invalidField(field: "mac", reason: "only TAP devices have a MAC address") }
+        if let mac = spec.mac, mac.isMulticast || mac.isZero {
+            throw .invalidField(field: "mac", reason: "must be a unicast, non-zero address")
+        }
+        if spec.offload && !spec.vnetHdr { throw .invalidField(field: "offload", reason: "needs vnet_hdr: true") }
+        if let peer = spec.peer { try Validate.name(peer, field: "peer") }
+        switch (spec.mode, spec.peer) {
+        case (.forward, nil): throw .invalidField(field: "peer", reason: "mode forward needs a peer device")
+        case (.forward, let p?) where p == spec.name: throw .invalidField(field: "peer", reason: "a device cannot forward to itself")
+        case (.forward, _?), (_, nil): break
+        case (_, _?): throw .invalidField(field: "peer", reason: "a peer is only for mode forward")
         }
     }
 
