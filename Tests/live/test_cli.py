@@ -111,3 +111,30 @@ def test_errors_exit_nonzero_with_the_servers_code(daemon, tmpdir_short):
     assert r.returncode == 64
     r = subprocess.run([CLI, "ping", "--url", "ftp://x"], capture_output=True, text=True)
     assert r.returncode == 64 and "--url" in r.stderr
+
+
+def test_names_never_reach_another_resource(daemon, api):
+    """A name is a path segment: one that could never be a device is refused before any
+    request, and nothing in it adds a query or a path (`x?force=true` must not force-delete a
+    leased device, `x/queues/1` must not remove a queue)."""
+    import lease_client
+    n = unique_name("e")
+    try:
+        assert api.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+        lease = lease_client.take(daemon.socket, n, {"queues": [0]})
+        try:
+            for bad in (f"{n}?force=true", f"{n}/queues/1", f"{n}#x", "../v1/limits", f"{n}%3Fforce=true"):
+                for args in (("device", "delete", bad), ("device", "show", bad), ("queue", "remove", bad, "1"),
+                             ("lease", "list", bad)):
+                    r = mqtap(daemon, *args)
+                    assert r.returncode == 64 and "is not a device name" in r.stderr, (args, r.returncode, r.stderr)
+            d = api.get(f"/v1/devices/{n}").json()
+            assert d["queue_count"] == 2 and d["queues"][0]["leased"], "nothing was removed or revoked"
+            # A valid name still works, and a lease id is a segment too.
+            r = mqtap(daemon, "lease", "revoke", n, "nope?x=1")
+            assert r.returncode == 1 and "not_found" in r.stderr, r.stderr
+        finally:
+            lease.close()
+        assert mqtap(daemon, "device", "delete", n).returncode == 0
+    finally:
+        net.delete_link(n)

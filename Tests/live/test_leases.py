@@ -185,3 +185,54 @@ def test_cli_lease_runs_a_command_with_the_fds(daemon, api, name):
     r = subprocess.run([mqtap, "lease", "list", n, "--socket", daemon.socket], capture_output=True, text=True)
     assert r.returncode == 0 and "ID" in r.stdout
     assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_1100_live_leases_leave_the_api_answering(tmpdir_short):
+    """Lease connections have slots of their own: with 1100 live (over --max-leases 1100),
+    health, revoke and a forced delete answer, a new lease past the limit is 409
+    lease_limit, and the API's own connections are all there."""
+    import resource
+    from conftest import Daemon, unique_name
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    d = Daemon(tmpdir_short, "--max-leases", "1100", tcp=False)
+    devs = [unique_name("m") for _ in range(5)]
+    leases = []
+    try:
+        api = d.unix
+        for n in devs:
+            assert api.post("/v1/devices", {"name": n, "queues": 221, "up": False}).status == 201
+        for n in devs:
+            for q in range(220):
+                lease = lease_client.take(d.socket, n, {"queues": [q]})
+                assert isinstance(lease, lease_client.Lease), (n, q, lease)
+                leases.append(lease)
+        assert len(leases) == 1100
+        r = lease_client.take(d.socket, devs[0], {"queues": [220]})
+        assert not isinstance(r, lease_client.Lease) and r.status == 409 and r.code == "lease_limit", r
+        # The API's connections are its own: 100 at once all get in and are answered.
+        import socket
+        held = []
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(d.socket)
+            held.append(s)
+        for s in held:
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for s in held:
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "a health check got no answer"
+            s.close()
+        assert api.delete(f"/v1/devices/{devs[0]}/leases/{leases[0].id}").status == 204
+        assert api.delete(f"/v1/devices/{devs[1]}?force=true").status == 204
+        assert not net.exists(devs[1])
+        lease = lease_client.take(d.socket, devs[0], {"queues": [220]})
+        assert isinstance(lease, lease_client.Lease), lease
+        leases.append(lease)
+    finally:
+        for lease in leases:
+            lease.close()
+        assert d.stop() == 0
+        for n in devs:
+            net.delete_link(n)

@@ -221,3 +221,35 @@ def test_a_second_instance_on_the_same_state_dir_refuses(tmpdir_short):
         assert first.unix.get("/v1/health").status == 200
     finally:
         assert first.stop() == 0
+
+
+def test_a_state_file_entry_the_api_would_refuse_is_set_aside(tmpdir_short):
+    """The state file is checked by the API's rules: a device forwarding to itself (or with a
+    name the API refuses) is not made; it is kept as `failed` with the reason, logged, and
+    the other devices come back. An external device comes back external."""
+    loop, ok = unique_name("s"), unique_name("x")
+    d = Daemon(tmpdir_short, tcp=False)
+    try:
+        assert d.unix.post("/v1/devices", {"name": loop, "queues": 1}).status == 201
+        assert d.unix.post("/v1/devices", {"name": ok, "queues": 2, "mode": "external"}).status == 201
+        assert d.stop() == 0
+        with open(state_path(tmpdir_short)) as f:
+            state = json.load(f)
+        for dev in state["devices"]:
+            if dev["name"] == loop:
+                dev["mode"], dev["peer"] = "forward", loop
+        with open(state_path(tmpdir_short), "w") as f:
+            json.dump(state, f)
+        d = Daemon(tmpdir_short, tcp=False)
+        dev = d.unix.get(f"/v1/devices/{loop}").json()
+        assert dev["state"] == "failed" and "cannot forward to itself" in dev["state_reason"], dev
+        assert not net.exists(loop), "nothing was made for it"
+        assert any("device not restored" in line and loop in line for line in d.log)
+        dev = d.unix.get(f"/v1/devices/{ok}").json()
+        assert dev["state"] == "active" and dev["mode"] == "external" and dev["enabled_queues"] == 0, dev
+        assert d.unix.delete(f"/v1/devices/{loop}").status == 204
+        assert d.unix.delete(f"/v1/devices/{ok}").status == 204
+    finally:
+        d.stop()
+        net.delete_link(loop)
+        net.delete_link(ok)
