@@ -151,3 +151,72 @@ def test_a_daemon_killed_while_qemu_holds_a_lease(guest, tmpdir_short):
             vm.wait()
         assert d.stop() == 0
         net.delete_link(dev)
+
+
+def test_qemu_virtio_1_0_header_is_put_back_and_counts_stay_exact(guest, tmpdir_short):
+    """QEMU on leased queues of a vnet_hdr device negotiates virtio 1.0 and sets the device's
+    vnet header size to 12 (TUNSETVNETHDRSZ is device-wide). While it runs the device shows
+    12 and the lease has every frame; once it exits the daemon puts 10 back, and in sink, echo
+    and forward every count matches the kernel's, packets and bytes."""
+    d = Daemon(tmpdir_short)
+    dev, peer = unique_name("vh"), unique_name("vp")
+    serial = os.path.join(tmpdir_short, "serial.log")
+    vm = None
+    api = d.unix
+    try:
+        assert api.post("/v1/devices", {"name": dev, "queues": 4, "vnet_hdr": True, "up": False}).status == 201
+        net.disable_ipv6(dev)
+        assert api.patch(f"/v1/devices/{dev}", {"up": True}).status == 200
+        subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", dev], check=True)
+        assert api.get(f"/v1/devices/{dev}").json()["vnet_hdr_size"] == 10
+        vm = start_vm(d, dev, guest, serial, hold=True)
+        assert net.settle(lambda: pings_ok(serial) >= 3, 120, every=0.2), "timed out waiting for the guest to ping"
+        shown = api.get(f"/v1/devices/{dev}").json()
+        assert shown["vnet_hdr_size"] == 12 and "vnet_hdr_size" in shown["settings_differ"], shown
+        assert shown["consumer"] == "lease"
+        t0 = api.get(f"/v1/devices/{dev}/stats").json()["total"]
+        vm.send_signal(signal.SIGTERM)
+        vm.wait(timeout=30)
+        assert net.settle(lambda: api.get(f"/v1/devices/{dev}").json()["consumer"] == "daemon", 30)
+        shown = api.get(f"/v1/devices/{dev}").json()
+        assert shown["vnet_hdr_size"] == 10 and shown["settings_differ"] == [], shown
+        assert api.get(f"/v1/devices/{dev}/stats").json()["total"]["rx_packets"] == t0["rx_packets"], \
+            "the daemon read nothing while QEMU held the device"
+        subprocess.run(["ip", "addr", "flush", "dev", dev], check=True)
+        mac = shown["mac"]
+        assert api.post("/v1/devices", {"name": peer, "queues": 2, "vnet_hdr": True, "up": False}).status == 201
+        net.disable_ipv6(peer)
+        assert api.patch(f"/v1/devices/{peer}", {"up": True}).status == 200
+
+        def kernel(n):
+            k = net.kernel_stats(n)
+            k["tx_bytes"] = int(open(f"/sys/class/net/{n}/statistics/tx_bytes").read())
+            k["rx_bytes"] = int(open(f"/sys/class/net/{n}/statistics/rx_bytes").read())
+            return k
+
+        for mode in ({"mode": "sink"}, {"mode": "echo"}, {"mode": "forward", "peer": peer}):
+            assert api.patch(f"/v1/devices/{dev}", mode).status == 200
+            k0, t0 = kernel(dev), api.get(f"/v1/devices/{dev}/stats").json()["total"]
+            p0 = kernel(peer)
+            net.send_frames(dev, mac, 300)
+
+            def exact():
+                k, t = kernel(dev), api.get(f"/v1/devices/{dev}/stats").json()["total"]
+                ok = (t["rx_packets"] - t0["rx_packets"] == k["tx_packets"] - k0["tx_packets"] == 300
+                      and t["rx_bytes"] - t0["rx_bytes"] == k["tx_bytes"] - k0["tx_bytes"])
+                if mode["mode"] == "echo":
+                    ok = ok and t["tx_bytes"] - t0["tx_bytes"] == k["rx_bytes"] - k0["rx_bytes"] == t["rx_bytes"] - t0["rx_bytes"]
+                if mode["mode"] == "forward":
+                    p = kernel(peer)
+                    ok = ok and p["rx_bytes"] - p0["rx_bytes"] == t["rx_bytes"] - t0["rx_bytes"]
+                return ok
+            assert net.settle(exact, 15), (mode, kernel(dev), k0, api.get(f"/v1/devices/{dev}/stats").json()["total"], t0)
+        assert api.delete(f"/v1/devices/{dev}").status == 204
+        assert api.delete(f"/v1/devices/{peer}").status == 204
+    finally:
+        if vm and vm.poll() is None:
+            vm.kill()
+            vm.wait()
+        assert d.stop() == 0
+        net.delete_link(dev)
+        net.delete_link(peer)
