@@ -249,3 +249,45 @@ def test_a_removed_queue_stays_in_the_total(api, name):
     net.send_frames(n, d["mac"], 100)
     assert exact(api, n, k0, t0)
     assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+HOLDER = r"""
+import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", sys.argv[1].encode(), 0x0002 | 0x1000 | 0x0100 | 0x4000))
+fcntl.ioctl(fd, 0x400454D8, struct.pack("i", 12))   # TUNSETVNETHDRSZ
+fcntl.ioctl(fd, 0x400454CE, 65534)                 # TUNSETGROUP
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_unprivileged_owner_by_name_cannot_corrupt_a_count(api, name):
+    """The device's owner (no privilege) attaches by name and sets the header size and a
+    group: shown, the workers stop reading rather than misread, and once it goes the size is
+    put back (the group, which the kernel cannot clear, stays shown) and counts are exact."""
+    import subprocess
+    n = name()
+    d = make(api, n, queues=2, vnet_hdr=True, owner=65534)
+    p = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", HOLDER, n],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert net.settle(lambda: device(api, n)["enabled_queues"] == 0, 10), device(api, n)
+        shown = device(api, n)
+        assert shown["vnet_hdr_size"] == 12 and shown["group"] == 65534, shown
+        assert {"vnet_hdr_size", "group"} <= set(shown["settings_differ"]), shown
+        assert "vnet header size is 12" in shown["state_reason"]
+        k0, t0 = snapshot(api, n)
+        net.send_frames(n, d["mac"], 100)
+        assert total(api, n) == t0, "nothing read with a header size the workers do not expect"
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
+    assert net.settle(lambda: device(api, n)["enabled_queues"] == 2 and device(api, n)["vnet_hdr_size"] == 10, 10)
+    shown = device(api, n)
+    assert shown["settings_differ"] == ["group"] and shown["owner"] == 65534, shown
+    k0, t0 = snapshot(api, n)
+    net.send_frames(n, d["mac"], 200)
+    assert exact(api, n, k0, t0)
+    assert api.delete(f"/v1/devices/{n}").status == 204
