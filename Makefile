@@ -39,6 +39,7 @@ run: release
 install: release
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 .build/release/mqtapd .build/release/mqtap $(DESTDIR)$(PREFIX)/bin/
+	scripts/check-static.sh $(DESTDIR)$(PREFIX)/bin/mqtapd $(DESTDIR)$(PREFIX)/bin/mqtap
 
 # Python tools for the live tests (pinned in Tests/live/requirements.txt), from PyPI.
 $(VENV)/.installed: Tests/live/requirements.txt
@@ -55,6 +56,7 @@ test: deps test-deps $(VENV)/.installed bench-tools
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --no-parallel
 	scripts/container-test.sh
+	scripts/check-static.sh .build-static/release/mqtapd .build-static/release/mqtap
 	cd Tests/live && MQTAPD_BIN="$(CURDIR)/.build/debug/mqtapd" "$(CURDIR)/$(VENV)/bin/python" -m pytest -q -p no:cacheprovider
 
 # The 5-minute soak (the regular test command runs it for 30 s).
