@@ -291,3 +291,24 @@ def test_the_unprivileged_owner_by_name_cannot_corrupt_a_count(api, name):
     net.send_frames(n, d["mac"], 200)
     assert exact(api, n, k0, t0)
     assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_a_file_once_handed_out_stays_non_blocking(daemon, api, name):
+    """O_NONBLOCK belongs to the open file, which a holder shares: after a lease of a
+    one-queue device ends (the holder kept a copy), the daemon reads the queue again without
+    ever switching the file to blocking reads behind the holder's back."""
+    n = name()
+    d = make(api, n, queues=1)
+    lease = lease_client.take(daemon.socket, n)
+    kept = os.dup(lease.fds[0])
+    try:
+        assert fcntl.fcntl(kept, fcntl.F_GETFL) & os.O_NONBLOCK, "handed out non-blocking"
+        lease.close()
+        assert net.settle(lambda: device(api, n)["consumer"] == "daemon")
+        k0, t0 = snapshot(api, n)
+        net.send_frames(n, d["mac"], 200)
+        assert exact(api, n, k0, t0), "the daemon reads the queue again"
+        assert fcntl.fcntl(kept, fcntl.F_GETFL) & os.O_NONBLOCK, "still non-blocking for the holder"
+    finally:
+        os.close(kept)
+    assert api.delete(f"/v1/devices/{n}").status == 204

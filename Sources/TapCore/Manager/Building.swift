@@ -212,7 +212,7 @@ extension DeviceManager {
         // SAFETY: the fd is borrowed from `q.file`, which the manager closes only after the
         // worker has completed the `remove` for `q.key` (`close(_:)`).
         PolledQueue(key: q.key, device: d.key, fd: q.fd, counters: q.counters, action: action(for: d), index: q.id,
-                    headerBytes: d.headerBytes)
+                    headerBytes: d.headerBytes, shared: q.file.isShared)
     }
 
     /// Removes a queue from a device: closed, and what it counted kept in the device's total.

@@ -128,6 +128,13 @@ extension DeviceManager {
                             let was = q
                             rollback.add { [pool] in try? pool.startPolling(self.polled(was, of: before), on: was.worker) }
                         }
+                        // Out of the worker's hands (no solo read switches it back to blocking):
+                        // non-blocking for good, as the holder shares the open file.
+                        do throws(SyscallError) {
+                            try q.file.share()
+                        } catch {
+                            throw ManagerError.from(error, device: name, step: .duplicateFD)
+                        }
                         if q.held {
                             // Held detached for the device's consumer; the holder gets it as the
                             // API set it.

@@ -20,6 +20,7 @@ struct QueueFile: ~Copyable, Sendable {
 /// reads the fd has let go of it. A second `close()` does nothing.
 final class QueueHandle: Sendable {
     private let file: Mutex<QueueFile?>
+    private let shared = Atomic<Bool>(false)
     /// Borrowed: valid until `close()`. Handed to a worker's slot and to ioctls on the
     /// control path; the manager closes only after the worker's `remove` has completed.
     let fd: Int32
@@ -37,6 +38,17 @@ final class QueueHandle: Sendable {
 
     /// Whether `close()` has run.
     var isClosed: Bool { file.withLock { $0 == nil } }
+
+    /// The open file was handed out (a lease): another process may share it, with its
+    /// `O_NONBLOCK`, for as long as it lives. Set once, never cleared.
+    var isShared: Bool { shared.load(ordering: .acquiring) }
+
+    /// Makes the open file non-blocking (what every VMM expects, and what the daemon's epoll
+    /// reads need), then marks it shared: from here on its blocking mode is never changed.
+    func share() throws(SyscallError) {
+        try setNonBlocking(fd, true)
+        shared.store(true, ordering: .releasing)
+    }
 
     /// Runs `body` with the fd while it is open, holding off `close()` until it returns; nil
     /// once closed. For reads from a snapshot, which may be older than a close.

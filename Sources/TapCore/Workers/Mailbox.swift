@@ -18,6 +18,9 @@ struct PolledQueue: Sendable {
     /// The vnet header in front of every frame (0 without IFF_VNET_HDR): not counted in bytes,
     /// as the kernel does not count it.
     let headerBytes: Int
+    /// The queue's open file was handed out (a lease): its `O_NONBLOCK`, which belongs to the
+    /// open file, is the holder's too, so the worker never reads it with blocking reads.
+    var shared = false
 }
 
 /// What the control path asks of a worker.

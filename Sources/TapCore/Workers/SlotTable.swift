@@ -28,6 +28,8 @@ struct SlotTable {
         var polled = false
         /// The fd is in the epoll set (a solo queue is not).
         var watched = false
+        /// Its open file was handed out: never switched to blocking reads.
+        var shared = false
         /// Rate limit of error reports: when the last went out, and failures since.
         var lastReport: UInt64 = 0
         var unreported: UInt64 = 0
@@ -60,7 +62,7 @@ struct SlotTable {
             s = slots.count - 1
         }
         slots[s] = Slot(key: q.key, device: q.device, fd: q.fd, counters: q.counters.writer, owner: q.counters,
-                        index: q.index, headerBytes: q.headerBytes)
+                        index: q.index, headerBytes: q.headerBytes, shared: q.shared)
         setAction(s, q.action)
         return s
     }

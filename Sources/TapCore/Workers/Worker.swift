@@ -80,7 +80,8 @@ final class Worker: @unchecked Sendable {
         }
         var running = true
         while running {
-            if let only = table.onlyPolled, !mailbox.hasPending {
+            // A shared file's O_NONBLOCK is its holder's too: such a queue stays in epoll.
+            if let only = table.onlyPolled, !table[only].shared, !mailbox.hasPending {
                 solo(only)
                 if mailbox.hasPending { running = runCommands() }
                 continue
