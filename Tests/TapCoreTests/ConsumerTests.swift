@@ -48,7 +48,7 @@ struct ConsumerTests {
         offer.close()
         var d = try f.manager.device("d")
         #expect(d.consumer == .lease && d.queues.map(\.enabled) == [true, false, false, false])
-        f.manager.leaseEnded(device: "d", lease: offer.id)
+        offer.end()
         d = try f.manager.device("d")
         #expect(d.consumer == .daemon && d.queues.map(\.enabled) == [true, true, true, false])
     }
@@ -86,7 +86,7 @@ struct ConsumerTests {
         #expect(d.vnetHdrSize == 12 && d.owner == 65534 && d.group == 7)
         #expect(d.settingsDiffer == ["vnet_hdr_size", "vnet_byte_order", "owner", "group"])
         let cleared = f.driver.device("v")!.programsCleared
-        f.manager.leaseEnded(device: "v", lease: offer.id)
+        offer.end()
         d = try f.manager.device("v")
         #expect(d.vnetHdrSize == 10 && d.owner == 1000 && d.settingsDiffer == ["group"],
                 "the group a holder set cannot be cleared: it is shown")
@@ -118,7 +118,7 @@ struct ConsumerTests {
         #expect(throws: ManagerError.leaseLimit(limit: 2)) {
             try f.manager.grantLease("d", LeaseRequest(queues: [2]), peer: peer)
         }
-        f.manager.leaseEnded(device: "d", lease: a.id)
+        a.end()
         let c = try f.manager.grantLease("d", LeaseRequest(queues: [2]), peer: peer)
         c.close()
     }

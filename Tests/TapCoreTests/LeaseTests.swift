@@ -18,11 +18,11 @@ struct LeaseTests {
 
     /// Grants, "sends" (the offer's duplicates are closed), and connects a lease.
     func lease(_ m: DeviceManager, _ device: String, _ queues: [Int]? = nil, holder: String? = "test") throws
-        -> (LeaseOffer, FakeConnection) {
+        -> (Lease, FakeConnection) {
         let offer = try m.grantLease(device, LeaseRequest(queues: queues, holder: holder), peer: Self.peer)
         offer.close()
         let c = FakeConnection()
-        #expect(m.leaseConnected(device: device, lease: offer.id, c))
+        #expect(offer.connect(c))
         return (offer, c)
     }
 
@@ -38,7 +38,7 @@ struct LeaseTests {
         inject(f.driver.peer(of: fd1)!, [UInt8](repeating: 7, count: 60))
         Thread.sleep(forTimeInterval: 0.1)
         #expect(try f.manager.queue("d", id: 1).counters.rxPackets == 0, "the holder reads a leased queue, not the daemon")
-        f.manager.leaseEnded(device: "d", lease: offer.id)
+        offer.end()
         #expect(eventually { (try? f.manager.queue("d", id: 1).counters.rxPackets) == 1 })
         #expect(try f.manager.leases("d").isEmpty)
     }
@@ -53,7 +53,7 @@ struct LeaseTests {
         // The holder attaches it through its own fd of the same open file.
         try f.driver.setQueue(fd1, enabled: true)
         f.driver.fail(.setQueue, with: .ioError)
-        f.manager.leaseEnded(device: "d", lease: offer.id)
+        offer.end()
         #expect(try f.driver.isAttached(fd1), "the detach failed")
         #expect(try f.manager.leases("d").isEmpty)
         #expect(try f.manager.queue("d", id: 1).enabled, "the record follows the kernel")
@@ -117,7 +117,7 @@ struct LeaseTests {
         let d = try f.manager.device("d")
         #expect(d.revokedQueues == 1 && d.consumer == .daemon && d.queues.map(\.id) == [0, 1])
         // The connection's close afterwards is a no-op for the manager.
-        f.manager.leaseEnded(device: "d", lease: offer.id)
+        offer.end()
         #expect(try f.manager.device("d").revokedQueues == 1)
         // Deleting the device closes the kept file too.
         try f.manager.delete("d")
@@ -140,7 +140,7 @@ struct LeaseTests {
         // While leased, the API still attaches and detaches (on its own fd: the same queue).
         _ = try f.manager.setQueueEnabled("d", id: 2, true)
         #expect(!f.driver.device("d")!.detached.contains(fds[2]))
-        f.manager.leaseEnded(device: "d", lease: offer.id)
+        offer.end()
         #expect(try f.manager.device("d").queues.map(\.enabled) == [true, true, true, false])
         #expect(f.driver.device("d")!.detached == [fds[3]])
     }
@@ -251,5 +251,40 @@ struct DeclaredCountTests {
         // Leased queues are skipped when removing: 4 → 3 removes the one queue not leased, 0.
         let d = try f.manager.update("d", DevicePatch(queues: 3))
         #expect(d.queues.map(\.id) == [1, 2, 3])
+    }
+}
+
+@Suite("a lease's life: one object, one end (fake driver, no root)")
+struct LeaseLifeTests {
+    @Test("end is idempotent; a lease ended, or revoked, before it connects does not connect")
+    func oneEnd() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 2))
+        let a = try f.manager.grantLease("d", LeaseRequest(queues: [0]), peer: LeaseTests.peer)
+        #expect(a.fds.count == 1)
+        a.end()
+        #expect(a.fds.isEmpty && a.isEnded)
+        #expect(try f.manager.leases("d").isEmpty)
+        // A second lease of the same queue, then the first's late end: nothing happens to it.
+        let b = try f.manager.grantLease("d", LeaseRequest(queues: [0]), peer: LeaseTests.peer)
+        a.end()
+        #expect(try f.manager.leases("d").map(\.id) == [b.id])
+        #expect(!a.connect(FakeConnection()), "an ended lease never goes live")
+        // Revoked while offered: the hand-over's connect says so, and its end changes nothing.
+        try f.manager.revokeLease(device: "d", lease: b.id)
+        let c = FakeConnection()
+        #expect(!b.connect(c))
+        b.end()
+        let d = try f.manager.device("d")
+        #expect(d.consumer == .daemon && d.queues.map(\.enabled) == [true, true] && d.revokedQueues == 1)
+        // Live, then ended twice (the watcher's hang-up and a failed step both call it).
+        let e = try f.manager.grantLease("d", LeaseRequest(queues: [1]), peer: LeaseTests.peer)
+        e.close()
+        let ec = FakeConnection()
+        #expect(e.connect(ec) && !e.connect(ec), "connects once")
+        #expect(try f.manager.leases("d").map(\.state) == [.live])
+        e.end()
+        e.end()
+        #expect(try f.manager.leases("d").isEmpty && f.manager.device("d").consumer == .daemon)
     }
 }

@@ -40,17 +40,15 @@ def need(ok, why):
 
 
 def create_external_device(api, dev):
-    """A device of QUEUES queues for someone else (libvirt) to attach by name: the daemon
+    """A device of QUEUES queues in mode external, for libvirt to attach by name: the daemon
     keeps its own queue fds, detached, and reads nothing. Returns the Device."""
-    # TODO(mode external): once the daemon has it, this is the one call
-    #     r = api.post("/v1/devices", {"name": dev, "queues": QUEUES, "mode": "external"})
-    # (201, and its answer is the Device) and the PATCH below goes. Until then a device with
-    # every queue detached (`enabled_queues: 0`) is today's equivalent.
-    r = api.post("/v1/devices", {"name": dev, "queues": QUEUES})
+    # With a vnet header, as libvirt opens a virtio tap: QEMU then sets the device's header
+    # size (12, virtio 1.0) and offloads, which the daemon must put back afterwards.
+    r = api.post("/v1/devices", {"name": dev, "queues": QUEUES, "mode": "external", "vnet_hdr": True})
     assert r.status == 201, r
-    r = api.patch(f"/v1/devices/{dev}", {"enabled_queues": 0})
-    assert r.status == 200, r
-    return r.json()
+    d = r.json()
+    assert d["consumer"] == "external" and d["enabled_queues"] == 0, d
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +194,8 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
                           30, every=0.2), api.get(f"/v1/devices/{dev}").json()
         device = api.get(f"/v1/devices/{dev}").json()
         assert device["queue_count"] == QUEUES and device["enabled_queues"] == 0
+        assert device["consumer"] == "external" and "split" not in device.get("state_reason", ""), device
+        assert device["vnet_hdr_size"] == 12, "QEMU set virtio 1.0's header size (the device's, not a queue's)"
         assert not any(q["enabled"] or q["leased"] for q in device["queues"])
         # QEMU detaches the queues of the pairs the guest did not enable: all 4 are attached.
         assert numqueues(dev) == (QUEUES, QUEUES), "libvirt's 4 attached, the daemon's 4 detached"
@@ -231,6 +231,9 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
         device = api.get(f"/v1/devices/{dev}").json()
         assert device["state"] == "active" and device["queue_count"] == QUEUES and device["enabled_queues"] == 0
         assert numqueues(dev) == (0, QUEUES)
+        # The settings QEMU changed are put back as the API set them.
+        assert net.settle(lambda: api.get(f"/v1/devices/{dev}").json()["vnet_hdr_size"] == 10, 10)
+        assert api.get(f"/v1/devices/{dev}").json()["settings_differ"] == []
 
         libvirtd.virsh("undefine", dom)
         defined = False

@@ -38,38 +38,34 @@ enum LeasesResource {
             throw APIError.upgradeRequired(protocolName)
         }
         let request = try decodeRequest(r.body)
-        let offer = try m.grantLease(device, request, peer: peer ?? PeerCredentials(pid: 0, uid: 0, gid: 0))
+        let lease = try m.grantLease(device, request, peer: peer ?? PeerCredentials(pid: 0, uid: 0, gid: 0))
         return .switching(Upgrade(
             protocolName: protocolName,
-            run: { connection in handOver(offer, on: connection, m, watcher) },
-            abandon: {
-                offer.close()
-                m.leaseEnded(device: offer.device, lease: offer.id)
-            }))
+            run: { connection in handOver(lease, on: connection, watcher) },
+            abandon: { lease.end() }))
     }
 
     /// After the 101: one JSON line with the fds (SCM_RIGHTS, in the order of `queues`), then
     /// the connection is watched; the lease lasts until it closes.
-    static func handOver(_ offer: LeaseOffer, on connection: UpgradedConnection, _ m: DeviceManager, _ watcher: LeaseWatcher) {
+    static func handOver(_ lease: Lease, on connection: UpgradedConnection, _ watcher: LeaseWatcher) {
         let line: JSON = [
-            "lease": .string(offer.id), "device": .string(offer.device),
-            "queues": .array(offer.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] }),
+            "lease": .string(lease.id), "device": .string(lease.device),
+            "queues": .array(lease.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] }),
         ]
         do {
-            try UnixSocket.send(connection.fd, line.serialized() + [UInt8(ascii: "\n")], passing: offer.fds)
+            try UnixSocket.send(connection.fd, line.serialized() + [UInt8(ascii: "\n")], passing: lease.fds)
         } catch {
-            offer.close()
-            m.leaseEnded(device: offer.device, lease: offer.id)
+            lease.end()
             connection.close()
             return
         }
         // The holder has its own fds now.
-        offer.close()
-        // Watched first, then attached: a hang-up in between ends the lease, and a revoke in
-        // between finds no connection yet, so `leaseConnected` says so and it is closed here.
-        let watching = watcher.watch(connection) { m.leaseEnded(device: offer.device, lease: offer.id) }
-        guard watching, m.leaseConnected(device: offer.device, lease: offer.id, connection) else {
-            m.leaseEnded(device: offer.device, lease: offer.id)
+        lease.close()
+        // Watched first, then connected: a hang-up in between ends the lease, and a revoke in
+        // between finds it no longer offered, so `connect` says so and it is closed here.
+        let watching = watcher.watch(connection) { lease.end() }
+        guard watching, lease.connect(connection) else {
+            lease.end()
             connection.close()
             return
         }

@@ -63,12 +63,29 @@ struct LeaseEntry: Sendable {
     let holder: String?
     let peer: PeerCredentials
     let since: String
-    /// The connection the lease lasts for; nil once orphaned (recorded before a restart) or
-    /// before the upgrade has handed it over.
-    var connection: (any LeaseConnection)?
-    /// Recorded before a restart: the holder may still have the queues, the daemon has
-    /// no connection and no fd of them.
-    var orphaned: Bool
+    /// Where the lease is in its life. It ends once (`Lease.end`, a revoke, or its device's
+    /// end), and an ended lease is no longer in the model.
+    enum State: Sendable {
+        /// Granted: the fds are on their way, the upgrade not yet done.
+        case offered
+        /// Handed over: it lasts as long as this connection.
+        case live(any LeaseConnection)
+        /// Recorded before a restart: the holder may still have the queues; the daemon has
+        /// no connection and no fd of them.
+        case orphaned
+    }
+    var state: State
+
+    var orphaned: Bool {
+        if case .orphaned = state { return true }
+        return false
+    }
+
+    /// The connection to close when the lease is taken away.
+    var connection: (any LeaseConnection)? {
+        if case .live(let c) = state { return c }
+        return nil
+    }
 
     var record: DesiredState.Lease {
         DesiredState.Lease(id: id, queues: queues, holder: holder, peer: peer, since: since)

@@ -8,9 +8,12 @@ public protocol LeaseConnection: Sendable {
     func close()
 }
 
-/// A lease granted but not yet handed over: what to tell the holder and the fds to pass
-/// (duplicates of the daemon's own, so the same queues; closed once sent, or when dropped).
-public final class LeaseOffer: Sendable {
+/// One lease, from its grant to its end, as the transport holds it: what to tell the holder,
+/// the fds to pass (duplicates of the daemon's own, so the same queues; closed once sent),
+/// and the one way it ends. The manager's record (`LeaseEntry.State`) says where it is:
+/// offered, live (with its connection) or orphaned; `end()` takes it out, once, whoever calls
+/// it first (a failed hand-over, the connection's hang-up, an upgrade that never happened).
+public final class Lease: Sendable {
     public struct Queue: Sendable, Hashable {
         public let id: Int
         public let enabled: Bool
@@ -21,12 +24,15 @@ public final class LeaseOffer: Sendable {
     /// In the order the fds travel.
     public let queues: [Queue]
     private let files: Mutex<[OwnedFDBox]>
+    private let manager: DeviceManager
+    private let ended = Atomic<Bool>(false)
 
-    init(id: String, device: String, queues: [Queue], files: [OwnedFDBox]) {
+    init(id: String, device: String, queues: [Queue], files: [OwnedFDBox], manager: DeviceManager) {
         self.id = id
         self.device = device
         self.queues = queues
         self.files = Mutex(files)
+        self.manager = manager
     }
 
     /// The fds to pass, in the order of `queues`; valid until `close()`.
@@ -40,6 +46,23 @@ public final class LeaseOffer: Sendable {
         }
         for box in taken { box.close() }
     }
+
+    /// The fds are sent and the connection is watched: the lease is live for as long as it
+    /// is open. False if it ended meanwhile (revoked, its device deleted, or `end()`): the
+    /// caller closes the connection.
+    public func connect(_ connection: any LeaseConnection) -> Bool {
+        !ended.load(ordering: .acquiring) && manager.leaseConnected(device: device, lease: id, connection)
+    }
+
+    /// Ends the lease: its duplicates are closed and its queues come back to the device
+    /// (see `DeviceManager.leaseEnded`). Only the first call does anything.
+    public func end() {
+        close()
+        guard !ended.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        manager.leaseEnded(device: device, lease: id)
+    }
+
+    public var isEnded: Bool { ended.load(ordering: .acquiring) }
 }
 
 /// One duplicate fd's owner, in a box so a list can hold it.
@@ -73,7 +96,7 @@ extension DeviceManager {
     /// Leases queues of a device to `peer`: from now on the workers neither read nor write
     /// them. The offer carries duplicates of the queues' fds to send; the lease lasts from
     /// `leaseConnected` until `leaseEnded` (or a revoke). Refusals change nothing.
-    public func grantLease(_ name: String, _ request: LeaseRequest, peer: PeerCredentials) throws(ManagerError) -> LeaseOffer {
+    public func grantLease(_ name: String, _ request: LeaseRequest, peer: PeerCredentials) throws(ManagerError) -> Lease {
         if let ids = request.queues {
             guard !ids.isEmpty else { throw .invalidField(field: "queues", reason: "must name at least one queue") }
             guard Set(ids).count == ids.count else { throw .invalidField(field: "queues", reason: "names a queue twice") }
@@ -106,7 +129,7 @@ extension DeviceManager {
             let id = Self.newLeaseID()
             // Duplicates first: if one fails, nothing has changed yet.
             var files: [OwnedFDBox] = []
-            var offered: [LeaseOffer.Queue] = []
+            var offered: [Lease.Queue] = []
             for qid in ids {
                 let q = d.queues[qid]!
                 do throws(SyscallError) {
@@ -149,7 +172,7 @@ extension DeviceManager {
                         d.queues[qid] = q
                     }
                     d.leases[id] = LeaseEntry(id: id, queues: ids, holder: request.holder, peer: peer, since: Clock.timestamp(),
-                                              connection: nil, orphaned: false)
+                                              state: .offered)
                     // Delivered only if the change is made.
                     var what: [(String, Event.Value)] = [("queues", .string(ids.map(String.init).joined(separator: ",")))]
                     if let h = request.holder { what.append(("holder", .string(h))) }
@@ -165,16 +188,17 @@ extension DeviceManager {
             model.devices[name] = .active(d)
             logger.info("lease granted", metadata: ["device": "\(name)", "lease": "\(id)", "queue": "\(ids.map(String.init).joined(separator: ","))",
                                                     "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
-            return LeaseOffer(id: id, device: name, queues: offered, files: files)
+            return Lease(id: id, device: name, queues: offered, files: files, manager: self)
         }
     }
 
-    /// The lease's connection is up and its fds are sent. False if the lease is gone
-    /// meanwhile (revoked, or its device deleted): the caller closes the connection.
-    public func leaseConnected(device name: String, lease id: String, _ connection: any LeaseConnection) -> Bool {
+    /// The lease's connection is up and its fds are sent (`Lease.connect`). False if the
+    /// lease is gone meanwhile (revoked, or its device deleted): the caller closes the connection.
+    func leaseConnected(device name: String, lease id: String, _ connection: any LeaseConnection) -> Bool {
         change { model -> Bool in
             guard case .active(var d)? = model.devices[name], var l = d.leases[id] else { return false }
-            l.connection = connection
+            guard case .offered = l.state else { return false }
+            l.state = .live(connection)
             d.leases[id] = l
             model.devices[name] = .active(d)
             return true
@@ -185,7 +209,7 @@ extension DeviceManager {
     /// exited), or the upgrade never happened: the queues come back. Each queue's attach
     /// state is put back to what the API last set (only where it differs: TUNSETQUEUE to
     /// the state a queue has is EINVAL), and the workers read the attached ones again.
-    public func leaseEnded(device name: String, lease id: String) {
+    func leaseEnded(device name: String, lease id: String) {
         change { model in
             guard case .active(var d)? = model.devices[name], let l = d.leases.removeValue(forKey: id) else { return }
             if d.leases.isEmpty {

@@ -94,7 +94,7 @@ extension DeviceManager {
                         a.orphans[qid] = OrphanQueue(id: qid, enabled: enabled, lease: l.id)
                     }
                     a.leases[l.id] = LeaseEntry(id: l.id, queues: l.queues, holder: l.holder, peer: l.peer, since: l.since,
-                                                connection: nil, orphaned: true)
+                                                state: .orphaned)
                 }
                 // The holders still have the device: the daemon's own queues stay detached.
                 try applyConsumer(&a, rollback: &rollback)
