@@ -128,9 +128,8 @@ def daemon():
         yield d
         rc = d.stop()
         assert rc == 0, "\n".join(d.log[-20:])
-        for n in net.tap_names():
-            if n.startswith(PREFIX):
-                net.delete_link(n)
+        for n in net.tap_names(PREFIX):
+            net.delete_link(n)
 
 
 @pytest.fixture

@@ -78,12 +78,15 @@ def _installed(pkg):
 
 
 def _pids_of(exe):
-    """Processes whose executable is `exe` (by /proc/PID/exe, not by a name pattern)."""
+    """Processes whose executable is `exe` (by /proc/PID/exe, not by a name pattern), in this
+    process's mount namespace, where a package's service starts: never a private libvirtd that
+    another test runs in a namespace of its own."""
     pids = set()
+    here = os.readlink("/proc/self/ns/mnt")
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
-                if os.readlink(f"/proc/{p}/exe") == exe:
+                if os.readlink(f"/proc/{p}/exe") == exe and os.readlink(f"/proc/{p}/ns/mnt") == here:
                     pids.add(int(p))
             except OSError:
                 pass

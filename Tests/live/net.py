@@ -10,8 +10,27 @@ def exists(name):
     return os.path.exists(f"/sys/class/net/{name}")
 
 
-def tap_names():
-    return {n for n in os.listdir("/sys/class/net") if os.path.exists(f"/sys/class/net/{n}/tun_flags")}
+def tap_names(prefix):
+    """The TUN/TAP devices whose names start with `prefix`: a test's own. (Other processes make
+    and delete taps at any time, so a test never compares the host's whole set.)"""
+    return {n for n in os.listdir("/sys/class/net")
+            if n.startswith(prefix) and os.path.exists(f"/sys/class/net/{n}/tun_flags")}
+
+
+def held_taps(pid):
+    """The names of the TUN/TAP devices process `pid` holds a queue of (the `iff:` line of a tun
+    fd's fdinfo), whatever their names."""
+    names = set()
+    base = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(base):
+        try:
+            with open(os.path.join(base, fd)) as f:
+                for line in f:
+                    if line.startswith("iff:"):
+                        names.add(line.split(None, 1)[1].strip())
+        except OSError:
+            pass  # closed meanwhile
+    return names
 
 
 def kernel_queue_count(name):

@@ -6,6 +6,7 @@ import socket
 import subprocess
 
 import net
+from conftest import PREFIX
 from mqtapd_client import SPEC_PATH
 
 
@@ -140,12 +141,18 @@ def test_limits(daemon, api):
     assert api.put("/v1/limits", {}).code == "invalid_field"
 
 
-def _created_nothing(before):
-    return net.tap_names() == before
+def _ours(daemon):
+    """The taps this run could have made: those with its prefix, and any the daemon holds a queue
+    of (whatever the name). Never the host's others: they come and go as other processes like."""
+    return net.tap_names(PREFIX) | net.held_taps(daemon.pid)
 
 
-def test_malformed_json_and_duplicate_keys(api, name):
-    before = net.tap_names()
+def _created_nothing(daemon, before):
+    return _ours(daemon) == before
+
+
+def test_malformed_json_and_duplicate_keys(daemon, api, name):
+    before = _ours(daemon)
     r = api.post("/v1/devices", '{"name": "x",\n "queues": }')
     assert r.status == 400 and r.code == "invalid_json"
     assert "line 2" in r.json()["error"]["message"]
@@ -153,34 +160,34 @@ def test_malformed_json_and_duplicate_keys(api, name):
     assert r.status == 400 and r.code == "invalid_json" and "duplicate" in r.json()["error"]["message"]
     assert api.post("/v1/devices", "[]").code == "invalid_json"
     assert api.post("/v1/devices", "").code == "invalid_json"
-    assert _created_nothing(before)
+    assert _created_nothing(daemon, before)
 
 
-def test_unknown_field_and_wrong_types(api, name):
-    before = net.tap_names()
+def test_unknown_field_and_wrong_types(daemon, api, name):
+    before = _ours(daemon)
     r = api.post("/v1/devices", {"name": name(), "colour": "red"})
     assert r.status == 400 and r.code == "unknown_field" and r.json()["error"]["field"] == "colour"
     for field, value in [("queues", "4"), ("queues", 1.5), ("persist", 1), ("type", "bridge"),
                          ("mode", "bounce"), ("mac", "nope"), ("mtu", 20), ("queues", 0)]:
         r = api.post("/v1/devices", {"name": name(), field: value})
         assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == field, (field, r)
-    assert _created_nothing(before)
+    assert _created_nothing(daemon, before)
 
 
-def test_bad_names_create_nothing(api):
-    before = net.tap_names()
+def test_bad_names_create_nothing(daemon, api):
+    before = _ours(daemon)
     for bad in ["", "a" * 16, "tap%d", "a/b", "a b", " lead", "9lives", "é"]:
         r = api.post("/v1/devices", {"name": bad})
         assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == "name", (bad, r)
-    assert _created_nothing(before)
-    assert not any(n.startswith("tap") and n[3:].isdigit() for n in net.tap_names() - before)
+    assert _created_nothing(daemon, before)
+    assert not any(n.startswith("tap") and n[3:].isdigit() for n in _ours(daemon) - before)
 
 
-def test_nul_in_a_string_is_refused_by_its_field(api, name):
+def test_nul_in_a_string_is_refused_by_its_field(daemon, api, name):
     """\u0000 in a string is valid JSON: it is refused by the field it is in, not as a parse
     error with the JSON library's words; and never cut short into another name (schemathesis
     found `{"peer": "N...\u0000..."}` answered `invalid_json`)."""
-    before = net.tap_names()
+    before = _ours(daemon)
     n = name()
     for field, body in [("name", {"name": n + "\u0000x"}),
                         ("name", {"name": n[:4] + "\u0000"}),
@@ -188,7 +195,7 @@ def test_nul_in_a_string_is_refused_by_its_field(api, name):
                         ("peer", {"name": n, "mode": "forward", "peer": "no such/peer"})]:
         r = api.post("/v1/devices", body)  # json.dumps writes the NUL as \u0000
         assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == field, (body, r)
-    assert _created_nothing(before)
+    assert _created_nothing(daemon, before)
     assert api.post("/v1/devices", {"name": n}).status == 201
     try:
         r = api.patch(f"/v1/devices/{n}", '{"peer": "a\\u0000b"}')
@@ -217,16 +224,16 @@ def test_name_conflict_with_a_non_tap_interface(api, name):
     api.delete(f"/v1/devices/{n}")
 
 
-def test_wrong_method_and_content_type(api, name):
+def test_wrong_method_and_content_type(daemon, api, name):
     r = api.request("DELETE", "/v1/limits")
     assert r.status == 405 and r.code == "method_not_allowed" and r.headers["allow"] == "GET, PUT"
     assert api.request("PUT", "/v1/devices").headers["allow"] == "GET, POST"
-    before = net.tap_names()
+    before = _ours(daemon)
     r = api.post("/v1/devices", json.dumps({"name": name()}), content_type="text/plain")
     assert r.status == 415 and r.code == "unsupported_media_type"
     r = api.post("/v1/devices", json.dumps({"name": name()}), content_type=None)
     assert r.status == 415
-    assert _created_nothing(before)
+    assert _created_nothing(daemon, before)
 
 
 def test_unknown_paths(api):

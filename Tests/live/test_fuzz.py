@@ -96,9 +96,8 @@ def fuzzed():
             for dev in d.unix.get("/v1/devices").json()["devices"]:
                 d.unix.delete(f"/v1/devices/{urllib.parse.quote(dev['name'], safe='')}?force=true", check=False)
         rc = d.stop()
-        for n in net.tap_names():
-            if n.startswith(PREFIX):
-                net.delete_link(n)
+        for n in net.tap_names(PREFIX):
+            net.delete_link(n)
         assert alive, "the daemon died:\n" + "\n".join(d.log[-20:])
         assert rc == 0, "\n".join(d.log[-20:])
 

@@ -65,7 +65,7 @@ def test_a_renamed_device_keeps_its_api_name_and_a_stranger_with_its_old_name_is
 
         assert api.post(f"/v1/devices/{a}/queues", {"count": 1}).status == 201
         assert net.kernel_queue_count(b) == 3
-        assert ifindex(a) == stranger and a not in net.tap_names(), "no queue was opened by the old name"
+        assert ifindex(a) == stranger and a not in net.tap_names(a), "no queue was opened by the old name"
 
         assert net.settle(lambda: api.get(f"/v1/devices/{a}/stats").json()["kernel"]["tx_packets"]
                           == net.kernel_stats(b)["tx_packets"])

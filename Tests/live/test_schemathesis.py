@@ -1,21 +1,26 @@
 """schemathesis against a live daemon with the project's openapi.yaml: every operation, all
-checks, bounded in examples and time. It creates real interfaces; all are removed after."""
+checks, bounded in examples and time. It creates real interfaces, under whatever names it
+draws: the daemon and schemathesis run in a private mount and network namespace
+(sandbox.py), where every device is theirs, so the test can check that none is left without
+looking at the host's (other processes make and delete taps meanwhile); the namespace goes
+at the end, and with it anything left in it."""
 import os
 import shutil
 import subprocess
 import sys
 
-import net
 from conftest import Daemon
 from mqtapd_client import SPEC_PATH
+from sandbox import Sandbox
 
 
 def test_schemathesis_finds_nothing(tmpdir_short):
-    before = net.tap_names()
-    d = Daemon(tmpdir_short, workers=2)
+    sb = Sandbox()
+    d = None
     exe = shutil.which("schemathesis") or os.path.join(os.path.dirname(sys.executable), "schemathesis")
     try:
-        r = subprocess.run(
+        d = Daemon(tmpdir_short, workers=2, prefix=sb.prefix())
+        r = subprocess.run(sb.prefix(wd=os.getcwd()) +
             # takeLease is a Unix-socket upgrade that passes fds: over TCP it can only be
             # refused (400 unix_socket_required), which schemathesis would take for a bug.
             # watchEvents follows forever unless told not to: every call would wait for the
@@ -37,13 +42,17 @@ def test_schemathesis_finds_nothing(tmpdir_short):
         print(r.stdout[-6000:])
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     finally:
-        # Persistent devices outlive the daemon: delete every device through the API first.
+        rc = None
         try:
-            for dev in d.tcp.get("/v1/devices", check=False).json()["devices"]:
-                d.tcp.delete(f"/v1/devices/{dev['name']}", check=False)
+            if d is not None:
+                # Persistent devices outlive the daemon: delete every device through the API first
+                # (over the Unix socket: the TCP port is the namespace's loopback).
+                for dev in d.unix.get("/v1/devices", check=False).json()["devices"]:
+                    d.unix.delete(f"/v1/devices/{dev['name']}", check=False)
+                rc = d.stop()
+            left = sorted(sb.taps())
         finally:
-            rc = d.stop()
-            for n in net.tap_names() - before:
-                net.delete_link(n)
+            procs = sb.close()
     assert rc == 0
-    assert net.tap_names() == before
+    assert left == [], "devices left behind in the namespace"
+    assert procs == [], "processes left behind in the namespace"
