@@ -105,8 +105,8 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(404, "not_found", e.message, field: "queues")
         case .nameConflict:
             self.init(409, "name_conflict", e.message, field: "name", errno: errno)
-        case .queueLimitExceeded:
-            self.init(409, "queue_limit_exceeded", e.message, errno: errno)
+        case .queueLimitExceeded(_, _, _, _, let field):
+            self.init(409, "queue_limit_exceeded", e.message, field: field, errno: errno)
         case .aboveGlobalLimit(let field, _, _):
             self.init(409, "queue_limit_exceeded", e.message, field: field)
         case .limitBelowUsage(let field, _, _, _):

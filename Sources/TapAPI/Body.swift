@@ -6,8 +6,10 @@ import TapJSON
 struct Body {
     private let object: JSONObject
 
-    /// `allowed` in the order they are documented; the first unknown key is reported.
-    init(_ bytes: [UInt8], allowed: [String], required: Bool = true) throws(APIError) {
+    /// `allowed` in the order they are documented; the first unknown key is reported. A key
+    /// of `fixed` is known but cannot be changed here (a create-only field in a PATCH): 400
+    /// `invalid_field` naming it, so the client learns it is not a typo.
+    init(_ bytes: [UInt8], allowed: [String], fixed: [String] = [], required: Bool = true) throws(APIError) {
         if bytes.isEmpty || bytes.allSatisfy({ $0 == 0x20 || $0 == 0x0a || $0 == 0x0d || $0 == 0x09 }) {
             guard !required else { throw APIError.invalidJSON("a JSON object body is required") }
             object = [:]
@@ -22,7 +24,10 @@ struct Body {
         guard case .object(let o) = json else {
             throw APIError.invalidJSON("the body must be a JSON object, not \(json.typeName)")
         }
-        for key in o.keys where !allowed.contains(key) { throw APIError.unknownField(key) }
+        for key in o.keys where !allowed.contains(key) {
+            if fixed.contains(key) { throw APIError.invalidField(key, "is set at create only; delete and create the device to change it") }
+            throw APIError.unknownField(key)
+        }
         object = o
     }
 

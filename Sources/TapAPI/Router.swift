@@ -168,7 +168,10 @@ public struct Router: Sendable {
         .spec: [("GET", { _, _, _ in SpecResource.get() })],
     ]
 
-    static func methods(of kind: Route.Kind) -> [String] { table[kind, default: []].map(\.method) }
+    /// HEAD is answered wherever GET is (the same headers, no body).
+    static func methods(of kind: Route.Kind) -> [String] {
+        table[kind, default: []].flatMap { $0.method == "GET" ? ["GET", "HEAD"] : [$0.method] }
+    }
 
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {
         // Before anything else, /v1/health and /metrics included: over TCP, no token, no answer.
@@ -177,13 +180,20 @@ public struct Router: Sendable {
         }
         guard let route = Route(path: r.path) else { throw APIError.notFound("no such path: \(r.path)") }
         let endpoints = Self.table[route.kind, default: []]
-        guard let handler = endpoints.first(where: { $0.method == r.method })?.handler else {
-            throw APIError.methodNotAllowed(r.method, allow: endpoints.map(\.method))
+        var request = r
+        if r.method == "HEAD" {
+            // GET's answer, whose body the server leaves out; a stream is answered as the
+            // kept events are, so a HEAD never waits for one.
+            request.method = "GET"
+            if route.kind == .events { request.query["follow"] = "false" }
+        }
+        guard let handler = endpoints.first(where: { $0.method == request.method })?.handler else {
+            throw APIError.methodNotAllowed(r.method, allow: Self.methods(of: route.kind))
         }
         if ["POST", "PUT", "PATCH"].contains(r.method) && !r.body.isEmpty && !Self.isJSON(r.contentType) {
             throw APIError.unsupportedMediaType(r.contentType)
         }
-        return try handler(self, route, r)
+        return try handler(self, route, request)
     }
 
     /// `application/json`, with or without parameters (`; charset=utf-8`).

@@ -33,7 +33,7 @@ public enum ManagerError: Error, Equatable, Sendable {
     /// The name belongs to an interface that exists already (ours or not).
     case nameConflict(name: String, errno: Errno?)
     /// More queues than the device's `max_queues`, the global limit or the kernel allow.
-    case queueLimitExceeded(device: String, limit: Int, requested: Int, errno: Errno?)
+    case queueLimitExceeded(device: String, limit: Int, requested: Int, errno: Errno?, field: String = "queues")
     /// A device limit was asked above the global limit (a conflict with the current global
     /// limit, which can be raised, rather than a malformed value).
     case aboveGlobalLimit(field: String, value: Int, limit: Int)
@@ -79,7 +79,7 @@ public enum ManagerError: Error, Equatable, Sendable {
     /// The errno behind the error, when the kernel refused.
     public var errno: Errno? {
         switch self {
-        case .nameConflict(_, let e), .queueLimitExceeded(_, _, _, let e): return e
+        case .nameConflict(_, let e), .queueLimitExceeded(_, _, _, let e, _): return e
         case .resourceExhausted(_, _, _, let e), .kernel(_, _, _, let e), .stateNotSaved(_, _, let e): return e
         default: return nil
         }
@@ -95,6 +95,7 @@ public enum ManagerError: Error, Equatable, Sendable {
         case .peerUnavailable: return "peer"
         case .peerMismatch(let f, _): return f
         case .deviceForwarding(_, _, let f): return f
+        case .queueLimitExceeded(_, _, _, _, let f): return f
         default: return nil
         }
     }
@@ -110,7 +111,7 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "device \(device) has no queue \(id)"
         case .nameConflict(let name, _):
             return "an interface named \(name) already exists"
-        case .queueLimitExceeded(let device, let limit, let requested, let errno):
+        case .queueLimitExceeded(let device, let limit, let requested, let errno, _):
             if errno != nil {
                 return "the kernel refused more queues on \(device) (its limit is \(Tun.kernelMaxQueues))"
             }

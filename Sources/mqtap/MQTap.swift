@@ -4,9 +4,58 @@ import TapClient
 import TapJSON
 import TunKit
 
+/// Starts `mqtap` with the global options (`--socket`, `--url`, `--token-file`, `--json`)
+/// accepted before the subcommand as well as after it, as docker, kubectl and virsh users
+/// type them: they are moved to just after the subcommand's name.
+@main
+enum Entry {
+    static func main() {
+        MQTap.main(GlobalOptions.moved(Array(CommandLine.arguments.dropFirst()), commands: MQTap.self))
+    }
+}
+
+enum GlobalOptions {
+    static let valued: Set<String> = ["--socket", "--url", "--token-file"]
+    static let flags: Set<String> = ["--json"]
+
+    /// `args` with the global options given before the subcommand moved after its name (the
+    /// longest run of subcommand names that starts the rest); nothing else changes.
+    static func moved(_ args: [String], commands: any ParsableCommand.Type) -> [String] {
+        var globals: [String] = []
+        var i = 0
+        while i < args.count {
+            let a = args[i]
+            let name = a.split(separator: "=", maxSplits: 1).first.map(String.init) ?? a
+            if valued.contains(name) {
+                globals.append(a)
+                if !a.contains("="), i + 1 < args.count {
+                    globals.append(args[i + 1])
+                    i += 1
+                }
+            } else if flags.contains(a) {
+                globals.append(a)
+            } else {
+                break
+            }
+            i += 1
+        }
+        guard !globals.isEmpty else { return args }
+        var rest = Array(args[i...])
+        // The subcommand path: each word a subcommand of the one before.
+        var at = 0
+        var command = commands
+        while at < rest.count,
+              let next = command.configuration.subcommands.first(where: { $0._commandName == rest[at] }) {
+            command = next
+            at += 1
+        }
+        rest.insert(contentsOf: globals, at: at)
+        return rest
+    }
+}
+
 /// `mqtap`: mqtapd's command-line client. Tables for people, `--json` for scripts; an API
 /// error prints its code and message on stderr and exits 1 (3 if the daemon is unreachable).
-@main
 struct MQTap: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mqtap",
@@ -238,12 +287,20 @@ struct Events: ParsableCommand {
         let client = try connection.client
         let json = connection.json
         let refusal: APIClient.Response?
+        var readerGone = false
         do {
             refusal = try client.follow(path) { line in
                 guard !line.isEmpty else { return true }  // keep-alive
-                if json { return writeStdoutLine(line) }
-                guard let e = try? JSON.parse(Array(line.utf8)) else { return writeStdoutLine(line) }
-                return writeStdoutLine(Table.event(e))
+                let written: Bool
+                if json {
+                    written = writeStdoutLine(line)
+                } else if let e = try? JSON.parse(Array(line.utf8)) {
+                    written = writeStdoutLine(Table.event(e))
+                } else {
+                    written = writeStdoutLine(line)
+                }
+                if !written { readerGone = true }
+                return written
             }
         } catch {
             writeStderrLine("mqtap: \(error)")
@@ -253,6 +310,16 @@ struct Events: ParsableCommand {
             writeStderrLine("mqtap: \(e.code): \(e.message)")
             throw ExitCode(1)
         }
+        // A followed stream ends only when the daemon ends it (it stopped, or cut a watcher
+        // that fell behind) or nobody reads our output any more (`| head`).
+        guard !noFollow, !readerGone else { return }
+        // Stopping (503 shutting_down) or gone: the daemon went away.
+        guard let health = try? client.request("GET", "/v1/health"), health.status == 200 else {
+            writeStderrLine("mqtap: the event stream ended: mqtapd went away (stopped or restarting)")
+            throw ExitCode(3)
+        }
+        writeStderrLine("mqtap: mqtapd ended the event stream (a watcher that falls behind is cut; resume with --since)")
+        throw ExitCode(1)
     }
 }
 
@@ -284,6 +351,9 @@ struct Lease: ParsableCommand {
         func validate() throws {
             guard !command.isEmpty else { throw ValidationError("give the command to run after --") }
             _ = try devicePath(device)
+            if connection.url != nil {
+                throw ValidationError("a lease passes fds, which cannot cross TCP: use the daemon's Unix socket (--socket), not --url")
+            }
             if let queues, queues.split(separator: ",").contains(where: { Int($0) == nil }) {
                 throw ValidationError("--queues must be queue ids separated by commas, e.g. 0,1")
             }
@@ -455,7 +525,8 @@ struct Stats: ParsableCommand {
         discussion: """
             rx counts the frames the daemon read from a queue: what the kernel sent into the device (so the \
             total rx is the kernel's tx_packets). tx counts the frames written into a queue: what the kernel \
-            received from the device. Off a terminal, --watch prints plain tables one after another.
+            received from the device. Off a terminal, --watch prints the header once, then one line per \
+            queue and one for the total per sample, each starting with the sample's time (RFC 3339).
             """)
     @OptionGroup var connection: Connection
     @Argument var device: String
@@ -475,14 +546,21 @@ struct Stats: ParsableCommand {
             let now = Double(Clock.monotonicNanoseconds()) / 1e9
             if connection.json {
                 writeStdoutLine(s.text)
+            } else if watch && !isTerminal(1) {
+                // In a pipe or a file, as vmstat -t and sar do: the legend and header once,
+                // then one line per queue and the total per sample, each with its time,
+                // written at once (nothing waits in a buffer).
+                if n == 0 { writeStdoutLine(Table.statsLegend + "\n" + Table.statsLineHeader) }
+                for line in Table.statsLines(s, previous: previous.map { ($0.0, now - $0.1) }, time: Clock.timestamp()) {
+                    writeStdoutLine(line)
+                }
             } else {
                 let table = Table.stats(s, previous: previous.map { ($0.0, now - $0.1) })
-                // On a terminal the table is redrawn in place; in a pipe or a file each refresh
-                // is a plain block, written at once (nothing waits in a buffer).
-                if watch && isTerminal(1) {
+                // On a terminal the table is redrawn in place.
+                if watch {
                     writeStdoutLine("\u{1B}[H\u{1B}[2J" + table)
                 } else {
-                    writeStdoutLine(table + (watch ? "\n" : ""))
+                    writeStdoutLine(table)
                 }
             }
             previous = (s, now)

@@ -97,7 +97,40 @@ enum Table {
     }
 
     /// Per-queue counters; with the previous sample, rates per second too.
+    static let statsLegend = "rx: frames the daemon read from a queue (the kernel sent them into the device); "
+        + "tx: frames written into a queue (the kernel received them)"
+    static let statsHeader = ["QUEUE", "RX_PACKETS", "RX_PPS", "RX_BYTES", "RX_BPS", "TX_PACKETS", "TX_PPS", "TX_BYTES",
+                              "TX_BPS", "RX_ERRORS", "TX_ERRORS", "DROPPED"]
+    /// Fixed widths for lines printed one sample at a time (no table to align them in).
+    static let lineWidths = [24, 6, 12, 9, 14, 11, 12, 9, 14, 11, 9, 9, 9]
+
+    static func fixed(_ cells: [String]) -> String {
+        cells.enumerated().map { i, c in
+            let w = lineWidths[min(i, lineWidths.count - 1)]
+            let pad = String(repeating: " ", count: max(0, w - c.count))
+            return i == 0 ? c + pad : pad + c
+        }.joined(separator: " ").trimmingTrailingSpaces
+    }
+
+    static var statsLineHeader: String { fixed(["TIME"] + statsHeader) }
+
+    /// One line per queue and one for the total, each starting with `time`.
+    static func statsLines(_ s: JSON, previous: (JSON, Double)?, time: String) -> [String] {
+        statsRows(s, previous: previous).map { fixed([time] + $0) }
+    }
+
     static func stats(_ s: JSON, previous: (JSON, Double)?) -> String {
+        var out = statsLegend + "\n"
+        out += render(statsHeader, statsRows(s, previous: previous))
+        if case .object(let k)? = s["kernel"] {
+            out += "\nkernel: " + k.entries.map { "\($0.key) \($0.value.description)" }.joined(separator: "  ")
+        } else if let e = s["kernel_error"] {
+            out += "\nkernel: not read (\(e["errno"]?.string ?? "?"))"
+        }
+        return out
+    }
+
+    static func statsRows(_ s: JSON, previous: (JSON, Double)?) -> [[String]] {
         func rate(_ id: JSON?, _ key: String, _ now: JSON) -> String {
             guard let (old, dt) = previous, dt > 0 else { return "-" }
             let before = (old["queues"]?.array ?? []).first { $0["id"] == id }?[key]?.int
@@ -114,16 +147,7 @@ enum Table {
         }
         var rows: [[String]] = (s["queues"]?.array ?? []).map { q in row(q["id"]?.description ?? "", q["id"], q) }
         if let t = s["total"] { rows.append(row("total", nil, t)) }
-        var out = "rx: frames the daemon read from a queue (the kernel sent them into the device); "
-            + "tx: frames written into a queue (the kernel received them)\n"
-        out += render(["QUEUE", "RX_PACKETS", "RX_PPS", "RX_BYTES", "RX_BPS", "TX_PACKETS", "TX_PPS", "TX_BYTES", "TX_BPS",
-                       "RX_ERRORS", "TX_ERRORS", "DROPPED"], rows)
-        if case .object(let k)? = s["kernel"] {
-            out += "\nkernel: " + k.entries.map { "\($0.key) \($0.value.description)" }.joined(separator: "  ")
-        } else if let e = s["kernel_error"] {
-            out += "\nkernel: not read (\(e["errno"]?.string ?? "?"))"
-        }
-        return out
+        return rows
     }
 }
 

@@ -165,7 +165,9 @@ final class Daemon {
         state = .stopped
     }
 
-    /// The TCP token: the file's content, trimmed; the file readable by its owner only.
+    /// The TCP token: the file's content, trimmed; the file readable by its owner, and at most
+    /// read by its group (so a scraper such as Prometheus, running as its own user, can be
+    /// given it with `chgrp prometheus FILE; chmod 640 FILE`), never by others.
     private func readToken() throws(StartError) -> BearerToken? {
         guard let path = options.tokenFile else { return nil }
         let mode: UInt32
@@ -176,8 +178,8 @@ final class Daemon {
         } catch {
             throw StartError("cannot read --token-file", ["path": path, "error": "\(error)"])
         }
-        guard mode & 0o077 == 0 else {
-            throw StartError("--token-file must be readable by its owner only (chmod 600)",
+        guard mode & 0o037 == 0 else {
+            throw StartError("--token-file must be readable by its owner and at most its group (chmod 600 or 640)",
                              ["path": path, "mode": "0" + String(mode, radix: 8)])
         }
         guard let token = bytes.flatMap({ BearerToken(String(decoding: $0, as: UTF8.self)) }) else {
@@ -217,7 +219,8 @@ final class Daemon {
                 // all its fds, which takes a moment with many queues: a restart right after
                 // waits for that instead of failing.
                 try locks.take(path, removeFile: removeFile, waiting: 5) {
-                    self.log.info("waiting for the lock: another process holds it", ["path": path])
+                    self.log.warning("waiting for the lock: another process holds it; up to 5 s for it (a daemon just killed lets go once the kernel has closed its fds)",
+                                     ["path": path])
                 }
             } catch {
                 locks.releaseAll()

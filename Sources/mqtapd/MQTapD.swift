@@ -46,7 +46,7 @@ struct MQTapD: ParsableCommand {
                                valueName: "name"))
     var socketGroup: String?
 
-    @Option(help: ArgumentHelp("File holding the token every TCP request must carry (Authorization: Bearer TOKEN); required with --listen tcp:…, readable by its owner only.",
+    @Option(help: ArgumentHelp("File holding the token every TCP request must carry (Authorization: Bearer TOKEN); required with --listen tcp:…, mode 600 or 640 (its group may read it: give it to a scraper's group).",
                                valueName: "path"))
     var tokenFile: String?
 
@@ -96,6 +96,10 @@ struct EventLog: Sendable {
 
     func info(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
         logger.info("\(message)", metadata: Self.metadata(fields))
+    }
+
+    func warning(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {
+        logger.warning("\(message)", metadata: Self.metadata(fields))
     }
 
     func error(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {

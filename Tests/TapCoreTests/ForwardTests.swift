@@ -32,7 +32,7 @@ struct ForwardTests {
         #expect(throws: ManagerError.invalidField(field: "peer", reason: "a peer is only for mode forward")) {
             try f.manager.update("b", DevicePatch(mode: .echo, peer: "t"))
         }
-        #expect(throws: ManagerError.peerUnavailable(device: "b", peer: "(none given)")) {
+        #expect(throws: ManagerError.invalidField(field: "peer", reason: "mode forward needs a peer device")) {
             try f.manager.update("b", DevicePatch(mode: .forward))
         }
         #expect(throws: ManagerError.peerMismatch(field: "type", peer: "t")) {

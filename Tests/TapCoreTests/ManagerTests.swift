@@ -25,7 +25,7 @@ struct ManagerTests {
         _ = try f.manager.create(DeviceSpec(name: "d", queues: 2, maxQueues: 3))
         f.driver.attachForeign("d", 1)
         #expect(try f.manager.device("d").kernel?.foreignQueues == 1)
-        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil)) {
+        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil, field: "count")) {
             try f.manager.addQueues("d", count: 1)
         }
         #expect(throws: ManagerError.limitBelowUsage(field: "max_queues", limit: 2, device: "d", inUse: 3)) {
@@ -118,12 +118,12 @@ struct ManagerTests {
         }
         _ = try f.manager.create(DeviceSpec(name: "d", queues: 2, maxQueues: 3))
         _ = try f.manager.addQueues("d")
-        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil)) {
+        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil, field: "count")) {
             try f.manager.addQueues("d")
         }
         // Detached queues count too.
         _ = try f.manager.setQueueEnabled("d", id: 0, false)
-        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil)) {
+        #expect(throws: ManagerError.queueLimitExceeded(device: "d", limit: 3, requested: 4, errno: nil, field: "count")) {
             try f.manager.addQueues("d")
         }
         #expect(f.driver.calls(.openQueue) == 3)

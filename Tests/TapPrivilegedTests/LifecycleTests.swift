@@ -47,7 +47,7 @@ struct LifecycleTests {
         _ = try f.manager.create(DeviceSpec(name: name, queues: 256))
         let fds = ProcessResources.openFileCount()
         let tun = tunFDs()
-        #expect(throws: ManagerError.queueLimitExceeded(device: name, limit: 256, requested: 257, errno: nil)) {
+        #expect(throws: ManagerError.queueLimitExceeded(device: name, limit: 256, requested: 257, errno: nil, field: "count")) {
             try f.manager.addQueues(name, count: 1)
         }
         #expect(fdsSettle(at: fds))
@@ -73,7 +73,7 @@ struct LifecycleTests {
         }
         _ = try f.manager.setLimit(maxQueues: 4)
         _ = try f.manager.addQueues(name, count: 1)
-        #expect(throws: ManagerError.queueLimitExceeded(device: name, limit: 4, requested: 5, errno: nil)) {
+        #expect(throws: ManagerError.queueLimitExceeded(device: name, limit: 4, requested: 5, errno: nil, field: "count")) {
             try f.manager.addQueues(name, count: 1)
         }
         #expect(Host.kernelQueueCount(name) == 4)

@@ -38,7 +38,7 @@ def unique_name(tag="d"):
 class Daemon:
     """One mqtapd process; `stop()` sends SIGTERM and returns the exit status."""
 
-    def __init__(self, tmp, *extra, tcp=True, workers=2, prefix=(), ready=True):
+    def __init__(self, tmp, *extra, tcp=True, workers=2, prefix=(), ready=True, token_group=None):
         self.tmp = tmp
         self.socket = os.path.join(tmp, "run", "api.sock")
         args = list(prefix) + [BIN, "--listen", f"unix:{self.socket}", "--state-dir", os.path.join(tmp, "state"),
@@ -51,6 +51,10 @@ class Daemon:
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, (self.token + "\n").encode())
             os.close(fd)
+            if token_group is not None:
+                # Readable by a scraper's group too (mode 640), as the README says.
+                os.chown(self.token_file, -1, token_group)
+                os.chmod(self.token_file, 0o640)
             args += ["--listen", "tcp:127.0.0.1:0", "--token-file", self.token_file]
         args += list(extra)
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)

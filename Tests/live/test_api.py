@@ -60,6 +60,14 @@ def test_patch_device(api, name):
     assert api.patch(f"/v1/devices/{n}", {"max_queues": 1}).code == "limit_below_usage"
     assert api.patch(f"/v1/devices/{n}", {"mtu": 10}).code == "invalid_field"
     assert api.patch(f"/v1/devices/{n}", {"speed": 10}).code == "unknown_field"
+    # A create-only field is known: said so, naming it.
+    for field, value in (("mac", "02:00:00:00:00:09"), ("vnet_hdr", True), ("owner", 0)):
+        r = api.patch(f"/v1/devices/{n}", {field: value})
+        assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == field, r
+        assert "set at create only" in r.json()["error"]["message"]
+    # forward without a peer: the same answer as at create.
+    for r in (api.patch(f"/v1/devices/{n}", {"mode": "forward"}), api.post("/v1/devices", {"name": "x0", "mode": "forward"})):
+        assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == "peer", r
     api.delete(f"/v1/devices/{n}")
 
 
@@ -99,7 +107,7 @@ def test_queue_limit_at_256_and_at_a_lowered_limit(daemon, api, name):
     fds = net.open_fds(daemon.pid)
     assert api.post("/v1/devices", {"name": n, "queues": 256}).status == 201
     r = api.post(f"/v1/devices/{n}/queues")
-    assert r.status == 409 and r.code == "queue_limit_exceeded", r
+    assert r.status == 409 and r.code == "queue_limit_exceeded" and r.json()["error"]["field"] == "count", r
     assert net.kernel_queue_count(n) == 256
     # Outside the schema (1..256) is a malformed value, not a state conflict.
     r = api.post("/v1/devices", {"name": name(), "queues": 257})
@@ -226,8 +234,8 @@ def test_name_conflict_with_a_non_tap_interface(api, name):
 
 def test_wrong_method_and_content_type(daemon, api, name):
     r = api.request("DELETE", "/v1/limits")
-    assert r.status == 405 and r.code == "method_not_allowed" and r.headers["allow"] == "GET, PUT"
-    assert api.request("PUT", "/v1/devices").headers["allow"] == "GET, POST"
+    assert r.status == 405 and r.code == "method_not_allowed" and r.headers["allow"] == "GET, HEAD, PUT"
+    assert api.request("PUT", "/v1/devices").headers["allow"] == "GET, HEAD, POST"
     before = _ours(daemon)
     r = api.post("/v1/devices", json.dumps({"name": name()}), content_type="text/plain")
     assert r.status == 415 and r.code == "unsupported_media_type"
@@ -300,3 +308,29 @@ def test_idle_and_slow_clients_do_not_block_others(daemon, api):
     finally:
         for s in stalled:
             s.close()
+
+
+def test_head_is_answered_wherever_get_is(daemon, api, name):
+    """HEAD: GET's status and headers, no body; the events stream answers at once."""
+    import socket
+    n = name()
+    assert api.post("/v1/devices", {"name": n}).status == 201
+    for path, status in (("/v1/health", 200), ("/metrics", 200), (f"/v1/devices/{n}", 200), ("/v1/events", 200),
+                         ("/openapi.yaml", 200), ("/v1/devices/nosuch0", 404)):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(daemon.socket)
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while True:
+            got = s.recv(65536)
+            if not got:
+                break
+            raw += got
+        s.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), (path, head)
+        assert body == b"", (path, body[:100])
+    r = api.request("DELETE", "/v1/health")
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+    assert api.delete(f"/v1/devices/{n}").status == 204

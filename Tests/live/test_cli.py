@@ -47,14 +47,23 @@ def test_every_subcommand(daemon):
         assert "ENABLED" in mqtap(daemon, "queue", "list", n).stdout
         s = js(daemon, "stats", n)
         assert set(s) == {"queues", "total", "kernel"}
-        watch = mqtap(daemon, "stats", n, "--watch", "--count", "2", "--interval", "0.2")
-        # Off a terminal: plain tables one after the other, no screen codes, every counter.
-        assert watch.returncode == 0 and watch.stdout.count("RX_PPS") == 2 and "\x1b" not in watch.stdout
-        header = [l for l in watch.stdout.splitlines() if l.startswith("QUEUE")][0].split()
-        assert {"RX_BPS", "TX_BPS", "RX_ERRORS", "TX_ERRORS", "DROPPED"} <= set(header)
-        kernel = [l for l in watch.stdout.splitlines() if l.startswith("kernel: ")][0]
+        table = mqtap(daemon, "stats", n).stdout
+        kernel = [l for l in table.splitlines() if l.startswith("kernel: ")][0]
         assert all(k in kernel for k in ("rx_packets", "tx_packets", "rx_dropped", "tx_dropped", "rx_errors", "tx_bytes"))
-        assert "rx: frames the daemon read" in watch.stdout
+        watch = mqtap(daemon, "stats", n, "--watch", "--count", "3", "--interval", "0.2")
+        # Off a terminal, as vmstat -t: the legend and header once, then one line per queue and
+        # the total per sample, each starting with its time; no screen codes.
+        lines = watch.stdout.splitlines()
+        assert watch.returncode == 0 and "\x1b" not in watch.stdout, watch.stderr
+        assert lines[0].startswith("rx: frames the daemon read") and watch.stdout.count("rx: frames") == 1
+        header = lines[1].split()
+        assert header[:2] == ["TIME", "QUEUE"] and watch.stdout.count("RX_PPS") == 1
+        assert {"RX_BPS", "TX_BPS", "RX_ERRORS", "TX_ERRORS", "DROPPED"} <= set(header)
+        samples = [l.split() for l in lines[2:]]
+        assert len(samples) == 3 * 5, lines  # 4 queues and the total, 3 times
+        assert all(s[0].endswith("Z") and "T" in s[0] for s in samples)
+        assert [s[1] for s in samples[:5]] == ["0", "1", "2", "3", "total"]
+        assert len({s[0] for s in samples}) >= 2, "each sample has its own time"
         assert js(daemon, "limits", "show")["kernel_max_queues"] == 256
         assert js(daemon, "limits", "set", "200")["max_queues"] == 200
         assert js(daemon, "limits", "set", "256")["max_queues"] == 256
@@ -138,3 +147,53 @@ def test_names_never_reach_another_resource(daemon, api):
         assert mqtap(daemon, "device", "delete", n).returncode == 0
     finally:
         net.delete_link(n)
+
+
+def test_global_options_before_the_subcommand_and_exit_codes(daemon, api):
+    """`mqtap --socket S ping` as docker/kubectl/virsh users type it; exit codes as the README
+    says: 0, 1 for an API error, 3 only when the daemon cannot be reached, 64 for usage."""
+    n = unique_name("g")
+    try:
+        r = subprocess.run([CLI, "--socket", daemon.socket, "ping"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.startswith("mqtapd "), r.stderr
+        r = subprocess.run([CLI, "--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file, "--json",
+                            "device", "create", n, "--queues", "2"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and json.loads(r.stdout)["queue_count"] == 2, r.stderr
+        r = subprocess.run([CLI, f"--socket={daemon.socket}", "device", "show", n], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and n in r.stdout, r.stderr
+        # Options after the subcommand still work, and a lease's `--` is untouched.
+        assert mqtap(daemon, "ping").returncode == 0
+        r = subprocess.run([CLI, "--socket", daemon.socket, "lease", n, "--", "true"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        # A lease over TCP is a usage error (fds cannot cross TCP), not "unreachable".
+        r = subprocess.run([CLI, "--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file,
+                            "lease", n, "--", "true"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 64 and "--socket" in r.stderr, (r.returncode, r.stderr)
+        # An API error is 1; no daemon is 3.
+        assert mqtap(daemon, "device", "show", "nosuch0").returncode == 1
+        r = subprocess.run([CLI, "--socket", "/nonexistent/api.sock", "ping"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3, r.stderr
+        assert api.delete(f"/v1/devices/{n}").status == 204
+    finally:
+        net.delete_link(n)
+
+
+def test_events_exit_non_zero_when_the_daemon_goes(tmpdir_short):
+    """`mqtap events` following a daemon that stops says so on stderr and exits 3."""
+    import time
+    from conftest import Daemon
+    d = Daemon(tmpdir_short, tcp=False)
+    p = subprocess.Popen([CLI, "--socket", d.socket, "events", "--since", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        n = unique_name("ev")
+        # The watcher is in once an event it follows shows up.
+        assert d.unix.post("/v1/devices", {"name": n}).status == 201
+        assert "device.created" in p.stdout.readline()
+        assert d.stop() == 0
+        rc = p.wait(timeout=30)
+        err = p.stderr.read()
+        assert rc == 3 and "went away" in err, (rc, err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

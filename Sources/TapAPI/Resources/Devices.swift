@@ -38,7 +38,7 @@ enum DevicesResource {
     }
 
     static func decodePatch(_ bytes: [UInt8]) throws(APIError) -> DevicePatch {
-        let b = try Body(bytes, allowed: patchFields)
+        let b = try Body(bytes, allowed: patchFields, fixed: specFields.filter { !patchFields.contains($0) })
         return DevicePatch(maxQueues: try b.int("max_queues", in: Validate.queueCountRange), up: try b.bool("up"),
                            mtu: try b.int("mtu", in: Validate.mtuRange),
                            mode: try b.oneOf("mode", DeviceMode.self),

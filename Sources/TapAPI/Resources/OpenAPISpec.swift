@@ -17,7 +17,12 @@ info:
     `--token-file` (401 `unauthorized` without it); Unix-socket requests need none.
 
     Every error is `{"error": {"code", "message", "field"?, "errno"?}}` with the status
-    given for each operation.
+    given for each operation. A field that names the device's identity or kind (`name`,
+    `type`, `persist`, `vnet_hdr`, `mac`, `offload`, `owner`, `group`) is set at create only:
+    in a PATCH it is 400 `invalid_field` naming it, not `unknown_field`.
+
+    HEAD is answered wherever GET is, with GET's status and headers and no body (for
+    `/v1/events`, as with `follow=false`); `Allow` lists it.
 
     Except for what libmicrohttpd (0.9) refuses before any request reaches the API, which it
     answers itself with a short HTML body and closes the connection: 414 (a URI over the
@@ -713,7 +718,7 @@ components:
           description: >-
             The device to forward to: on its own it makes the device forward to it; with a
             `mode`, only with `forward` (400). Another mode clears it. `mode: forward` on a device
-            that has no peer and without one is 409 `peer_unavailable`.
+            that has no peer and without one is 400 `invalid_field` naming `peer`, as at create.
     Mode:
       type: string
       enum: [sink, echo, forward, external]

@@ -165,9 +165,8 @@ extension DeviceManager {
             }
             let peer = mode == .forward ? (patch.peer ?? d.peer) : nil
             if mode == .forward && (patch.mode != nil || patch.peer != nil) {
-                // Without a peer in the patch or on the device, the device's state is what is
-                // wrong, not the request.
-                guard let peer else { throw .peerUnavailable(device: name, peer: "(none given)") }
+                // The same answer as a create's: the request names no peer.
+                guard let peer else { throw .invalidField(field: "peer", reason: "mode forward needs a peer device") }
                 try checkForward(name: name, kind: d.kind, vnetHdr: d.vnetHdr, mode: mode, peer: peer, in: model)
             }
             if mode != d.mode || peer != d.peer {
@@ -330,7 +329,7 @@ extension DeviceManager {
             let foreign = foreignQueues(d)
             // Every term is at most 256: no overflow.
             guard d.queueCount + foreign + count <= limit else {
-                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil)
+                throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil, field: "count")
             }
             let ids = Self.freeIDs(count, taken: { d.hasQueue($0) })
             let added = try withRollback { (rollback) throws(ManagerError) in
