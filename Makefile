@@ -39,6 +39,9 @@ run: release
 install: release
 	install -d $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 .build/release/mqtapd .build/release/mqtap $(DESTDIR)$(PREFIX)/bin/
+	# The CNI plugin where runtimes look for plugins ($(PREFIX)/lib/cni is in podman's list).
+	install -d $(DESTDIR)$(PREFIX)/lib/cni
+	install -m 0755 .build/release/mqtap-cni $(DESTDIR)$(PREFIX)/lib/cni/
 	scripts/check-static.sh $(DESTDIR)$(PREFIX)/bin/mqtapd $(DESTDIR)$(PREFIX)/bin/mqtap
 
 # Python tools for the live tests (pinned in Tests/live/requirements.txt), from PyPI.

@@ -10,6 +10,7 @@ let package = Package(
     products: [
         .executable(name: "mqtapd", targets: ["mqtapd"]),
         .executable(name: "mqtap", targets: ["mqtap"]),
+        .executable(name: "mqtap-cni", targets: ["mqtap-cni"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,6 +45,8 @@ let package = Package(
             name: "mqtap",
             dependencies: ["TapClient", "TapJSON", "TunKit", "MQTVersion",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        // The CNI plugin: a container runtime runs it to get a tap from the daemon.
+        .executableTarget(name: "mqtap-cni", dependencies: ["TapClient", "TapJSON", "TunKit"]),
         .executableTarget(
             name: "mqtapd",
             dependencies: [

@@ -7,6 +7,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <linux/if_tun.h>
+#include <linux/nsfs.h>
+#include <sched.h>
 #include <linux/sockios.h>
 #include <net/if_arp.h>
 #include <linux/netlink.h>
@@ -59,6 +61,14 @@ _Static_assert(IFNAMSIZ == 16, "IFNAMSIZ");
 _Static_assert(TUN_F_CSUM == 0x01 && TUN_F_TSO4 == 0x02 && TUN_F_TSO6 == 0x04, "TUN_F_*");
 
 int mqt_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+
+int mqt_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC) == 0 ? 0 : -errno; }
+
+int mqt_ns_is_net(int fd) {
+    int t = ioctl(fd, NS_GET_NSTYPE);
+    if (t < 0) return -errno;
+    return t == CLONE_NEWNET ? 1 : 0;
+}
 
 int mqt_tun_clear_txfilter(int fd) {
     // flags 0 (no TUN_FLT_ALLMULTI), count 0: tun_set_tx_filter drops every address.
@@ -195,6 +205,10 @@ static void read_tun_info(struct rtattr *linkinfo, mqt_link_info *out) {
         case IFLA_TUN_NUM_QUEUES: out->tun_queues = (int)u32; break;
         case IFLA_TUN_NUM_DISABLED_QUEUES: out->tun_disabled_queues = (int)u32; break;
         case IFLA_TUN_OWNER: out->has_tun_owner = 1; out->tun_owner = u32; break;
+        case IFLA_TUN_TYPE: out->tun_type = u8; break;
+        case IFLA_TUN_PI: out->tun_pi = u8; break;
+        case IFLA_TUN_VNET_HDR: out->tun_vnet_hdr = u8; break;
+        case IFLA_TUN_MULTI_QUEUE: out->tun_multi_queue = u8; break;
         case IFLA_TUN_GROUP: out->has_tun_group = 1; out->tun_group = u32; break;
         }
     }

@@ -143,6 +143,10 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(409, "device_forwarding", e.message, field: field)
         case .leaseLimit:
             self.init(409, "lease_limit", e.message)
+        case .netnsNotFound:
+            self.init(404, "not_found", e.message, field: "netns")
+        case .notMultiQueue:
+            self.init(409, "not_multi_queue", e.message, field: "queues")
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:

@@ -37,6 +37,18 @@ struct Body {
         return s
     }
 
+    /// An object of strings (`labels`).
+    func stringMap(_ key: String) throws(APIError) -> [String: String]? {
+        guard let v = object[key] else { return nil }
+        guard case .object(let o) = v else { throw APIError.invalidField(key, "must be an object of strings") }
+        var out: [String: String] = [:]
+        for (k, value) in o.entries {
+            guard case .string(let s) = value else { throw APIError.invalidField(key, "the value of '\(k)' must be a string") }
+            out[k] = s
+        }
+        return out
+    }
+
     func bool(_ key: String) throws(APIError) -> Bool? {
         guard let v = object[key] else { return nil }
         guard case .bool(let b) = v else { throw APIError.invalidField(key, "must be a boolean, not \(v.typeName)") }

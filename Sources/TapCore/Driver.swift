@@ -8,6 +8,11 @@ public protocol TunDriver: Sendable {
     /// Opens one queue of `name` (creating the device on the first one) and returns its fd.
     /// The fd must be pollable; on failure nothing stays open.
     func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32
+    /// The same, from inside the network namespace `netns` (an fd of it): the device is made,
+    /// or found by name, there. nil: the daemon's own.
+    func openQueue(name: String, flags: TunFlags, netns: Int32?) throws(SyscallError) -> Int32
+    /// What has the name in the namespace `netns` (nil: the daemon's own).
+    func interface(_ name: String, netns: Int32?) throws(SyscallError) -> InterfaceState
     func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError)
     func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError)
     func close(_ fd: Int32)
@@ -73,6 +78,18 @@ public struct LinuxTunDriver: TunDriver {
 
     public func openQueue(name: String, flags: TunFlags) throws(SyscallError) -> Int32 {
         try Tun.openQueue(name: name, flags: flags)
+    }
+    public func openQueue(name: String, flags: TunFlags, netns: Int32?) throws(SyscallError) -> Int32 {
+        guard let netns else { return try Tun.openQueue(name: name, flags: flags) }
+        return try Netns.run(in: netns) { () throws(SyscallError) -> Int32 in try Tun.openQueue(name: name, flags: flags) }
+    }
+    public func interface(_ name: String, netns: Int32?) throws(SyscallError) -> InterfaceState {
+        guard let netns else { return try interface(name) }
+        // sysfs shows the namespace of whoever mounted it: asked of rtnetlink, in the namespace.
+        let link = try Netns.run(in: netns) { () throws(SyscallError) -> LinkInfo? in try Link.info(name: name) }
+        guard let link else { return .absent }
+        guard let tun = link.tun else { return .other }
+        return .tun(tun.flags)
     }
     public func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
         try Tun.setQueue(fd, enabled: enabled)

@@ -71,6 +71,10 @@ public enum ManagerError: Error, Equatable, Sendable {
     case deviceForwarding(device: String, reason: String, field: String?)
     /// As many leases live as the daemon takes (`--max-leases`).
     case leaseLimit(limit: Int)
+    /// `netns` names no file.
+    case netnsNotFound(path: String)
+    /// A one-queue device (not IFF_MULTI_QUEUE) cannot have another queue.
+    case notMultiQueue(device: String)
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -96,6 +100,8 @@ public enum ManagerError: Error, Equatable, Sendable {
         case .peerMismatch(let f, _): return f
         case .deviceForwarding(_, _, let f): return f
         case .queueLimitExceeded(_, _, _, _, let f): return f
+        case .netnsNotFound: return "netns"
+        case .notMultiQueue: return "queues"
         default: return nil
         }
     }
@@ -155,6 +161,10 @@ public enum ManagerError: Error, Equatable, Sendable {
             }
         case .deviceForwarding(let device, let reason, _):
             return "\(device) \(reason): a device has one consumer at a time"
+        case .netnsNotFound(let path):
+            return "netns: \(path) does not exist"
+        case .notMultiQueue(let device):
+            return "\(device) is a one-queue device (multi_queue: false): it cannot have more queues"
         case .leaseLimit(let limit):
             return "\(limit) leases are live, as many as the daemon takes (--max-leases); end one first"
         case .stateNotSaved(let path, let call, _):

@@ -37,19 +37,23 @@ public enum DeviceStatus: Hashable, Sendable {
     case conflict(String)
     /// Kept from the state file, but bringing it back failed; the reason says why.
     case failed(String)
+    /// Kept from the state file: the network namespace it lived in is gone, and it is never
+    /// made anywhere else (a container's interface on the host). DELETE forgets it.
+    case kept(String)
 
     public var name: String {
         switch self {
         case .active: return "active"
         case .conflict: return "conflict"
         case .failed: return "failed"
+        case .kept: return "kept"
         }
     }
 
     public var reason: String? {
         switch self {
         case .active: return nil
-        case .conflict(let r), .failed(let r): return r
+        case .conflict(let r), .failed(let r), .kept(let r): return r
         }
     }
 }
@@ -109,6 +113,19 @@ public struct DeviceSpec: Sendable, Hashable {
     /// this group (either, with both); nil: anyone who may open /dev/net/tun.
     public var owner: UInt32?
     public var group: UInt32?
+    /// The network namespace to create it in: a path (`/run/netns/NAME`, `/proc/PID/ns/net`,
+    /// a runtime's bind mount) or a bare name under /run/netns; nil: the daemon's own.
+    public var netns: String?
+    /// Its interface name in the kernel (nil: `name`): ten pods can each have a `tap0`, each
+    /// with an API name of its own.
+    public var ifname: String?
+    /// false: a one-queue device without IFF_MULTI_QUEUE, which single-queue consumers open.
+    public var multiQueue = true
+    /// Who the device is for, as its creator says (a CNI plugin puts the container id here).
+    public var labels: [String: String] = [:]
+
+    /// The name the kernel has for it when it is made.
+    public var kernelName: String { ifname ?? name }
 
     public init(name: String, kind: DeviceKind = .tap, queues: Int = 1, maxQueues: Int? = nil,
                 persist: Bool = false, vnetHdr: Bool = false, mtu: Int? = nil, mac: MACAddress? = nil,
@@ -291,6 +308,10 @@ public struct DeviceInfo: Hashable, Sendable {
     public var revokedQueues = 0
     /// Why the workers do not read the device, if they do not although it is theirs.
     public var unreadable: String?
+    /// Where it was created (or last seen moved to), as the state file keeps it.
+    public var home: NetnsHome?
+    public var multiQueue = true
+    public var labels: [String: String] = [:]
 
     public var queueCount: Int { queues.count }
     public var enabledQueues: Int { queues.lazy.filter(\.enabled).count }
@@ -401,6 +422,20 @@ public enum Validate {
         }
     }
 
+    /// At most 16 labels; keys of 1–64 of `[A-Za-z0-9._/-]`, values of at most 256 characters.
+    public static func labels(_ labels: [String: String]) throws(ManagerError) {
+        guard labels.count <= 16 else { throw .invalidField(field: "labels", reason: "at most 16 labels") }
+        for (k, v) in labels.sorted(by: { $0.key < $1.key }) {
+            let ok = (1...64).contains(k.utf8.count) && k.utf8.allSatisfy { b in
+                (b >= 48 && b <= 57) || (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || b == 46 || b == 95 || b == 47 || b == 45
+            }
+            guard ok else { throw .invalidField(field: "labels", reason: "key '\(k)': 1-64 of A-Z a-z 0-9 . _ / -") }
+            guard v.utf8.count <= 256, !v.utf8.contains(0) else {
+                throw .invalidField(field: "labels", reason: "the value of '\(k)' must be at most 256 characters")
+            }
+        }
+    }
+
     public static func mtu(_ mtu: Int) throws(ManagerError) {
         guard mtuRange.contains(mtu) else {
             throw .invalidField(field: "mtu", reason: "must be between \(mtuRange.lowerBound) and \(mtuRange.upperBound)")
@@ -410,5 +445,18 @@ public enum Validate {
     /// `max_queues` must be something the kernel could ever honour.
     public static func maxQueues(_ n: Int, field: String = "max_queues") throws(ManagerError) {
         try queueCount(n, field: field)
+    }
+}
+
+/// The network namespace a device lives in, as a restart finds it again: the path it was
+/// created with (or /run/netns's name for it) and the namespace's inode, so a namespace made
+/// anew at the same path is never taken for the old one.
+public struct NetnsHome: Hashable, Sendable {
+    public var path: String?
+    public var inode: UInt64
+
+    public init(path: String?, inode: UInt64) {
+        self.path = path
+        self.inode = inode
     }
 }

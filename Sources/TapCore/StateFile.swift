@@ -41,12 +41,16 @@ public struct DesiredState: Equatable, Sendable {
         /// The kernel's name for it when it was renamed behind the daemon's back (nil: the
         /// spec's name): where a restart looks for a persistent device.
         public var kernelName: String?
+        /// The network namespace it lives in (nil: the daemon's own): a restart finds it, or
+        /// makes it, there and nowhere else.
+        public var home: NetnsHome?
 
-        public init(spec: DeviceSpec, queues: [Queue], leases: [Lease] = [], kernelName: String? = nil) {
+        public init(spec: DeviceSpec, queues: [Queue], leases: [Lease] = [], kernelName: String? = nil, home: NetnsHome? = nil) {
             self.spec = spec
             self.queues = queues
             self.leases = leases
             self.kernelName = kernelName
+            self.home = home
         }
     }
 
@@ -131,6 +135,16 @@ public struct StateFile: Sendable {
             if let u = d.spec.owner { o["owner"] = JSON(Int(u)) }
             if let g = d.spec.group { o["group"] = JSON(Int(g)) }
             if let k = d.kernelName { o["kernel_name"] = .string(k) }
+            if let i = d.spec.ifname { o["ifname"] = .string(i) }
+            if !d.spec.multiQueue { o["multi_queue"] = .bool(false) }
+            if !d.spec.labels.isEmpty {
+                o["labels"] = .object(JSONObject(d.spec.labels.sorted { $0.key < $1.key }.map { (key: $0.key, value: JSON.string($0.value)) }))
+            }
+            if let h = d.home {
+                var n: JSONObject = ["inode": JSON(Int(truncatingIfNeeded: h.inode))]
+                if let p = h.path { n["path"] = .string(p) }
+                o["netns"] = .object(n)
+            }
             o["queues"] = .array(d.queues.map { ["id": JSON($0.id), "enabled": .bool($0.enabled)] })
             if !d.leases.isEmpty {
                 o["leases"] = .array(d.leases.map { l in
@@ -183,6 +197,22 @@ public struct StateFile: Sendable {
             spec.group = try id("group")
             var kernelName: String?
             if case .string(let k)? = item["kernel_name"] { kernelName = k }
+            if case .string(let i)? = item["ifname"] { spec.ifname = i }
+            if item["multi_queue"] == .bool(false) { spec.multiQueue = false }
+            if case .object(let ls)? = item["labels"] {
+                for (k, v) in ls.entries {
+                    guard case .string(let s) = v else { throw fail("\(at).labels has a value that is not a string") }
+                    spec.labels[k] = s
+                }
+            }
+            var home: NetnsHome?
+            if case .object(let n)? = item["netns"] {
+                guard case .int(let ino)? = n["inode"] else { throw fail("\(at).netns has no inode") }
+                var path: String?
+                if case .string(let p)? = n["path"] { path = p }
+                home = NetnsHome(path: path, inode: UInt64(truncatingIfNeeded: ino))
+                spec.netns = path
+            }
             if case .string(let mac)? = item["mac"] {
                 guard let parsed = MACAddress(mac) else { throw fail("\(at).mac is not a MAC address") }
                 spec.mac = parsed
@@ -214,7 +244,7 @@ public struct StateFile: Sendable {
                                                               gid: UInt32(truncatingIfNeeded: gid)), since: since))
                 }
             }
-            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }, leases: leases, kernelName: kernelName))
+            devices.append(.init(spec: spec, queues: queues.sorted { $0.id < $1.id }, leases: leases, kernelName: kernelName, home: home))
         }
         guard Set(devices.map(\.spec.name)).count == devices.count else { throw fail("a device name repeats") }
         return DesiredState(maxQueues: Int(limit), devices: devices)

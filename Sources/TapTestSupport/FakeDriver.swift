@@ -268,6 +268,12 @@ public final class FakeDriver: TunDriver, Sendable {
         state.withLock { $0.devices[name]?.foreignQueues += count }
     }
 
+    /// The fake has one namespace: every device is in the daemon's.
+    public func openQueue(name: String, flags: TunFlags, netns: Int32?) throws(SyscallError) -> Int32 {
+        try openQueue(name: name, flags: flags)
+    }
+    public func interface(_ name: String, netns: Int32?) throws(SyscallError) -> InterfaceState { try interface(name) }
+
     public func features() throws(SyscallError) -> TunFlags {
         state.withLock { $0.features }
     }

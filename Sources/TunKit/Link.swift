@@ -131,6 +131,14 @@ public enum Link {
         if li.is_tun != 0 {
             tun = LinkInfo.Tun(persist: li.tun_persist != 0, attachedQueues: Int(li.tun_queues), detachedQueues: Int(li.tun_disabled_queues),
                                owner: li.has_tun_owner == 0 ? nil : li.tun_owner, group: li.has_tun_group == 0 ? nil : li.tun_group)
+            // tun_flags as sysfs shows them, from the driver's attributes (sysfs shows the
+            // namespace of whoever mounted it, so a device elsewhere is read this way).
+            var f = TunFlags(rawValue: li.tun_type == 1 ? mqt_IFF_TUN : mqt_IFF_TAP)
+            if li.tun_pi == 0 { f.insert(.noPI) }
+            if li.tun_vnet_hdr != 0 { f.insert(.vnetHdr) }
+            if li.tun_multi_queue != 0 { f.insert(.multiQueue) }
+            if li.tun_persist != 0 { f.insert(.persist) }
+            tun?.flags = f
         }
         return LinkInfo(
             ifindex: Int(li.ifindex), name: linkName, mtu: Int(li.mtu), up: Int32(bitPattern: li.flags) & mqt_IFF_UP != 0,
@@ -172,6 +180,8 @@ public struct LinkInfo: Hashable, Sendable {
         /// Who may attach queues (TUNSETOWNER/TUNSETGROUP); nil: no one set.
         public var owner: UInt32?
         public var group: UInt32?
+        /// The device's `tun_flags` (type, PI, vnet header, multiqueue, persistence).
+        public var flags: TunFlags = []
 
         public init(persist: Bool, attachedQueues: Int, detachedQueues: Int, owner: UInt32? = nil, group: UInt32? = nil) {
             self.persist = persist

@@ -73,6 +73,41 @@ public enum Netns {
         return nil
     }
 
+    /// Why a path is not a network namespace one can create devices in.
+    public enum OpenError: Error, Sendable, Equatable {
+        /// Nothing there.
+        case missing
+        /// Something there that is not a network namespace (the reason says what).
+        case notNetns(String)
+        case failed(SyscallError)
+    }
+
+    /// Where `spec` points: a path as given, or a bare name under /run/netns (`ip netns`).
+    public static func path(_ spec: String) -> String { spec.contains("/") ? spec : "/run/netns/" + spec }
+
+    /// Opens a network namespace by path (`/run/netns/NAME`, `/proc/PID/ns/net`, a bind mount
+    /// a runtime made): an fd on nsfs whose namespace type is NET.
+    /// The corresponding C calls are `open(2)`, `fstat(2)` and `ioctl(NS_GET_NSTYPE)`.
+    public static func open(path: String) throws(OpenError) -> OwnedFD {
+        let fd: Int32
+        do {
+            fd = try openFile(path, flags: O_RDONLY | O_CLOEXEC)
+        } catch where error.errno == .noSuchFile {
+            throw .missing
+        } catch where error.errno == .isDirectory {
+            throw .notNetns("it is a directory")
+        } catch {
+            throw .failed(error)
+        }
+        let owned = OwnedFD(adopting: fd)
+        var st = stat()
+        guard fstat(fd, &st) == 0, UInt64(st.st_dev) == nsfsDevice else {
+            throw .notNetns("it is not a namespace file (nsfs)")
+        }
+        guard mqt_ns_is_net(fd) == 1 else { throw .notNetns("it is a namespace of another type") }
+        return owned
+    }
+
     /// The device number of nsfs, where every namespace inode lives.
     private static var nsfsDevice: UInt64 {
         var st = stat()

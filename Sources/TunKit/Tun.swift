@@ -42,9 +42,12 @@ public struct TunFlags: OptionSet, Sendable, Hashable {
     /// As sysfs prints them: `0x1102`.
     public var hex: String { "0x" + String(rawValue, radix: 16) }
 
-    /// The flags of a multiqueue device of `kind` as the daemon creates it.
-    public static func multiqueue(_ kind: TunKind, vnetHdr: Bool) -> TunFlags {
-        var f: TunFlags = [kind == .tap ? .tap : .tun, .noPI, .multiQueue]
+    /// The flags of a device of `kind` as the daemon creates it: multiqueue unless
+    /// `multiQueue` is false (a one-queue device that single-queue consumers, such as
+    /// libvirt with one queue, can open by name).
+    public static func multiqueue(_ kind: TunKind, vnetHdr: Bool, multiQueue: Bool = true) -> TunFlags {
+        var f: TunFlags = [kind == .tap ? .tap : .tun, .noPI]
+        if multiQueue { f.insert(.multiQueue) }
         if vnetHdr { f.insert(.vnetHdr) }
         return f
     }

@@ -188,9 +188,31 @@ struct Device: ParsableCommand {
         @Option(help: ArgumentHelp("Only this group's members (id or name) may attach queues besides root (TUNSETGROUP).",
                                    valueName: "group"))
         var group: String?
+        @Option(help: ArgumentHelp("Create it in this network namespace: a path (/run/netns/NAME, /proc/PID/ns/net) or a name under /run/netns.",
+                                   valueName: "netns"))
+        var netns: String?
+        @Option(help: ArgumentHelp("Its interface name in the kernel when not the API name (default: the name).", valueName: "name"))
+        var ifname: String?
+        @Flag(help: "A one-queue device without IFF_MULTI_QUEUE, for single-queue consumers (only with one queue).")
+        var singleQueue = false
+        @Option(help: ArgumentHelp("A label KEY=VALUE kept with the device (repeat for more).", valueName: "key=value"))
+        var label: [String] = []
+
+        func validate() throws {
+            for l in label where !l.contains("=") { throw ValidationError("--label must be KEY=VALUE, not \(l)") }
+        }
 
         func run() throws {
             var body: JSONObject = ["name": .string(name)]
+            if let netns { body["netns"] = .string(netns) }
+            if let ifname { body["ifname"] = .string(ifname) }
+            if singleQueue { body["multi_queue"] = false }
+            if !label.isEmpty {
+                body["labels"] = .object(JSONObject(label.map { l in
+                    let kv = l.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                    return (key: String(kv[0]), value: JSON.string(kv.count > 1 ? String(kv[1]) : ""))
+                }))
+            }
             // A number is an id; a name is looked up here (the daemon takes ids).
             func id(_ text: String, _ flag: String, _ what: String, _ lookUp: (String) -> UInt32?) throws -> JSON {
                 guard let id = UInt32(text) ?? lookUp(text) else { throw ValidationError("\(flag): no \(what) is called \(text)") }

@@ -37,6 +37,11 @@ enum Table {
             out += "\nnetns: " + (ns["name"]?.string ?? "inode \(ns["inode"]?.description ?? "?")")
         }
         if let consumer = d["consumer"]?.string, consumer != "daemon" { out += "\nconsumer: \(consumer)" }
+        if let k = d["kernel_name"]?.string, k != d["name"]?.string { out += "\nkernel name: \(k)" }
+        if d["multi_queue"] == .bool(false) { out += "\nsingle queue (not IFF_MULTI_QUEUE)" }
+        if case .object(let labels)? = d["labels"] {
+            out += "\nlabels: " + labels.entries.map { "\($0.key)=\($0.value.string ?? "")" }.joined(separator: " ")
+        }
         if let foreign = d["foreign_queues"]?.int, foreign > 0 { out += "\nforeign queues: \(foreign)" }
         if let revoked = d["revoked_queues"]?.int, revoked > 0 { out += "\nrevoked queues kept detached: \(revoked)" }
         if let size = d["vnet_hdr_size"]?.int, d["vnet_hdr"] == .bool(true) { out += "\nvnet header: \(size) bytes" }

@@ -29,6 +29,12 @@ extern const unsigned long mqt_TUNSETVNETBE;
 extern const unsigned long mqt_TUNSETSTEERINGEBPF;
 extern const unsigned long mqt_TUNSETFILTEREBPF;
 
+// pipe2(O_CLOEXEC), which Glibc's Swift module does not export; 0 or -errno.
+int mqt_pipe_cloexec(int fds[2]);
+
+// 1 if `fd` is a network namespace (NS_GET_NSTYPE), 0 if another kind, -errno on failure.
+int mqt_ns_is_net(int fd);
+
 // Clears the TX filter (TUNSETTXFILTER with no addresses): every frame passes again.
 int mqt_tun_clear_txfilter(int fd);
 extern const unsigned long mqt_SIOCGIFFLAGS;
@@ -83,6 +89,8 @@ typedef struct mqt_link_info {
     int tun_persist;
     int tun_queues;  // attached
     int tun_disabled_queues;  // detached
+    int tun_type;  // IFF_TUN or IFF_TAP
+    int tun_pi, tun_vnet_hdr, tun_multi_queue;
     int has_tun_owner;  // IFLA_TUN_OWNER was there (the kernel sends it only when set)
     unsigned int tun_owner;
     int has_tun_group;

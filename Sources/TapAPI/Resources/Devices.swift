@@ -5,7 +5,7 @@ import TunKit
 /// `/v1/devices` and `/v1/devices/{name}`.
 enum DevicesResource {
     static let specFields = ["name", "type", "queues", "max_queues", "persist", "vnet_hdr", "mtu", "mac", "up", "mode",
-                             "peer", "offload", "owner", "group"]
+                             "peer", "offload", "owner", "group", "netns", "ifname", "multi_queue", "labels"]
     static let patchFields = ["max_queues", "up", "mtu", "mode", "queues", "enabled_queues", "peer"]
 
     /// DeviceSpec from a POST body. Types and the schema's ranges are checked here, before
@@ -34,6 +34,10 @@ enum DevicesResource {
         // this host's user database.
         spec.owner = try b.int("owner", in: 0...Int(UInt32.max - 1)).map(UInt32.init)
         spec.group = try b.int("group", in: 0...Int(UInt32.max - 1)).map(UInt32.init)
+        spec.netns = try b.string("netns")
+        spec.ifname = try b.string("ifname")
+        if let m = try b.bool("multi_queue") { spec.multiQueue = m }
+        if let labels = try b.stringMap("labels") { spec.labels = labels }
         return spec
     }
 
@@ -72,11 +76,21 @@ enum DevicesResource {
             if let size = d.vnetHdrSize { o["vnet_hdr_size"] = JSON(size) }
             o["settings_differ"] = .array(d.settingsDiffer.map { .string($0) })
             o["revoked_queues"] = JSON(d.revokedQueues)
+            if let h = d.home {
+                // Where a restart finds it: the path it was created with, and its namespace.
+                var n: JSONObject = ["inode": JSON(Int(truncatingIfNeeded: h.inode))]
+                if let p = h.path { n["path"] = .string(p) }
+                o["netns_home"] = .object(n)
+            }
             if let ns = k.netns {
                 var n: JSONObject = ["inode": JSON(Int(ns.inode)), "own": .bool(ns.isOwn)]
                 if let name = ns.name { n["name"] = .string(name) }
                 o["netns"] = .object(n)
             }
+        }
+        o["multi_queue"] = .bool(d.multiQueue)
+        if !d.labels.isEmpty {
+            o["labels"] = .object(JSONObject(d.labels.sorted { $0.key < $1.key }.map { (key: $0.key, value: JSON.string($0.value)) }))
         }
         o["queue_count"] = JSON(d.queueCount)
         o["enabled_queues"] = JSON(d.enabledQueues)

@@ -132,6 +132,11 @@ paths:
             application/json:
               schema: { $ref: "#/components/schemas/Device" }
         "400": { $ref: "#/components/responses/BadRequest" }
+        "404":
+          description: "The `netns` given does not exist (`field`: `netns`)."
+          content:
+            application/json:
+              schema: { $ref: "#/components/schemas/Error" }
         "409": { $ref: "#/components/responses/Conflict" }
         "413": { $ref: "#/components/responses/PayloadTooLarge" }
         "415": { $ref: "#/components/responses/UnsupportedMediaType" }
@@ -690,6 +695,42 @@ components:
           minimum: 0
           maximum: 4294967294
           description: A group id (TUNSETGROUP); as `owner`, for the group's members.
+        netns:
+          type: string
+          minLength: 1
+          description: >-
+            The network namespace to create the device in: a path (`/run/netns/NAME`,
+            `/proc/PID/ns/net`, a bind mount a container runtime made) or a bare name under
+            /run/netns (`ip netns`). The device is made inside it, so its name is checked there
+            (a name taken on the host is free inside; 409 `name_conflict` for one taken inside),
+            and everything works there as for a device moved in (stats, PATCH, queues, leases,
+            forward, events, metrics, DELETE). The state file keeps the path and the
+            namespace's inode: a restart finds a persistent device there, makes a
+            non-persistent one again there if the same namespace still exists, and otherwise
+            keeps it as `state: kept` (`state_reason` `netns_gone: …`), never on the host. 404
+            `not_found` naming `netns` when nothing is at the path; 400 `invalid_field` when it
+            is not a network namespace.
+        ifname:
+          allOf: [{ $ref: '#/components/schemas/DeviceName' }]
+          description: >-
+            The interface's name in the kernel, when it differs from `name` (the API's handle,
+            unique in the daemon): ten pods can each have a `tap0`. Shown as `kernel_name`.
+        multi_queue:
+          type: boolean
+          default: true
+          description: >-
+            false: a one-queue device without IFF_MULTI_QUEUE, which single-queue consumers
+            (libvirt with one queue) can open by name. Only with `queues: 1`; adding a queue is
+            409 `not_multi_queue`, detaching its queue 400. Not with `mode: external` (the
+            kernel lets one file attach to such a device).
+        labels:
+          type: object
+          maxProperties: 16
+          additionalProperties: { type: string, maxLength: 256 }
+          description: >-
+            Who the device is for, as its creator says: up to 16 keys of 1-64 of
+            `[A-Za-z0-9._/-]`. `mqtap-cni` sets `cni.container_id`, `cni.ifname` and
+            `cni.network`. Kept in the state file and shown in the device.
     DevicePatch:
       type: object
       additionalProperties: false
@@ -798,6 +839,20 @@ components:
             cannot clear an owner once set: one a holder set on a device created without one
             stays, and is shown.
         group: { type: integer, minimum: 0, description: "The group that may (TUNSETGROUP), as `owner`." }
+        multi_queue: { type: boolean, description: "false for a one-queue device (no IFF_MULTI_QUEUE)." }
+        labels:
+          type: object
+          additionalProperties: { type: string }
+        netns_home:
+          type: object
+          additionalProperties: false
+          required: [inode]
+          description: >-
+            The namespace the device was created in, or last seen moved to, as the state file
+            keeps it (where a restart finds it or makes it again). Absent for the daemon's own.
+          properties:
+            path: { type: string }
+            inode: { type: integer, minimum: 0 }
         consumer:
           type: string
           enum: [daemon, external, lease]
@@ -875,13 +930,14 @@ components:
           items: { $ref: "#/components/schemas/Queue" }
         state:
           type: string
-          enum: [active, conflict, failed]
+          enum: [active, conflict, failed, kept]
           description: |
             `active`: managed. After a restart, a device of the state file can be
             `conflict` (its name now belongs to another interface, or its kernel flags differ
             from the state file's, so attaching would rewrite them) or `failed` (bringing it
             back failed). Such a device is left untouched in the kernel; DELETE forgets it,
-            the next restart tries again.
+            the next restart tries again. `kept`: it lived in a network namespace that is gone
+            (`state_reason` starts with `netns_gone`); it is made nowhere else; DELETE forgets it.
         state_reason:
           type: string
           description: >-
@@ -1130,6 +1186,7 @@ components:
                 - queues_held
                 - device_forwarding
                 - lease_limit
+                - not_multi_queue
                 - upgrade_required
                 - unix_socket_required
                 - unauthorized

@@ -9,26 +9,32 @@ extension DeviceManager {
     /// With `join`, the device exists already (a persistent one, after a restart): the
     /// queues attach to it and a failure leaves it as it was, persistent and queue-less.
     /// `kernelName`: the name the kernel has for a joined device that was renamed behind the
-    /// old process's back (nil: the spec's).
+    /// old process's back (nil: the spec's). `netns`: the namespace it is made (or joined) in;
+    /// nil: the daemon's own. Every step after the first open goes by the first queue's fd,
+    /// so it reaches the device in whatever namespace it is.
     func build(_ spec: DeviceSpec, ids: [Int], key: UInt64, join: Bool = false, kernelName: String? = nil,
-               model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
+               netns: NetnsFile? = nil, model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
         precondition(!ids.isEmpty, "a device has at least one queue")
-        let at = kernelName ?? spec.name
+        let at = kernelName ?? spec.kernelName
         return try withRollback { (rollback) throws(ManagerError) in
-            let first = try openFirstQueue(spec, at: at, join: join, rollback: &rollback)
-            try configure(spec, at: at, fd: first.fd, join: join, rollback: &rollback)
-            var d = try readLink(spec, at: at, key: key)
+            let first = try openFirstQueue(spec, at: at, join: join, netns: netns, rollback: &rollback)
+            try configure(spec, fd: first.fd, join: join, rollback: &rollback)
+            var d = try readLink(spec, fd: first.fd, key: key)
+            d.home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
             if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
             let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
             d.queues[q0.id] = q0
             for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
                 d.queues[q.id] = q
             }
+            let driver = self.driver
             if spec.up {
-                try step(spec.name, .setLinkUp) { () throws(SyscallError) in try driver.setUp(at, true) }
+                try step(spec.name, .setLinkUp) { () throws(SyscallError) in
+                    try onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, true) }
+                }
                 d.up = true
             } else if join {
-                try? driver.setUp(at, false)
+                try? onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, false) }
             }
             return d
         }
@@ -36,14 +42,15 @@ extension DeviceManager {
 
     /// Opens the queue that creates (or joins) the device. Undo: close it, which destroys a
     /// device it created (a joined one stays, as it was).
-    private func openFirstQueue(_ spec: DeviceSpec, at name: String, join: Bool,
+    private func openFirstQueue(_ spec: DeviceSpec, at name: String, join: Bool, netns: NetnsFile?,
                                 rollback: inout Rollback) throws(ManagerError) -> QueueHandle {
-        let flags = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
+        let flags = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr, multiQueue: spec.multiQueue)
         let fd: Int32
         do {
             // IFF_TUN_EXCL makes the kernel refuse (EBUSY) a name that exists, instead of
-            // silently joining that interface.
-            fd = try driver.openQueue(name: name, flags: join ? flags : flags.union(.exclusive))
+            // silently joining that interface. In a namespace, the open itself happens there:
+            // a tun file makes its device in the namespace it was opened in.
+            fd = try driver.openQueue(name: name, flags: join ? flags : flags.union(.exclusive), netns: netns?.fd)
         } catch where error.errno == .busy && !join {
             throw .nameConflict(name: spec.name, errno: error.errno)
         } catch {
@@ -56,13 +63,15 @@ extension DeviceManager {
 
     /// MAC, MTU and persistence, as the spec asks. Undo: persistence cleared (before the
     /// first fd closes, so the device goes with it); MAC and MTU go with a made device.
-    private func configure(_ spec: DeviceSpec, at name: String, fd: Int32, join: Bool,
+    private func configure(_ spec: DeviceSpec, fd: Int32, join: Bool,
                            rollback: inout Rollback) throws(ManagerError) {
-        if let m = spec.mac, !join || (try? driver.mac(name)) != m.bytes {
-            try step(name, .setMAC) { () throws(SyscallError) in try driver.setMAC(name, m.bytes) }
+        let driver = self.driver
+        let name = spec.name
+        if let m = spec.mac, !join || (try? onLink(fd) { n throws(SyscallError) in try driver.mac(n) }) != m.bytes {
+            try step(name, .setMAC) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.setMAC(n, m.bytes) } }
         }
         if let m = spec.mtu {
-            try step(name, .setMTU) { () throws(SyscallError) in try driver.setMTU(name, m) }
+            try step(name, .setMTU) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.setMTU(n, m) } }
         }
         if spec.persist && !join {
             try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, true) }
@@ -77,19 +86,37 @@ extension DeviceManager {
         }
     }
 
-    /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet; `at` is
-    /// the name the kernel has for it.
-    func readLink(_ spec: DeviceSpec, at name: String, key: UInt64) throws(ManagerError) -> ActiveDevice {
-        let mtu = try step(name, .readMTU) { () throws(SyscallError) in try driver.mtu(name) }
+    /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet, read
+    /// through `fd` (one of its queues) wherever it is; by the name `at` in the daemon's own
+    /// namespace when the daemon has no fd of it (every queue a holder's).
+    func readLink(_ spec: DeviceSpec, fd: Int32? = nil, at: String? = nil, key: UInt64) throws(ManagerError) -> ActiveDevice {
+        let driver = self.driver
+        let fallback = at ?? spec.kernelName
+        func byName<T: Sendable>(_ op: @escaping @Sendable (String) throws(SyscallError) -> T) throws(SyscallError) -> T {
+            guard let fd else { return try op(fallback) }
+            return try onLink(fd, op)
+        }
+        let name = spec.name
+        let mtu = try step(name, .readMTU) { () throws(SyscallError) in try byName { n throws(SyscallError) in try driver.mtu(n) } }
         var mac: MACAddress?
         if spec.kind == .tap {
-            mac = try step(name, .readMAC) { () throws(SyscallError) in MACAddress(bytes: try driver.mac(name)) }
+            mac = try step(name, .readMAC) { () throws(SyscallError) in
+                MACAddress(bytes: try byName { n throws(SyscallError) in try driver.mac(n) })
+            }
         }
-        let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try driver.ifindex(name) }
-        return ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
-                            vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, peer: spec.peer,
-                            offload: spec.offload, ifindex: ifindex, owner: spec.owner, group: spec.group,
-                            kernelName: name, queues: [:], since: Clock.timestamp())
+        let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try byName { n throws(SyscallError) in try driver.ifindex(n) } }
+        let kernelName = try step(name, .readIfindex) { () throws(SyscallError) in
+            guard let fd else { return fallback }
+            return try driver.boundName(fd)
+        }
+        var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
+                             vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, peer: spec.peer,
+                             offload: spec.offload, ifindex: ifindex, owner: spec.owner, group: spec.group,
+                             kernelName: kernelName, queues: [:], since: Clock.timestamp())
+        d.multiQueue = spec.multiQueue
+        d.labels = spec.labels
+        d.ifname = spec.ifname
+        return d
     }
 
     /// Makes a worker read an open queue. Undo: the worker lets go of it (the fd's own undo
@@ -128,7 +155,7 @@ extension DeviceManager {
     /// undo is registered as it succeeds.
     func openQueues(ids: [Int], for d: ActiveDevice, model: inout ManagerModel,
                     rollback: inout Rollback) throws(ManagerError) -> [QueueEntry] {
-        let flags = TunFlags.multiqueue(d.kind, vnetHdr: d.vnetHdr)
+        let flags = TunFlags.multiqueue(d.kind, vnetHdr: d.vnetHdr, multiQueue: d.multiQueue)
         var added: [QueueEntry] = []
         for id in ids {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
@@ -234,5 +261,22 @@ extension DeviceManager {
     func release(_ d: ActiveDevice) {
         for q in d.queues.values.sorted(by: { $0.id > $1.id }) { close(q) }
         for r in d.revoked { r.file.close() }
+    }
+}
+
+/// A network namespace the daemon opened to make or find a device in: its fd (closed when
+/// this goes), the path it was opened by and its inode.
+final class NetnsFile: Sendable {
+    private let file: OwnedFD
+    let path: String
+    let inode: UInt64
+
+    /// Borrowed from `file`, open while this lives.
+    var fd: Int32 { file.fd }
+
+    init(_ file: consuming OwnedFD, path: String, inode: UInt64) {
+        self.file = file
+        self.path = path
+        self.inode = inode
     }
 }

@@ -19,6 +19,20 @@ extension DeviceManager {
         if spec.offload && !spec.vnetHdr {
             throw .invalidField(field: "offload", reason: "needs vnet_hdr: true (offloaded frames carry a virtio-net header)")
         }
+        if let i = spec.ifname { try Validate.name(i, field: "ifname") }
+        try Validate.labels(spec.labels)
+        if !spec.multiQueue {
+            guard spec.queues == 1 else {
+                throw .invalidField(field: "queues", reason: "a device that is not multi_queue has exactly one queue")
+            }
+            guard spec.mode != .external else {
+                throw .invalidField(field: "mode", reason: "external is for multi_queue devices: the kernel lets one file attach to a "
+                    + "one-queue device, and the daemon keeps one of its own")
+            }
+        }
+        // Opened before the lock: a slow mount never holds up other changes.
+        let netns = try openNetns(spec.netns)
+        let home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
         return try change { (model) throws(ManagerError) in
             try checkForward(name: spec.name, kind: spec.kind, vnetHdr: spec.vnetHdr, mode: spec.mode, peer: spec.peer,
                              in: model)
@@ -39,13 +53,14 @@ extension DeviceManager {
             // A persistent device outlives a crash: it is in the state file before the kernel
             // has it, so a crash (or a state file that cannot be written) never leaves a
             // persistent link the daemon does not know. A restart makes or joins it.
-            if spec.persist, let error = save(&model, adding: .init(spec: spec, queues: ids.map { .init(id: $0, enabled: true) })) {
+            if spec.persist, let error = save(&model, adding: .init(spec: spec, queues: ids.map { .init(id: $0, enabled: true) },
+                                                                  home: home)) {
                 logger.error("the persistent device is not made: its state cannot be saved", metadata: ["device": "\(spec.name)"])
                 throw error
             }
             let d: ActiveDevice
             do throws(ManagerError) {
-                d = try build(spec, ids: ids, key: model.takeKey(), model: &model)
+                d = try build(spec, ids: ids, key: model.takeKey(), netns: netns, model: &model)
             } catch {
                 // The state file goes back to what the model has (without the intent).
                 if spec.persist { _ = save(&model) }
@@ -56,6 +71,31 @@ extension DeviceManager {
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
             return view(.active(d))
         }
+    }
+
+    /// The namespace `spec` names (a path, or a bare name under /run/netns), opened; nil for
+    /// the daemon's own.
+    func openNetns(_ spec: String?) throws(ManagerError) -> NetnsFile? {
+        guard let spec else { return nil }
+        guard !spec.isEmpty, !spec.utf8.contains(0) else { throw .invalidField(field: "netns", reason: "must be a path or a name") }
+        let path = Netns.path(spec)
+        let fd: OwnedFD
+        do throws(Netns.OpenError) {
+            fd = try Netns.open(path: path)
+        } catch {
+            switch error {
+            case .missing: throw .netnsNotFound(path: path)
+            case .notNetns(let why): throw .invalidField(field: "netns", reason: "\(path) is not a network namespace: \(why)")
+            case .failed(let e): throw .kernel(device: path, step: .inspect, call: e.call, errno: e.errno)
+            }
+        }
+        let inode: UInt64
+        do {
+            inode = try Netns.inode(fd.fd)
+        } catch {
+            throw .kernel(device: path, step: .inspect, call: error.call, errno: error.errno)
+        }
+        return NetnsFile(fd, path: path, inode: inode)
     }
 
     /// A spec that needs a tun feature this kernel lacks is refused, naming the field.
@@ -157,6 +197,12 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let before = d
             let count = patch.queues ?? d.queueCount
+            if !d.multiQueue {
+                if count != d.queueCount { throw .notMultiQueue(device: name) }
+                if patch.enabledQueues.map({ $0 != d.queueCount }) ?? false {
+                    throw .invalidField(field: "enabled_queues", reason: "a one-queue device's queue cannot be detached (no TUNSETQUEUE)")
+                }
+            }
             // The mode and peer after the patch: a peer alone means forward to it; a mode other
             // than forward clears the peer.
             let mode = patch.mode ?? (patch.peer != nil ? .forward : d.mode)
@@ -324,6 +370,7 @@ extension DeviceManager {
         try Validate.queueCount(count, field: "count")
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
+            guard d.multiQueue else { throw .notMultiQueue(device: name) }
             let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
             // Queues others attached by name count too: the kernel's 256 is for all of them.
             let foreign = foreignQueues(d)
@@ -366,6 +413,9 @@ extension DeviceManager {
         try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
             if let o = d.orphans[id] { throw .queueLeased(device: name, id: id, lease: o.lease) }
+            if !d.multiQueue && !enabled {
+                throw .invalidField(field: "enabled", reason: "a one-queue device's queue cannot be detached (no TUNSETQUEUE)")
+            }
             if let q = d.queues[id], q.lease == nil, q.held, enabled {
                 throw .queuesHeld(device: name, consumer: d.consumer, leases: d.leases.keys.sorted())
             }

@@ -155,6 +155,9 @@ public final class DeviceManager: Sendable {
         info.settingsDiffer = d.settings.map { differences(d, $0) } ?? []
         info.revokedQueues = d.revoked.count
         info.unreadable = d.unreadable
+        info.home = d.home
+        info.multiQueue = d.multiQueue
+        info.labels = d.labels
         return info
     }
 

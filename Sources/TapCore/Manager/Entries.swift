@@ -136,6 +136,12 @@ struct ActiveDevice: Sendable {
     var retired = CounterValues()
     /// The device-wide settings as the kernel last showed them (nil: not read yet).
     var settings: DeviceSettings?
+    /// The namespace it was made in (or was last seen moved to); nil: the daemon's own.
+    var home: NetnsHome?
+    var multiQueue = true
+    var labels: [String: String] = [:]
+    /// The interface name it was created with, when not its API name.
+    var ifname: String?
     /// Why the workers do not read the device although the daemon is its consumer (its
     /// settings are not what they can read); nil: nothing stops them.
     var unreadable: String?
@@ -169,9 +175,13 @@ struct ActiveDevice: Sendable {
     var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
 
     var desired: DesiredState.Device {
-        let spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: ownMaxQueues, persist: persist,
+        var spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: ownMaxQueues, persist: persist,
                               vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload,
                               owner: owner, group: group)
+        spec.multiQueue = multiQueue
+        spec.labels = labels
+        spec.ifname = ifname
+        spec.netns = home?.path
         let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
         // The kernel's name only where a restart may find the device again: a non-persistent one
@@ -179,7 +189,7 @@ struct ActiveDevice: Sendable {
         let outlives = persist || !leases.isEmpty
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
                                    leases: leases.values.sorted { $0.id < $1.id }.map(\.record),
-                                   kernelName: outlives && kernelName != name ? kernelName : nil)
+                                   kernelName: outlives && kernelName != spec.kernelName ? kernelName : nil, home: home)
     }
 }
 
@@ -191,6 +201,8 @@ struct KeptDevice: Sendable {
         case conflict(String)
         /// Bringing it back failed.
         case failed(ManagerError)
+        /// The namespace it lived in is gone: it is made nowhere else.
+        case netnsGone(String)
     }
 
     let key: UInt64
@@ -202,6 +214,7 @@ struct KeptDevice: Sendable {
         switch why {
         case .conflict(let reason): return .conflict(reason)
         case .failed(let error): return .failed(error.description)
+        case .netnsGone(let reason): return .kept(reason)
         }
     }
 }
@@ -317,11 +330,15 @@ extension DeviceEntry {
                               queues: qs.sorted { $0.id < $1.id }, status: .active, since: e.since)
         case .kept(let k):
             let s = k.desired.spec
-            return DeviceInfo(name: s.name, kind: s.kind, maxQueues: queueLimit(own: s.maxQueues, global: global),
-                              maxQueuesSource: s.maxQueues == nil ? .global : .device, persist: s.persist,
-                              vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
-                              peerState: nil, offload: s.offload, offloads: [], ifindex: nil, owner: s.owner,
-                              group: s.group, kernel: nil, queues: [], status: k.status, since: k.since)
+            var info = DeviceInfo(name: s.name, kind: s.kind, maxQueues: queueLimit(own: s.maxQueues, global: global),
+                                  maxQueuesSource: s.maxQueues == nil ? .global : .device, persist: s.persist,
+                                  vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
+                                  peerState: nil, offload: s.offload, offloads: [], ifindex: nil, owner: s.owner,
+                                  group: s.group, kernel: nil, queues: [], status: k.status, since: k.since)
+            info.home = k.desired.home
+            info.multiQueue = s.multiQueue
+            info.labels = s.labels
+            return info
         }
     }
 }

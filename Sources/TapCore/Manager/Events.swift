@@ -118,6 +118,15 @@ extension DeviceManager {
                         d.place = place
                         d.ifindex = link.ifindex
                         touched = true
+                        // Where a restart finds it (or makes it) from now on: its namespace,
+                        // never the host's once it left it.
+                        let home = place.isOwn ? nil
+                            : NetnsHome(path: place.name.map { "/run/netns/" + $0 } ?? (d.home?.inode == place.inode ? d.home?.path : nil),
+                                        inode: place.inode)
+                        if home != d.home {
+                            d.home = home
+                            renamed = true
+                        }
                     }
                     // A holder's settings: put back once the daemon holds the device alone,
                     // and the workers kept off it while they cannot read it.

@@ -45,15 +45,27 @@ extension DeviceManager {
         } catch {
             return kept(.failed(error))
         }
+        // A device of another namespace is found, or made, there: never on the host. The
+        // namespace must be the same one (its inode), not merely one at the same path.
+        var netns: NetnsFile?
+        if let home = d.home {
+            guard let found = findNetns(home) else {
+                let at = home.path ?? "inode \(home.inode)"
+                logger.warning("device not restored: its network namespace is gone", metadata: ["device": "\(spec.name)", "netns": "\(at)"])
+                return kept(.netnsGone("netns_gone: the network namespace it lived in (\(at), inode \(home.inode)) no longer exists; "
+                    + "it is not made anywhere else"))
+            }
+            netns = found
+        }
         let join: Bool
         // A device renamed behind the old process's back is looked for under the name it had
         // last; if that finds nothing to join, under the name it was created with.
-        var at = spec.name
-        if let k = d.kernelName, k != spec.name, case .success(true) = joinable(spec, at: k, leased: !d.leases.isEmpty) {
+        var at = spec.kernelName
+        if let k = d.kernelName, k != at, case .success(true) = joinable(spec, at: k, netns: netns, leased: !d.leases.isEmpty) {
             at = k
             join = true
         } else {
-            switch joinable(spec, at: spec.name, leased: !d.leases.isEmpty) {
+            switch joinable(spec, at: at, netns: netns, leased: !d.leases.isEmpty) {
             case .success(let j): join = j
             case .failure(let why): return kept(why)
             }
@@ -74,8 +86,9 @@ extension DeviceManager {
                 if own.isEmpty {
                     // Every queue is a holder's: nothing to open, only the link to read.
                     a = try readLink(spec, at: at, key: key)
+                    a.home = d.home
                 } else {
-                    a = try build(spec, ids: own.map(\.id), key: key, join: join, kernelName: at, model: &model)
+                    a = try build(spec, ids: own.map(\.id), key: key, join: join, kernelName: at, netns: netns, model: &model)
                     let made = a
                     rollback.add { [self] in
                         if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
@@ -110,6 +123,11 @@ extension DeviceManager {
         let spec = d.spec
         try Validate.name(spec.name)
         if let k = d.kernelName { try Validate.name(k, field: "kernel_name") }
+        if let i = spec.ifname { try Validate.name(i, field: "ifname") }
+        try Validate.labels(spec.labels)
+        if !spec.multiQueue && d.queues.count != 1 {
+            throw .invalidField(field: "queues", reason: "a device that is not multi_queue has exactly one queue")
+        }
         try Validate.queueCount(d.queues.count, field: "queues")
         if let m = spec.maxQueues { try Validate.maxQueues(m) }
         if let mtu = spec.mtu { try Validate.mtu(mtu) }
@@ -130,10 +148,10 @@ extension DeviceManager {
     /// Whether the state file's device can be made (false) or joined (true), or why neither.
     /// A device with recorded leases may be joined though it is not persistent: the lease
     /// holders kept it alive.
-    private func joinable(_ spec: DeviceSpec, at name: String, leased: Bool) -> Result<Bool, KeptDevice.Why> {
+    private func joinable(_ spec: DeviceSpec, at name: String, netns: NetnsFile?, leased: Bool) -> Result<Bool, KeptDevice.Why> {
         let state: InterfaceState
         do {
-            state = try driver.interface(name)
+            state = try driver.interface(name, netns: netns?.fd)
         } catch {
             return .failure(.failed(.kernel(device: spec.name, step: .inspect, call: error.call, errno: error.errno)))
         }
@@ -147,7 +165,7 @@ extension DeviceManager {
             // (TUNSETPERSIST through a shared fd) and no one holds now is this daemon's
             // leftover: joined, and made non-persistent again as asked.
             // Only under the name it was created with: a name seen later may be anyone's now.
-            let reclaimable = name == spec.name && flags.contains(.persist)
+            let reclaimable = name == spec.kernelName && flags.contains(.persist) && netns == nil
                 && (try? driver.link(named: name))?.tun?.queues == 0
             guard spec.persist || leased || reclaimable else {
                 return .failure(.conflict("a tun/tap device of that name exists that is not this daemon's "
@@ -156,7 +174,7 @@ extension DeviceManager {
             guard flags.contains(.persist) || leased else {
                 return .failure(.conflict("a tun/tap device of that name is held by another process (it is not persistent)"))
             }
-            let want = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr)
+            let want = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr, multiQueue: spec.multiQueue)
             let have = flags.intersection(.deviceFeatures)
             guard have == want else {
                 return .failure(.conflict("its tun_flags \(have.hex) differ from the state file's \(want.hex); "
@@ -164,5 +182,19 @@ extension DeviceManager {
             }
             return .success(true)
         }
+    }
+
+    /// The namespace of `home`, opened, if it still exists: by its path, or by its inode under
+    /// /run/netns; nil if neither finds the same namespace (inode).
+    func findNetns(_ home: NetnsHome) -> NetnsFile? {
+        var candidates: [String] = []
+        if let p = home.path { candidates.append(p) }
+        if let name = Netns.name(ofInode: home.inode) { candidates.append("/run/netns/" + name) }
+        for path in candidates {
+            guard let fd = try? Netns.open(path: path) else { continue }
+            guard (try? Netns.inode(fd.fd)) == home.inode else { continue }
+            return NetnsFile(fd, path: path, inode: home.inode)
+        }
+        return nil
     }
 }

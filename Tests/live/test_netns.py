@@ -1,0 +1,223 @@
+"""Devices where their consumers live (issue 21): made inside a network namespace (by
+/run/netns path, by bare name, by /proc/PID/ns/net), counted exactly there, found again there
+after a restart (never re-made on the host), and single-queue devices."""
+import fcntl
+import json
+import os
+import signal
+import struct
+import subprocess
+
+import net
+from conftest import Daemon, unique_name
+from mqtapd_client import ROOT
+
+LIVE = os.path.dirname(os.path.abspath(__file__))
+
+
+def netns_add(name):
+    subprocess.run(["ip", "netns", "add", name], check=True)
+
+
+def netns_del(name):
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def in_ns(ns, *cmd, check=True):
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, check=check)
+
+
+def exists_in(ns, ifname):
+    return in_ns(ns, "ip", "link", "show", "dev", ifname, check=False).returncode == 0
+
+
+def kstat(ns, ifname, key):
+    # `ip netns exec` mounts a sysfs of the namespace: its counters, not the host's.
+    return int(in_ns(ns, "cat", f"/sys/class/net/{ifname}/statistics/{key}").stdout)
+
+
+def send_in(ns, ifname, mac, count):
+    """AF_PACKET frames sent on the device from inside its namespace (net.send_frames)."""
+    code = f"import net; print(net.send_frames({ifname!r}, {mac!r}, {count}))"
+    return int(in_ns(ns, "python3", "-c", code).stdout)
+
+
+def test_create_in_a_namespace_by_path_name_and_proc(api, name):
+    ns = unique_name("ns")
+    ifname = unique_name("t")
+    host_tap = ifname  # the same name on the host is no conflict inside
+    netns_add(ns)
+    holder = None
+    try:
+        subprocess.run(["ip", "tuntap", "add", "dev", host_tap, "mode", "tap"], check=True)
+        a = name()
+        r = api.post("/v1/devices", {"name": a, "ifname": ifname, "netns": f"/run/netns/{ns}", "queues": 4, "up": False})
+        assert r.status == 201, r
+        d = r.json()
+        assert d["kernel_name"] == ifname and d["netns"]["own"] is False and d["netns"]["name"] == ns
+        assert d["netns_home"]["path"] == f"/run/netns/{ns}" and d["netns_home"]["inode"] == d["netns"]["inode"]
+        assert exists_in(ns, ifname) and net.exists(host_tap)
+        assert "multi_queue" in in_ns(ns, "ip", "-d", "link", "show", "dev", ifname).stdout
+        # The name is taken inside now: 409, by bare name too.
+        r = api.post("/v1/devices", {"name": name(), "ifname": ifname, "netns": ns})
+        assert r.status == 409 and r.code == "name_conflict", r
+        in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1")
+        assert api.patch(f"/v1/devices/{a}", {"up": True, "mtu": 1400}).status == 200
+        assert "mtu 1400" in in_ns(ns, "ip", "link", "show", "dev", ifname).stdout
+        t0 = api.get(f"/v1/devices/{a}/stats").json()
+        k0 = kstat(ns, ifname, "tx_packets")
+        sent = send_in(ns, ifname, d["mac"], 300)
+        assert sent == 300
+        ok = net.settle(lambda: api.get(f"/v1/devices/{a}/stats").json()["total"]["rx_packets"] - t0["total"]["rx_packets"]
+                        == kstat(ns, ifname, "tx_packets") - k0 == 300, 10)
+        assert ok, (api.get(f"/v1/devices/{a}/stats").json(), kstat(ns, ifname, "tx_packets"), k0)
+        s = api.get(f"/v1/devices/{a}/stats").json()
+        assert s["kernel"]["tx_packets"] == kstat(ns, ifname, "tx_packets"), "the kernel counters are the namespace's device's"
+        assert api.post(f"/v1/devices/{a}/queues").status == 201
+        assert api.delete(f"/v1/devices/{a}").status == 204
+        assert not exists_in(ns, ifname) and net.exists(host_tap), "only the namespace's device went"
+
+        # By /proc/PID/ns/net of a process the test started.
+        holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+        proc_ns = f"/proc/{holder.pid}/ns/net"
+        assert net.settle(lambda: os.readlink(proc_ns) != os.readlink("/proc/self/ns/net"), 10)
+        b = name()
+        r = api.post("/v1/devices", {"name": b, "ifname": "tap0", "netns": proc_ns, "queues": 2})
+        assert r.status == 201 and r.json()["netns"]["own"] is False, r
+        out = subprocess.run(["nsenter", f"--net={proc_ns}", "ip", "-o", "link", "show", "dev", "tap0"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "tap0" in out.stdout
+        assert api.delete(f"/v1/devices/{b}").status == 204
+    finally:
+        if holder:
+            holder.kill()
+            holder.wait()
+        netns_del(ns)
+        net.delete_link(host_tap)
+
+
+def test_refusals_for_a_namespace(api, name, tmpdir_short):
+    r = api.post("/v1/devices", {"name": name(), "netns": "/run/netns/no-such-ns-x"})
+    assert r.status == 404 and r.code == "not_found" and r.json()["error"]["field"] == "netns", r
+    plain = os.path.join(tmpdir_short, "plain")
+    open(plain, "w").close()
+    for bad in (plain, "/proc/self/ns/uts", tmpdir_short):
+        r = api.post("/v1/devices", {"name": name(), "netns": bad})
+        assert r.status == 400 and r.code == "invalid_field" and r.json()["error"]["field"] == "netns", (bad, r)
+    r = api.post("/v1/devices", {"name": name(), "ifname": "bad name"})
+    assert r.status == 400 and r.json()["error"]["field"] == "ifname", r
+
+
+def test_restarts_keep_the_namespace(tmpdir_short):
+    """Persistent and non-persistent devices in a namespace come back there after a crash;
+    one whose namespace is gone is kept (netns_gone), never made on the host."""
+    ns, gone = unique_name("nr"), unique_name("ng")
+    p, t, g = unique_name("p"), unique_name("q"), unique_name("g")
+    netns_add(ns)
+    netns_add(gone)
+    d = Daemon(tmpdir_short, tcp=False)
+    try:
+        api = d.unix
+        assert api.post("/v1/devices", {"name": p, "netns": ns, "queues": 2, "persist": True}).status == 201
+        assert api.post("/v1/devices", {"name": t, "netns": ns, "queues": 3}).status == 201
+        assert api.post("/v1/devices", {"name": g, "netns": gone, "queues": 1}).status == 201
+        inode = api.get(f"/v1/devices/{p}").json()["netns"]["inode"]
+        d.stop(signal.SIGKILL)
+        # The non-persistent ones died with the process; the namespace `gone` goes too.
+        assert exists_in(ns, p) and not exists_in(ns, t)
+        netns_del(gone)
+        d = Daemon(tmpdir_short, tcp=False)
+        api = d.unix
+        for n, q in ((p, 2), (t, 3)):
+            dev = api.get(f"/v1/devices/{n}").json()
+            assert dev["state"] == "active" and dev["queue_count"] == q, dev
+            assert dev["netns"]["inode"] == inode and dev["netns"]["own"] is False
+            assert exists_in(ns, n) and not net.exists(n), "back in its namespace, not on the host"
+        dev = api.get(f"/v1/devices/{g}").json()
+        assert dev["state"] == "kept" and dev["state_reason"].startswith("netns_gone"), dev
+        assert not net.exists(g), "never made on the host"
+        assert any("network namespace is gone" in line and g in line for line in d.log)
+        # A namespace made anew at the same path is not the old one: still kept.
+        netns_add(gone)
+        assert d.stop() == 0
+        d = Daemon(tmpdir_short, tcp=False)
+        api = d.unix
+        assert api.get(f"/v1/devices/{g}").json()["state"] == "kept"
+        assert not exists_in(gone, g)
+        for n in (p, t, g):
+            assert api.delete(f"/v1/devices/{n}").status == 204
+        assert not exists_in(ns, p) and not exists_in(ns, t)
+    finally:
+        d.stop()
+        netns_del(ns)
+        netns_del(gone)
+
+
+def test_a_device_moved_by_hand_comes_back_where_it_went(tmpdir_short):
+    ns = unique_name("nm")
+    n = unique_name("m")
+    netns_add(ns)
+    d = Daemon(tmpdir_short, tcp=False)
+    try:
+        assert d.unix.post("/v1/devices", {"name": n, "queues": 2}).status == 201
+        subprocess.run(["ip", "link", "set", "dev", n, "netns", ns], check=True)
+        assert net.settle(lambda: d.unix.get(f"/v1/devices/{n}").json().get("netns_home", {}).get("path") == f"/run/netns/{ns}", 10)
+        d.stop(signal.SIGKILL)
+        d = Daemon(tmpdir_short, tcp=False)
+        dev = d.unix.get(f"/v1/devices/{n}").json()
+        assert dev["state"] == "active" and dev["netns"]["name"] == ns, dev
+        assert exists_in(ns, n) and not net.exists(n)
+        assert d.unix.delete(f"/v1/devices/{n}").status == 204
+    finally:
+        d.stop()
+        netns_del(ns)
+        net.delete_link(n)
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+
+def test_a_single_queue_device(daemon, api, name):
+    """multi_queue: false: no IFF_MULTI_QUEUE, one queue, counted; more queues are refused;
+    a lease hands its one queue to a single-queue consumer."""
+    import lease_client
+    n = name()
+    r = api.post("/v1/devices", {"name": n, "multi_queue": False, "up": False})
+    assert r.status == 201 and r.json()["multi_queue"] is False, r
+    flags = int(open(f"/sys/class/net/{n}/tun_flags").read(), 16)
+    assert flags & 0x0100 == 0 and flags & IFF_TAP
+    net.disable_ipv6(n)
+    assert api.patch(f"/v1/devices/{n}", {"up": True}).status == 200
+    mac = api.get(f"/v1/devices/{n}").json()["mac"]
+    k0, t0 = net.kernel_stats(n)["tx_packets"], api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"]
+    net.send_frames(n, mac, 100)
+    assert net.settle(lambda: api.get(f"/v1/devices/{n}/stats").json()["total"]["rx_packets"] - t0
+                      == net.kernel_stats(n)["tx_packets"] - k0 == 100, 10)
+    r = api.post(f"/v1/devices/{n}/queues")
+    assert r.status == 409 and r.code == "not_multi_queue", r
+    r = api.patch(f"/v1/devices/{n}", {"queues": 2})
+    assert r.status == 409 and r.code == "not_multi_queue", r
+    for bad in ({"queues": 2, "multi_queue": False}, {"multi_queue": False, "mode": "external"}):
+        r = api.post("/v1/devices", {"name": name(), **bad})
+        assert r.status == 400 and r.code == "invalid_field", (bad, r)
+    # The kernel lets one file attach to such a device: a second open by name is EBUSY.
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", n.encode(), IFF_TAP | IFF_NO_PI))
+            raise AssertionError("a second file attached to a one-queue device")
+        except OSError as e:
+            assert e.errno == 16, e
+    finally:
+        os.close(fd)
+    # A lease hands its queue over (a single-queue VMM takes it with fds=).
+    lease = lease_client.take(daemon.socket, n)
+    assert isinstance(lease, lease_client.Lease), lease
+    _, lflags = lease_client.getiff(lease.fds[0])
+    assert lflags & 0x0100 == 0
+    sent = net.send_frames(n, mac, 50)
+    assert lease_client.drain(lease.fds) == sent
+    lease.close()
+    assert net.settle(lambda: api.get(f"/v1/devices/{n}").json()["consumer"] == "daemon")
+    assert api.delete(f"/v1/devices/{n}").status == 204
