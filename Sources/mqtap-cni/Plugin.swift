@@ -190,7 +190,7 @@ enum Plugin {
         } catch {
             throw CNIError(code: CNIError.notAvailable, msg: "mqtapd is not available", details: error.msg)
         }
-        if let ipam = inv.config.ipamType { _ = try delegate(ipam, "STATUS", inv) }
+        if let ipam = inv.config.ipamType, speaks11(ipam, inv) { _ = try delegate(ipam, "STATUS", inv) }
     }
 
     /// GC (1.1): this network's devices whose attachment the runtime no longer lists go.
@@ -212,13 +212,20 @@ enum Plugin {
                 failures.append("\(name): \(error.msg)")
             }
         }
-        if let ipam = inv.config.ipamType { _ = try delegate(ipam, "GC", inv) }
+        if let ipam = inv.config.ipamType, speaks11(ipam, inv) { _ = try delegate(ipam, "GC", inv) }
         guard failures.isEmpty else {
             throw CNIError(code: CNIError.daemonRefused, msg: "some devices were not removed", details: failures.joined(separator: "; "))
         }
     }
 
     // MARK: - IPAM and addresses
+
+    /// Whether the IPAM plugin knows 1.1's STATUS and GC (its VERSION lists 1.1.0): one
+    /// that does not is not asked (Debian's host-local speaks up to 1.0.0).
+    static func speaks11(_ type: String, _ inv: Invocation) -> Bool {
+        guard let v = try? delegate(type, "VERSION", inv) else { return false }
+        return (v["supportedVersions"]?.array ?? []).contains { $0.string == "1.1.0" }
+    }
 
     /// Runs the IPAM plugin `type` from CNI_PATH with our environment (CNI_COMMAND as given)
     /// and the same stdin, as the spec's delegation says; its result, or its error passed on.
