@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.skip(reason="needs root and /dev/net/tun (with CI=true this fails instead)"))
 
 
+def need(ok, why):
+    """A missing prerequisite: a skip, or with CI=true a failure."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and a prerequisite is missing: {why}")
+    pytest.skip(f"{why} (with CI=true this fails instead)")
+
+
 def unique_name(tag="d"):
     _counter[0] += 1
     return f"{PREFIX}{tag}{_counter[0]}"[:15]

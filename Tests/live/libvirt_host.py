@@ -34,6 +34,8 @@ import subprocess
 import tempfile
 import time
 
+import net
+
 PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients")
 LIBVIRTD = "/usr/sbin/libvirtd"
 VIRSH = "/usr/bin/virsh"
@@ -298,7 +300,7 @@ class Libvirtd:
                 problems.append(f"left in libvirtd's namespace: {pid} {self._cmdline(pid)[:120]}")
                 _kill(pid)
         for mount_point, top in reversed(self._created):
-            _rmdirs(mount_point, top)
+            net.rmdirs_up(mount_point, top)
             if os.path.exists(top):
                 problems.append(f"could not remove {top}, which this harness created")
         self._created = []
@@ -370,16 +372,6 @@ def _tree(top):
     return sorted(out)
 
 
-def _rmdirs(path, top):
-    """Removes the empty directories from `path` up to `top` (both included)."""
-    while True:
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        if path == top:
-            return
-        path = os.path.dirname(path)
 
 
 def _read(path):

@@ -108,3 +108,24 @@ def settle(fn, timeout=30.0, every=0.02):
 def sh(*args, check=True):
     """Runs a command, its output captured as text."""
     return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def queue_counts(name):
+    """(attached, detached) queues of the tun device `name`, as the kernel counts them
+    (whoever holds them); None if there is no such device."""
+    out = subprocess.run(["ip", "-d", "link", "show", "dev", name], capture_output=True, text=True).stdout.split()
+    if "numqueues" not in out:
+        return None
+    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
+
+
+def rmdirs_up(path, top):
+    """Removes the empty directories from `path` up to `top` (both included)."""
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)

@@ -53,6 +53,8 @@ import subprocess
 import tempfile
 import time
 
+import net
+
 PACKAGES = ("podman", "containernetworking-plugins", "runc", "buildah", "busybox-static")
 PODMAN = "/usr/bin/podman"
 BUILDAH = "/usr/bin/buildah"
@@ -332,7 +334,7 @@ class Podman:
                                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=self.env())
         finally:
             if made:
-                _rmdirs(HOST_BLOB_CACHE, made)
+                net.rmdirs_up(HOST_BLOB_CACHE, made)
         if r.returncode != 0:
             raise RuntimeError(f"building {tag} with buildah: {r.returncode}\n{r.stderr[-3000:]}")
         shutil.rmtree(rootfs, ignore_errors=True)
@@ -374,16 +376,6 @@ class Podman:
         return sorted(out, key=len, reverse=True)
 
 
-def _rmdirs(path, top):
-    """Removes the empty directories from `path` up to `top` (both included)."""
-    while True:
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        if path == top:
-            return
-        path = os.path.dirname(path)
 
 
 def _isdir(mode):

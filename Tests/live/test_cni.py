@@ -10,18 +10,13 @@ import tempfile
 import pytest
 
 import net
-from conftest import Daemon, unique_name
+from conftest import Daemon, need, unique_name
 from mqtapd_client import ROOT
 
 CNI_BIN = os.environ.get("MQTAP_CNI_BIN", os.path.join(ROOT, ".build", "debug", "mqtap-cni"))
 CNI_PATH = "/usr/lib/cni"
 
 
-def need(ok, why):
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
 
 
 @pytest.fixture

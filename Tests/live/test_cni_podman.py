@@ -19,7 +19,7 @@ import tempfile
 import pytest
 
 import podman_host
-from conftest import BIN, Daemon, unique_name
+from conftest import BIN, Daemon, need, unique_name
 from mqtapd_client import ROOT
 
 CNI_BIN = os.environ.get("MQTAP_CNI_BIN", os.path.join(ROOT, ".build", "debug", "mqtap-cni"))
@@ -32,13 +32,6 @@ IFNAME = "eth0"  # podman's CNI_IFNAME for a container's first network
 IFF_TUN, IFF_TAP, IFF_MULTI_QUEUE, IFF_PERSIST = 0x0001, 0x0002, 0x0100, 0x0800
 
 
-def need(ok, why):
-    """A missing prerequisite: a skip, or with CI=true a failure."""
-    if ok:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and a prerequisite is missing: {why}")
-    pytest.skip(f"{why} (with CI=true this fails instead)")
 
 
 def cni_device(api, container_id=None):

@@ -39,10 +39,6 @@ def make(api, n, **spec):
     return r.json()
 
 
-def numqueues(n):
-    out = net.sh("ip", "-d", "link", "show", "dev", n).stdout.split()
-    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
-
 
 def set_hdr_size(fd, size):
     fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", size))
@@ -68,7 +64,7 @@ def test_external_mode_gives_every_frame_to_the_by_name_consumers(api, name):
     d = make(api, n, queues=4, mode="external")
     assert d["mode"] == "external" and d["consumer"] == "external"
     assert d["queue_count"] == 4 and d["enabled_queues"] == 0, "the daemon's own queues are held detached"
-    assert numqueues(n) == (0, 4)
+    assert net.queue_counts(n) == (0, 4)
     fds = [attach(n) for _ in range(4)]
     try:
         assert net.settle(lambda: device(api, n)["foreign_queues"] == 4)
@@ -91,16 +87,16 @@ def test_external_mode_gives_every_frame_to_the_by_name_consumers(api, name):
     # Back to the daemon: its queues attach and are read, with exact counts.
     r = api.patch(f"/v1/devices/{n}", {"mode": "sink"})
     assert r.status == 200 and r.json()["enabled_queues"] == 4 and r.json()["consumer"] == "daemon", r
-    assert numqueues(n) == (4, 0)
+    assert net.queue_counts(n) == (4, 0)
     k0, t0 = snapshot(api, n)
     net.send_frames(n, d["mac"], 200)
     assert exact(api, n, k0, t0)
     # And external again by PATCH.
     r = api.patch(f"/v1/devices/{n}", {"mode": "external"})
-    assert r.status == 200 and r.json()["enabled_queues"] == 0 and numqueues(n) == (0, 4), r
+    assert r.status == 200 and r.json()["enabled_queues"] == 0 and net.queue_counts(n) == (0, 4), r
     # A queue added to an external device is held too.
     assert api.post(f"/v1/devices/{n}/queues").status == 201
-    assert numqueues(n) == (0, 5)
+    assert net.queue_counts(n) == (0, 5)
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 
@@ -113,7 +109,7 @@ def test_a_lease_takes_the_device(daemon, api, name):
         d = device(api, n)
         assert d["consumer"] == "lease"
         assert [(q["id"], q["enabled"]) for q in d["queues"]] == [(0, True), (1, True), (2, False), (3, False)]
-        assert numqueues(n) == (2, 2)
+        assert net.queue_counts(n) == (2, 2)
         k0, t0 = snapshot(api, n)
         sent = net.send_frames(n, d["mac"], 300)
         assert lease_client.drain(lease.fds) == sent, "the holder gets every frame"
@@ -123,7 +119,7 @@ def test_a_lease_takes_the_device(daemon, api, name):
     finally:
         lease.close()
     assert net.settle(lambda: device(api, n)["consumer"] == "daemon")
-    assert net.settle(lambda: numqueues(n) == (4, 0))
+    assert net.settle(lambda: net.queue_counts(n) == (4, 0))
     k0, t0 = snapshot(api, n)
     net.send_frames(n, d["mac"], 200)
     assert exact(api, n, k0, t0)
@@ -225,7 +221,7 @@ def test_a_revoked_holder_gets_nothing_back(daemon, api, name):
         # The former holder attaches its file again (no privilege needed): undone.
         for fd in fds:
             lease_client.set_queue(fd, True)
-        assert net.settle(lambda: numqueues(n) == (2, 2), 5), numqueues(n)
+        assert net.settle(lambda: net.queue_counts(n) == (2, 2), 5), net.queue_counts(n)
         k0, t0 = snapshot(api, n)
         net.send_frames(n, d["mac"], 200)
         assert lease_client.drain(fds) == 0, "the revoked files receive nothing"

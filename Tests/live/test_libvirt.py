@@ -18,7 +18,7 @@ import pytest
 
 import libvirt_host
 import net
-from conftest import BIN, Daemon, unique_name
+from conftest import BIN, Daemon, need, unique_name
 from mqtapd_client import ROOT
 
 GUEST = os.path.join(ROOT, ".build-guest")
@@ -30,13 +30,6 @@ PINGS = 10
 FLOWS = 200
 
 
-def need(ok, why):
-    """A missing prerequisite: a skip, or with CI=true a failure."""
-    if ok:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and a prerequisite is missing: {why}")
-    pytest.skip(f"{why} (with CI=true this fails instead)")
 
 
 def create_external_device(api, dev):
@@ -133,12 +126,6 @@ def guest_pings(serial):
     return results.count("ok"), results.count("lost")
 
 
-def numqueues(n):
-    out = subprocess.run(["ip", "-d", "link", "show", n], capture_output=True, text=True).stdout.split()
-    if "numqueues" not in out:
-        return None
-    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
-
 
 def send_udp_flows(count):
     """One datagram to each of `count` ports of the guest: `count` flows, which the kernel
@@ -168,7 +155,7 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
         device = create_external_device(api, dev)
         assert device["queue_count"] == QUEUES and device["enabled_queues"] == 0
         assert device["foreign_queues"] == 0
-        assert numqueues(dev) == (0, QUEUES), "the daemon's queues are all detached"
+        assert net.queue_counts(dev) == (0, QUEUES), "the daemon's queues are all detached"
         net.disable_ipv6(dev)
         subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", dev], check=True)
 
@@ -198,7 +185,7 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
         assert device["vnet_hdr_size"] == 12, "QEMU set virtio 1.0's header size (the device's, not a queue's)"
         assert not any(q["enabled"] or q["leased"] for q in device["queues"])
         # QEMU detaches the queues of the pairs the guest did not enable: all 4 are attached.
-        assert numqueues(dev) == (QUEUES, QUEUES), "libvirt's 4 attached, the daemon's 4 detached"
+        assert net.queue_counts(dev) == (QUEUES, QUEUES), "libvirt's 4 attached, the daemon's 4 detached"
 
         # The guest pings the host...
         assert net.settle(lambda: guest_pings(serial)[0] >= PINGS, 60, every=0.2), \
@@ -230,7 +217,7 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
         assert net.exists(dev)
         device = api.get(f"/v1/devices/{dev}").json()
         assert device["state"] == "active" and device["queue_count"] == QUEUES and device["enabled_queues"] == 0
-        assert numqueues(dev) == (0, QUEUES)
+        assert net.queue_counts(dev) == (0, QUEUES)
         # The settings QEMU changed are put back as the API set them.
         assert net.settle(lambda: api.get(f"/v1/devices/{dev}").json()["vnet_hdr_size"] == 10, 10)
         assert api.get(f"/v1/devices/{dev}").json()["settings_differ"] == []

@@ -26,12 +26,6 @@ def guest():
     return os.path.join(GUEST, "vmlinuz"), os.path.join(GUEST, "initrd.cpio.gz")
 
 
-def numqueues(n):
-    out = subprocess.run(["ip", "-d", "link", "show", n], capture_output=True, text=True).stdout.split()
-    if "numqueues" not in out:
-        return None
-    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
-
 
 def serial_lines(path):
     try:
@@ -82,7 +76,7 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         device = api.get(f"/v1/devices/{dev}").json()
         assert device["enabled_queues"] == 2 and device["queue_count"] == 4
         assert all(q["leased"] and q["lease_state"] == "live" for q in device["queues"])
-        assert numqueues(dev) == (2, 2), "the API shows what the kernel has"
+        assert net.queue_counts(dev) == (2, 2), "the API shows what the kernel has"
         rc = vm.wait(timeout=120)
         assert rc == 0, open(serial + ".stderr").read()[-2000:]
         lines = serial_lines(serial)
@@ -92,7 +86,7 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         # QEMU exited: the lease ended, every queue is attached again and read by the daemon.
         assert net.settle(lambda: all(q["enabled"] and not q["leased"] for q in api.get(f"/v1/devices/{dev}").json()["queues"]),
                           60, every=0.2), "timed out waiting for the queues to come back"
-        assert numqueues(dev) == (4, 0)
+        assert net.queue_counts(dev) == (4, 0)
         assert api.get(f"/v1/devices/{dev}/leases").json()["leases"] == []
         mac = api.get(f"/v1/devices/{dev}").json()["mac"]
         before = api.get(f"/v1/devices/{dev}/stats").json()["total"]["rx_packets"]
@@ -137,7 +131,7 @@ def test_a_daemon_killed_while_qemu_holds_a_lease(guest, tmpdir_short):
         seen = pings_ok(serial)
         assert net.settle(lambda: pings_ok(serial) >= seen + 3,
                           30, every=0.2), "timed out waiting for pings after the restart"
-        assert numqueues(dev) is not None, "nothing was deleted or re-created"
+        assert net.queue_counts(dev) is not None, "nothing was deleted or re-created"
         vm.send_signal(signal.SIGTERM)
         vm.wait(timeout=30)
         # The holder is gone: forgetting its lease and deleting the device leave nothing.
