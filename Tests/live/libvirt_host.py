@@ -115,41 +115,12 @@ def ensure_packages():
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         for d in daemons:
             for pid in _pids_of(d) - before[d]:
-                _kill(pid)
+                net.terminate(pid)
         if r.returncode != 0:
             raise Unavailable(f"apt-get install {' '.join(missing)} failed: {r.stderr[-1500:]}")
     for path in (LIBVIRTD, VIRSH, shutil.which("unshare") or "/usr/bin/unshare", shutil.which("mount") or "/bin/mount"):
         if not os.access(path, os.X_OK):
             raise Unavailable(f"{path} is missing")
-
-
-def _kill(pid, timeout=10.0):
-    """SIGTERM, a bounded wait, then SIGKILL; for a process that may not be our child."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def alive(pid):
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def _procs_in_mount_ns(ns):
@@ -298,7 +269,7 @@ class Libvirtd:
             # Only what libvirtd started can be in its mount namespace: the QEMUs.
             for pid in _procs_in_mount_ns(self.mnt_ns):
                 problems.append(f"left in libvirtd's namespace: {pid} {self._cmdline(pid)[:120]}")
-                _kill(pid)
+                net.terminate(pid)
         for mount_point, top in reversed(self._created):
             net.rmdirs_up(mount_point, top)
             if os.path.exists(top):
@@ -370,8 +341,6 @@ def _tree(top):
             st = os.lstat(os.path.join(d, n))
             out.append((os.path.join(d, n), st.st_mode, st.st_size, st.st_mtime_ns))
     return sorted(out)
-
-
 
 
 def _read(path):

@@ -1,5 +1,6 @@
 """Host-side helpers for live tests: interfaces, frames over AF_PACKET, process fds."""
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -129,3 +130,36 @@ def rmdirs_up(path, top):
         if path == top:
             return
         path = os.path.dirname(path)
+
+
+def alive(pid):
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def terminate(pid, timeout=10.0):
+    """SIGTERM, a bounded wait, then SIGKILL and another; for a process that may not be our
+    child (a runtime's daemon, its QEMU or conmon)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not alive(pid):
+            return
+
+
+def read_lines(path):
+    """A file's lines, stripped (a serial console log: CRs dropped); [] while it is not there."""
+    try:
+        with open(path, errors="replace") as f:
+            return [l.strip() for l in f.read().replace("\r", "").split("\n")]
+    except FileNotFoundError:
+        return []

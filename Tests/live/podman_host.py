@@ -48,7 +48,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -209,7 +208,7 @@ class Podman:
             time.sleep(0.05)
         for pid in self.processes():
             problems.append(f"still running after rm: {pid} {_cmdline(pid)[:160]}")
-            _kill(pid)
+            net.terminate(pid)
         for m in self.mounts():
             problems.append(f"still mounted: {m}")
             subprocess.run(["umount", "--lazy", m], capture_output=True)
@@ -376,8 +375,6 @@ class Podman:
         return sorted(out, key=len, reverse=True)
 
 
-
-
 def _isdir(mode):
     return (mode & 0o170000) == 0o040000
 
@@ -415,24 +412,3 @@ def _cmdline(pid):
         return ""
 
 
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _kill(pid, timeout=10.0):
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -180,7 +180,6 @@ def test_global_options_before_the_subcommand_and_exit_codes(daemon, api):
 
 def test_events_exit_non_zero_when_the_daemon_goes(tmpdir_short):
     """`mqtap events` following a daemon that stops says so on stderr and exits 3."""
-    import time
     from conftest import Daemon
     d = Daemon(tmpdir_short, tcp=False)
     p = subprocess.Popen([CLI, "--socket", d.socket, "events", "--since", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,11 +5,9 @@ the error object for bad environments and configs."""
 import json
 import os
 import subprocess
-import tempfile
 
 import pytest
 
-import net
 from conftest import Daemon, need, unique_name
 from mqtapd_client import ROOT
 

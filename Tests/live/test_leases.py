@@ -2,7 +2,6 @@
 keeps away from them while the lease lasts and takes them back when it ends."""
 import os
 import subprocess
-import time
 
 import lease_client
 import net

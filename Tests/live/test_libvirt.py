@@ -30,8 +30,6 @@ PINGS = 10
 FLOWS = 200
 
 
-
-
 def create_external_device(api, dev):
     """A device of QUEUES queues in mode external, for libvirt to attach by name: the daemon
     keeps its own queue fds, detached, and reads nothing. Returns the Device."""
@@ -108,23 +106,14 @@ def domain_xml(name, dev, guest, serial):
 """
 
 
-def serial_lines(path):
-    try:
-        with open(path, errors="replace") as f:
-            return [l.strip() for l in f.read().replace("\r", "").split("\n")]
-    except FileNotFoundError:
-        return []
-
-
 def ready_line(serial):
-    return next((l for l in serial_lines(serial) if l.startswith("MQT-READY")), None)
+    return next((l for l in net.read_lines(serial) if l.startswith("MQT-READY")), None)
 
 
 def guest_pings(serial):
     """(answered, lost) among the guest's pings of the host so far."""
-    results = [l.rsplit(" ", 1)[-1] for l in serial_lines(serial) if l.startswith("MQT-PING ")]
+    results = [l.rsplit(" ", 1)[-1] for l in net.read_lines(serial) if l.startswith("MQT-PING ")]
     return results.count("ok"), results.count("lost")
-
 
 
 def send_udp_flows(count):
@@ -149,7 +138,7 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
     serial = os.path.join(tmpdir_short, "serial.log")
     had_virbr0 = net.exists("virbr0")
     defined = False
-    why = lambda: ("serial console:\n" + "\n".join(serial_lines(serial)[-15:]) + "\nQEMU's log:\n" +
+    why = lambda: ("serial console:\n" + "\n".join(net.read_lines(serial)[-15:]) + "\nQEMU's log:\n" +
                    libvirtd.qemu_log(dom)[-2000:] + "\n" + libvirtd.logs(1500))
     try:
         device = create_external_device(api, dev)
@@ -169,12 +158,12 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
         assert qemu, "libvirt wrote no pid file for the domain"
 
         # A guest that stops early (QEMU gone) ends the wait at once.
-        ready = net.settle(lambda: ready_line(serial) or not libvirt_host.alive(qemu), 120, every=0.2)
-        assert isinstance(ready, str) and libvirt_host.alive(qemu), \
+        ready = net.settle(lambda: ready_line(serial) or not net.alive(qemu), 120, every=0.2)
+        assert isinstance(ready, str) and net.alive(qemu), \
             f"the guest did not boot (domain {libvirtd.domain_state(dom)!r}):\n" + why()
         # The guest's ethtool enabled all 4 queue pairs (sysfs has a dir per active queue).
         assert {f"rxq={QUEUES}", f"txq={QUEUES}"} <= set(ready.split()), ready
-        assert not [l for l in serial_lines(serial) if l.startswith("MQT-ERROR")], why()
+        assert not [l for l in net.read_lines(serial) if l.startswith("MQT-ERROR")], why()
 
         # libvirt opened the device by name 4 times: 4 queues that are not the daemon's.
         assert net.settle(lambda: api.get(f"/v1/devices/{dev}").json()["foreign_queues"] == QUEUES,
@@ -210,7 +199,7 @@ def test_libvirt_domain_on_an_external_device(libvirtd, guest, tmpdir_short):
 
         libvirtd.virsh("destroy", dom)
         assert libvirtd.domain_state(dom) == "shut off"
-        assert net.settle(lambda: not libvirt_host.alive(qemu), 30), f"QEMU {qemu} is still there"
+        assert net.settle(lambda: not net.alive(qemu), 30), f"QEMU {qemu} is still there"
         assert net.settle(lambda: api.get(f"/v1/devices/{dev}").json()["foreign_queues"] == 0, 30, every=0.2), \
             api.get(f"/v1/devices/{dev}").json()
         # The device outlives the domain, as it was.

@@ -2,7 +2,6 @@
 /run/netns path, by bare name, by /proc/PID/ns/net), counted exactly there, found again there
 after a restart (never re-made on the host), and single-queue devices."""
 import fcntl
-import json
 import os
 import signal
 import struct
@@ -10,7 +9,6 @@ import subprocess
 
 import net
 from conftest import Daemon, unique_name
-from mqtapd_client import ROOT
 
 LIVE = os.path.dirname(os.path.abspath(__file__))
 

@@ -5,7 +5,6 @@ daemon killed with -9 while QEMU holds the lease does not take the guest's netwo
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -24,15 +23,6 @@ def guest():
     r = subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh"), GUEST], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     return os.path.join(GUEST, "vmlinuz"), os.path.join(GUEST, "initrd.cpio.gz")
-
-
-
-def serial_lines(path):
-    try:
-        with open(path, errors="replace") as f:
-            return [l.strip() for l in f.read().replace("\r", "").split("\n")]
-    except FileNotFoundError:
-        return []
 
 
 def start_vm(d, dev, guest, serial, hold):
@@ -55,7 +45,7 @@ def setup_device(api, dev):
 
 
 def pings_ok(serial):
-    return sum(1 for l in serial_lines(serial) if l.startswith("MQT-PING ") and l.endswith(" ok"))
+    return sum(1 for l in net.read_lines(serial) if l.startswith("MQT-PING ") and l.endswith(" ok"))
 
 
 def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
@@ -67,7 +57,7 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         setup_device(d.unix, dev)
         k0 = net.kernel_stats(dev)
         vm = start_vm(d, dev, guest, serial, hold=False)
-        assert net.settle(lambda: any(l.startswith("MQT-READY") for l in serial_lines(serial)),
+        assert net.settle(lambda: any(l.startswith("MQT-READY") for l in net.read_lines(serial)),
                           120, every=0.2), "timed out waiting for the guest to boot"
         # Two vCPUs: the guest enables 2 of the 4 queue pairs; QEMU detaches the other 2.
         api = d.unix
@@ -79,7 +69,7 @@ def test_qemu_guest_on_a_leased_device(guest, tmpdir_short):
         assert net.queue_counts(dev) == (2, 2), "the API shows what the kernel has"
         rc = vm.wait(timeout=120)
         assert rc == 0, open(serial + ".stderr").read()[-2000:]
-        lines = serial_lines(serial)
+        lines = net.read_lines(serial)
         assert any(l.startswith("MQT-PING-OK") for l in lines), lines[-20:]
         k1 = net.kernel_stats(dev)
         assert k1["rx_packets"] - k0["rx_packets"] >= 10 and k1["tx_packets"] > k0["tx_packets"]
