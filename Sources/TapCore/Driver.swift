@@ -64,6 +64,11 @@ public protocol TunDriver: Sendable {
     /// the daemon's own namespace (run `body` directly then).
     func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T?
+    /// Runs `body` in the namespace `netns` (an fd of it; nil: the daemon's own).
+    func inNamespace<T: Sendable>(_ netns: Int32?, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T
+    /// The interface with this index in the calling thread's namespace; nil if there is none.
+    func link(ifindex: Int) throws(SyscallError) -> LinkInfo?
 }
 
 public enum InterfaceState: Equatable, Sendable {
@@ -137,6 +142,12 @@ public struct LinuxTunDriver: TunDriver {
         if let be = bigEndian { try Tun.setVnetBigEndian(fd, be) }
     }
     public func clearPrograms(_ fd: Int32) throws(SyscallError) { try Tun.clearPrograms(fd) }
+    public func inNamespace<T: Sendable>(_ netns: Int32?, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T {
+        guard let netns else { return try body() }
+        return try Netns.run(in: netns, body)
+    }
+    public func link(ifindex: Int) throws(SyscallError) -> LinkInfo? { try Link.info(ifindex: ifindex) }
     public func inDeviceNamespace<T: Sendable>(_ fd: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T? {
         // Before Linux 5.2 there is no TUNGETDEVNETNS (ENOTTY): no device can be elsewhere

@@ -269,6 +269,15 @@ public final class FakeDriver: TunDriver, Sendable {
     }
 
     /// The fake has one namespace: every device is in the daemon's.
+    public func inNamespace<T: Sendable>(_ netns: Int32?, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T { try body() }
+    public func link(ifindex: Int) throws(SyscallError) -> LinkInfo? {
+        let name = state.withLock { s in s.devices.first { $0.value.ifindex == ifindex }?.key }
+        guard let name else { return nil }
+        return try link(named: name)
+    }
+
+    /// The fake has one namespace: every device is in the daemon's.
     public func openQueue(name: String, flags: TunFlags, netns: Int32?) throws(SyscallError) -> Int32 {
         try openQueue(name: name, flags: flags)
     }

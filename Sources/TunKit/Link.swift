@@ -139,6 +139,13 @@ public enum Link {
             if li.tun_multi_queue != 0 { f.insert(.multiQueue) }
             if li.tun_persist != 0 { f.insert(.persist) }
             tun?.flags = f
+            if li.tun_multi_queue == 0 {
+                // The kernel counts queues only for a multiqueue device. A one-queue device has
+                // its carrier on exactly while a file is attached (tun_attach / tun_detach).
+                let lowerUp: Int32 = 0x10000  // IFF_LOWER_UP
+                tun?.attachedQueues = Int32(bitPattern: li.flags) & lowerUp != 0 ? 1 : 0
+                tun?.detachedQueues = 0
+            }
         }
         return LinkInfo(
             ifindex: Int(li.ifindex), name: linkName, mtu: Int(li.mtu), up: Int32(bitPattern: li.flags) & mqt_IFF_UP != 0,

@@ -134,4 +134,24 @@ struct ConsumerTests {
         let s = try f.manager.stats("d")
         #expect(s.queues.count == 1 && s.total.rxPackets == 3 && s.total.rxBytes == 180)
     }
+
+    @Test("a one-queue external device: no file held, persistent, found by its index, deleted by it")
+    func anchored() throws {
+        let f = try FakeFixture()
+        let before = f.driver.openFDs
+        var spec = DeviceSpec(name: "s", mode: .external)
+        spec.multiQueue = false
+        let d = try f.manager.create(spec)
+        #expect(d.persist && d.queueCount == 0 && d.consumer == .external && !d.multiQueue)
+        #expect(f.driver.openFDs == before, "the daemon holds no file of it")
+        #expect(f.driver.device("s")?.persist == true, "kept alive by persistence")
+        f.driver.attachForeign("s", 1)
+        #expect(try f.manager.device("s").kernel?.foreignQueues == 1)
+        #expect(throws: ManagerError.notMultiQueue(device: "s")) { try f.manager.addQueues("s") }
+        #expect(throws: ManagerError.self) { try f.manager.update("s", DevicePatch(mode: .sink)) }
+        _ = try f.manager.update("s", DevicePatch(mtu: 1400))
+        #expect(f.driver.device("s")?.mtu == 1400)
+        try f.manager.delete("s")
+        #expect(f.driver.device("s") == nil)
+    }
 }

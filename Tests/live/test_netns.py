@@ -196,9 +196,8 @@ def test_a_single_queue_device(daemon, api, name):
     assert r.status == 409 and r.code == "not_multi_queue", r
     r = api.patch(f"/v1/devices/{n}", {"queues": 2})
     assert r.status == 409 and r.code == "not_multi_queue", r
-    for bad in ({"queues": 2, "multi_queue": False}, {"multi_queue": False, "mode": "external"}):
-        r = api.post("/v1/devices", {"name": name(), **bad})
-        assert r.status == 400 and r.code == "invalid_field", (bad, r)
+    r = api.post("/v1/devices", {"name": name(), "queues": 2, "multi_queue": False})
+    assert r.status == 400 and r.code == "invalid_field", r
     # The kernel lets one file attach to such a device: a second open by name is EBUSY.
     fd = os.open("/dev/net/tun", os.O_RDWR)
     try:
@@ -219,3 +218,70 @@ def test_a_single_queue_device(daemon, api, name):
     lease.close()
     assert net.settle(lambda: api.get(f"/v1/devices/{n}").json()["consumer"] == "daemon")
     assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def open_single(name):
+    """Opens a one-queue device by name, as libvirt does with one queue (no IFF_MULTI_QUEUE)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def test_a_single_queue_external_device_is_the_consumers(tmpdir_short):
+    """multi_queue false in mode external: the daemon holds no file (the kernel lets one
+    attach), keeps the device by persistence, sees the consumer's queue, survives a restart
+    with the consumer attached, and deletes the link."""
+    import lease_client
+    ns = unique_name("se")
+    n = unique_name("s")
+    netns_add(ns)
+    d = Daemon(tmpdir_short, tcp=False)
+    fd = None
+    try:
+        api = d.unix
+        r = api.post("/v1/devices", {"name": n, "multi_queue": False, "mode": "external", "netns": ns})
+        assert r.status == 201, r
+        dev = r.json()
+        assert dev["persist"] is True and dev["queue_count"] == 0 and dev["consumer"] == "external", dev
+        assert dev["netns"]["name"] == ns and dev["foreign_queues"] == 0
+        in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{n}.disable_ipv6=1")
+        # The consumer opens it by name inside the namespace (the open must happen there).
+        code = (f"import fcntl, os, struct, sys, time\n"
+                f"fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+                f"fcntl.ioctl(fd, {TUNSETIFF}, struct.pack('16sH22x', {n!r}.encode(), {IFF_TAP | IFF_NO_PI}))\n"
+                f"print('attached', flush=True)\n"
+                f"n = 0\n"
+                f"import select\n"
+                f"p = select.poll(); p.register(fd, select.POLLIN)\n"
+                f"while True:\n"
+                f"    if not p.poll(3000): break\n"
+                f"    os.read(fd, 65536); n += 1\n"
+                f"print(n, flush=True)\n")
+        consumer = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", code], stdout=subprocess.PIPE, text=True)
+        assert consumer.stdout.readline().strip() == "attached"
+        assert net.settle(lambda: api.get(f"/v1/devices/{n}").json()["foreign_queues"] == 1, 10)
+        # A crash and a restart while the consumer holds it: taken on, not opened, not re-made.
+        d.stop(signal.SIGKILL)
+        d = Daemon(tmpdir_short, tcp=False)
+        api = d.unix
+        dev = api.get(f"/v1/devices/{n}").json()
+        assert dev["state"] == "active" and dev["foreign_queues"] == 1 and dev["netns"]["name"] == ns, dev
+        sent = send_in(ns, n, dev["mac"], 50)
+        assert int(consumer.stdout.readline()) == sent, "the consumer got every frame"
+        consumer.wait(timeout=10)
+        assert net.settle(lambda: api.get(f"/v1/devices/{n}").json()["foreign_queues"] == 0, 10)
+        assert exists_in(ns, n), "persistent: it outlives its consumer"
+        r = api.patch(f"/v1/devices/{n}", {"mode": "sink"})
+        assert r.status == 400 and r.json()["error"]["field"] == "mode", r
+        assert api.patch(f"/v1/devices/{n}", {"mtu": 1400}).status == 200
+        assert "mtu 1400" in in_ns(ns, "ip", "link", "show", "dev", n).stdout
+        assert api.get(f"/v1/devices/{n}/stats").json()["kernel"]["tx_packets"] >= sent
+        assert api.delete(f"/v1/devices/{n}").status == 204
+        assert not exists_in(ns, n)
+    finally:
+        d.stop()
+        netns_del(ns)

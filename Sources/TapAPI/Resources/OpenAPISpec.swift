@@ -721,8 +721,12 @@ components:
           description: >-
             false: a one-queue device without IFF_MULTI_QUEUE, which single-queue consumers
             (libvirt with one queue) can open by name. Only with `queues: 1`; adding a queue is
-            409 `not_multi_queue`, detaching its queue 400. Not with `mode: external` (the
-            kernel lets one file attach to such a device).
+            409 `not_multi_queue`, detaching its queue 400. With `mode: external` the daemon
+            holds no file of it (the kernel lets one file attach to such a device: the
+            consumer's): it is made persistent (`persist: true`), shows `queue_count` 0, is
+            found by its index in its namespace (`foreign_queues` 1 while the consumer has it
+            open, from the link's carrier), is taken on as it is after a restart, and cannot
+            change its mode or queues (400).
         labels:
           type: object
           maxProperties: 16

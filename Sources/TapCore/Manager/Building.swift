@@ -22,10 +22,13 @@ extension DeviceManager {
             var d = try readLink(spec, fd: first.fd, key: key)
             d.home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
             if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
-            let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
-            d.queues[q0.id] = q0
-            for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
-                d.queues[q.id] = q
+            let anchored = !spec.multiQueue && spec.mode == .external
+            if !anchored {
+                let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
+                d.queues[q0.id] = q0
+                for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
+                    d.queues[q.id] = q
+                }
             }
             let driver = self.driver
             if spec.up {
@@ -36,8 +39,40 @@ extension DeviceManager {
             } else if join {
                 try? onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, false) }
             }
+            if anchored {
+                // Its one queue is the consumer's to attach: the daemon lets go of the file (the
+                // device is persistent) and finds the device by its index from now on.
+                d.anchor = LinkAnchor(netns: netns, ifindex: d.ifindex)
+                first.close()
+            }
             return d
         }
+    }
+
+    /// A one-queue external device that exists (a restart): taken on without opening it (its
+    /// one queue may be its consumer's), found by its index in its namespace.
+    func adopt(_ spec: DeviceSpec, at name: String, key: UInt64, netns: NetnsFile?) throws(ManagerError) -> ActiveDevice {
+        let driver = self.driver
+        let link = try step(spec.name, .inspect) { () throws(SyscallError) -> LinkInfo? in
+            try driver.inNamespace(netns?.fd) { () throws(SyscallError) -> LinkInfo? in try driver.link(named: name) }
+        }
+        guard let link else { throw .deviceNotFound(name: name) }
+        let anchor = LinkAnchor(netns: netns, ifindex: link.ifindex)
+        var mac: MACAddress?
+        if spec.kind == .tap {
+            let bytes = try? onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
+            mac = bytes.flatMap { MACAddress(bytes: $0) }
+        }
+        var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: true,
+                             vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: link.up, mode: spec.mode, peer: nil,
+                             offload: spec.offload, ifindex: link.ifindex, owner: spec.owner, group: spec.group,
+                             kernelName: link.name, queues: [:], since: Clock.timestamp())
+        d.multiQueue = false
+        d.labels = spec.labels
+        d.ifname = spec.ifname
+        d.anchor = anchor
+        d.home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
+        return d
     }
 
     /// Opens the queue that creates (or joins) the device. Undo: close it, which destroys a

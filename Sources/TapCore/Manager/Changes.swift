@@ -25,11 +25,11 @@ extension DeviceManager {
             guard spec.queues == 1 else {
                 throw .invalidField(field: "queues", reason: "a device that is not multi_queue has exactly one queue")
             }
-            guard spec.mode != .external else {
-                throw .invalidField(field: "mode", reason: "external is for multi_queue devices: the kernel lets one file attach to a "
-                    + "one-queue device, and the daemon keeps one of its own")
-            }
         }
+        // A one-queue device for an external consumer: the kernel lets one file attach, the
+        // consumer's, so the daemon holds none and keeps the device alive by persistence.
+        var spec = spec
+        if !spec.multiQueue && spec.mode == .external { spec.persist = true }
         // Opened before the lock: a slow mount never holds up other changes.
         let netns = try openNetns(spec.netns)
         let home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
@@ -170,7 +170,11 @@ extension DeviceManager {
     private func deleteLink(_ d: ActiveDevice) throws(ManagerError) {
         let driver = self.driver
         do {
-            if let fd = d.anyFD {
+            if let a = d.anchor {
+                // By its index, in its namespace.
+                let ifindex = a.ifindex
+                try driver.inNamespace(a.netns?.fd) { () throws(SyscallError) in try driver.deleteLink(ifindex: ifindex) }
+            } else if let fd = d.anyFD {
                 // By the index the device has in the namespace it is in now.
                 try onLink(fd) { name throws(SyscallError) in
                     guard let link = try driver.link(named: name) else { return }
@@ -197,6 +201,10 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let before = d
             let count = patch.queues ?? d.queueCount
+            if d.anchored && (patch.queues != nil || patch.enabledQueues != nil) {
+                throw .invalidField(field: patch.queues != nil ? "queues" : "enabled_queues",
+                                    reason: "a one-queue device in mode external has no queue of the daemon's")
+            }
             if !d.multiQueue {
                 if count != d.queueCount { throw .notMultiQueue(device: name) }
                 if patch.enabledQueues.map({ $0 != d.queueCount }) ?? false {
@@ -210,6 +218,10 @@ extension DeviceManager {
                 throw .invalidField(field: "peer", reason: "a peer is only for mode forward")
             }
             let peer = mode == .forward ? (patch.peer ?? d.peer) : nil
+            if d.anchored && mode != .external {
+                throw .invalidField(field: "mode", reason: "a one-queue device in mode external has no queue of the daemon's: "
+                    + "its one queue is its consumer's")
+            }
             if mode == .forward && (patch.mode != nil || patch.peer != nil) {
                 // The same answer as a create's: the request names no peer.
                 guard let peer else { throw .invalidField(field: "peer", reason: "mode forward needs a peer device") }
@@ -256,7 +268,9 @@ extension DeviceManager {
                 let fd = d.anyFD
                 let driver = self.driver
                 let kernelName = d.kernelName
+                let anchor = d.anchor
                 let link = { (op: @escaping @Sendable (String) throws(SyscallError) -> Void) throws(SyscallError) in
+                    if let anchor { return try self.onAnchor(anchor, op) }
                     // Every queue a lease's orphan: no fd to ask, so by the name last seen.
                     guard let fd else { return try op(kernelName) }
                     try self.onLink(fd, op)

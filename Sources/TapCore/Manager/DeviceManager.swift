@@ -180,12 +180,38 @@ public final class DeviceManager: Sendable {
     /// The device's link and namespace, through a queue fd while it is open (the snapshot
     /// may be older than a close); nil if there is none or the kernel did not answer.
     func lookUp(_ d: ActiveDevice) -> (LinkInfo, Netns.Place)? {
+        if let a = d.anchor {
+            guard let link = try? anchoredLink(a) else { return nil }
+            let own = a.netns == nil
+            let inode = a.netns?.inode ?? ((try? Netns.currentInode()) ?? 0)
+            return (link, Netns.Place(inode: inode, name: own ? nil : Netns.name(ofInode: inode), isOwn: own))
+        }
         guard let file = d.anyFile else { return nil }
         let found = file.withOpenFD { fd -> (LinkInfo, Netns.Place)? in
             guard let link = try? link(of: fd), let place = try? driver.place(of: fd) else { return nil }
             return (link, place)
         }
         return found ?? nil
+    }
+
+    /// The link of a device the daemon holds no queue of, by its index in its namespace; nil
+    /// if it is gone.
+    func anchoredLink(_ a: LinkAnchor) throws(SyscallError) -> LinkInfo? {
+        let driver = self.driver
+        let ifindex = a.ifindex
+        return try driver.inNamespace(a.netns?.fd) { () throws(SyscallError) -> LinkInfo? in try driver.link(ifindex: ifindex) }
+    }
+
+    /// Runs a by-name step on an anchored device: with the name it has now, in its namespace.
+    func onAnchor<T: Sendable>(_ a: LinkAnchor, _ body: @escaping @Sendable (String) throws(SyscallError) -> T) throws(SyscallError) -> T {
+        let driver = self.driver
+        let ifindex = a.ifindex
+        return try driver.inNamespace(a.netns?.fd) { () throws(SyscallError) -> T in
+            guard let link = try driver.link(ifindex: ifindex) else {
+                throw SyscallError(call: "RTM_GETLINK(\(ifindex))", errno: .noDevice)
+            }
+            return try body(link.name)
+        }
     }
 
     /// The link of the device `fd` (one of its queues) belongs to, wherever it is now; nil if
@@ -204,6 +230,7 @@ public final class DeviceManager: Sendable {
 
     /// The same, asked of the kernel now (0 if it does not answer): for the limits of a change.
     func foreignQueues(_ d: ActiveDevice) -> Int {
+        if let a = d.anchor, let link = try? anchoredLink(a) { return foreignQueues(d, link) }
         guard let fd = d.anyFD, let link = try? link(of: fd) else { return 0 }
         return foreignQueues(d, link)
     }
@@ -220,6 +247,7 @@ public final class DeviceManager: Sendable {
 
     /// The kernel's counters of the device, found through its own fd; nil if it is gone.
     func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
+        if let a = d.anchor { return try anchoredLink(a)?.statistics }
         guard let file = d.anyFile else { return nil }
         let read = file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
             do throws(SyscallError) {
@@ -257,6 +285,10 @@ public final class DeviceManager: Sendable {
     }
 
     func vanished(_ entry: DeviceEntry) -> Bool {
+        // An anchored device is gone when its index is (a failed look says nothing).
+        if let a = entry.active?.anchor, case .success(nil) = Result(catching: { () throws(SyscallError) in try anchoredLink(a) }) {
+            return true
+        }
         guard let file = entry.active?.anyFile else { return false }
         // A queue closed since the snapshot was taken says nothing: not vanished.
         return file.withOpenFD { !driver.isBound($0) } ?? false

@@ -142,6 +142,11 @@ struct ActiveDevice: Sendable {
     var labels: [String: String] = [:]
     /// The interface name it was created with, when not its API name.
     var ifname: String?
+    /// Set for a device the daemon holds no queue of (see `LinkAnchor`).
+    var anchor: LinkAnchor?
+
+    /// A one-queue device in `external` mode: the daemon holds no file of it.
+    var anchored: Bool { anchor != nil }
     /// Why the workers do not read the device although the daemon is its consumer (its
     /// settings are not what they can read); nil: nothing stops them.
     var unreadable: String?
@@ -175,21 +180,37 @@ struct ActiveDevice: Sendable {
     var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
 
     var desired: DesiredState.Device {
-        var spec = DeviceSpec(name: name, kind: kind, queues: queueCount, maxQueues: ownMaxQueues, persist: persist,
+        var spec = DeviceSpec(name: name, kind: kind, queues: anchored ? 1 : queueCount, maxQueues: ownMaxQueues, persist: persist,
                               vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload,
                               owner: owner, group: group)
         spec.multiQueue = multiQueue
         spec.labels = labels
         spec.ifname = ifname
         spec.netns = home?.path
-        let qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
+        var qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
+        // Its one queue is the consumer's: recorded so the entry says what the device has.
+        if anchored { qs = [DesiredState.Queue(id: 0, enabled: true)] }
         // The kernel's name only where a restart may find the device again: a non-persistent one
         // without leases dies with the process, and a name it had then may be anyone's.
-        let outlives = persist || !leases.isEmpty
+        let outlives = persist || !leases.isEmpty || anchored
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
                                    leases: leases.values.sorted { $0.id < $1.id }.map(\.record),
                                    kernelName: outlives && kernelName != spec.kernelName ? kernelName : nil, home: home)
+    }
+}
+
+/// How the daemon finds a device it holds no queue of: a one-queue device in `external` mode,
+/// whose one queue is its consumer's (the kernel lets one file attach to such a device), kept
+/// alive by persistence. Found by its index in its namespace, whose fd is kept here.
+final class LinkAnchor: Sendable {
+    /// nil: the daemon's own namespace.
+    let netns: NetnsFile?
+    let ifindex: Int
+
+    init(netns: NetnsFile?, ifindex: Int) {
+        self.netns = netns
+        self.ifindex = ifindex
     }
 }
 

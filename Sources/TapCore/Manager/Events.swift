@@ -102,6 +102,8 @@ extension DeviceManager {
                     touched = true
                     renamed = true
                 }
+                // A device the daemon holds no queue of is gone when its index is.
+                if lookAtLinks, d.anchored, vanished(.active(d)) { lost.append(d.key) }
                 if lookAtLinks, let (link, place) = lookUp(d) {
                     let foreign = foreignQueues(d, link)
                     if foreign != d.foreignQueues {

@@ -79,6 +79,14 @@ extension DeviceManager {
         }
         let leased = Set(leases.flatMap(\.queues))
         let own = d.queues.filter { !leased.contains($0.id) }
+        // A one-queue external device is the consumer's to open: taken on as it is, or made.
+        if !spec.multiQueue && spec.mode == .external && join {
+            do {
+                return .active(try adopt(spec, at: at, key: model.takeKey(), netns: netns))
+            } catch {
+                return kept(.failed(error))
+            }
+        }
         do {
             let key = model.takeKey()
             return try withRollback { (rollback) throws(ManagerError) in
