@@ -2,6 +2,7 @@
 /run/netns path, by bare name, by /proc/PID/ns/net), counted exactly there, found again there
 after a restart (never re-made on the host), and single-queue devices."""
 import fcntl
+import json
 import os
 import signal
 import struct
@@ -284,4 +285,24 @@ def test_a_single_queue_external_device_is_the_consumers(tmpdir_short):
         assert not exists_in(ns, n)
     finally:
         d.stop()
+        netns_del(ns)
+
+
+def test_the_cli_creates_in_a_namespace(daemon, api, name):
+    from test_cli import CLI
+    ns = unique_name("nc")
+    n = name()
+    netns_add(ns)
+    try:
+        r = subprocess.run([CLI, "--socket", daemon.socket, "--json", "device", "create", n, "--netns", ns, "--ifname", "tap0",
+                            "--single-queue", "--label", "pod=web-1", "--label", "team=net"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)
+        assert d["kernel_name"] == "tap0" and d["multi_queue"] is False and d["labels"] == {"pod": "web-1", "team": "net"}
+        assert exists_in(ns, "tap0")
+        table = subprocess.run([CLI, "--socket", daemon.socket, "device", "show", n], capture_output=True, text=True).stdout
+        assert "kernel name: tap0" in table and "single queue" in table and "pod=web-1" in table, table
+        assert api.delete(f"/v1/devices/{n}").status == 204
+    finally:
         netns_del(ns)
