@@ -181,8 +181,8 @@ extension DeviceManager {
     /// or releases the daemon's queues by whether the workers can read the device now.
     /// `foreign`: queues others attached by name, as just seen. Returns whether anything changed.
     @discardableResult
-    func checkSettings(_ d: inout ActiveDevice, foreign: Int, why: String) -> Bool {
-        guard var now = readSettings(d) else { return false }
+    func checkSettings(_ d: inout ActiveDevice, foreign: Int, link: LinkInfo? = nil, why: String) -> Bool {
+        guard var now = readSettings(d, link: link) else { return false }
         let before = (d.settings, d.unreadable)
         if d.leases.isEmpty && foreign == 0 && !differences(d, now).isEmpty {
             restoreSettings(&d, why: why)

@@ -132,7 +132,7 @@ extension DeviceManager {
                     }
                     // A holder's settings: put back once the daemon holds the device alone,
                     // and the workers kept off it while they cannot read it.
-                    if checkSettings(&d, foreign: foreign, why: "observed") { touched = true }
+                    if checkSettings(&d, foreign: foreign, link: link, why: "observed") { touched = true }
                 }
                 // A revoked lease's file re-attached by its former holder: detached again.
                 for i in d.revoked.indices {
