@@ -147,6 +147,10 @@ public struct APIError: Error, Sendable, Equatable {
             self.init(404, "not_found", e.message, field: "netns")
         case .notMultiQueue:
             self.init(409, "not_multi_queue", e.message, field: "queues")
+        case .cannotRevoke:
+            self.init(409, "not_multi_queue", e.message)
+        case .consumerConflict:
+            self.init(409, "consumer_conflict", e.message)
         case .stateNotSaved:
             self.init(503, "resource_exhausted", e.message, errno: errno)
         case .kernel:

@@ -141,7 +141,9 @@ public struct LinuxTunDriver: TunDriver {
         if let le = littleEndian { try Tun.setVnetLittleEndian(fd, le) }
         if let be = bigEndian { try Tun.setVnetBigEndian(fd, be) }
     }
-    public func clearPrograms(_ fd: Int32) throws(SyscallError) { try Tun.clearPrograms(fd) }
+    public func clearPrograms(_ fd: Int32) throws(SyscallError) {
+        try Tun.clearPrograms(fd, tap: ((try? Tun.getInterface(fd))?.flags.contains(.tap)) ?? true)
+    }
     public func inNamespace<T: Sendable>(_ netns: Int32?, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T {
         guard let netns else { return try body() }

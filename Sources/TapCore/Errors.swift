@@ -75,6 +75,10 @@ public enum ManagerError: Error, Equatable, Sendable {
     case netnsNotFound(path: String)
     /// A one-queue device (not IFF_MULTI_QUEUE) cannot have another queue.
     case notMultiQueue(device: String)
+    /// A one-queue device's lease cannot be revoked (its queue cannot be detached).
+    case cannotRevoke(device: String)
+    /// Another consumer already has the device (queues attached by name, mode external).
+    case consumerConflict(device: String, reason: String)
     /// The change was made but the state file could not be written.
     case stateNotSaved(path: String, call: String, errno: Errno)
     /// The kernel refused a step for another reason; the errno says which.
@@ -165,6 +169,10 @@ public enum ManagerError: Error, Equatable, Sendable {
             return "netns: \(path) does not exist"
         case .notMultiQueue(let device):
             return "\(device) is a one-queue device (multi_queue: false): it cannot have more queues"
+        case .cannotRevoke(let device):
+            return "\(device) is a one-queue device: its queue cannot be detached from its holder; DELETE it with ?force=true to cut the holder off"
+        case .consumerConflict(let device, let reason):
+            return "\(device) \(reason): a device has one consumer at a time"
         case .leaseLimit(let limit):
             return "\(limit) leases are live, as many as the daemon takes (--max-leases); end one first"
         case .stateNotSaved(let path, let call, _):

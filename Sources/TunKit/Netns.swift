@@ -91,7 +91,8 @@ public enum Netns {
     public static func open(path: String) throws(OpenError) -> OwnedFD {
         let fd: Int32
         do {
-            fd = try openFile(path, flags: O_RDONLY | O_CLOEXEC)
+            // Non-blocking: a FIFO (or anything else that would wait) is never waited on.
+            fd = try openFile(path, flags: O_RDONLY | O_CLOEXEC | O_NONBLOCK)
         } catch where error.errno == .noSuchFile {
             throw .missing
         } catch where error.errno == .isDirectory {
@@ -106,6 +107,21 @@ public enum Netns {
         }
         guard mqt_ns_is_net(fd) == 1 else { throw .notNetns("it is a namespace of another type") }
         return owned
+    }
+
+    /// A process's namespace file whose inode is `ino` (`/proc/PID/ns/net`), if any process is
+    /// in it: how a namespace with no name under /run/netns is found again.
+    public static func processPath(ofInode ino: UInt64) -> String? {
+        guard let dir = opendir("/proc") else { return nil }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let first = name.utf8.first, first >= 48 && first <= 57 else { continue }
+            var st = stat()
+            let path = "/proc/" + name + "/ns/net"
+            if stat(path, &st) == 0 && UInt64(st.st_ino) == ino { return path }
+        }
+        return nil
     }
 
     /// The device number of nsfs, where every namespace inode lives.

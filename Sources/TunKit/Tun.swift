@@ -181,13 +181,28 @@ public enum Tun {
     /// Takes away a steering and a filter eBPF program and the TX filter a holder may have
     /// set: the kernel then steers by its own hash and lets every frame through. Reading
     /// them back is not possible (no getter), so this is done whatever they are.
-    public static func clearPrograms(_ fd: Int32) throws(SyscallError) {
+    public static func clearPrograms(_ fd: Int32, tap: Bool) throws(SyscallError) {
+        var first: SyscallError?
         for (request, call) in [(mqt_TUNSETSTEERINGEBPF, "ioctl(TUNSETSTEERINGEBPF, -1)"),
                                 (mqt_TUNSETFILTEREBPF, "ioctl(TUNSETFILTEREBPF, -1)")] {
             var none: Int32 = -1
-            _ = try retryingEINTR(call) { mqt_ioctl(fd, request, &none) }
+            do {
+                _ = try retryingEINTR(call) { mqt_ioctl(fd, request, &none) }
+            } catch where error.errno == .invalidArgument || error.errno == .notTTY {
+                // A kernel without eBPF programs for tun (before 4.16): nothing to take away.
+            } catch {
+                first = first ?? error
+            }
         }
-        _ = try retryingEINTR("ioctl(TUNSETTXFILTER, none)") { mqt_tun_clear_txfilter(fd) }
+        // The TX filter is a TAP's (MAC addresses); TUN refuses it.
+        if tap {
+            do {
+                _ = try retryingEINTR("ioctl(TUNSETTXFILTER, none)") { mqt_tun_clear_txfilter(fd) }
+            } catch {
+                first = first ?? error
+            }
+        }
+        if let first { throw first }
     }
 
     /// Whether the queue is attached (false: detached with TUNSETQUEUE, by whoever holds the

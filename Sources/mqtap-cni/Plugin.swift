@@ -140,10 +140,24 @@ enum Plugin {
     /// DEL: idempotent. The addresses go back to IPAM; the device, if the daemon has it and it
     /// is this container's, is deleted (with its link, wherever it is).
     static func delete(_ inv: Invocation, _ daemon: Daemon) throws(CNIError) {
-        if let ipam = inv.config.ipamType { _ = try delegate(ipam, "DEL", inv) }
-        guard let device = try daemon.find(inv.deviceName) else { return }
-        guard device["labels"]?["cni.container_id"]?.string == inv.containerID else { return }
-        _ = try daemon.call("DELETE", "/v1/devices/\(inv.deviceName)?force=true", expect: 204, orNotFound: true)
+        // Both halves are tried whatever the other does; the first failure is reported.
+        var failure: CNIError?
+        do throws(CNIError) {
+            if let device = try daemon.find(inv.deviceName),
+               device["labels"]?["cni.container_id"]?.string == inv.containerID {
+                _ = try daemon.call("DELETE", "/v1/devices/\(inv.deviceName)?force=true", expect: 204, orNotFound: true)
+            }
+        } catch {
+            failure = error
+        }
+        if let ipam = inv.config.ipamType {
+            do throws(CNIError) {
+                _ = try delegate(ipam, "DEL", inv)
+            } catch {
+                failure = failure ?? error
+            }
+        }
+        if let failure { throw failure }
     }
 
     /// CHECK: the device is there, in the container's namespace, as the config asks; the
@@ -196,7 +210,10 @@ enum Plugin {
     /// GC (1.1): this network's devices whose attachment the runtime no longer lists go.
     static func gc(_ inv: Invocation, _ daemon: Daemon) throws(CNIError) {
         let conf = try? JSON.parse(inv.stdin)
-        let valid = Set((conf?["cni.dev/attachments"]?.array ?? []).compactMap { a -> String? in
+        // The spec's key; libcni also sends the older one. With neither, nothing is known to
+        // be stale: nothing goes.
+        guard let attachments = conf?["cni.dev/valid-attachments"]?.array ?? conf?["cni.dev/attachments"]?.array else { return }
+        let valid = Set(attachments.compactMap { a -> String? in
             guard let id = a["containerID"]?.string, let ifname = a["ifname"]?.string else { return nil }
             return id + "/" + ifname
         })

@@ -303,7 +303,7 @@ struct Events: ParsableCommand {
     func run() throws {
         var query: [String] = []
         if let since { query.append("since=\(since)") }
-        if let device { query.append("device=\(device)") }
+        if let device { query.append("device=" + APIClient.segment(device)) }
         if noFollow { query.append("follow=false") }
         let path = "/v1/events" + (query.isEmpty ? "" : "?" + query.joined(separator: "&"))
         let client = try connection.client

@@ -58,8 +58,12 @@ struct ConsumerTests {
         let f = try FakeFixture()
         _ = try f.manager.create(DeviceSpec(name: "a", queues: 1))
         _ = try f.manager.create(DeviceSpec(name: "b", queues: 1, mode: .forward, peer: "a"))
-        #expect(throws: ManagerError.self) { try f.manager.grantLease("a", LeaseRequest(), peer: peer) }
-        #expect(throws: ManagerError.self) { try f.manager.grantLease("b", LeaseRequest(), peer: peer) }
+        #expect(throws: ManagerError.deviceForwarding(device: "a", reason: "is forwarded to by b and cannot be leased", field: nil)) {
+            try f.manager.grantLease("a", LeaseRequest(), peer: peer)
+        }
+        #expect(throws: ManagerError.deviceForwarding(device: "b", reason: "forwards to a and cannot be leased", field: nil)) {
+            try f.manager.grantLease("b", LeaseRequest(), peer: peer)
+        }
         #expect(throws: ManagerError.deviceForwarding(device: "a", reason: "cannot be external: b forwards to it", field: "mode")) {
             try f.manager.update("a", DevicePatch(mode: .external))
         }
@@ -107,7 +111,7 @@ struct ConsumerTests {
         #expect(f.driver.device("v")!.vnet.headerSize == 10)
     }
 
-    @Test("leases past --max-leases are refused; an orphan does not count")
+    @Test("leases past --max-leases are refused; an ended one frees its place")
     func leaseLimit() throws {
         let f = try FakeFixture(maxLeases: 2)
         _ = try f.manager.create(DeviceSpec(name: "d", queues: 3))

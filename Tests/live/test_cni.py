@@ -111,10 +111,12 @@ def test_version_status_gc_and_errors(setup):
     # GC: devices of the network whose attachment is not listed go.
     rc, res, err = plugin("ADD", config(d, tmp), **env)
     assert rc == 0, (res, err)
-    keep = config(d, tmp, cniVersion="1.1.0", **{"cni.dev/attachments": [{"containerID": "gc1", "ifname": "net1"}]})
-    assert plugin("GC", keep)[0] == 0
-    assert any(x.get("labels", {}).get("cni.container_id") == "gc1" for x in d.unix.get("/v1/devices").json()["devices"])
-    assert plugin("GC", config(d, tmp, cniVersion="1.1.0", **{"cni.dev/attachments": []}))[0] == 0
+    has = lambda: any(x.get("labels", {}).get("cni.container_id") == "gc1" for x in d.unix.get("/v1/devices").json()["devices"])
+    keep = config(d, tmp, cniVersion="1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "gc1", "ifname": "net1"}]})
+    assert plugin("GC", keep)[0] == 0 and has()
+    # Without the list, nothing is known to be stale: nothing goes.
+    assert plugin("GC", config(d, tmp, cniVersion="1.1.0"))[0] == 0 and has()
+    assert plugin("GC", config(d, tmp, cniVersion="1.1.0", **{"cni.dev/valid-attachments": []}))[0] == 0
     assert not any(x.get("labels", {}).get("cni.container_id") == "gc1" for x in d.unix.get("/v1/devices").json()["devices"])
     # Errors: the spec's codes, in its error object on stdout.
     cases = [

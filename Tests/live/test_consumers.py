@@ -59,7 +59,7 @@ def snapshot(api, n):
     return k, total(api, n)
 
 
-def test_external_mode_gives_every_frame_to_the_by_name_consumers(api, name):
+def test_external_mode_gives_every_frame_to_the_by_name_consumers(daemon, api, name):
     n = name()
     d = make(api, n, queues=4, mode="external")
     assert d["mode"] == "external" and d["consumer"] == "external"
@@ -80,6 +80,9 @@ def test_external_mode_gives_every_frame_to_the_by_name_consumers(api, name):
         assert r.status == 409 and r.code == "queues_held", r
         r = api.patch(f"/v1/devices/{n}", {"enabled_queues": 4})
         assert r.status == 409 and r.code == "queues_held", r
+        # Its consumers attach by name: no lease on top of them.
+        r = lease_client.take(daemon.socket, n)
+        assert not isinstance(r, lease_client.Lease) and r.status == 409 and r.code == "consumer_conflict", r
     finally:
         for fd in fds:
             os.close(fd)
@@ -226,11 +229,13 @@ def test_a_revoked_holder_gets_nothing_back(daemon, api, name):
         net.send_frames(n, d["mac"], 200)
         assert lease_client.drain(fds) == 0, "the revoked files receive nothing"
         assert exact(api, n, k0, t0)
+        # The former holder still has its files: DELETE deletes the link all the same.
+        assert api.delete(f"/v1/devices/{n}").status == 204
+        assert not net.exists(n), "the link is gone although a former holder keeps its files"
     finally:
         lease.sock.close()
         for fd in fds:
             os.close(fd)
-    assert api.delete(f"/v1/devices/{n}").status == 204
 
 
 def test_a_removed_queue_stays_in_the_total(api, name):

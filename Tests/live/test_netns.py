@@ -216,6 +216,9 @@ def test_a_single_queue_device(daemon, api, name):
     assert lflags & 0x0100 == 0
     sent = net.send_frames(n, mac, 50)
     assert lease_client.drain(lease.fds) == sent
+    # Its one queue cannot be detached from the holder: no revoke (a forced DELETE cuts it off).
+    r = api.delete(f"/v1/devices/{n}/leases/{lease.id}")
+    assert r.status == 409 and r.code == "not_multi_queue" and "force" in r.json()["error"]["message"], r
     lease.close()
     assert net.settle(lambda: api.get(f"/v1/devices/{n}").json()["consumer"] == "daemon")
     assert api.delete(f"/v1/devices/{n}").status == 204

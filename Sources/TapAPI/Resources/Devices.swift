@@ -76,17 +76,17 @@ enum DevicesResource {
             if let size = d.vnetHdrSize { o["vnet_hdr_size"] = JSON(size) }
             o["settings_differ"] = .array(d.settingsDiffer.map { .string($0) })
             o["revoked_queues"] = JSON(d.revokedQueues)
-            if let h = d.home {
-                // Where a restart finds it: the path it was created with, and its namespace.
-                var n: JSONObject = ["inode": JSON(Int(truncatingIfNeeded: h.inode))]
-                if let p = h.path { n["path"] = .string(p) }
-                o["netns_home"] = .object(n)
-            }
             if let ns = k.netns {
                 var n: JSONObject = ["inode": JSON(Int(ns.inode)), "own": .bool(ns.isOwn)]
                 if let name = ns.name { n["name"] = .string(name) }
                 o["netns"] = .object(n)
             }
+        }
+        if let h = d.home {
+            // Where a restart finds it (a kept one: where it was): the path and the namespace.
+            var n: JSONObject = ["inode": JSON(Int(truncatingIfNeeded: h.inode))]
+            if let p = h.path { n["path"] = .string(p) }
+            o["netns_home"] = .object(n)
         }
         o["multi_queue"] = .bool(d.multiQueue)
         if !d.labels.isEmpty {

@@ -867,7 +867,10 @@ components:
             name), `lease` (while any lease lives, the queues no lease holds are detached so
             the holders get every frame; when the last lease ends they go back to the attach
             state the API set). While the consumer is not `daemon`, attaching one of the
-            daemon's own queues is 409 `queues_held`. Active devices only.
+            daemon's own queues is 409 `queues_held`. A lease on a device in mode `external`,
+            or with queues attached by name, is 409 `consumer_conflict`; a lease on a one-queue
+            device cannot be revoked (409 `not_multi_queue`: delete it with `force=true`).
+            Active devices only.
         vnet_hdr_size:
           type: integer
           description: >-
@@ -895,8 +898,9 @@ components:
             may keep its copy of the same open file, so the daemon never reads it again, gives
             the queue id a fresh file, and detaches the old one again within a second whenever
             its former holder attaches it (`queue.disabled` `by: daemon`, `changes.revoked`).
-            They count toward the kernel's 256 for as long as the device lives. Active devices
-            only.
+            They count toward `max_queues` and the kernel's 256 for as long as the device lives,
+            and any DELETE of a device one of whose files was handed out deletes the link by
+            index (a former holder's copy would keep it). Active devices only.
         kernel_name:
           type: string
           description: >-
@@ -1191,6 +1195,7 @@ components:
                 - device_forwarding
                 - lease_limit
                 - not_multi_queue
+                - consumer_conflict
                 - upgrade_required
                 - unix_socket_required
                 - unauthorized

@@ -49,8 +49,9 @@ extension DeviceManager {
         }
     }
 
-    /// A one-queue external device that exists (a restart): taken on without opening it (its
-    /// one queue may be its consumer's), found by its index in its namespace.
+    /// A device that exists and that the daemon must not open (a restart): a one-queue
+    /// external device (its one queue may be its consumer's), or one whose every queue a lease
+    /// holder has. Found by its index in its namespace from now on.
     func adopt(_ spec: DeviceSpec, at name: String, key: UInt64, netns: NetnsFile?) throws(ManagerError) -> ActiveDevice {
         let driver = self.driver
         let link = try step(spec.name, .inspect) { () throws(SyscallError) -> LinkInfo? in
@@ -63,11 +64,11 @@ extension DeviceManager {
             let bytes = try? onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
             mac = bytes.flatMap { MACAddress(bytes: $0) }
         }
-        var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: true,
-                             vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: link.up, mode: spec.mode, peer: nil,
+        var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
+                             vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: link.up, mode: spec.mode, peer: spec.peer,
                              offload: spec.offload, ifindex: link.ifindex, owner: spec.owner, group: spec.group,
                              kernelName: link.name, queues: [:], since: Clock.timestamp())
-        d.multiQueue = false
+        d.multiQueue = spec.multiQueue
         d.labels = spec.labels
         d.ifname = spec.ifname
         d.anchor = anchor
@@ -196,9 +197,13 @@ extension DeviceManager {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
                 // By the name a queue it has gives, in the namespace it is in now: it may have
                 // been renamed or moved, and the old name may be another interface's.
+                let driver = self.driver
                 if let existing = d.anyFD {
-                    let driver = self.driver
                     return try onLink(existing) { name throws(SyscallError) in try driver.openQueue(name: name, flags: flags) }
+                }
+                if let a = d.anchor {
+                    // Every queue a holder's: by the name it has now, in its namespace.
+                    return try onAnchor(a) { name throws(SyscallError) in try driver.openQueue(name: name, flags: flags) }
                 }
                 return try driver.openQueue(name: d.kernelName, flags: flags)
             }

@@ -144,6 +144,11 @@ extension DeviceManager {
             } else if foreign > 0 {
                 try deleteLink(d)
                 logger.info("device deleted with queues others held", metadata: ["device": "\(name)", "foreign_queues": "\(foreign)"])
+            } else if !d.revoked.isEmpty || d.queues.values.contains(where: { $0.file.isShared }) {
+                // A former holder may still have a copy of a file once handed out (revoked, or
+                // kept past its lease's end): closing the daemon's copies would leave the link.
+                try deleteLink(d)
+                logger.info("device deleted with files once handed out", metadata: ["device": "\(name)"])
             } else if persistent || d.persist {
                 if let fd = d.anyFD {
                     // Cleared first: if the kernel refuses, nothing has changed yet.
@@ -170,7 +175,7 @@ extension DeviceManager {
     private func deleteLink(_ d: ActiveDevice) throws(ManagerError) {
         let driver = self.driver
         do {
-            if let a = d.anchor {
+            if d.anyFD == nil, let a = d.anchor {
                 // By its index, in its namespace.
                 let ifindex = a.ifindex
                 try driver.inNamespace(a.netns?.fd) { () throws(SyscallError) in try driver.deleteLink(ifindex: ifindex) }
@@ -201,7 +206,7 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             let before = d
             let count = patch.queues ?? d.queueCount
-            if d.anchored && (patch.queues != nil || patch.enabledQueues != nil) {
+            if d.externalSingle && (patch.queues != nil || patch.enabledQueues != nil) {
                 throw .invalidField(field: patch.queues != nil ? "queues" : "enabled_queues",
                                     reason: "a one-queue device in mode external has no queue of the daemon's")
             }
@@ -218,7 +223,11 @@ extension DeviceManager {
                 throw .invalidField(field: "peer", reason: "a peer is only for mode forward")
             }
             let peer = mode == .forward ? (patch.peer ?? d.peer) : nil
-            if d.anchored && mode != .external {
+            if !d.multiQueue && !d.externalSingle && mode == .external {
+                throw .invalidField(field: "mode", reason: "a one-queue device is external from its creation (the daemon then holds "
+                    + "no file of it); this one holds the daemon's")
+            }
+            if d.externalSingle && mode != .external {
                 throw .invalidField(field: "mode", reason: "a one-queue device in mode external has no queue of the daemon's: "
                     + "its one queue is its consumer's")
             }
@@ -244,8 +253,8 @@ extension DeviceManager {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
-                // Queues others attached are in use too.
-                let inUse = count + now.foreignQueues
+                // Queues others attached, and revoked files kept, are in use too.
+                let inUse = count + now.foreignQueues + d.revoked.count
                 guard m >= inUse else {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: inUse)
                 }
@@ -253,7 +262,7 @@ extension DeviceManager {
             // Queues others attached count toward the limit of a device that grows.
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
                                           limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues),
-                                          foreign: count > d.queueCount ? now.foreignQueues : 0)
+                                          foreign: count > d.queueCount ? now.foreignQueues + d.revoked.count : 0)
             // Another consumer has the device after the change: the daemon's queues stay detached.
             if holdsQueues(after), let k = patch.enabledQueues,
                Set(d.queues.keys).union(d.orphans.keys).union(plan.add).subtracting(plan.remove).sorted().prefix(k)
@@ -270,7 +279,7 @@ extension DeviceManager {
                 let kernelName = d.kernelName
                 let anchor = d.anchor
                 let link = { (op: @escaping @Sendable (String) throws(SyscallError) -> Void) throws(SyscallError) in
-                    if let anchor { return try self.onAnchor(anchor, op) }
+                    if fd == nil, let anchor { return try self.onAnchor(anchor, op) }
                     // Every queue a lease's orphan: no fd to ask, so by the name last seen.
                     guard let fd else { return try op(kernelName) }
                     try self.onLink(fd, op)
@@ -386,8 +395,9 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             guard d.multiQueue else { throw .notMultiQueue(device: name) }
             let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
-            // Queues others attached by name count too: the kernel's 256 is for all of them.
-            let foreign = foreignQueues(d)
+            // Queues others attached by name, and revoked files the daemon keeps, count too: the
+            // kernel's 256 is for all of them.
+            let foreign = foreignQueues(d) + d.revoked.count
             // Every term is at most 256: no overflow.
             guard d.queueCount + foreign + count <= limit else {
                 throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil, field: "count")
@@ -450,8 +460,8 @@ extension DeviceManager {
         try Validate.maxQueues(maxQueues)
         try change { (model) throws(ManagerError) in
             for entry in model.devices.values.sorted(by: { $0.name < $1.name }) {
-                // Queues others attached are in use too.
-                let foreign = entry.active.map(foreignQueues) ?? 0
+                // Queues others attached, and revoked files kept, are in use too.
+                let foreign = entry.active.map { foreignQueues($0) + $0.revoked.count } ?? 0
                 guard entry.queueCount + foreign <= maxQueues else {
                     throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount + foreign)
                 }

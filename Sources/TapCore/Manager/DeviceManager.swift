@@ -180,7 +180,7 @@ public final class DeviceManager: Sendable {
     /// The device's link and namespace, through a queue fd while it is open (the snapshot
     /// may be older than a close); nil if there is none or the kernel did not answer.
     func lookUp(_ d: ActiveDevice) -> (LinkInfo, Netns.Place)? {
-        if let a = d.anchor {
+        if d.anyFile == nil, let a = d.anchor {
             guard let link = try? anchoredLink(a) else { return nil }
             let own = a.netns == nil
             let inode = a.netns?.inode ?? ((try? Netns.currentInode()) ?? 0)
@@ -230,7 +230,7 @@ public final class DeviceManager: Sendable {
 
     /// The same, asked of the kernel now (0 if it does not answer): for the limits of a change.
     func foreignQueues(_ d: ActiveDevice) -> Int {
-        if let a = d.anchor, let link = try? anchoredLink(a) { return foreignQueues(d, link) }
+        if d.anyFile == nil, let a = d.anchor, let link = try? anchoredLink(a) { return foreignQueues(d, link) }
         guard let fd = d.anyFD, let link = try? link(of: fd) else { return 0 }
         return foreignQueues(d, link)
     }
@@ -247,7 +247,7 @@ public final class DeviceManager: Sendable {
 
     /// The kernel's counters of the device, found through its own fd; nil if it is gone.
     func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
-        if let a = d.anchor { return try anchoredLink(a)?.statistics }
+        if d.anyFile == nil, let a = d.anchor { return try anchoredLink(a)?.statistics }
         guard let file = d.anyFile else { return nil }
         let read = file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
             do throws(SyscallError) {
@@ -286,7 +286,8 @@ public final class DeviceManager: Sendable {
 
     func vanished(_ entry: DeviceEntry) -> Bool {
         // An anchored device is gone when its index is (a failed look says nothing).
-        if let a = entry.active?.anchor, case .success(nil) = Result(catching: { () throws(SyscallError) in try anchoredLink(a) }) {
+        if entry.active?.anyFile == nil, let a = entry.active?.anchor,
+           case .success(nil) = Result(catching: { () throws(SyscallError) in try anchoredLink(a) }) {
             return true
         }
         guard let file = entry.active?.anyFile else { return false }

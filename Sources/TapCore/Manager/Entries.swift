@@ -142,11 +142,13 @@ struct ActiveDevice: Sendable {
     var labels: [String: String] = [:]
     /// The interface name it was created with, when not its API name.
     var ifname: String?
-    /// Set for a device the daemon holds no queue of (see `LinkAnchor`).
+    /// How the device is found when the daemon may hold no file of it (see `LinkAnchor`): a
+    /// one-queue external device, or one restored with every queue a lease holder's.
     var anchor: LinkAnchor?
 
-    /// A one-queue device in `external` mode: the daemon holds no file of it.
-    var anchored: Bool { anchor != nil }
+    /// A one-queue device in `external` mode: its one queue is its consumer's, never the
+    /// daemon's.
+    var externalSingle: Bool { !multiQueue && mode == .external }
     /// Why the workers do not read the device although the daemon is its consumer (its
     /// settings are not what they can read); nil: nothing stops them.
     var unreadable: String?
@@ -180,7 +182,7 @@ struct ActiveDevice: Sendable {
     var sortedQueues: [QueueEntry] { queues.values.sorted { $0.id < $1.id } }
 
     var desired: DesiredState.Device {
-        var spec = DeviceSpec(name: name, kind: kind, queues: anchored ? 1 : queueCount, maxQueues: ownMaxQueues, persist: persist,
+        var spec = DeviceSpec(name: name, kind: kind, queues: externalSingle ? 1 : queueCount, maxQueues: ownMaxQueues, persist: persist,
                               vnetHdr: vnetHdr, mtu: mtu, mac: mac, up: up, mode: mode, peer: peer, offload: offload,
                               owner: owner, group: group)
         spec.multiQueue = multiQueue
@@ -190,10 +192,10 @@ struct ActiveDevice: Sendable {
         var qs = queues.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
             + orphans.values.map { DesiredState.Queue(id: $0.id, enabled: $0.enabled) }
         // Its one queue is the consumer's: recorded so the entry says what the device has.
-        if anchored { qs = [DesiredState.Queue(id: 0, enabled: true)] }
+        if externalSingle { qs = [DesiredState.Queue(id: 0, enabled: true)] }
         // The kernel's name only where a restart may find the device again: a non-persistent one
         // without leases dies with the process, and a name it had then may be anyone's.
-        let outlives = persist || !leases.isEmpty || anchored
+        let outlives = persist || !leases.isEmpty || externalSingle
         return DesiredState.Device(spec: spec, queues: qs.sorted { $0.id < $1.id },
                                    leases: leases.values.sorted { $0.id < $1.id }.map(\.record),
                                    kernelName: outlives && kernelName != spec.kernelName ? kernelName : nil, home: home)

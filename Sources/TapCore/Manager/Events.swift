@@ -103,7 +103,7 @@ extension DeviceManager {
                     renamed = true
                 }
                 // A device the daemon holds no queue of is gone when its index is.
-                if lookAtLinks, d.anchored, vanished(.active(d)) { lost.append(d.key) }
+                if lookAtLinks, d.anyFile == nil, d.anchor != nil, vanished(.active(d)) { lost.append(d.key) }
                 if lookAtLinks, let (link, place) = lookUp(d) {
                     let foreign = foreignQueues(d, link)
                     if foreign != d.foreignQueues {
@@ -133,6 +133,12 @@ extension DeviceManager {
                     // A holder's settings: put back once the daemon holds the device alone,
                     // and the workers kept off it while they cannot read it.
                     if checkSettings(&d, foreign: foreign, link: link, why: "observed") { touched = true }
+                }
+                // A hand-over that failed half-way (a lease's end, say) is tried again.
+                let hold = holdsQueues(d)
+                if d.queues.values.contains(where: { $0.lease == nil && $0.held != hold }) {
+                    applyConsumerLogged(&d)
+                    touched = true
                 }
                 // A revoked lease's file re-attached by its former holder: detached again.
                 for i in d.revoked.indices {

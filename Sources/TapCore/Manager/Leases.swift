@@ -107,6 +107,18 @@ extension DeviceManager {
         if let h = request.holder, h.count > 128 {
             throw .invalidField(field: "holder", reason: "must be at most 128 characters")
         }
+        let id = Self.newLeaseID()
+        do {
+            return try grant(name, request, id: id, peer: peer)
+        } catch .stateNotSaved(let path, let call, let errno) {
+            // Made but not recorded: a crash would forget a holder has the queues. Undone (its
+            // fds never left), and refused.
+            leaseEnded(device: name, lease: id)
+            throw .stateNotSaved(path: path, call: call, errno: errno)
+        }
+    }
+
+    private func grant(_ name: String, _ request: LeaseRequest, id: String, peer: PeerCredentials) throws(ManagerError) -> Lease {
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
             // One consumer per device: the holder's frames would also go to a forwarder, and a
@@ -117,6 +129,12 @@ extension DeviceManager {
             if let from = forwarders(to: name, in: model).first {
                 throw .deviceForwarding(device: name, reason: "is forwarded to by \(from) and cannot be leased", field: nil)
             }
+            if d.mode == .external {
+                throw .consumerConflict(device: name, reason: "is in mode external: its consumers attach by name")
+            }
+            if d.leases.isEmpty, foreignQueues(d) > 0 {
+                throw .consumerConflict(device: name, reason: "has queues attached by name by other processes")
+            }
             let live = model.devices.values.reduce(0) { $0 + ($1.active?.leases.values.filter { !$0.orphaned }.count ?? 0) }
             guard live < maxLeases else { throw .leaseLimit(limit: maxLeases) }
             let ids = (request.queues ?? d.queues.keys.sorted() + d.orphans.keys.sorted()).sorted()
@@ -126,7 +144,6 @@ extension DeviceManager {
                 if let l = q.lease { throw .queueLeased(device: name, id: id, lease: l) }
             }
             guard !ids.isEmpty else { throw .invalidField(field: "queues", reason: "the device has no queue to lease") }
-            let id = Self.newLeaseID()
             // Duplicates first: if one fails, nothing has changed yet.
             var files: [OwnedFDBox] = []
             var offered: [Lease.Queue] = []
@@ -214,9 +231,10 @@ extension DeviceManager {
             guard case .active(var d)? = model.devices[name], let l = d.leases.removeValue(forKey: id) else { return }
             if d.leases.isEmpty {
                 // The last holder is gone: the device's settings are the daemon's again, before
-                // any worker reads it.
-                restoreSettings(&d, why: "lease \(id) ended")
-                checkSettings(&d, foreign: foreignQueues(d), why: "lease \(id) ended")
+                // any worker reads it (unless processes attached by name still use them).
+                let foreign = foreignQueues(d)
+                if foreign == 0 { restoreSettings(&d, why: "lease \(id) ended") }
+                checkSettings(&d, foreign: foreign, why: "lease \(id) ended")
             }
             let hold = holdsQueues(d)
             for qid in l.queues {
@@ -266,6 +284,9 @@ extension DeviceManager {
         let connection = try change { (model) throws(ManagerError) -> (any LeaseConnection)? in
             var d = try active(name, in: &model)
             guard let l = d.leases[id] else { throw .leaseNotFound(device: name, id: id) }
+            // A one-queue device's queue cannot be detached, nor a second file opened while the
+            // holder's is attached: only deleting the device cuts its holder off.
+            if !d.multiQueue && !l.orphaned { throw .cannotRevoke(device: name) }
             // What the API had set for each queue: its fresh file gets the same.
             let wanted = Dictionary(uniqueKeysWithValues: l.queues.compactMap { d.queues[$0].map { ($0.id, $0.enabled) } })
             let connection = revoke(id, of: &d)
@@ -288,8 +309,9 @@ extension DeviceManager {
                 }
             }
             if d.leases.isEmpty {
-                restoreSettings(&d, why: "lease \(id) revoked")
-                checkSettings(&d, foreign: foreignQueues(d), why: "lease \(id) revoked")
+                let foreign = foreignQueues(d)
+                if foreign == 0 { restoreSettings(&d, why: "lease \(id) revoked") }
+                checkSettings(&d, foreign: foreign, why: "lease \(id) revoked")
             }
             applyConsumerLogged(&d)
             model.devices[name] = .active(d)

@@ -92,9 +92,9 @@ extension DeviceManager {
             return try withRollback { (rollback) throws(ManagerError) in
                 var a: ActiveDevice
                 if own.isEmpty {
-                    // Every queue is a holder's: nothing to open, only the link to read.
-                    a = try readLink(spec, at: at, key: key)
-                    a.home = d.home
+                    // Every queue is a holder's: nothing to open, only the link to find, where
+                    // it is (never by name on the host for a device of another namespace).
+                    a = try adopt(spec, at: at, key: key, netns: netns)
                 } else {
                     a = try build(spec, ids: own.map(\.id), key: key, join: join, kernelName: at, netns: netns, model: &model)
                     let made = a
@@ -198,6 +198,8 @@ extension DeviceManager {
         var candidates: [String] = []
         if let p = home.path { candidates.append(p) }
         if let name = Netns.name(ofInode: home.inode) { candidates.append("/run/netns/" + name) }
+        // A namespace known only by its processes (a runtime's, with no name under /run/netns).
+        if let p = Netns.processPath(ofInode: home.inode) { candidates.append(p) }
         for path in candidates {
             guard let fd = try? Netns.open(path: path) else { continue }
             guard (try? Netns.inode(fd.fd)) == home.inode else { continue }
