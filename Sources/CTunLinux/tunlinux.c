@@ -255,6 +255,9 @@ int mqt_link_info_get(int ifindex, const char *name, mqt_link_info *out) {
             case IFLA_LINKINFO:
                 read_tun_info(a, out);
                 break;
+            case IFLA_CARRIER:
+                if (RTA_PAYLOAD(a) >= 1) out->carrier = *(const uint8_t *)RTA_DATA(a);
+                break;
             }
         }
         return 0;

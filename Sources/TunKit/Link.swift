@@ -141,9 +141,9 @@ public enum Link {
             tun?.flags = f
             if li.tun_multi_queue == 0 {
                 // The kernel counts queues only for a multiqueue device. A one-queue device has
-                // its carrier on exactly while a file is attached (tun_attach / tun_detach).
-                let lowerUp: Int32 = 0x10000  // IFF_LOWER_UP
-                tun?.attachedQueues = Int32(bitPattern: li.flags) & lowerUp != 0 ? 1 : 0
+                // its carrier on exactly while a file is attached (tun_attach / tun_detach),
+                // up or down (IFLA_CARRIER; IFF_LOWER_UP shows only while it is up).
+                tun?.attachedQueues = li.carrier != 0 ? 1 : 0
                 tun?.detachedQueues = 0
             }
         }

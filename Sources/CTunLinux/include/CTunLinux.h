@@ -85,6 +85,7 @@ typedef struct mqt_link_info {
     unsigned int flags;  // IFF_*
     mqt_link_stats stats;
     int has_stats;
+    int carrier;  // IFLA_CARRIER, whatever the link's admin state
     int is_tun;  // the tun attributes below are set
     int tun_persist;
     int tun_queues;  // attached
