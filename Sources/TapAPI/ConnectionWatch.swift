@@ -44,7 +44,20 @@ final class ConnectionWatch: Sendable {
         sweeper.withLock { $0 = thread }
     }
 
-    func add(_ e: Entry) { entries.withLock { $0[ObjectIdentifier(e)] = e } }
+    /// Watches a new connection. Past `cap` connections, the one whose request has been
+    /// arriving the longest (an idle keep-alive one waits for its next request, so it counts)
+    /// is cut, so the API's connections stay within `cap` however many leases MHD also holds;
+    /// if every other one is being answered, the new one gets in all the same.
+    func add(_ e: Entry, cap: Int) {
+        entries.withLock { all in
+            all[ObjectIdentifier(e)] = e
+            guard all.count > cap else { return }
+            let now = Clock.monotonicNanoseconds()
+            let oldest = all.values.filter { $0 !== e }.compactMap { o in o.arrivingSince.map { (o, min($0, now)) } }
+                .min { $0.1 < $1.1 }
+            if let (o, _) = oldest { cut(o) }
+        }
+    }
 
     /// Called before MHD closes the socket: under the lock, so a sweep never shuts down an fd
     /// that was closed (and perhaps reused by a new connection).

@@ -613,7 +613,9 @@ public final class HTTPServer: Sendable {
         let context = Unmanaged<Context>.fromOpaque(cls).takeUnretainedValue()
         if code == .CONNECTION_NOTIFY_STARTED {
             let e = ConnectionWatch.Entry(fd: mqt_mhd_connection_fd(connection))
-            context.watch.add(e)
+            // The API's connections have a cap of their own (MHD's limit has room for leases
+            // too): past it, the one whose request has been arriving the longest makes room.
+            context.watch.add(e, cap: context.limits.connections)
             // SAFETY: retained here, released once below at CLOSED, which MHD calls for
             // every connection it told STARTED of.
             socketContext.pointee = Unmanaged.passRetained(e).toOpaque()

@@ -542,3 +542,43 @@ def test_what_libmicrohttpd_answers_itself_is_as_documented(daemon, api):
         status, _, _, closed = _raw(daemon.socket, request)
         assert status == want and closed, (want, status)
     assert api.get("/v1/health").status == 200
+
+
+def test_the_api_keeps_its_connection_cap_with_room_for_leases(tmpdir_short):
+    """MHD's limit has room for --max-leases lease connections on top of the API's 256; the
+    API's own connections still stay within 256: past it, the one that has waited the longest
+    is cut at once (the sweep cuts only connections over a second old), and health gets in."""
+    import select
+    d = Daemon(tmpdir_short, tcp=False)
+    held = []
+    try:
+        for attempt in range(5):
+            for s in held:
+                s.close()
+            held = []
+            started = time.monotonic()
+            for _ in range(320):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(5)
+                s.connect(d.socket)
+                held.append(s)
+            if time.monotonic() - started < 0.3:
+                break
+        assert time.monotonic() - started < 0.3, "connecting took too long here to tell the cap from the sweep"
+        # Within a second of the first connect only the cap can have cut any: the sweep waits
+        # until a connection is a second old.
+        cut = set()
+        p = select.poll()
+        for s in held:
+            p.register(s, select.POLLIN | select.POLLHUP)
+        while time.monotonic() - started < 0.9 and len(cut) < 64:
+            for fd, _ in p.poll(50):
+                if fd not in cut:
+                    cut.add(fd)
+                    p.unregister(fd)
+        assert len(cut) >= 64, f"{len(cut)} of 320 cut within a second: the API took more than 256 connections"
+        assert _health_ms(d.socket) < 8000
+    finally:
+        for s in held:
+            s.close()
+        assert d.stop() == 0
