@@ -219,8 +219,6 @@ public final class HTTPServer: Sendable {
             body.close()
             registry?.remove(self)
         }
-
-        var isDone: Bool { state.withLock { $0.done } }
     }
 
     /// The streams in flight, ended before MHD stops (MHD must not stop with a suspended

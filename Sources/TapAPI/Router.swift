@@ -92,9 +92,6 @@ public enum Route: Equatable, Sendable {
         case .spec: return .spec
         }
     }
-
-    /// The methods the route answers, as the router's table has them (for `Allow`).
-    public var allowed: [String] { Router.methods(of: kind) }
 }
 
 /// Turns requests into responses: one exhaustive match of route and method, and the one

@@ -75,12 +75,6 @@ public enum Host {
     public static func deleteLink(_ name: String) {
         if exists(name) { run(["ip", "link", "del", "dev", name]) }
     }
-
-    /// Every tun/tap interface whose name starts with `prefix`.
-    public static func tapNames(prefix: String) -> [String] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/class/net")) ?? []
-        return names.filter { $0.hasPrefix(prefix) && FileManager.default.fileExists(atPath: "/sys/class/net/\($0)/tun_flags") }
-    }
 }
 
 /// Polls `condition` every 10 ms until it holds or `seconds` pass; returns whether it held.

@@ -44,10 +44,7 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let noBufferSpace = Errno(ENOBUFS)
     public static let badFileDescriptorState = Errno(EBADFD)
     public static let notTTY = Errno(ENOTTY)
-    public static let networkDown = Errno(ENETDOWN)
-    public static let noSuchDeviceOrAddress = Errno(ENXIO)
     public static let addressInUse = Errno(EADDRINUSE)
-    public static let noSpace = Errno(ENOSPC)
     public static let isDirectory = Errno(EISDIR)
 }
 

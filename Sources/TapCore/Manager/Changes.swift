@@ -167,9 +167,6 @@ extension DeviceManager {
         for c in connections { c.close() }
     }
 
-    /// Changes a device: limit, link state, MTU, mode, and the declared queue count and
-    /// attached count. All or nothing: a refusal or a failed step leaves it as it was, and the
-    /// state file is written once.
     /// Deletes the device's link by index; one that is gone already (its holders exited) is
     /// what was asked.
     private func deleteLink(_ d: ActiveDevice) throws(ManagerError) {
@@ -195,6 +192,9 @@ extension DeviceManager {
         }
     }
 
+    /// Changes a device: limit, link state, MTU, mode, and the declared queue count and
+    /// attached count. All or nothing: a refusal or a failed step leaves it as it was, and the
+    /// state file is written once.
     public func update(_ name: String, _ patch: DevicePatch) throws(ManagerError) -> DeviceInfo {
         if let m = patch.maxQueues { try Validate.maxQueues(m) }
         if let mtu = patch.mtu { try Validate.mtu(mtu) }

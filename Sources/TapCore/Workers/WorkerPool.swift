@@ -47,9 +47,6 @@ final class WorkerPool: Sendable {
         load.withLock { $0[worker] -= 1 }
     }
 
-    /// Queues assigned to each worker.
-    var loads: [Int] { load.withLock { $0 } }
-
     /// Makes `worker` poll the queue; returns once it does.
     func startPolling(_ queue: PolledQueue, on worker: Int) throws(SyscallError) {
         let done = Completion()
