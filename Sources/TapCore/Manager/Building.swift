@@ -195,17 +195,10 @@ extension DeviceManager {
         var added: [QueueEntry] = []
         for id in ids {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
-                // By the name a queue it has gives, in the namespace it is in now: it may have
-                // been renamed or moved, and the old name may be another interface's.
+                // By the name it has now, in the namespace it is in now: it may have been renamed
+                // or moved, and the old name may be another interface's.
                 let driver = self.driver
-                if let existing = d.anyFD {
-                    return try onLink(existing) { name throws(SyscallError) in try driver.openQueue(name: name, flags: flags) }
-                }
-                if let a = d.anchor {
-                    // Every queue a holder's: by the name it has now, in its namespace.
-                    return try onAnchor(a) { name throws(SyscallError) in try driver.openQueue(name: name, flags: flags) }
-                }
-                return try driver.openQueue(name: d.kernelName, flags: flags)
+                return try onDevice(d) { name throws(SyscallError) in try driver.openQueue(name: name, flags: flags) }
             }
             let file = QueueHandle(QueueFile(fd, driver: driver))
             rollback.add { file.close() }

@@ -172,18 +172,10 @@ extension DeviceManager {
     private func deleteLink(_ d: ActiveDevice) throws(ManagerError) {
         let driver = self.driver
         do {
-            if d.anyFD == nil, let a = d.anchor {
-                // By its index, in its namespace.
-                let ifindex = a.ifindex
-                try driver.inNamespace(a.netns?.fd) { () throws(SyscallError) in try driver.deleteLink(ifindex: ifindex) }
-            } else if let fd = d.anyFD {
-                // By the index the device has in the namespace it is in now.
-                try onLink(fd) { name throws(SyscallError) in
-                    guard let link = try driver.link(named: name) else { return }
-                    try driver.deleteLink(ifindex: link.ifindex)
-                }
-            } else {
-                try driver.deleteLink(ifindex: d.ifindex)
+            // By the index the device has in the namespace it is in now.
+            try onDevice(d) { name throws(SyscallError) in
+                guard let link = try driver.link(named: name) else { return }
+                try driver.deleteLink(ifindex: link.ifindex)
             }
         } catch where error.errno == .noDevice || error.errno == .badFileDescriptorState {
             return
@@ -272,17 +264,12 @@ extension DeviceManager {
             try withRollback { (rollback) throws(ManagerError) in
                 for q in try openQueues(ids: plan.add, for: d, model: &model, rollback: &rollback) { d.queues[q.id] = q }
                 for (id, on) in plan.attach { _ = try setEnabled(&d, id: id, on, rollback: &rollback) }
-                // By the name its own fd gives, in the namespace it is in now: the name it was
+                // By the name the device has now, in the namespace it is in now: the name it was
                 // created with may belong to another interface.
-                let fd = d.anyFD
                 let driver = self.driver
-                let kernelName = d.kernelName
-                let anchor = d.anchor
+                let device = d
                 let link = { (op: @escaping @Sendable (String) throws(SyscallError) -> Void) throws(SyscallError) in
-                    if fd == nil, let anchor { return try self.onAnchor(anchor, op) }
-                    // Every queue a lease's orphan: no fd to ask, so by the name last seen.
-                    guard let fd else { return try op(kernelName) }
-                    try self.onLink(fd, op)
+                    try self.onDevice(device, op)
                 }
                 if let up = patch.up {
                     if up != now.up {

@@ -202,6 +202,16 @@ public final class DeviceManager: Sendable {
         return try driver.inNamespace(a.netns?.fd) { () throws(SyscallError) -> LinkInfo? in try driver.link(ifindex: ifindex) }
     }
 
+    /// Runs a by-name step on `d` wherever it is: through one of its files (the name it has
+    /// now, in its namespace); when the daemon holds none, through its anchor (its index in its
+    /// namespace); with neither, by the name last seen. The one way by-name steps reach a device.
+    func onDevice<T: Sendable>(_ d: ActiveDevice, _ body: @escaping @Sendable (String) throws(SyscallError) -> T)
+        throws(SyscallError) -> T {
+        if let fd = d.anyFD { return try onLink(fd, body) }
+        if let a = d.anchor { return try onAnchor(a, body) }
+        return try body(d.kernelName)
+    }
+
     /// Runs a by-name step on an anchored device: with the name it has now, in its namespace.
     func onAnchor<T: Sendable>(_ a: LinkAnchor, _ body: @escaping @Sendable (String) throws(SyscallError) -> T) throws(SyscallError) -> T {
         let driver = self.driver
@@ -230,8 +240,9 @@ public final class DeviceManager: Sendable {
 
     /// The same, asked of the kernel now (0 if it does not answer): for the limits of a change.
     func foreignQueues(_ d: ActiveDevice) -> Int {
-        if d.anyFile == nil, let a = d.anchor, let link = try? anchoredLink(a) { return foreignQueues(d, link) }
-        guard let fd = d.anyFD, let link = try? link(of: fd) else { return 0 }
+        let driver = self.driver
+        let found: LinkInfo?? = try? onDevice(d) { n throws(SyscallError) in try driver.link(named: n) }
+        guard let link = found ?? nil else { return 0 }
         return foreignQueues(d, link)
     }
 
