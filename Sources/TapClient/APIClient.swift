@@ -285,3 +285,14 @@ public struct APIClient: Sendable {
         return out
     }
 }
+
+/// The daemon's rule for an interface name, for clients that check before they ask: 1–15 of
+/// `[A-Za-z0-9_.-]`, starting with a letter (the kernel would cut a longer one and expand `%d`).
+public enum DeviceName {
+    public static func isValid(_ name: String) -> Bool {
+        let b = Array(name.utf8)
+        let letter = { (c: UInt8) in (c >= 65 && c <= 90) || (c >= 97 && c <= 122) }
+        return (1...15).contains(b.count) && letter(b[0])
+            && b.allSatisfy { letter($0) || ($0 >= 48 && $0 <= 57) || $0 == 95 || $0 == 46 || $0 == 45 }
+    }
+}

@@ -94,9 +94,7 @@ struct Invocation {
 
     /// A kernel interface name, as the daemon takes it (1–15 of A-Z a-z 0-9 _ . -).
     static func checkIfname(_ name: String) throws(CNIError) {
-        let b = Array(name.utf8)
-        guard (1...15).contains(b.count), b.allSatisfy({ isAlnum($0) || $0 == 95 || $0 == 46 || $0 == 45 }),
-              (b[0] >= 65 && b[0] <= 90) || (b[0] >= 97 && b[0] <= 122) else {
+        guard DeviceName.isValid(name) else {
             throw CNIError(code: CNIError.invalidEnvironment, msg: "CNI_IFNAME \(name) is not an interface name mqtapd makes",
                            details: "1-15 of A-Z a-z 0-9 _ . -, starting with a letter")
         }

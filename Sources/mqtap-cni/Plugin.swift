@@ -20,14 +20,8 @@ enum Plugin {
             let kv = e.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             env[String(kv[0])] = kv.count > 1 ? String(kv[1]) : ""
         }
-        var input: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 16384)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            input += buffer[0..<n]
-        }
+        // The network config, whole (the runtime closes the pipe after it).
+        let input = ((try? Files.read("/dev/stdin")) ?? nil) ?? []
         if env["CNI_COMMAND"] == "VERSION" {
             // Needs nothing else: runtimes ask it of every plugin when they load a network.
             let version = (try? JSON.parse(input))?["cniVersion"]?.string ?? "1.0.0"
@@ -57,17 +51,7 @@ enum Plugin {
         }
     }
 
-    static func emit(_ j: JSON) {
-        let bytes = j.serialized() + [10]
-        bytes.withUnsafeBytes { p in
-            var off = 0
-            while off < p.count {
-                let n = write(1, p.baseAddress! + off, p.count - off)
-                if n <= 0 { break }
-                off += n
-            }
-        }
-    }
+    static func emit(_ j: JSON) { writeStdoutLine(j.text) }
 
     // MARK: - Commands
 

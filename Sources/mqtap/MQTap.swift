@@ -596,10 +596,7 @@ struct Stats: ParsableCommand {
 /// name like `x?force=true` or `x/queues/2` never reaches another resource), and the name is
 /// percent-encoded like every other segment.
 func devicePath(_ name: String) throws -> String {
-    let bytes = Array(name.utf8)
-    let letter = { (b: UInt8) in (b >= 65 && b <= 90) || (b >= 97 && b <= 122) }
-    guard (1...15).contains(bytes.count), letter(bytes[0]),
-          bytes.allSatisfy({ letter($0) || ($0 >= 48 && $0 <= 57) || $0 == 95 || $0 == 46 || $0 == 45 }) else {
+    guard DeviceName.isValid(name) else {
         throw ValidationError("'\(name)' is not a device name (1-15 of A-Z a-z 0-9 _ . -, starting with a letter)")
     }
     return "/v1/devices/" + APIClient.segment(name)
