@@ -73,7 +73,7 @@ struct ConsumerTests {
         #expect(throws: ManagerError.deviceForwarding(device: "b", reason: "cannot forward to a: it is leased", field: "peer")) {
             try f.manager.update("b", DevicePatch(mode: .forward, peer: "a"))
         }
-        #expect(throws: ManagerError.self) {
+        #expect(throws: ManagerError.deviceForwarding(device: "c", reason: "cannot forward to a: it is leased", field: "peer")) {
             try f.manager.create(DeviceSpec(name: "c", queues: 1, mode: .forward, peer: "a"))
         }
     }

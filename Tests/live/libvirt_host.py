@@ -268,7 +268,7 @@ class Libvirtd:
         if self.mnt_ns:
             # Only what libvirtd started can be in its mount namespace: the QEMUs.
             for pid in _procs_in_mount_ns(self.mnt_ns):
-                problems.append(f"left in libvirtd's namespace: {pid} {self._cmdline(pid)[:120]}")
+                problems.append(f"left in libvirtd's namespace: {pid} {net.cmdline(pid)[:120]}")
                 net.terminate(pid)
         for mount_point, top in reversed(self._created):
             net.rmdirs_up(mount_point, top)
@@ -324,13 +324,6 @@ class Libvirtd:
         return ("libvirtd stderr:\n" + _read(self.stderr_file)[-tail:] +
                 "\nlibvirtd log:\n" + _read(self.log_file)[-tail:])
 
-    @staticmethod
-    def _cmdline(pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return ""
 
 
 def _tree(top):

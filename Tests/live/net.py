@@ -163,3 +163,12 @@ def read_lines(path):
             return [l.strip() for l in f.read().replace("\r", "").split("\n")]
     except FileNotFoundError:
         return []
+
+
+def cmdline(pid):
+    """A process's command line, spaces for NULs; "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -207,7 +207,7 @@ class Podman:
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in self.processes():
-            problems.append(f"still running after rm: {pid} {_cmdline(pid)[:160]}")
+            problems.append(f"still running after rm: {pid} {net.cmdline(pid)[:160]}")
             net.terminate(pid)
         for m in self.mounts():
             problems.append(f"still mounted: {m}")
@@ -360,7 +360,7 @@ class Podman:
                 root = os.readlink(f"/proc/{p}/root")
             except OSError:
                 root = ""
-            if self.tmp in _cmdline(int(p)) or root.startswith(self.tmp + "/"):
+            if self.tmp in net.cmdline(int(p)) or root.startswith(self.tmp + "/"):
                 out.append(int(p))
         return out
 
@@ -402,13 +402,5 @@ def _tree(top, only=None):
             else:
                 out.append((p, st.st_mode, st.st_size, st.st_mtime_ns))
     return sorted(out)
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
