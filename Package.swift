@@ -38,7 +38,9 @@ let package = Package(
         // Device manager, worker pool, counters, state file. No Glibc, no ioctl.
         .target(name: "TapCore", dependencies: ["TunKit", "CCounters", "TapJSON", .product(name: "Logging", package: "swift-log")]),
         // HTTP: the only importer of libmicrohttpd; router and resources.
-        .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD", "MQTVersion"]),
+        .target(name: "TapAPI", dependencies: ["TapCore", "TapJSON", "CMicroHTTPD", "MQTVersion"],
+                // The served spec, built in from the repository's one openapi.yaml (a link to it).
+                resources: [.embedInCode("openapi.yaml")]),
         // The client side: HTTP/1.1 over the Unix socket or TCP, for the CLI.
         .target(name: "TapClient", dependencies: ["TapJSON", "TunKit"]),
         .executableTarget(

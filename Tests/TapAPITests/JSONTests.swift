@@ -164,10 +164,10 @@ struct ListenTests {
 
 @Suite("the embedded spec")
 struct SpecTests {
-    @Test("the served openapi.yaml is the repository's, byte for byte (run scripts/embed-openapi.sh)")
+    @Test("the served openapi.yaml is the repository's, byte for byte (SwiftPM embeds it through Sources/TapAPI/openapi.yaml)")
     func embedded() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let onDisk = try String(contentsOf: root.appendingPathComponent("openapi.yaml"), encoding: .utf8)
-        #expect(OpenAPISpec.yaml == onDisk)
+        #expect(SpecResource.yaml == onDisk)
     }
 }

@@ -165,7 +165,7 @@ struct RouterTests {
         #expect(metrics.contains("# TYPE mqtapd_queue_rx_packets_total counter\n"))
         #expect(metrics.contains("mqtapd_device_queues{device=\"m\"} 2\n"))
         #expect(metrics.contains("mqtapd_build_info{version=\"\(Version.current)\"} 1\n"))
-        #expect(f.call("GET", "/openapi.yaml").body == Array(OpenAPISpec.yaml.utf8))
+        #expect(f.call("GET", "/openapi.yaml").body == Array(SpecResource.yaml.utf8))
     }
 
     @Test("a 413 body keeps the API's error format")
