@@ -8,7 +8,8 @@ public struct HTTPRequest: Sendable {
     /// Lower-cased header names.
     public var headers: [String: String]
     public var body: [UInt8]
-    /// The query parameters the API knows (`HTTPServer.queryKeys`); others are ignored.
+    /// Every query parameter, percent-decoded (the first of a repeated one); the router reads
+    /// those it knows.
     public var query: [String: String]
     /// How the client is connected.
     public var transport: Transport
@@ -44,6 +45,15 @@ public struct HTTPRequest: Sendable {
         let wanted = protocolName.lowercased()
         return tokens.contains("upgrade") && upgrade.split(separator: ",").map { $0.trimmingWhitespace.lowercased() }.contains(wanted)
     }
+}
+
+/// Where the server runs a request's handler.
+public enum HTTPPlacement: Sendable {
+    /// On the server's own thread: the handler waits for no lock a change holds.
+    case inline
+    /// On the server's change queue, with the connection suspended meanwhile, so the thread
+    /// goes on serving its other connections: the handler may wait for the manager's lock.
+    case changeQueue
 }
 
 /// What `StreamBody.read` found.

@@ -128,46 +128,71 @@ public struct Router: Sendable {
     /// (for its parameters) and the request.
     typealias Handler = @Sendable (Router, Route, HTTPRequest) throws -> HTTPResponse
 
-    /// Every (route, method) the API answers, and who answers it. `Allow` is derived from
-    /// this table, so a method is allowed exactly where a handler exists.
-    static let table: [Route.Kind: [(method: String, handler: Handler)]] = [
-        .health: [("GET", { _, _, _ in HealthResource.get() })],
+    /// One (route, method) the API answers: who answers it, and where it runs.
+    struct Endpoint: Sendable {
+        let method: String
+        let placement: HTTPPlacement
+        let handler: Handler
+
+        /// A read: answered on the server's thread.
+        static func read(_ method: String, _ handler: @escaping Handler) -> Endpoint {
+            Endpoint(method: method, placement: .inline, handler: handler)
+        }
+
+        /// A change: it waits for the manager's lock, so it runs on the change queue.
+        static func change(_ method: String, _ handler: @escaping Handler) -> Endpoint {
+            Endpoint(method: method, placement: .changeQueue, handler: handler)
+        }
+    }
+
+    /// Every (route, method) the API answers, who answers it and where. `Allow` is derived
+    /// from this table, so a method is allowed exactly where a handler exists.
+    static let table: [Route.Kind: [Endpoint]] = [
+        .health: [.read("GET", { _, _, _ in HealthResource.get() })],
         .limits: [
-            ("GET", { x, _, _ in LimitsResource.get(x.manager) }),
-            ("PUT", { x, _, r in try LimitsResource.put(x.manager, r) }),
+            .read("GET", { x, _, _ in LimitsResource.get(x.manager) }),
+            .change("PUT", { x, _, r in try LimitsResource.put(x.manager, r) }),
         ],
         .devices: [
-            ("GET", { x, _, _ in DevicesResource.list(x.manager) }),
-            ("POST", { x, _, r in try DevicesResource.create(x.manager, r) }),
+            .read("GET", { x, _, _ in DevicesResource.list(x.manager) }),
+            .change("POST", { x, _, r in try DevicesResource.create(x.manager, r) }),
         ],
         .device: [
-            ("GET", { x, route, _ in try DevicesResource.get(x.manager, route.device!) }),
-            ("PATCH", { x, route, r in try DevicesResource.patch(x.manager, route.device!, r) }),
-            ("DELETE", { x, route, r in try DevicesResource.delete(x.manager, route.device!, r) }),
+            .read("GET", { x, route, _ in try DevicesResource.get(x.manager, route.device!) }),
+            .change("PATCH", { x, route, r in try DevicesResource.patch(x.manager, route.device!, r) }),
+            .change("DELETE", { x, route, r in try DevicesResource.delete(x.manager, route.device!, r) }),
         ],
         .queues: [
-            ("GET", { x, route, _ in try QueuesResource.list(x.manager, route.device!) }),
-            ("POST", { x, route, r in try QueuesResource.add(x.manager, route.device!, r) }),
+            .read("GET", { x, route, _ in try QueuesResource.list(x.manager, route.device!) }),
+            .change("POST", { x, route, r in try QueuesResource.add(x.manager, route.device!, r) }),
         ],
         .queue: [
-            ("GET", { x, route, _ in try QueuesResource.get(x.manager, route.device!, route.queueID!) }),
-            ("PATCH", { x, route, r in try QueuesResource.patch(x.manager, route.device!, route.queueID!, r) }),
-            ("DELETE", { x, route, _ in try QueuesResource.delete(x.manager, route.device!, route.queueID!) }),
+            .read("GET", { x, route, _ in try QueuesResource.get(x.manager, route.device!, route.queueID!) }),
+            .change("PATCH", { x, route, r in try QueuesResource.patch(x.manager, route.device!, route.queueID!, r) }),
+            .change("DELETE", { x, route, _ in try QueuesResource.delete(x.manager, route.device!, route.queueID!) }),
         ],
-        .stats: [("GET", { x, route, _ in try StatsResource.get(x.manager, route.device!) })],
+        .stats: [.read("GET", { x, route, _ in try StatsResource.get(x.manager, route.device!) })],
         .leases: [
-            ("GET", { x, route, _ in try LeasesResource.list(x.manager, route.device!) }),
-            ("POST", { x, route, r in try LeasesResource.take(x.manager, x.leaseWatcher, route.device!, r) }),
+            .read("GET", { x, route, _ in try LeasesResource.list(x.manager, route.device!) }),
+            .change("POST", { x, route, r in try LeasesResource.take(x.manager, x.leaseWatcher, route.device!, r) }),
         ],
-        .lease: [("DELETE", { x, route, _ in try LeasesResource.revoke(x.manager, route.device!, route.leaseID!) })],
-        .events: [("GET", { x, _, r in try EventsResource.get(x.manager, x.events, r) })],
-        .metrics: [("GET", { x, _, _ in MetricsResource.get(x.manager) })],
-        .spec: [("GET", { _, _, _ in SpecResource.get() })],
+        .lease: [.change("DELETE", { x, route, _ in try LeasesResource.revoke(x.manager, route.device!, route.leaseID!) })],
+        .events: [.read("GET", { x, _, r in try EventsResource.get(x.manager, x.events, r) })],
+        .metrics: [.read("GET", { x, _, _ in MetricsResource.get(x.manager) })],
+        .spec: [.read("GET", { _, _, _ in SpecResource.get() })],
     ]
 
     /// HEAD is answered wherever GET is (the same headers, no body).
     static func methods(of kind: Route.Kind) -> [String] {
         table[kind, default: []].flatMap { $0.method == "GET" ? ["GET", "HEAD"] : [$0.method] }
+    }
+
+    /// Where `r`'s handler runs, as the table says; a request the table has no handler for
+    /// is refused at once, on the server's thread.
+    public func placement(of r: HTTPRequest) -> HTTPPlacement {
+        guard let route = Route(path: r.path) else { return .inline }
+        let method = r.method == "HEAD" ? "GET" : r.method
+        return Self.table[route.kind]?.first(where: { $0.method == method })?.placement ?? .inline
     }
 
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {

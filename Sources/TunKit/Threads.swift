@@ -69,3 +69,62 @@ public final class PeriodicThread: Sendable {
         t.join()
     }
 }
+
+/// State under a mutex, with a condition to wait on until the state is what a waiter needs:
+/// a wait ends when the change happens, not when a sleep loop next looks.
+public final class Monitor<State: Sendable>: @unchecked Sendable {
+    // SAFETY (@unchecked): `state` is read and written only between pthread_mutex_lock and
+    // pthread_mutex_unlock of `mutex` (pthread_cond_wait gives the mutex back locked). The
+    // mutex and condition are heap-allocated, so they never move while a thread uses them.
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
+    private var state: State
+
+    public init(_ initial: State) {
+        state = initial
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        condition = .allocate(capacity: 1)
+        // Deadlines on CLOCK_MONOTONIC: a wall-clock step never stretches or cuts a wait.
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    /// Runs `body` on the state under the mutex; every waiter then looks again.
+    public func withLock<R>(_ body: (inout State) throws -> R) rethrows -> R {
+        pthread_mutex_lock(mutex)
+        defer {
+            pthread_cond_broadcast(condition)
+            pthread_mutex_unlock(mutex)
+        }
+        return try body(&state)
+    }
+
+    /// Blocks until `done` holds for the state, or `seconds` have passed (nil: no limit).
+    /// True if it holds.
+    @discardableResult
+    public func wait(until done: (State) -> Bool, within seconds: Double? = nil) -> Bool {
+        let deadline = seconds.map { Clock.monotonicNanoseconds() + UInt64(max(0, $0) * 1e9) }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while !done(state) {
+            guard let deadline else {
+                pthread_cond_wait(condition, mutex)
+                continue
+            }
+            var until = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+            if pthread_cond_timedwait(condition, mutex, &until) == ETIMEDOUT { return done(state) }
+        }
+        return true
+    }
+}

@@ -128,7 +128,8 @@ final class Daemon {
         // Before the first readiness line: the state file's first write is over by then.
         manager.serving()
         do throws(HTTPServerError) {
-            try listeners.serve(limits: limits, refusals: APIError.serverRefusals(token: token), handler: handler) { address in
+            try listeners.serve(limits: limits, refusals: APIError.serverRefusals(token: token), handler: handler,
+                                placement: router.placement(of:)) { address in
                 log.info("listening", ["address": address.description])
                 // The readiness line: tools wait for it.
                 writeStderrLine("mqtapd: listening on \(address)")
@@ -328,10 +329,10 @@ final class Listeners {
 
     /// Starts a server on every socket; `ready` is called for each once it serves.
     func serve(limits: HTTPServer.Limits, refusals: HTTPServer.Refusals, handler: @escaping HTTPServer.Handler,
-               ready: (ListenAddress) -> Void) throws(HTTPServerError) {
+               placement: @escaping HTTPServer.Placement, ready: (ListenAddress) -> Void) throws(HTTPServerError) {
         for e in entries where e.server == nil {
             guard let socket = e.socket.take() else { continue }
-            e.server = try HTTPServer(socket: socket, limits: limits, handler: handler,
+            e.server = try HTTPServer(socket: socket, limits: limits, handler: handler, placement: placement,
                                       refusals: refusals)
             ready(e.address)
         }
