@@ -1,10 +1,11 @@
 import CCounters
 
-/// One queue's counter block: one cache line, read lock-free by anyone. The rx, error and
-/// dropped counters are written only by the queue's worker (relaxed stores, no
-/// read-modify-write needed with a single writer); the tx counters count what is written into
-/// the queue by whoever writes it (the queue's worker echoing, other devices' workers
-/// forwarding), with atomic adds. The only code that touches `mqt_counters`.
+/// One queue's counter block, read lock-free by anyone: two cache lines, one per kind of
+/// writer. The rx, error and dropped counters (the first line) are written only by the
+/// queue's worker (relaxed stores, no read-modify-write needed with a single writer); the tx
+/// counters (the second line) count what is written into the queue by whoever writes it (the
+/// queue's worker echoing, other devices' workers forwarding), with atomic adds. The only
+/// code that touches `mqt_counters`.
 public final class CounterBlock: @unchecked Sendable {
     // SAFETY (@unchecked): the memory is written only through `Writer` by the one worker
     // that owns the queue, and read only through `read()`; both are 64-bit relaxed atomics,
@@ -12,7 +13,7 @@ public final class CounterBlock: @unchecked Sendable {
     private let pointer: UnsafeMutablePointer<mqt_counters>
 
     public init() {
-        // Aligned to 64 bytes and 64 bytes long: each block is a cache line of its own.
+        // Aligned to 64 bytes and 128 bytes long: each block's two lines are its own.
         // SAFETY: fresh raw memory of the struct's size, bound once to it and initialised
         // right below; freed in deinit, after the last worker that wrote it let go of it.
         pointer = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<mqt_counters>.size, alignment: 64)

@@ -442,10 +442,12 @@ struct WorkerTests {
         _ = try f.manager.create(DeviceSpec(name: "d"))
     }
 
-    @Test("counter blocks are cache-line aligned")
+    @Test("counter blocks are cache-line aligned, two lines each: no two blocks share a line")
     func alignment() {
         let blocks = (0..<16).map { _ in CounterBlock() }
         for b in blocks { #expect(b.address % 64 == 0) }
+        let starts = blocks.map(\.address).sorted()
+        for (a, b) in zip(starts, starts.dropFirst()) { #expect(b - a >= 128) }
     }
 }
 

@@ -5,20 +5,20 @@ import TunKit
 struct SlotTable {
     enum Kind { case sink, echo, forward }
 
+    /// What the packet path reads: plain values and raw pointers only, so reading a slot
+    /// touches no reference count. The objects the pointers point into are kept alive
+    /// beside it, in `Owners`.
     struct Slot {
         var key: UInt64 = 0
         var device: UInt64 = 0
         /// Borrowed from the queue's owner, which keeps it open until the slot is removed.
         var fd: Int32 = -1
+        /// Valid while the slot's `Owners.counters` keeps the block.
         var counters = CounterBlock.Writer?.none
-        /// Keeps the block `counters` writes to alive while the slot points at it.
-        var owner: CounterBlock?
-        /// The action as plain fields, so the packet path copies no reference: which one, the
-        /// echo's MAC offset (-1: none), and the forward target's raw fds and writers (valid
-        /// while `target` keeps them).
+        /// The action as plain fields: which one, the echo's MAC offset (-1: none), and the
+        /// forward target's raw fds and writers (valid while `Owners.target` keeps them).
         var kind = Kind.sink
         var macOffset = -1
-        var target: ForwardTarget?
         var targetFDs: UnsafeMutablePointer<Int32>?
         var targetWriters: UnsafeMutablePointer<CounterBlock.Writer>?
         var targetCount = 0
@@ -35,7 +35,15 @@ struct SlotTable {
         var unreported: UInt64 = 0
     }
 
+    /// What keeps a slot's pointers valid: its counter block and its forward target.
+    struct Owners {
+        var counters: CounterBlock?
+        var target: ForwardTarget?
+    }
+
     private(set) var slots: [Slot] = []
+    /// Parallel to `slots`; touched only when a slot is set up, changed or freed.
+    private var owners: [Owners] = []
     private var free: [Int] = []
     private var byKey: [UInt64: Int] = [:]
     /// Slots being read; kept as a count because the loop looks at it on every turn.
@@ -59,17 +67,19 @@ struct SlotTable {
             s = f
         } else {
             slots.append(Slot())
+            owners.append(Owners())
             s = slots.count - 1
         }
-        slots[s] = Slot(key: q.key, device: q.device, fd: q.fd, counters: q.counters.writer, owner: q.counters,
+        slots[s] = Slot(key: q.key, device: q.device, fd: q.fd, counters: q.counters.writer,
                         index: q.index, headerBytes: q.headerBytes, shared: q.shared)
+        owners[s] = Owners(counters: q.counters)
         setAction(s, q.action)
         return s
     }
 
     /// Unpacks an action into the slot's plain fields (the old target is released here).
     mutating func setAction(_ s: Int, _ action: QueueAction) {
-        slots[s].target = nil
+        owners[s].target = nil
         slots[s].targetFDs = nil
         slots[s].targetWriters = nil
         slots[s].targetCount = 0
@@ -82,7 +92,7 @@ struct SlotTable {
             slots[s].macOffset = m ?? -1
         case .forward(let t):
             slots[s].kind = .forward
-            slots[s].target = t
+            owners[s].target = t
             slots[s].targetFDs = t.fds.baseAddress
             slots[s].targetWriters = t.writers.baseAddress
             slots[s].targetCount = t.count
@@ -106,6 +116,7 @@ struct SlotTable {
     /// Frees a slot that was inserted but never polled.
     mutating func discard(_ s: Int) {
         slots[s] = Slot()
+        owners[s] = Owners()
         free.append(s)
     }
 
@@ -117,6 +128,7 @@ struct SlotTable {
         let old = slots[s]
         if old.polled { polledCount -= 1 }
         slots[s] = Slot()
+        owners[s] = Owners()
         free.append(s)
         return old
     }

@@ -167,24 +167,28 @@ final class Worker: @unchecked Sendable {
     /// no lock, no allocation.
     @inline(__always)
     private func readOne(_ s: Int) -> ReadOutcome {
-        let fd = table[s].fd
-        let counters = table[s].counters!
-        switch readFrame(fd, into: frame, capacity: Self.frameCapacity) {
+        // Read once per frame: a slot is plain values, so this copy retains nothing.
+        let slot = table[s]
+        let counters = slot.counters!
+        switch readFrame(slot.fd, into: frame, capacity: Self.frameCapacity) {
         case .done(0):
             // End of file: tun never returns it; a closed peer (a vanished queue) does.
             return .gone
         case .done(let n):
-            let header = table[s].headerBytes
-            counters.received(n - header)
-            switch table[s].kind {
+            counters.received(n - slot.headerBytes)
+            switch slot.kind {
             case .sink:
                 break
             case .echo:
-                let m = table[s].macOffset
+                let m = slot.macOffset
                 if m >= 0 && n >= m + 12 { swapMACs(frame + m) }
-                write(s, fd, n, counters)
+                if writeOut(s, slot.fd, n) {
+                    counters.sent(n - slot.headerBytes)
+                } else {
+                    counters.writeFailed()
+                }
             case .forward:
-                forward(s, n, counters)
+                forward(s, slot, n, counters)
             }
             return .frame
         case .failed(let e):
@@ -205,29 +209,20 @@ final class Worker: @unchecked Sendable {
     /// Writes the frame buffer's first `n` bytes, unchanged, into the peer's queue with this
     /// queue's index modulo the peer's count; counted on that queue's tx, or as dropped here.
     @inline(__always)
-    private func forward(_ s: Int, _ n: Int, _ counters: CounterBlock.Writer) {
-        let count = table[s].targetCount
-        guard count > 0, let fds = table[s].targetFDs, let writers = table[s].targetWriters else {
+    private func forward(_ s: Int, _ slot: SlotTable.Slot, _ n: Int, _ counters: CounterBlock.Writer) {
+        let count = slot.targetCount
+        guard count > 0, let fds = slot.targetFDs, let writers = slot.targetWriters else {
             counters.dropped()
             return
         }
-        let i = table[s].index % count
-        // SAFETY: the fds and writers belong to the slot's target, which the slot keeps alive
-        // and which owns a duplicate of each fd: none can be closed under this write.
+        let i = slot.index % count
+        // SAFETY: the fds and writers belong to the slot's target, which the table keeps alive
+        // (SlotTable.Owners) and which owns a duplicate of each fd: none can be closed under
+        // this write.
         if writeOut(s, fds[i], n) {
-            writers[i].sent(n - table[s].headerBytes)
+            writers[i].sent(n - slot.headerBytes)
         } else {
             counters.dropped()
-        }
-    }
-
-    /// Writes the frame buffer's first `n` bytes back into the queue `fd`, counted on `counters`.
-    @inline(__always)
-    private func write(_ s: Int, _ fd: Int32, _ n: Int, _ counters: CounterBlock.Writer) {
-        if writeOut(s, fd, n) {
-            counters.sent(n - table[s].headerBytes)
-        } else {
-            counters.writeFailed()
         }
     }
 
