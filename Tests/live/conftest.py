@@ -11,7 +11,13 @@ import pytest
 from mqtapd_client import ROOT, Client
 import net
 
+# The binaries under test: the environment's, else the debug build's. mqtap is looked for
+# beside mqtapd (a build puts them in one folder).
 BIN = os.environ.get("MQTAPD_BIN", os.path.join(ROOT, ".build", "debug", "mqtapd"))
+MQTAP_BIN = os.environ.get("MQTAP_BIN", os.path.join(os.path.dirname(BIN), "mqtap"))
+CNI_BIN = os.environ.get("MQTAP_CNI_BIN", os.path.join(ROOT, ".build", "debug", "mqtap-cni"))
+# The test guest's kernel and initramfs (scripts/build-guest.sh).
+GUEST = os.path.join(ROOT, ".build-guest")
 PREFIX = f"mql{os.getpid() % 100000}"
 _counter = [0]
 
@@ -37,6 +43,15 @@ def need(ok, why):
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true and a prerequisite is missing: {why}")
     pytest.skip(f"{why} (with CI=true this fails instead)")
+
+
+def build_guest(timeout=None):
+    """Builds the test guest from Debian packages (scripts/build-guest.sh: installed packages
+    and the cached kernel package are used again); returns (kernel, initramfs)."""
+    r = subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh"), GUEST], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return os.path.join(GUEST, "vmlinuz"), os.path.join(GUEST, "initrd.cpio.gz")
 
 
 def unique_name(tag="d"):

@@ -5,17 +5,15 @@ import socket
 import threading
 import time
 
+import rawhttp
 from mqtapd_client import validate_event
 
 
 class Watcher:
     def __init__(self, socket_path, query="", read=True, check=True):
         self.check = check
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if not read:
-            # A watcher that never reads: the smallest buffer, so it falls behind fast.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect(socket_path)
+        # A watcher that never reads: the smallest buffer, so it falls behind fast.
+        self.sock = rawhttp.connect(socket_path, rcvbuf=None if read else 4096)
         self.sock.sendall(f"GET /v1/events{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         self.events = []
         self.blank = 0
@@ -28,37 +26,17 @@ class Watcher:
             self.thread = threading.Thread(target=self._run, daemon=True)
             self.thread.start()
 
-    def _recv(self):
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError
-        return data
-
     def _run(self):
-        buf = b""
         try:
-            while b"\r\n\r\n" not in buf:
-                buf += self._recv()
-            head, buf = buf.split(b"\r\n\r\n", 1)
+            head, buf = rawhttp.read_head(self.sock)
             with self.cond:
-                self.status = int(head.split(b" ", 2)[1])
+                self.status = rawhttp.parse_head(head)[0]
                 self.cond.notify_all()
             if self.status != 200:
                 return
             body = b""
-            while True:
-                while b"\r\n" not in buf:
-                    buf += self._recv()
-                size_line, buf = buf.split(b"\r\n", 1)
-                size = int(size_line.split(b";")[0], 16)
-                if size == 0:
-                    with self.cond:
-                        self.ended = True
-                    return
-                while len(buf) < size + 2:
-                    buf += self._recv()
-                body += buf[:size]
-                buf = buf[size + 2:]
+            for data in rawhttp.chunks(self.sock, buf):
+                body += data
                 while b"\n" in body:
                     line, body = body.split(b"\n", 1)
                     with self.cond:
@@ -70,6 +48,8 @@ class Watcher:
                         else:
                             self.blank += 1
                         self.cond.notify_all()
+            with self.cond:
+                self.ended = True
         except (EOFError, OSError):
             pass
         finally:

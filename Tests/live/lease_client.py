@@ -7,14 +7,11 @@ import select
 import socket
 import struct
 
-from mqtapd_client import SPEC, _REGISTRY, Response, validate
+from mqtapd_client import _REGISTRY, Response, validate
 import jsonschema
 
-TUNGETIFF = 0x800454D2
-TUNSETQUEUE = 0x400454D9
-IFF_ATTACH_QUEUE = 0x0200
-IFF_DETACH_QUEUE = 0x0400
-IFF_MULTI_QUEUE = 0x0100
+import net
+import rawhttp
 
 
 class Lease:
@@ -37,9 +34,7 @@ class Lease:
 
 def take(socket_path, device, body=None, headers=None):
     """Returns a Lease, or the refusal as a Response (checked against the spec)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(socket_path)
+    s = rawhttp.connect(socket_path, timeout=10)
     payload = b"" if body is None else json.dumps(body).encode()
     h = {"Host": "localhost", "Connection": "Upgrade", "Upgrade": "mqtapd-lease/1"} if headers is None else headers
     if body is not None:
@@ -57,19 +52,14 @@ def take(socket_path, device, body=None, headers=None):
         end = raw.find(b"\r\n\r\n")
         if end < 0:
             continue
-        status = int(raw.split(b" ", 2)[1])
+        status, headers_out = rawhttp.parse_head(raw[:end])
         if status != 101:
-            # A refusal: an ordinary response, complete once its Content-Length has come.
-            m = [l for l in raw[:end].split(b"\r\n") if l.lower().startswith(b"content-length:")]
-            if m and len(raw) - (end + 4) >= int(m[0].split(b":")[1]):
+            # A refusal: an ordinary response, complete once its body has come.
+            if rawhttp.complete(raw):
                 break
             continue
         nl = raw.find(b"\n", end + 4)
         if nl >= 0:
-            headers_out = {}
-            for line in raw[:end].decode().split("\r\n")[1:]:
-                k, _, v = line.partition(":")
-                headers_out[k.strip().lower()] = v.strip()
             validate("POST", f"/v1/devices/{device}/leases", 101, headers_out, b"")
             assert headers_out.get("upgrade") == "mqtapd-lease/1", headers_out
             line = json.loads(raw[end + 4:nl])
@@ -80,11 +70,7 @@ def take(socket_path, device, body=None, headers=None):
     s.close()
     for fd in fds:
         os.close(fd)
-    end = raw.find(b"\r\n\r\n")
-    head_lines = raw[:end].decode().split("\r\n")
-    status = int(head_lines[0].split(" ", 2)[1])
-    headers_out = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in head_lines[1:])}
-    body_bytes = raw[end + 4:]
+    status, headers_out, body_bytes = rawhttp.split(raw)
     if "content-length" in headers_out:
         body_bytes = body_bytes[:int(headers_out["content-length"])]
     validate("POST", f"/v1/devices/{device}/leases", status, headers_out, body_bytes)
@@ -93,13 +79,13 @@ def take(socket_path, device, body=None, headers=None):
 
 def getiff(fd):
     """(name, flags) a tun fd is bound to (TUNGETIFF)."""
-    r = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    r = fcntl.ioctl(fd, net.TUNGETIFF, bytes(40))
     name, flags = struct.unpack("16sH22x", r)
     return name.rstrip(b"\0").decode(), flags
 
 
 def set_queue(fd, enabled):
-    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH22x", b"", IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE))
+    fcntl.ioctl(fd, net.TUNSETQUEUE, struct.pack("16sH22x", b"", net.IFF_ATTACH_QUEUE if enabled else net.IFF_DETACH_QUEUE))
 
 
 def drain(fds, timeout=0.3):

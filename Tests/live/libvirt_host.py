@@ -35,6 +35,7 @@ import tempfile
 import time
 
 import net
+from net import Unavailable, installed
 
 PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients")
 LIBVIRTD = "/usr/sbin/libvirtd"
@@ -70,15 +71,6 @@ namespaces = [ ]
 """
 
 
-class Unavailable(Exception):
-    """A prerequisite is missing (the caller skips, or fails under CI=true)."""
-
-
-def _installed(pkg):
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-    return r.returncode == 0 and "install ok installed" in r.stdout
-
-
 def _pids_of(exe):
     """Processes whose executable is `exe` (by /proc/PID/exe, not by a name pattern), in this
     process's mount namespace, where a package's service starts: never a private libvirtd that
@@ -100,7 +92,7 @@ def ensure_packages():
     their own tools. Installing must not leave a service running: any libvirtd or virtlogd
     that appeared during the install is stopped again (Debian's libvirt-daemon ships no
     init script, so normally there is none)."""
-    missing = [p for p in PACKAGES if not _installed(p)]
+    missing = [p for p in PACKAGES if not installed(p)]
     if missing:
         if not shutil.which("apt-get"):
             raise Unavailable(f"libvirt packages missing ({' '.join(missing)}) and no apt-get")
@@ -121,18 +113,6 @@ def ensure_packages():
     for path in (LIBVIRTD, VIRSH, shutil.which("unshare") or "/usr/bin/unshare", shutil.which("mount") or "/bin/mount"):
         if not os.access(path, os.X_OK):
             raise Unavailable(f"{path} is missing")
-
-
-def _procs_in_mount_ns(ns):
-    pids = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                if os.readlink(f"/proc/{p}/ns/mnt") == ns:
-                    pids.append(int(p))
-            except OSError:
-                pass
-    return pids
 
 
 class Libvirtd:
@@ -267,7 +247,7 @@ class Libvirtd:
                 self.proc.wait(15)
         if self.mnt_ns:
             # Only what libvirtd started can be in its mount namespace: the QEMUs.
-            for pid in _procs_in_mount_ns(self.mnt_ns):
+            for pid in net.pids_in(mnt=self.mnt_ns):
                 problems.append(f"left in libvirtd's namespace: {pid} {net.cmdline(pid)[:120]}")
                 net.terminate(pid)
         for mount_point, top in reversed(self._created):

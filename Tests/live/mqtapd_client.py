@@ -5,11 +5,12 @@ import json
 import os
 import re
 import urllib.parse
-import socket
 
 import jsonschema
 import referencing
 import yaml
+
+import rawhttp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC_PATH = os.path.join(ROOT, "openapi.yaml")
@@ -122,10 +123,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self._path = path
 
     def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
+        self.sock = rawhttp.connect(self._path, timeout=self.timeout)
 
 
 class Client:

@@ -1,10 +1,29 @@
-"""Host-side helpers for live tests: interfaces, frames over AF_PACKET, process fds."""
+"""Host-side helpers for live tests: interfaces, tun ioctls, frames over AF_PACKET, process fds."""
+import fcntl
 import os
 import signal
 import socket
 import struct
 import subprocess
 import time
+
+# <linux/if_tun.h>: the ioctls on a /dev/net/tun file and the flags of its `struct ifreq`
+# (packed as "16sH22x": the name, the flags).
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+TUNSETGROUP = 0x400454CE
+TUNGETIFF = 0x800454D2
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+IFF_PERSIST = 0x0800
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 
 
 def exists(name):
@@ -34,10 +53,22 @@ def held_taps(pid):
     return names
 
 
+def open_tap(name, flags=IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE):
+    """A file of the tap `name`, opened by name (TUNSETIFF) as QEMU with `ifname=` or libvirt
+    would: one more queue of a multiqueue device, the one queue of a single-queue one."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def kernel_queue_count(name):
-    out = subprocess.run(["ip", "-d", "link", "show", "dev", name], capture_output=True, text=True).stdout
-    parts = out.split()
-    return int(parts[parts.index("numqueues") + 1]) if "numqueues" in parts else None
+    """The attached queues of the tun device `name` (queue_counts); None if there is none."""
+    counts = queue_counts(name)
+    return counts and counts[0]
 
 
 def delete_link(name):
@@ -51,9 +82,22 @@ def disable_ipv6(name):
         f.write("1")
 
 
-def kernel_stats(name):
-    base = f"/sys/class/net/{name}/statistics"
-    return {k: int(open(os.path.join(base, k)).read()) for k in ("tx_packets", "tx_dropped", "rx_packets")}
+KERNEL_STATS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_dropped")
+
+
+def kernel_stats(name, netns=None):
+    """The kernel's counters of the device `name` (KERNEL_STATS); with `netns`, of the device
+    of that name in that named namespace (`ip netns exec` mounts a sysfs of the namespace:
+    its counters, not the host's)."""
+    paths = [f"/sys/class/net/{name}/statistics/{k}" for k in KERNEL_STATS]
+    if netns is None:
+        values = []
+        for path in paths:
+            with open(path) as f:
+                values.append(int(f.read()))
+    else:
+        values = [int(v) for v in sh("ip", "netns", "exec", netns, "cat", *paths).stdout.split()]
+    return dict(zip(KERNEL_STATS, values))
 
 
 def frame(flow, dst_mac, size=60):
@@ -93,13 +137,18 @@ def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def settle(fn, timeout=30.0, every=0.02):
+def settle(fn, timeout=30.0, every=0.02, steady=None):
     """Polls `fn` until it returns something true, and returns that, or its last answer once
     `timeout` has passed (connections close asynchronously). The deadline is long: it costs
-    time only when the test fails, and a shared machine stalls."""
+    time only when the test fails, and a shared machine stalls. With `steady` (seconds), a
+    true answer counts only if `fn` is still true that long after (counters that have
+    stopped moving, not two passing each other)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = fn()
+        if v and steady is not None:
+            time.sleep(steady)
+            v = fn()
         if v:
             return v
         time.sleep(every)
@@ -118,6 +167,30 @@ def queue_counts(name):
     if "numqueues" not in out:
         return None
     return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
+
+
+def pids_in(**namespaces):
+    """The processes in any of the given namespaces, by kind (`mnt=`, `net=`: the link
+    /proc/PID/ns/KIND reads, as "mnt:[4026531841]")."""
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if any(os.readlink(f"/proc/{p}/ns/{kind}") == ns for kind, ns in namespaces.items()):
+                    pids.append(int(p))
+            except OSError:
+                pass  # gone meanwhile
+    return pids
+
+
+class Unavailable(Exception):
+    """A prerequisite is missing (the caller skips, or fails under CI=true)."""
+
+
+def installed(pkg):
+    """Whether the Debian package `pkg` is installed."""
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+    return r.returncode == 0 and "install ok installed" in r.stdout
 
 
 def rmdirs_up(path, top):

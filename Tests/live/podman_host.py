@@ -53,6 +53,7 @@ import tempfile
 import time
 
 import net
+from net import Unavailable, installed
 
 PACKAGES = ("podman", "containernetworking-plugins", "runc", "buildah", "busybox-static")
 PODMAN = "/usr/bin/podman"
@@ -115,19 +116,10 @@ unqualified-search-registries = []
 """
 
 
-class Unavailable(Exception):
-    """A prerequisite is missing (the caller skips, or fails under CI=true)."""
-
-
-def _installed(pkg):
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-    return r.returncode == 0 and "install ok installed" in r.stdout
-
-
 def check_prerequisites():
     """Raises Unavailable unless Debian's podman, buildah, runc, CNI plugins and static busybox
     are installed (the harness does not install them)."""
-    missing = [p for p in PACKAGES if not _installed(p)]
+    missing = [p for p in PACKAGES if not installed(p)]
     if missing:
         raise Unavailable(f"Debian packages missing: {' '.join(missing)} "
                           f"(apt-get install --no-install-recommends {' '.join(missing)})")

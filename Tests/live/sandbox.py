@@ -14,6 +14,8 @@ import signal
 import subprocess
 import time
 
+import net
+
 SETUP = r"""
 set -e
 mount -t tmpfs -o mode=0755 mqt-sandbox-run /run
@@ -73,27 +75,19 @@ class Sandbox:
 
     def processes(self):
         """Processes in the sandbox's network or mount namespace, the holder aside."""
-        pids = []
-        for p in os.listdir("/proc"):
-            if p.isdigit() and int(p) != self.pid:
-                try:
-                    if os.readlink(f"/proc/{p}/ns/net") == self.netns or os.readlink(f"/proc/{p}/ns/mnt") == self.mntns:
-                        pids.append(int(p))
-                except OSError:
-                    pass
-        return pids
+        return [p for p in net.pids_in(net=self.netns, mnt=self.mntns) if p != self.pid]
 
     def close(self):
         """Kills whatever still runs inside (returned: their command lines), then the holder;
         the namespaces go with the last of them."""
         left = []
         for pid in self.processes():
+            cmd = net.cmdline(pid).strip()
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    left.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
                 os.kill(pid, signal.SIGKILL)
             except OSError:
-                pass
+                continue  # gone meanwhile
+            left.append(cmd)
         deadline = time.monotonic() + 10
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -6,6 +6,7 @@ import socket
 import subprocess
 
 import net
+import rawhttp
 from conftest import PREFIX
 from mqtapd_client import SPEC_PATH
 
@@ -258,9 +259,7 @@ def test_one_mib_body_is_refused_and_the_server_still_answers(daemon, api):
     except (ConnectionError, socket.timeout, OSError):
         pass  # closing the connection is allowed too
     # A body sent without Content-Length (chunked) is cut off at the limit as well.
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(daemon.socket)
+    s = rawhttp.connect(daemon.socket, timeout=10)
     s.sendall(b"POST /v1/devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Transfer-Encoding: chunked\r\n\r\n")
     chunk = b"a" * 65536
@@ -298,8 +297,7 @@ def test_idle_and_slow_clients_do_not_block_others(daemon, api):
     stalled = []
     try:
         for i in range(64):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(daemon.socket)
+            s = rawhttp.connect(daemon.socket)
             s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             stalled.append(s)
         for _ in range(20):
@@ -312,23 +310,15 @@ def test_idle_and_slow_clients_do_not_block_others(daemon, api):
 
 def test_head_is_answered_wherever_get_is(daemon, api, name):
     """HEAD: GET's status and headers, no body; the events stream answers at once."""
-    import socket
     n = name()
     assert api.post("/v1/devices", {"name": n}).status == 201
     for path, status in (("/v1/health", 200), ("/metrics", 200), (f"/v1/devices/{n}", 200), ("/v1/events", 200),
                          ("/openapi.yaml", 200), ("/v1/devices/nosuch0", 404)):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(daemon.socket)
-        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        raw = b""
-        while True:
-            got = s.recv(65536)
-            if not got:
-                break
-            raw += got
-        s.close()
-        head, _, body = raw.partition(b"\r\n\r\n")
+        with rawhttp.connect(daemon.socket, timeout=10) as s:
+            s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            head, body = rawhttp.read_head(s)
+            while got := s.recv(65536):  # to the close: a HEAD answer has no body
+                body += got
         assert head.startswith(f"HTTP/1.1 {status}".encode()), (path, head)
         assert body == b"", (path, body[:100])
     r = api.request("DELETE", "/v1/health")

@@ -1,14 +1,12 @@
 """Who may call: a token on TCP (every request), none on the Unix socket, the socket's group."""
 import grp
 import os
-import pwd
-import socket
 import subprocess
 
 import pytest
 
 import net
-
+import rawhttp
 from conftest import BIN, Daemon, PREFIX
 from mqtapd_client import Client
 
@@ -31,19 +29,12 @@ def test_without_the_token_nothing_but_401_is_told(daemon):
     # before any body is read (none is sent here: the answer must come without it), and the
     # connection closes.
     for framing in (b"Content-Length: 100000\r\n", b"Content-Length: 2\r\nContent-Length: 3\r\n"):
-        s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-        try:
+        with rawhttp.connect(daemon.port, timeout=10) as s:
             s.sendall(b"POST /v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
                       b"Content-Type: application/json\r\n" + framing + b"\r\n")
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = s.recv(4096)
-                assert chunk, answer
-                answer += chunk
-        finally:
-            s.close()
-        head = answer.split(b"\r\n\r\n", 1)[0].decode().lower()
-        assert head.startswith("http/1.1 401") and "connection: close" in head, head
+            head, _ = rawhttp.read_head(s)
+        status, headers = rawhttp.parse_head(head)
+        assert head.startswith(b"HTTP/1.1 ") and status == 401 and headers.get("connection", "").lower() == "close", head
     assert daemon.tcp.get("/v1/health").status == 200
 
 

@@ -5,15 +5,12 @@ import os
 import subprocess
 
 import net
-from conftest import unique_name
-from mqtapd_client import ROOT
-
-CLI = os.environ.get("MQTAP_BIN", os.path.join(ROOT, ".build", "debug", "mqtap"))
+from conftest import BIN, MQTAP_BIN, unique_name
 
 
 def mqtap(daemon, *args, tcp=False):
     where = ["--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file] if tcp else ["--socket", daemon.socket]
-    return subprocess.run([CLI, *args, *where], capture_output=True, text=True, timeout=30)
+    return subprocess.run([MQTAP_BIN, *args, *where], capture_output=True, text=True, timeout=30)
 
 
 def js(daemon, *args, tcp=False):
@@ -95,15 +92,14 @@ def test_forward_declared_counts_and_events(daemon):
 
 
 def test_version_and_help():
-    from conftest import BIN
-    v = subprocess.run([CLI, "--version"], capture_output=True, text=True)
+    v = subprocess.run([MQTAP_BIN, "--version"], capture_output=True, text=True)
     d = subprocess.run([BIN, "--version"], capture_output=True, text=True)
     assert v.returncode == 0 and v.stdout.strip() == d.stdout.strip() != ""
-    h = subprocess.run([CLI, "device", "create", "--help"], capture_output=True, text=True).stdout
+    h = subprocess.run([MQTAP_BIN, "device", "create", "--help"], capture_output=True, text=True).stdout
     for opt in ("--queues", "--max-queues", "--persist", "--vnet-hdr", "--mtu", "--mac", "--up", "--down", "--mode"):
         assert opt in h, opt
     assert "default" in h
-    s = subprocess.run([CLI, "device", "set", "--help"], capture_output=True, text=True).stdout
+    s = subprocess.run([MQTAP_BIN, "device", "set", "--help"], capture_output=True, text=True).stdout
     assert "--up" in s and "--down" in s and "enable-up" not in s
 
 
@@ -114,11 +110,11 @@ def test_errors_exit_nonzero_with_the_servers_code(daemon, tmpdir_short):
     assert r.returncode == 1 and "invalid_field" in r.stderr and "name" in r.stderr
     r = mqtap(daemon, "limits", "set", "0")
     assert r.returncode == 1 and "invalid_field" in r.stderr
-    r = subprocess.run([CLI, "ping", "--socket", os.path.join(tmpdir_short, "nothing.sock")], capture_output=True, text=True)
+    r = subprocess.run([MQTAP_BIN, "ping", "--socket", os.path.join(tmpdir_short, "nothing.sock")], capture_output=True, text=True)
     assert r.returncode == 3 and "cannot reach mqtapd" in r.stderr
-    r = subprocess.run([CLI, "device", "frobnicate"], capture_output=True, text=True)
+    r = subprocess.run([MQTAP_BIN, "device", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 64
-    r = subprocess.run([CLI, "ping", "--url", "ftp://x"], capture_output=True, text=True)
+    r = subprocess.run([MQTAP_BIN, "ping", "--url", "ftp://x"], capture_output=True, text=True)
     assert r.returncode == 64 and "--url" in r.stderr
 
 
@@ -154,24 +150,24 @@ def test_global_options_before_the_subcommand_and_exit_codes(daemon, api):
     says: 0, 1 for an API error, 3 only when the daemon cannot be reached, 64 for usage."""
     n = unique_name("g")
     try:
-        r = subprocess.run([CLI, "--socket", daemon.socket, "ping"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([MQTAP_BIN, "--socket", daemon.socket, "ping"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and r.stdout.startswith("mqtapd "), r.stderr
-        r = subprocess.run([CLI, "--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file, "--json",
+        r = subprocess.run([MQTAP_BIN, "--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file, "--json",
                             "device", "create", n, "--queues", "2"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and json.loads(r.stdout)["queue_count"] == 2, r.stderr
-        r = subprocess.run([CLI, f"--socket={daemon.socket}", "device", "show", n], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([MQTAP_BIN, f"--socket={daemon.socket}", "device", "show", n], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and n in r.stdout, r.stderr
         # Options after the subcommand still work, and a lease's `--` is untouched.
         assert mqtap(daemon, "ping").returncode == 0
-        r = subprocess.run([CLI, "--socket", daemon.socket, "lease", n, "--", "true"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([MQTAP_BIN, "--socket", daemon.socket, "lease", n, "--", "true"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         # A lease over TCP is a usage error (fds cannot cross TCP), not "unreachable".
-        r = subprocess.run([CLI, "--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file,
+        r = subprocess.run([MQTAP_BIN, "--url", f"http://127.0.0.1:{daemon.port}", "--token-file", daemon.token_file,
                             "lease", n, "--", "true"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 64 and "--socket" in r.stderr, (r.returncode, r.stderr)
         # An API error is 1; no daemon is 3.
         assert mqtap(daemon, "device", "show", "nosuch0").returncode == 1
-        r = subprocess.run([CLI, "--socket", "/nonexistent/api.sock", "ping"], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([MQTAP_BIN, "--socket", "/nonexistent/api.sock", "ping"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 3, r.stderr
         assert api.delete(f"/v1/devices/{n}").status == 204
     finally:
@@ -182,7 +178,7 @@ def test_events_exit_non_zero_when_the_daemon_goes(tmpdir_short):
     """`mqtap events` following a daemon that stops says so on stderr and exits 3."""
     from conftest import Daemon
     d = Daemon(tmpdir_short, tcp=False)
-    p = subprocess.Popen([CLI, "--socket", d.socket, "events", "--since", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([MQTAP_BIN, "--socket", d.socket, "events", "--since", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         n = unique_name("ev")
         # The watcher is in once an event it follows shows up.

@@ -8,13 +8,9 @@ import subprocess
 
 import pytest
 
-from conftest import Daemon, need, unique_name
-from mqtapd_client import ROOT
+from conftest import CNI_BIN, Daemon, need, unique_name
 
-CNI_BIN = os.environ.get("MQTAP_CNI_BIN", os.path.join(ROOT, ".build", "debug", "mqtap-cni"))
 CNI_PATH = "/usr/lib/cni"
-
-
 
 
 @pytest.fixture

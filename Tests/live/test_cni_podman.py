@@ -19,19 +19,15 @@ import tempfile
 import pytest
 
 import podman_host
-from conftest import BIN, Daemon, need, unique_name
-from mqtapd_client import ROOT
+from conftest import BIN, CNI_BIN, Daemon, need, unique_name
+from net import IFF_MULTI_QUEUE, IFF_PERSIST, IFF_TAP, IFF_TUN
 
-CNI_BIN = os.environ.get("MQTAP_CNI_BIN", os.path.join(ROOT, ".build", "debug", "mqtap-cni"))
 NETWORK = "mqtnet"
 # 198.18.0.0/15 (benchmarking); a /24 no other live test uses.
 SUBNET = ipaddress.ip_network("198.18.5.0/24")
 QUEUES = 4
 OWNER = 107  # KubeVirt's qemu uid: any unprivileged id the kernel takes
 IFNAME = "eth0"  # podman's CNI_IFNAME for a container's first network
-IFF_TUN, IFF_TAP, IFF_MULTI_QUEUE, IFF_PERSIST = 0x0001, 0x0002, 0x0100, 0x0800
-
-
 
 
 def cni_device(api, container_id=None):

@@ -9,10 +9,6 @@ import struct
 import lease_client
 import net
 from events_client import Watcher
-from test_identity import attach
-
-TUNSETVNETHDRSZ = 0x400454D8
-TUNSETOWNER = 0x400454CC
 
 
 def device(api, n):
@@ -21,11 +17,6 @@ def device(api, n):
 
 def total(api, n):
     return api.get(f"/v1/devices/{n}/stats").json()["total"]
-
-
-def kbytes(n):
-    with open(f"/sys/class/net/{n}/statistics/tx_bytes") as f:
-        return int(f.read())
 
 
 def make(api, n, **spec):
@@ -41,7 +32,7 @@ def make(api, n, **spec):
 
 
 def set_hdr_size(fd, size):
-    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", size))
+    fcntl.ioctl(fd, net.TUNSETVNETHDRSZ, struct.pack("i", size))
 
 
 def exact(api, n, k0, t0):
@@ -49,14 +40,12 @@ def exact(api, n, k0, t0):
     def check():
         k, t = net.kernel_stats(n), total(api, n)
         return (t["rx_packets"] - t0["rx_packets"] == k["tx_packets"] - k0["tx_packets"]
-                and t["rx_bytes"] - t0["rx_bytes"] == kbytes(n) - k0["tx_bytes"])
+                and t["rx_bytes"] - t0["rx_bytes"] == k["tx_bytes"] - k0["tx_bytes"])
     return net.settle(check, 10)
 
 
 def snapshot(api, n):
-    k = net.kernel_stats(n)
-    k["tx_bytes"] = kbytes(n)
-    return k, total(api, n)
+    return net.kernel_stats(n), total(api, n)
 
 
 def test_external_mode_gives_every_frame_to_the_by_name_consumers(daemon, api, name):
@@ -65,7 +54,7 @@ def test_external_mode_gives_every_frame_to_the_by_name_consumers(daemon, api, n
     assert d["mode"] == "external" and d["consumer"] == "external"
     assert d["queue_count"] == 4 and d["enabled_queues"] == 0, "the daemon's own queues are held detached"
     assert net.queue_counts(n) == (0, 4)
-    fds = [attach(n) for _ in range(4)]
+    fds = [net.open_tap(n) for _ in range(4)]
     try:
         assert net.settle(lambda: device(api, n)["foreign_queues"] == 4)
         d = device(api, n)
@@ -176,7 +165,7 @@ def test_a_holders_header_size_is_shown_never_misread_and_put_back(daemon, api, 
 
     # A process that attaches by name (sink mode: frames are split) and sets 12: the workers
     # stop reading the device rather than misread it, and read again once it is gone.
-    fd = attach(n)
+    fd = net.open_tap(n)
     try:
         set_hdr_size(fd, 12)
         assert net.settle(lambda: "vnet header size is 12" in device(api, n).get("state_reason", ""), 10), device(api, n)
@@ -200,7 +189,7 @@ def test_the_owner_a_holder_sets_is_shown_and_put_back(daemon, api, name):
     make(api, n, queues=2, owner=0)
     lease = lease_client.take(daemon.socket, n)
     try:
-        fcntl.ioctl(lease.fds[0], TUNSETOWNER, 65534)
+        fcntl.ioctl(lease.fds[0], net.TUNSETOWNER, 65534)
         assert int(open(f"/sys/class/net/{n}/owner").read()) == 65534
         d = device(api, n)
         assert d["owner"] == 65534 and "owner" in d["settings_differ"], d
@@ -254,12 +243,12 @@ def test_a_removed_queue_stays_in_the_total(api, name):
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 
-HOLDER = r"""
+HOLDER = f"""
 import fcntl, os, struct, sys
 fd = os.open("/dev/net/tun", os.O_RDWR)
-fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", sys.argv[1].encode(), 0x0002 | 0x1000 | 0x0100 | 0x4000))
-fcntl.ioctl(fd, 0x400454D8, struct.pack("i", 12))   # TUNSETVNETHDRSZ
-fcntl.ioctl(fd, 0x400454CE, 65534)                 # TUNSETGROUP
+fcntl.ioctl(fd, {net.TUNSETIFF}, struct.pack("16sH22x", sys.argv[1].encode(), {net.IFF_TAP | net.IFF_NO_PI | net.IFF_MULTI_QUEUE | net.IFF_VNET_HDR}))
+fcntl.ioctl(fd, {net.TUNSETVNETHDRSZ}, struct.pack("i", 12))
+fcntl.ioctl(fd, {net.TUNSETGROUP}, 65534)
 print("ready", flush=True)
 sys.stdin.read()
 """

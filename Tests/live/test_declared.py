@@ -1,15 +1,9 @@
 """Declared queue counts on real taps: PATCH queues / enabled_queues, checked against the
 kernel's numqueues and numdisabled after each step."""
-import subprocess
 import threading
 
 import lease_client
 import net
-
-
-def kernel(n):
-    out = subprocess.run(["ip", "-d", "link", "show", n], capture_output=True, text=True).stdout.split()
-    return int(out[out.index("numqueues") + 1]), int(out[out.index("numdisabled") + 1])
 
 
 def test_up_and_down_with_the_attached_count(api, name):
@@ -18,13 +12,13 @@ def test_up_and_down_with_the_attached_count(api, name):
     d = api.patch(f"/v1/devices/{n}", {"queues": 8, "enabled_queues": 4}).json()
     assert d["queue_count"] == 8 and d["enabled_queues"] == 4
     assert [q["enabled"] for q in d["queues"]] == [True] * 4 + [False] * 4
-    assert kernel(n) == (4, 4)
+    assert net.queue_counts(n) == (4, 4)
     d = api.patch(f"/v1/devices/{n}", {"enabled_queues": 6}).json()
-    assert kernel(n) == (6, 2) and d["enabled_queues"] == 6
+    assert net.queue_counts(n) == (6, 2) and d["enabled_queues"] == 6
     d = api.patch(f"/v1/devices/{n}", {"queues": 3}).json()
-    assert [q["id"] for q in d["queues"]] == [0, 1, 2] and kernel(n) == (3, 0)
+    assert [q["id"] for q in d["queues"]] == [0, 1, 2] and net.queue_counts(n) == (3, 0)
     d = api.patch(f"/v1/devices/{n}", {"queues": 3, "enabled_queues": 1}).json()
-    assert kernel(n) == (1, 2)
+    assert net.queue_counts(n) == (1, 2)
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 
@@ -38,25 +32,25 @@ def test_refusals_at_the_limit_and_with_a_lease_change_nothing(daemon, api, name
     for bad in ({"queues": 0}, {"queues": 257}, {"enabled_queues": -1}, {"enabled_queues": 257}):
         r = api.patch(f"/v1/devices/{n}", bad)
         assert r.status == 400 and r.code == "invalid_field", (bad, r)
-    assert kernel(n) == (4, 0)
+    assert net.queue_counts(n) == (4, 0)
     # At the limit exactly: fine.
     assert api.patch(f"/v1/devices/{n}", {"queues": 6}).json()["queue_count"] == 6
-    assert kernel(n) == (6, 0)
+    assert net.queue_counts(n) == (6, 0)
     lease = lease_client.take(daemon.socket, n, {"queues": [2, 3, 4, 5]})
     try:
         # The lease takes the device: queues 0 and 1 are held detached.
-        assert kernel(n) == (4, 2)
+        assert net.queue_counts(n) == (4, 2)
         r = api.patch(f"/v1/devices/{n}", {"queues": 3})
         assert r.status == 409 and r.code == "queue_leased", r
-        assert kernel(n) == (4, 2)
+        assert net.queue_counts(n) == (4, 2)
         # Leased queues are skipped: the highest ids that are not leased go (1, then 0).
         d = api.patch(f"/v1/devices/{n}", {"queues": 5}).json()
         assert [q["id"] for q in d["queues"]] == [0, 2, 3, 4, 5]
-        assert kernel(n) == (4, 1)
+        assert net.queue_counts(n) == (4, 1)
     finally:
         lease.close()
     assert net.settle(lambda: not any(q["leased"] for q in api.get(f"/v1/devices/{n}").json()["queues"]))
-    assert net.settle(lambda: kernel(n) == (5, 0)), "the lease's end gives queue 0 back as the API set it"
+    assert net.settle(lambda: net.queue_counts(n) == (5, 0)), "the lease's end gives queue 0 back as the API set it"
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 
@@ -84,5 +78,5 @@ def test_concurrent_with_adds_the_kernel_agrees(api, name):
         t.join()
     assert not errors, errors
     d = api.get(f"/v1/devices/{n}").json()
-    assert kernel(n) == (d["enabled_queues"], d["queue_count"] - d["enabled_queues"])
+    assert net.queue_counts(n) == (d["enabled_queues"], d["queue_count"] - d["enabled_queues"])
     assert api.delete(f"/v1/devices/{n}").status == 204

@@ -1,7 +1,6 @@
 """GET /v1/events on real devices: every type from a real action, in order, once; replay with
 since, 410, follow=false, the device filter; 64 watchers and one that never reads; SIGTERM."""
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import lease_client
 import net
-from conftest import Daemon, unique_name
+from conftest import MQTAP_BIN, Daemon, unique_name
 from events_client import Watcher
 
 
@@ -214,13 +213,12 @@ def test_sigterm_ends_the_streams_cleanly(tmpdir_short):
 
 
 def test_mqtap_events(tmpdir_short):
-    from test_cli import CLI
     d = Daemon(tmpdir_short, tcp=False)
     n = unique_name("c")
     try:
         # From the journal's start (the daemon is the test's own), so the follower sees both
         # events however long it takes to connect; its lines are read with a deadline.
-        follower = subprocess.Popen([CLI, "events", "--socket", d.socket, "--device", n, "--since", "0"],
+        follower = subprocess.Popen([MQTAP_BIN, "events", "--socket", d.socket, "--device", n, "--since", "0"],
                                     stdout=subprocess.PIPE, text=True)
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(l) for l in follower.stdout], daemon=True).start()
@@ -232,12 +230,12 @@ def test_mqtap_events(tmpdir_short):
         follower.wait(10)
         assert first[2:4] == ["device.created", n]
         assert second[2:4] == ["queue.disabled", n] and "queue=1" in second and "by=api" in second
-        r = subprocess.run([CLI, "events", "--socket", d.socket, "--no-follow", "--json", "--since", "0"],
+        r = subprocess.run([MQTAP_BIN, "events", "--socket", d.socket, "--no-follow", "--json", "--since", "0"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         lines = [json.loads(l) for l in r.stdout.splitlines()]
         assert [e["type"] for e in lines] == ["device.created", "queue.disabled"]
-        r = subprocess.run([CLI, "events", "--socket", d.socket, "--since", "x"], capture_output=True, text=True)
+        r = subprocess.run([MQTAP_BIN, "events", "--socket", d.socket, "--since", "x"], capture_output=True, text=True)
         assert r.returncode != 0
         assert d.unix.delete(f"/v1/devices/{n}").status == 204
     finally:

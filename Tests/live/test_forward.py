@@ -14,13 +14,6 @@ from conftest import Daemon, PREFIX, unique_name
 A_IP, B_IP = "198.18.0.1", "198.18.0.2"
 
 
-def kstats(ns, dev):
-    base = f"/sys/class/net/{dev}/statistics"
-    out = sh("ip", "netns", "exec", ns, "sh", "-c",
-             f"cat {base}/tx_packets {base}/tx_bytes {base}/rx_packets {base}/rx_bytes {base}/tx_dropped").stdout.split()
-    return dict(zip(("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_dropped"), map(int, out)))
-
-
 def total(api, dev):
     return api.get(f"/v1/devices/{dev}/stats").json()["total"]
 
@@ -47,22 +40,10 @@ def iperf(nsa, nsb, seconds, streams=1):
         server.wait()
 
 
-def settled(fn, timeout=30):
-    """Polls until two reads 0.3 s apart agree and satisfy fn."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            time.sleep(0.3)
-            if fn():
-                return True
-        time.sleep(0.1)
-    return fn()
-
-
 def reconcile(api, a, b, nsa, nsb, base):
     """The deltas since `base` agree exactly: what each daemon side counted and each kernel."""
     ta, tb = total(api, a), total(api, b)
-    ka, kb = kstats(nsa, a), kstats(nsb, b)
+    ka, kb = net.kernel_stats(a, nsa), net.kernel_stats(b, nsb)
     d = lambda cur, key, which: cur[key] - base[which][key]
     return (d(ta, "rx_packets", "ta") == d(ka, "tx_packets", "ka")          # a's queues read = a kernel sent
             and d(ta, "rx_bytes", "ta") == d(ka, "tx_bytes", "ka")
@@ -73,7 +54,7 @@ def reconcile(api, a, b, nsa, nsb, base):
 
 
 def snapshot(api, a, b, nsa, nsb):
-    return {"ta": total(api, a), "tb": total(api, b), "ka": kstats(nsa, a), "kb": kstats(nsb, b)}
+    return {"ta": total(api, a), "tb": total(api, b), "ka": net.kernel_stats(a, nsa), "kb": net.kernel_stats(b, nsb)}
 
 
 def test_a_forwarded_wire_between_two_namespaces(tmpdir_short):
@@ -104,15 +85,15 @@ def test_a_forwarded_wire_between_two_namespaces(tmpdir_short):
         base = snapshot(api, a, b, nsa, nsb)
         gbps = iperf(nsa, nsb, 3)
         assert gbps and gbps > 0.05, gbps
-        assert settled(lambda: reconcile(api, a, b, nsa, nsb, base)), (snapshot(api, a, b, nsa, nsb), base)
+        assert net.settle(lambda: reconcile(api, a, b, nsa, nsb, base), every=0.1, steady=0.3), (snapshot(api, a, b, nsa, nsb), base)
         ta = total(api, a)
         frames = ta["rx_packets"] - base["ta"]["rx_packets"]
         assert (ta["rx_bytes"] - base["ta"]["rx_bytes"]) / frames > 1500, "GSO super-frames pass through whole"
         assert ta["dropped"] == 0
         # The daemon reads and sets each moved device where it is: its kernel counters are the
         # namespace's, and a PATCH never touches what took its name here.
-        assert settled(lambda: api.get(f"/v1/devices/{a}/stats").json()["kernel"]["tx_packets"]
-                       == kstats(nsa, a)["tx_packets"])
+        assert net.settle(lambda: api.get(f"/v1/devices/{a}/stats").json()["kernel"]["tx_packets"]
+                          == net.kernel_stats(a, nsa)["tx_packets"], every=0.1, steady=0.3)
         sh("ip", "link", "add", a, "type", "veth", "peer", "name", f"{a}p")
         try:
             assert api.patch(f"/v1/devices/{a}", {"mtu": 9000}).json()["mtu"] == 9000
@@ -151,7 +132,7 @@ def test_a_forwarded_wire_between_two_namespaces(tmpdir_short):
         assert sh("ip", "netns", "exec", nsa, "ping", "-c", "3", "-i", "0.2", "-w", "30", B_IP, check=False).returncode == 0
         base = snapshot(api, a, b, nsa, nsb)
         assert (iperf(nsa, nsb, 2) or 0) > 0.05
-        assert settled(lambda: reconcile(api, a, b, nsa, nsb, base)), (snapshot(api, a, b, nsa, nsb), base)
+        assert net.settle(lambda: reconcile(api, a, b, nsa, nsb, base), every=0.1, steady=0.3), (snapshot(api, a, b, nsa, nsb), base)
         assert api.delete(f"/v1/devices/{a}").status == 204
         assert api.delete(f"/v1/devices/{b}").status == 204
     finally:

@@ -5,20 +5,17 @@ stays up, answers every request with a response valid against openapi.yaml, and 
 process: the next request fails and the test with it."""
 import json
 import os
-import socket
-import string
 import tempfile
 import urllib.parse
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from conftest import Daemon, PREFIX, unique_name
-from mqtapd_client import ROOT, SpecViolation, validate
+from mqtapd_client import SPEC, SpecViolation, validate
 import net
+import rawhttp
 
-SPEC = yaml.safe_load(open(os.path.join(ROOT, "openapi.yaml")))
 SETTINGS = settings(max_examples=int(os.environ.get("MQTAPD_FUZZ_EXAMPLES", "300")), deadline=None,
                     suppress_health_check=list(HealthCheck), database=None,
                     # No shrinking: a failure here is a hung or dead daemon, and each try of a
@@ -170,27 +167,14 @@ def take_lease(d, device, data):
     """A lease request as a VMM sends it (with the upgrade), on a raw socket: a 101 is closed
     at once (the lease ends with it); any other answer is read whole and checked."""
     path = f"/v1/devices/{device}/leases"
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(d.socket)
-    s.settimeout(10)
-    try:
+    with rawhttp.connect(d.socket, timeout=10) as s:
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: mqtapd-lease/1\r\n"
                   f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-        raw = b""
-        while b"\r\n\r\n" not in raw:
-            chunk = s.recv(65536)
-            assert chunk, (data, raw)
-            raw += chunk
-        head, _, body = raw.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+        head, body = rawhttp.read_head(s)
+        status, headers = rawhttp.parse_head(head)
         if status != 101:
-            while len(body) < int(headers.get("content-length", 0)):
-                body += s.recv(65536)
+            body = rawhttp.read_body(s, headers, body)
             validate("POST", path, status, headers, body)
-    finally:
-        s.close()
     assert d.proc.poll() is None, f"POST {path} {data!r:.200} killed the daemon:\n" + "\n".join(d.log[-20:])
     assert status == 101 or 400 <= status < 500, (data, status, body)
     return status

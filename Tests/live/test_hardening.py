@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from events_client import Watcher
 import lease_client
 from mqtapd_client import Client, _UnixConnection, validate
 import net
+import rawhttp
 
 
 def _start_fails(args, timeout=30):
@@ -142,8 +142,7 @@ def test_stops_in_the_middle_of_everything_end_cleanly(tmpdir_short):
             held.close()
 
         def half_sent():
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(d.socket)
+            with rawhttp.connect(d.socket) as s:
                 s.send(b"GET /v1/hea")
                 time.sleep(0.05)
 
@@ -348,10 +347,7 @@ def test_slowloris_connections_neither_starve_health_nor_stay(tmpdir_short):
         # A non-blocking connect (as curl's) fails with EAGAIN at once when the listen queue
         # is full: every one of the 300 must get in, however slowly the daemon accepts them.
         for _ in range(300):
-            s = socket.socket(socket.AF_UNIX)
-            slow.append(s)
-            s.settimeout(5)
-            s.connect(d.socket)
+            slow.append(rawhttp.connect(d.socket, timeout=5))
         line = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 64
         started = time.monotonic()
         latencies = []
@@ -441,65 +437,13 @@ def test_health_and_reads_do_not_queue_behind_changes(tmpdir_short):
 # MARK: HTTP corners
 
 
-def _complete(out):
-    """Whether `out` holds a whole answer (its body by Content-Length or to the last chunk)."""
-    head, sep, body = out.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(b":") for l in head.split(b"\r\n")[1:])}
-    if b"content-length" in headers:
-        return len(body) >= int(headers[b"content-length"])
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        return body.endswith(b"0\r\n\r\n")
-    return False
-
-
-def _raw(path, data, wait=30.0):
-    """Sends `data` on a fresh connection; returns (status, headers, body) of the answer and
-    whether the server closed the connection after it. Waits up to `wait` for the answer, and
-    for the close when the answer says `Connection: close`; otherwise a moment."""
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    deadline = time.monotonic() + wait
-    try:
-        s.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # answered and closed before all of it was sent: the answer is still there to read
-    out = b""
-    closed = False
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if _complete(out) and b"\r\nconnection: close\r\n" not in out.partition(b"\r\n\r\n")[0].lower() + b"\r\n":
-                left = min(left, 0.5)
-            if left <= 0:
-                break
-            s.settimeout(left)
-            b = s.recv(65536)
-            if not b:
-                closed = True
-                break
-            out += b
-    except ConnectionResetError:
-        closed = True
-    except socket.timeout:
-        pass
-    finally:
-        s.close()
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1]) if lines and lines[0] else None
-    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
-    return status, headers, body, closed
-
-
 def test_ambiguous_framing_is_refused_and_the_connection_closed(daemon, api):
     n = unique_name("cl")
     body = json.dumps({"name": n}).encode()
     for framing in (b"Content-Length: %d\r\nContent-Length: 2\r\n" % len(body),
                     b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(body)):
-        status, headers, raw, closed = _raw(daemon.socket, b"POST /v1/devices HTTP/1.1\r\nHost: x\r\n"
-                                            b"Content-Type: application/json\r\n" + framing + b"\r\n" + body)
+        status, headers, raw, closed = rawhttp.exchange(daemon.socket, b"POST /v1/devices HTTP/1.1\r\nHost: x\r\n"
+                                                        b"Content-Type: application/json\r\n" + framing + b"\r\n" + body)
         assert status == 400 and json.loads(raw)["error"]["code"] == "bad_request", (status, raw)
         validate("POST", "/v1/devices", status, headers, raw)
         assert closed and headers.get("connection") == "close"
@@ -509,17 +453,17 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(daemon, api):
 def test_a_chunked_body_over_the_limit_is_413_json(daemon, api):
     chunk = b"y" * 4096
     chunks = b"".join(b"1000\r\n" + chunk + b"\r\n" for _ in range(20))
-    status, headers, raw, closed = _raw(daemon.socket, b"POST /v1/devices HTTP/1.1\r\nHost: x\r\n"
-                                        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                        + chunks + b"0\r\n\r\n")
+    status, headers, raw, closed = rawhttp.exchange(daemon.socket, b"POST /v1/devices HTTP/1.1\r\nHost: x\r\n"
+                                                    b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                                    + chunks + b"0\r\n\r\n")
     assert status == 413 and json.loads(raw)["error"]["code"] == "payload_too_large", (status, raw)
     validate("POST", "/v1/devices", status, headers, raw)
     # Under the limit, chunked works as any body.
     n = unique_name("ch")
     body = json.dumps({"name": n}).encode()
-    status, _, raw, _ = _raw(daemon.socket, b"POST /v1/devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    status, _, raw, _ = rawhttp.exchange(daemon.socket, b"POST /v1/devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                         + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
     try:
         assert status == 201, raw
     finally:
@@ -529,7 +473,7 @@ def test_a_chunked_body_over_the_limit_is_413_json(daemon, api):
 def test_many_query_parameters_get_an_answer(daemon, api):
     for count in (500, 1000):
         q = "&".join(f"p{i}={i}" for i in range(count))
-        status, headers, raw, _ = _raw(daemon.socket, f"GET /v1/devices?{q} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status, headers, raw, _ = rawhttp.exchange(daemon.socket, f"GET /v1/devices?{q} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         assert status == 200, (count, status, raw[:200])
         validate("GET", "/v1/devices", status, headers, raw)
 
@@ -539,7 +483,7 @@ def test_what_libmicrohttpd_answers_itself_is_as_documented(daemon, api):
     for request, want in ((b"GET /" + b"a" * 200000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
                           (b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200000 + b"\r\n\r\n", 431),
                           (b"GET /v1/health HTTP/2.0\r\nHost: x\r\n\r\n", 505)):
-        status, _, _, closed = _raw(daemon.socket, request)
+        status, _, _, closed = rawhttp.exchange(daemon.socket, request)
         assert status == want and closed, (want, status)
     assert api.get("/v1/health").status == 200
 
@@ -558,10 +502,7 @@ def test_the_api_keeps_its_connection_cap_with_room_for_leases(tmpdir_short):
             held = []
             started = time.monotonic()
             for _ in range(320):
-                s = socket.socket(socket.AF_UNIX)
-                s.settimeout(5)
-                s.connect(d.socket)
-                held.append(s)
+                held.append(rawhttp.connect(d.socket, timeout=5))
             if time.monotonic() - started < 0.3:
                 break
         assert time.monotonic() - started < 0.3, "connecting took too long here to tell the cap from the sweep"

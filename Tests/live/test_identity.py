@@ -3,29 +3,12 @@ queues other processes attach by name, a persistence set from outside, and who m
 import fcntl
 import json
 import os
-import struct
 import subprocess
 import time
 
-from conftest import BIN, Daemon, unique_name
+from conftest import MQTAP_BIN, Daemon, unique_name
 import net
 from net import sh
-
-TUNSETIFF = 0x400454CA
-TUNSETPERSIST = 0x400454CB
-IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x0100
-
-
-def attach(name):
-    """One more queue of `name`, opened here as QEMU with `ifname=` would: a foreign queue."""
-    fd = os.open("/dev/net/tun", os.O_RDWR)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE))
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
 
 def ifindex(name):
     with open(f"/sys/class/net/{name}/ifindex") as f:
@@ -111,7 +94,7 @@ def test_foreign_queues_are_shown_counted_toward_the_limit_and_logged(daemon, ap
     try:
         assert api.post("/v1/devices", {"name": f, "queues": 2, "max_queues": 4}).status == 201
         assert api.get(f"/v1/devices/{f}").json()["foreign_queues"] == 0
-        fds.append(attach(f))
+        fds.append(net.open_tap(f))
         assert net.kernel_queue_count(f) == 3
         info = api.get(f"/v1/devices/{f}").json()
         assert info["foreign_queues"] == 1 and info["queue_count"] == 2, info
@@ -128,7 +111,7 @@ def test_foreign_queues_are_shown_counted_toward_the_limit_and_logged(daemon, ap
         assert net.settle(lambda: api.get(f"/v1/devices/{f}").json()["foreign_queues"] == 0)
         # A queue held elsewhere would keep the link after the daemon's fds close: DELETE
         # deletes the link, so 204 means it is gone.
-        fds.append(attach(f))
+        fds.append(net.open_tap(f))
         assert api.delete(f"/v1/devices/{f}").status == 204
         assert not net.exists(f)
     finally:
@@ -141,8 +124,8 @@ def test_delete_removes_a_device_persisted_from_outside(daemon, api):
     e = unique_name("ep")
     try:
         assert api.post("/v1/devices", {"name": e, "queues": 2}).status == 201
-        fd = attach(e)
-        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        fd = net.open_tap(e)
+        fcntl.ioctl(fd, net.TUNSETPERSIST, 1)
         os.close(fd)
         assert api.delete(f"/v1/devices/{e}").status == 204
         assert not net.exists(e), "after 204 the link is gone"
@@ -150,11 +133,11 @@ def test_delete_removes_a_device_persisted_from_outside(daemon, api):
         net.delete_link(e)
 
 
-ATTACH = """
+ATTACH = f"""
 import fcntl, os, struct, sys
 fd = os.open("/dev/net/tun", os.O_RDWR)
 try:
-    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", sys.argv[1].encode(), 0x1102))
+    fcntl.ioctl(fd, {net.TUNSETIFF}, struct.pack("16sH22x", sys.argv[1].encode(), {net.IFF_TAP | net.IFF_NO_PI | net.IFF_MULTI_QUEUE}))
     print("attached")
 except OSError as e:
     print(e.errno)
@@ -176,7 +159,7 @@ def test_owner_and_group_decide_who_may_attach(daemon, api):
         assert attach_as(65534, 65534, o) == "attached"
         # The CLI takes a name and sends its id.
         nogroup = int(sh("getent", "group", "nogroup").stdout.split(":")[2])
-        cli = sh(os.path.join(os.path.dirname(BIN), "mqtap"), "device", "create", g, "--group", "nogroup",
+        cli = sh(MQTAP_BIN, "device", "create", g, "--group", "nogroup",
                  "--socket", daemon.socket, check=False)
         assert cli.returncode == 0, cli.stderr
         assert api.get(f"/v1/devices/{g}").json()["group"] == nogroup
@@ -185,7 +168,7 @@ def test_owner_and_group_decide_who_may_attach(daemon, api):
         for bad in ({"owner": "nobody"}, {"group": -1}, {"owner": 4294967295}, {"owner": True}):
             r = api.post("/v1/devices", {"name": unique_name("ob"), **bad})
             assert r.status == 400 and r.json()["error"]["field"] == next(iter(bad)), r
-        cli = sh(os.path.join(os.path.dirname(BIN), "mqtap"), "device", "create", unique_name("ob"),
+        cli = sh(MQTAP_BIN, "device", "create", unique_name("ob"),
                  "--owner", "no-such-user-x", "--socket", daemon.socket, check=False)
         assert cli.returncode != 0 and "no user is called no-such-user-x" in cli.stderr
     finally:
@@ -259,8 +242,8 @@ def test_a_restart_reclaims_a_device_persisted_from_outside(tmpdir_short):
     x = unique_name("px")
     try:
         assert d.unix.post("/v1/devices", {"name": x, "queues": 2}).status == 201
-        fd = attach(x)
-        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        fd = net.open_tap(x)
+        fcntl.ioctl(fd, net.TUNSETPERSIST, 1)
         os.close(fd)
         assert d.stop() == 0
         assert net.exists(x) and net.kernel_queue_count(x) == 0, "the outside persistence kept it"

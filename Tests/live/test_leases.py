@@ -5,7 +5,8 @@ import subprocess
 
 import lease_client
 import net
-from mqtapd_client import ROOT
+import rawhttp
+from conftest import MQTAP_BIN, Daemon, unique_name
 
 
 def mac_of(api, n):
@@ -25,7 +26,7 @@ def test_the_fds_are_the_devices_queues(daemon, api, name):
         assert [q["id"] for q in lease.line["queues"]] == [0, 1, 2, 3] and lease.line["device"] == n
         for fd in lease.fds:
             ifname, flags = lease_client.getiff(fd)
-            assert ifname == n and flags & lease_client.IFF_MULTI_QUEUE
+            assert ifname == n and flags & net.IFF_MULTI_QUEUE
         qs = queues(api, n)
         assert all(q["leased"] and q["lease"] == lease.id and q["lease_state"] == "live" for q in qs)
         leases = api.get(f"/v1/devices/{n}/leases").json()["leases"]
@@ -127,7 +128,7 @@ def test_revoke_detaches_closes_and_forgets(daemon, api, name):
     lease.sock.settimeout(5)
     assert lease.sock.recv(1) == b"", "the lease's connection is closed"
     _, flags = lease_client.getiff(lease.fds[0])
-    assert flags & lease_client.IFF_DETACH_QUEUE, "the holder's queue is detached"
+    assert flags & net.IFF_DETACH_QUEUE, "the holder's queue is detached"
     # The id has a fresh file, the daemon's alone, attached as the API had it; the old one
     # is kept detached.
     q = api.get(f"/v1/devices/{n}/queues/1").json()
@@ -160,11 +161,10 @@ def test_force_delete_revokes_and_deletes_the_link(daemon, api, name):
 def test_cli_lease_runs_a_command_with_the_fds(daemon, api, name):
     n = name()
     assert api.post("/v1/devices", {"name": n, "queues": 3}).status == 201
-    mqtap = os.path.join(os.path.dirname(os.environ.get("MQTAPD_BIN", os.path.join(ROOT, ".build", "debug", "mqtapd"))), "mqtap")
     # The command sees the fds (as {fds} and in the environment) and the lease is live while it runs.
     script = ('for fd in $(echo "$0" | tr : " "); do test -e /proc/self/fd/$fd || exit 9; done; '
               'test "$0" = "$MQTAP_QUEUE_FDS" || exit 8; echo "$MQTAP_LEASE"; read _')
-    p = subprocess.Popen([mqtap, "lease", n, "--socket", daemon.socket, "--queues", "0,2", "--holder", "cli",
+    p = subprocess.Popen([MQTAP_BIN, "lease", n, "--socket", daemon.socket, "--queues", "0,2", "--holder", "cli",
                           "--", "sh", "-c", script, "{fds}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
@@ -181,7 +181,7 @@ def test_cli_lease_runs_a_command_with_the_fds(daemon, api, name):
     assert out.strip() == lease["id"]
     # The command exited: its connection closed, the lease ended.
     assert net.settle(lambda: not any(q["leased"] for q in queues(api, n)))
-    r = subprocess.run([mqtap, "lease", "list", n, "--socket", daemon.socket], capture_output=True, text=True)
+    r = subprocess.run([MQTAP_BIN, "lease", "list", n, "--socket", daemon.socket], capture_output=True, text=True)
     assert r.returncode == 0 and "ID" in r.stdout
     assert api.delete(f"/v1/devices/{n}").status == 204
 
@@ -191,7 +191,6 @@ def test_1100_live_leases_leave_the_api_answering(tmpdir_short):
     health, revoke and a forced delete answer, a new lease past the limit is 409
     lease_limit, and the API's own connections are all there."""
     import resource
-    from conftest import Daemon, unique_name
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
@@ -211,13 +210,7 @@ def test_1100_live_leases_leave_the_api_answering(tmpdir_short):
         r = lease_client.take(d.socket, devs[0], {"queues": [220]})
         assert not isinstance(r, lease_client.Lease) and r.status == 409 and r.code == "lease_limit", r
         # The API's connections are its own: 100 at once all get in and are answered.
-        import socket
-        held = []
-        for _ in range(100):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            s.connect(d.socket)
-            held.append(s)
+        held = [rawhttp.connect(d.socket, timeout=10) for _ in range(100)]
         for s in held:
             s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         for s in held:

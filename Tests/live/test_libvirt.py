@@ -18,10 +18,8 @@ import pytest
 
 import libvirt_host
 import net
-from conftest import BIN, Daemon, need, unique_name
-from mqtapd_client import ROOT
+from conftest import BIN, GUEST, Daemon, build_guest, need, unique_name
 
-GUEST = os.path.join(ROOT, ".build-guest")
 # 198.18.0.0/15 (benchmarking), a /24 test_qemu.py does not use: the two may run at once.
 HOST_IP, GUEST_IP = "198.19.77.1", "198.19.77.2"
 GUEST_MAC = "52:54:00:4d:51:02"
@@ -45,11 +43,10 @@ def create_external_device(api, dev):
 @pytest.fixture(scope="module")
 def guest():
     """The kernel and initramfs, built from Debian packages by scripts/build-guest.sh."""
-    r = subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh"), GUEST], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    kernel_initrd = build_guest()
     with open(os.path.join(GUEST, "guest.env")) as f:
         need("ETHTOOL=yes" in f.read(), "the guest has no ethtool, so mqt.queues cannot enable 4 queue pairs")
-    return os.path.join(GUEST, "vmlinuz"), os.path.join(GUEST, "initrd.cpio.gz")
+    return kernel_initrd
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,13 @@
 """Devices where their consumers live (issue 21): made inside a network namespace (by
 /run/netns path, by bare name, by /proc/PID/ns/net), counted exactly there, found again there
 after a restart (never re-made on the host), and single-queue devices."""
-import fcntl
 import json
 import os
 import signal
-import struct
 import subprocess
 
 import net
-from conftest import Daemon, unique_name
+from conftest import MQTAP_BIN, Daemon, unique_name
 
 LIVE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,11 +26,6 @@ def in_ns(ns, *cmd, check=True):
 
 def exists_in(ns, ifname):
     return in_ns(ns, "ip", "link", "show", "dev", ifname, check=False).returncode == 0
-
-
-def kstat(ns, ifname, key):
-    # `ip netns exec` mounts a sysfs of the namespace: its counters, not the host's.
-    return int(in_ns(ns, "cat", f"/sys/class/net/{ifname}/statistics/{key}").stdout)
 
 
 def send_in(ns, ifname, mac, count):
@@ -64,14 +57,14 @@ def test_create_in_a_namespace_by_path_name_and_proc(api, name):
         assert api.patch(f"/v1/devices/{a}", {"up": True, "mtu": 1400}).status == 200
         assert "mtu 1400" in in_ns(ns, "ip", "link", "show", "dev", ifname).stdout
         t0 = api.get(f"/v1/devices/{a}/stats").json()
-        k0 = kstat(ns, ifname, "tx_packets")
+        k0 = net.kernel_stats(ifname, ns)["tx_packets"]
         sent = send_in(ns, ifname, d["mac"], 300)
         assert sent == 300
         ok = net.settle(lambda: api.get(f"/v1/devices/{a}/stats").json()["total"]["rx_packets"] - t0["total"]["rx_packets"]
-                        == kstat(ns, ifname, "tx_packets") - k0 == 300, 10)
-        assert ok, (api.get(f"/v1/devices/{a}/stats").json(), kstat(ns, ifname, "tx_packets"), k0)
+                        == net.kernel_stats(ifname, ns)["tx_packets"] - k0 == 300, 10)
+        assert ok, (api.get(f"/v1/devices/{a}/stats").json(), net.kernel_stats(ifname, ns)["tx_packets"], k0)
         s = api.get(f"/v1/devices/{a}/stats").json()
-        assert s["kernel"]["tx_packets"] == kstat(ns, ifname, "tx_packets"), "the kernel counters are the namespace's device's"
+        assert s["kernel"]["tx_packets"] == net.kernel_stats(ifname, ns)["tx_packets"], "the kernel counters are the namespace's device's"
         assert api.post(f"/v1/devices/{a}/queues").status == 201
         assert api.delete(f"/v1/devices/{a}").status == 204
         assert not exists_in(ns, ifname) and net.exists(host_tap), "only the namespace's device went"
@@ -173,10 +166,6 @@ def test_a_device_moved_by_hand_comes_back_where_it_went(tmpdir_short):
         net.delete_link(n)
 
 
-TUNSETIFF = 0x400454CA
-IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
-
-
 def test_a_single_queue_device(daemon, api, name):
     """multi_queue: false: no IFF_MULTI_QUEUE, one queue, counted; more queues are refused;
     a lease hands its one queue to a single-queue consumer."""
@@ -185,7 +174,7 @@ def test_a_single_queue_device(daemon, api, name):
     r = api.post("/v1/devices", {"name": n, "multi_queue": False, "up": False})
     assert r.status == 201 and r.json()["multi_queue"] is False, r
     flags = int(open(f"/sys/class/net/{n}/tun_flags").read(), 16)
-    assert flags & 0x0100 == 0 and flags & IFF_TAP
+    assert flags & net.IFF_MULTI_QUEUE == 0 and flags & net.IFF_TAP
     net.disable_ipv6(n)
     assert api.patch(f"/v1/devices/{n}", {"up": True}).status == 200
     mac = api.get(f"/v1/devices/{n}").json()["mac"]
@@ -200,20 +189,16 @@ def test_a_single_queue_device(daemon, api, name):
     r = api.post("/v1/devices", {"name": name(), "queues": 2, "multi_queue": False})
     assert r.status == 400 and r.code == "invalid_field", r
     # The kernel lets one file attach to such a device: a second open by name is EBUSY.
-    fd = os.open("/dev/net/tun", os.O_RDWR)
     try:
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", n.encode(), IFF_TAP | IFF_NO_PI))
-            raise AssertionError("a second file attached to a one-queue device")
-        except OSError as e:
-            assert e.errno == 16, e
-    finally:
-        os.close(fd)
+        os.close(net.open_tap(n, net.IFF_TAP | net.IFF_NO_PI))
+        raise AssertionError("a second file attached to a one-queue device")
+    except OSError as e:
+        assert e.errno == 16, e
     # A lease hands its queue over (a single-queue VMM takes it with fds=).
     lease = lease_client.take(daemon.socket, n)
     assert isinstance(lease, lease_client.Lease), lease
     _, lflags = lease_client.getiff(lease.fds[0])
-    assert lflags & 0x0100 == 0
+    assert lflags & net.IFF_MULTI_QUEUE == 0
     sent = net.send_frames(n, mac, 50)
     assert lease_client.drain(lease.fds) == sent
     # Its one queue cannot be detached from the holder: no revoke (a forced DELETE cuts it off).
@@ -224,22 +209,10 @@ def test_a_single_queue_device(daemon, api, name):
     assert api.delete(f"/v1/devices/{n}").status == 204
 
 
-def open_single(name):
-    """Opens a one-queue device by name, as libvirt does with one queue (no IFF_MULTI_QUEUE)."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 def test_a_single_queue_external_device_is_the_consumers(tmpdir_short):
     """multi_queue false in mode external: the daemon holds no file (the kernel lets one
     attach), keeps the device by persistence, sees the consumer's queue, survives a restart
     with the consumer attached, and deletes the link."""
-    import lease_client
     ns = unique_name("se")
     n = unique_name("s")
     netns_add(ns)
@@ -254,9 +227,8 @@ def test_a_single_queue_external_device_is_the_consumers(tmpdir_short):
         assert dev["netns"]["name"] == ns and dev["foreign_queues"] == 0
         in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{n}.disable_ipv6=1")
         # The consumer opens it by name inside the namespace (the open must happen there).
-        code = (f"import fcntl, os, struct, sys, time\n"
-                f"fd = os.open('/dev/net/tun', os.O_RDWR)\n"
-                f"fcntl.ioctl(fd, {TUNSETIFF}, struct.pack('16sH22x', {n!r}.encode(), {IFF_TAP | IFF_NO_PI}))\n"
+        code = (f"import net, os\n"
+                f"fd = net.open_tap({n!r}, net.IFF_TAP | net.IFF_NO_PI)\n"
                 f"print('attached', flush=True)\n"
                 f"n = 0\n"
                 f"import select\n"
@@ -292,19 +264,18 @@ def test_a_single_queue_external_device_is_the_consumers(tmpdir_short):
 
 
 def test_the_cli_creates_in_a_namespace(daemon, api, name):
-    from test_cli import CLI
     ns = unique_name("nc")
     n = name()
     netns_add(ns)
     try:
-        r = subprocess.run([CLI, "--socket", daemon.socket, "--json", "device", "create", n, "--netns", ns, "--ifname", "tap0",
+        r = subprocess.run([MQTAP_BIN, "--socket", daemon.socket, "--json", "device", "create", n, "--netns", ns, "--ifname", "tap0",
                             "--single-queue", "--label", "pod=web-1", "--label", "team=net"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         d = json.loads(r.stdout)
         assert d["kernel_name"] == "tap0" and d["multi_queue"] is False and d["labels"] == {"pod": "web-1", "team": "net"}
         assert exists_in(ns, "tap0")
-        table = subprocess.run([CLI, "--socket", daemon.socket, "device", "show", n], capture_output=True, text=True).stdout
+        table = subprocess.run([MQTAP_BIN, "--socket", daemon.socket, "device", "show", n], capture_output=True, text=True).stdout
         assert "kernel name: tap0" in table and "single queue" in table and "pod=web-1" in table, table
         assert api.delete(f"/v1/devices/{n}").status == 204
     finally:

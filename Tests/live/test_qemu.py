@@ -9,20 +9,15 @@ import subprocess
 import pytest
 
 import net
-from conftest import BIN, Daemon, unique_name
-from mqtapd_client import ROOT
+from conftest import MQTAP_BIN, Daemon, build_guest, unique_name
 
-GUEST = os.path.join(ROOT, ".build-guest")
-MQTAP = os.path.join(os.path.dirname(BIN), "mqtap")
 HOST_IP, GUEST_IP = "198.18.0.1", "198.18.0.2"
 
 
 @pytest.fixture(scope="module")
 def guest():
     """The kernel and initramfs, built from Debian packages by scripts/build-guest.sh."""
-    r = subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh"), GUEST], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return os.path.join(GUEST, "vmlinuz"), os.path.join(GUEST, "initrd.cpio.gz")
+    return build_guest()
 
 
 def start_vm(d, dev, guest, serial, hold):
@@ -31,7 +26,7 @@ def start_vm(d, dev, guest, serial, hold):
         ("mqt.hold=1" if hold else "mqt.count=20 mqt.min=10")
     # mqtap execs QEMU: the process is QEMU, holding the queue fds and the lease connection.
     return subprocess.Popen([
-        MQTAP, "lease", dev, "--socket", d.socket, "--holder", "qemu", "--",
+        MQTAP_BIN, "lease", dev, "--socket", d.socket, "--holder", "qemu", "--",
         "qemu-system-x86_64", "-accel", "tcg", "-smp", "2", "-m", "256", "-kernel", kernel, "-initrd", initrd,
         "-append", cmdline, "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
         "-netdev", "tap,id=n0,fds={fds},vhost=off", "-device", "virtio-net-pci,netdev=n0,mq=on,vectors=10",
@@ -172,29 +167,23 @@ def test_qemu_virtio_1_0_header_is_put_back_and_counts_stay_exact(guest, tmpdir_
         net.disable_ipv6(peer)
         assert api.patch(f"/v1/devices/{peer}", {"up": True}).status == 200
 
-        def kernel(n):
-            k = net.kernel_stats(n)
-            k["tx_bytes"] = int(open(f"/sys/class/net/{n}/statistics/tx_bytes").read())
-            k["rx_bytes"] = int(open(f"/sys/class/net/{n}/statistics/rx_bytes").read())
-            return k
-
         for mode in ({"mode": "sink"}, {"mode": "echo"}, {"mode": "forward", "peer": peer}):
             assert api.patch(f"/v1/devices/{dev}", mode).status == 200
-            k0, t0 = kernel(dev), api.get(f"/v1/devices/{dev}/stats").json()["total"]
-            p0 = kernel(peer)
+            k0, t0 = net.kernel_stats(dev), api.get(f"/v1/devices/{dev}/stats").json()["total"]
+            p0 = net.kernel_stats(peer)
             net.send_frames(dev, mac, 300)
 
             def exact():
-                k, t = kernel(dev), api.get(f"/v1/devices/{dev}/stats").json()["total"]
+                k, t = net.kernel_stats(dev), api.get(f"/v1/devices/{dev}/stats").json()["total"]
                 ok = (t["rx_packets"] - t0["rx_packets"] == k["tx_packets"] - k0["tx_packets"] == 300
                       and t["rx_bytes"] - t0["rx_bytes"] == k["tx_bytes"] - k0["tx_bytes"])
                 if mode["mode"] == "echo":
                     ok = ok and t["tx_bytes"] - t0["tx_bytes"] == k["rx_bytes"] - k0["rx_bytes"] == t["rx_bytes"] - t0["rx_bytes"]
                 if mode["mode"] == "forward":
-                    p = kernel(peer)
+                    p = net.kernel_stats(peer)
                     ok = ok and p["rx_bytes"] - p0["rx_bytes"] == t["rx_bytes"] - t0["rx_bytes"]
                 return ok
-            assert net.settle(exact, 15), (mode, kernel(dev), k0, api.get(f"/v1/devices/{dev}/stats").json()["total"], t0)
+            assert net.settle(exact, 15), (mode, net.kernel_stats(dev), k0, api.get(f"/v1/devices/{dev}/stats").json()["total"], t0)
         assert api.delete(f"/v1/devices/{dev}").status == 204
         assert api.delete(f"/v1/devices/{peer}").status == 204
     finally:

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import BIN, Daemon
+from conftest import BIN, Daemon, build_guest
 from mqtapd_client import ROOT
 from sandbox import Sandbox
 
@@ -122,9 +122,7 @@ def prepare_leases(sb):
     """The guest is built outside the namespace first, where the network is: the recipe's
     own build-guest.sh then finds every package installed and the kernel package cached, and
     needs none."""
-    r = subprocess.run([os.path.join(ROOT, "scripts", "build-guest.sh"), os.path.join(ROOT, ".build-guest")],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    build_guest(timeout=900)
 
 
 def prepare_libvirt(sb):
