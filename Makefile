@@ -10,7 +10,7 @@ VENV := .venv-test
 # (which `make clean` removes), not in /tmp.
 SWIFT := mkdir -p .build/tmp && TMPDIR="$(CURDIR)/.build/tmp" swift
 
-.PHONY: deps test-deps build release run install test soak bench bench-tools clean
+.PHONY: deps test-deps build release run install test soak bench bench-tools bench-baseline clean
 
 PREFIX ?= /usr/local
 
@@ -79,9 +79,31 @@ bench/uring: bench/uring.c bench/tap.h
 bench/fwd: bench/fwd.c
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
-# The benchmarks (about 8 minutes): writes bench/RESULTS.md. Needs root.
-bench: deps test-deps release bench-tools
-	python3 bench/run.py
+# The counters baseline: the commit before e8bd636 (each queue's tx counters on a cache line of
+# their own). The benchmarks' two-way forwarding runs its mqtapd against this one's.
+COUNTERS_BASELINE ?= 957402559e6690b6e7ac1b5e5eed0bd176067779
+BASELINE_SRC := .build/baseline-src
+
+# Its mqtapd, built from the commit's tree as `release` builds the current one; rebuilt only
+# when missing or built from another commit. Package.resolved (untracked) goes along, so the
+# packages resolve to the same versions (from the same local mirrors: git's url.insteadOf).
+bench-baseline: .build/baseline/mqtapd
+ifneq ($(shell cat .build/baseline/commit 2>/dev/null),$(COUNTERS_BASELINE))
+.PHONY: .build/baseline/mqtapd
+endif
+.build/baseline/mqtapd: | deps
+	rm -rf $(BASELINE_SRC) .build/baseline
+	mkdir -p $(BASELINE_SRC) .build/baseline
+	set -o pipefail; git archive $(COUNTERS_BASELINE) | tar -x -C $(BASELINE_SRC)
+	[ ! -f Package.resolved ] || cp Package.resolved $(BASELINE_SRC)/
+	$(SWIFT) build --package-path $(BASELINE_SRC) -c release --static-swift-stdlib --product mqtapd
+	cp $(BASELINE_SRC)/.build/release/mqtapd $@
+	echo $(COUNTERS_BASELINE) > .build/baseline/commit
+
+# The benchmarks (about 9 minutes; the first run also builds the counters baseline): writes
+# bench/RESULTS.md. Needs root.
+bench: deps test-deps release bench-baseline bench-tools
+	COUNTERS_BASELINE=$(COUNTERS_BASELINE) python3 bench/run.py
 
 clean:
 	rm -rf .build $(VENV) bench/gen bench/ref bench/uring bench/fwd

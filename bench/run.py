@@ -9,6 +9,8 @@ alternating, several repetitions: these machines are shared and noisy.
 
 Needs root (it makes TAP devices), the release build of mqtapd, bench/gen and bench/ref
 (`make bench` builds all three), and wrk. Traffic goes only to the devices it creates.
+Two-way forwarding also runs the counters baseline's mqtapd (.build/baseline/mqtapd, built by
+`make bench-baseline` from the Makefile's COUNTERS_BASELINE); without it that part is skipped.
 """
 import argparse
 import http.client
@@ -28,6 +30,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 DAEMON = os.path.join(ROOT, ".build", "release", "mqtapd")
+# mqtapd of the counters baseline, the commit before e8bd636 split each queue's counter block
+# into two cache lines (`make bench-baseline`; the commit it was built from is in the file
+# next to it).
+BASELINE = os.path.join(ROOT, ".build", "baseline", "mqtapd")
+BASELINE_COMMIT = os.path.join(ROOT, ".build", "baseline", "commit")
 GEN = os.path.join(BENCH, "gen")
 REF = os.path.join(BENCH, "ref")
 FWD = os.path.join(BENCH, "fwd")
@@ -495,9 +502,10 @@ def watchers_row(daemon, name, path, secs, reps):
 
 # ---------------------------------------------------------------- forwarding
 
-def iperf_through(prefix, seconds, streams, udp=False):
-    """iperf3 from ns a to ns b (198.18.0.1 -> .2): TCP Gbit/s received, or for UDP with 18-byte
-    payloads (64-byte frames) the datagrams received per second (kpps)."""
+def iperf_through(prefix, seconds, streams, udp=False, bidir=False):
+    """iperf3 from ns a to ns b (198.18.0.1 -> .2): TCP Gbit/s and bytes received, or for UDP with
+    18-byte payloads (64-byte frames) the datagrams received per second (kpps). With bidir, TCP
+    both ways at once (`streams` each way): the two directions' Gbit/s and bytes summed."""
     server = subprocess.Popen(["ip", "netns", "exec", f"{prefix}b", "iperf3", "-s", "-1", "-B", "198.18.0.2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -509,20 +517,32 @@ def iperf_through(prefix, seconds, streams, udp=False):
         cmd = ["ip", "netns", "exec", f"{prefix}a", "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-P", str(streams), "-J"]
         if udp:
             cmd += ["-u", "-l", "18", "-b", "0"]
+        if bidir:
+            cmd += ["--bidir"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-        end = json.loads(out.stdout)["end"]
+        result = json.loads(out.stdout)
+        end = result["end"]
         if udp:
             s = end["sum"]
             return (s["packets"] - s["lost_packets"]) / s["seconds"] / 1000
+        if bidir:
+            # With --bidir, sum_received is a -> b (received by the server) and
+            # sum_received_bidir_reverse b -> a (received by the client).
+            if "error" in result or "sum_received_bidir_reverse" not in end:
+                raise RuntimeError(f"iperf3 --bidir: no reverse direction in its report "
+                                   f"(error: {result.get('error')!r}; end has {sorted(end)})")
+            both = (end["sum_received"], end["sum_received_bidir_reverse"])
+            return sum(s["bits_per_second"] for s in both) / 1e9, sum(s["bytes"] for s in both)
         return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"]
     finally:
         server.kill()
         server.wait()
 
 
-def forward_variant(variant, prefix, queues, seconds, streams, udp):
-    """One measurement: the wire set up by `variant`, iperf3 through it; returns (rate, CPU ns per
-    KiB forwarded or None)."""
+def forward_variant(variant, prefix, queues, seconds, streams, udp, bidir=False):
+    """One measurement: the wire set up by `variant`, iperf3 through it (both ways at once with
+    bidir); returns (rate, CPU ns per KiB forwarded or None). `mqtapd-before` is `mqtapd` run
+    from the counters baseline's binary."""
     subprocess.run([NETNS, "setup", prefix], check=True)
     proc, daemon = None, None
     a, b = f"{prefix}A", f"{prefix}B"
@@ -543,7 +563,7 @@ def forward_variant(variant, prefix, queues, seconds, streams, udp):
             subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
             cpu = lambda: thread_ns(proc.pid, "fwd-")
         else:
-            daemon = Daemon(workers=2, cpus="0,1")
+            daemon = Daemon(workers=2, cpus="0,1", exe=BASELINE if variant == "mqtapd-before" else DAEMON)
             spec = {"queues": queues, "vnet_hdr": True, "offload": True, "up": False}
             assert daemon.api.call("POST", "/v1/devices", {"name": b, **spec})[0] == 201
             assert daemon.api.call("POST", "/v1/devices", {"name": a, **spec, "mode": "forward", "peer": b})[0] == 201
@@ -551,7 +571,7 @@ def forward_variant(variant, prefix, queues, seconds, streams, udp):
             subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
             cpu = lambda: thread_ns(daemon.proc.pid, "mqtapd-w")
         c0 = cpu()
-        r = iperf_through(prefix, seconds, streams, udp)
+        r = iperf_through(prefix, seconds, streams, udp, bidir)
         used = cpu() - c0
         if udp:
             return r, None
@@ -600,6 +620,60 @@ def forward_plane(args, report):
             udp[v].append(forward_variant(v, PREFIX + "f", 1, seconds, 1, udp=True)[0])
     report["forward"] = {"rows": rows, "udp_kpps": udp, "reps": reps, "seconds": seconds}
     print("  64-byte UDP kpps: " + ", ".join(f"{v} {statistics.median(udp[v]):.0f}" for v in variants), flush=True)
+    forward_bidir(args, report, reps, seconds)
+
+
+def baseline_commit():
+    """The commit the baseline binary was built from; if the Makefile passed COUNTERS_BASELINE,
+    it must be that one."""
+    with open(BASELINE_COMMIT) as f:
+        commit = f.read().strip()
+    wanted = os.environ.get("COUNTERS_BASELINE")
+    if wanted and wanted != commit:
+        sys.exit(f"bench: {BASELINE} was built from {commit}, not COUNTERS_BASELINE={wanted}; "
+                 "run `make bench-baseline`")
+    return commit
+
+
+def forward_bidir(args, report, reps, seconds):
+    """Two-way forwarding, the counters baseline's mqtapd against the current one: TCP both ways
+    at once, so each worker forwards into the peer queue whose own worker is reading at the same
+    time (the case e8bd636's split of the counter block is for)."""
+    if not (os.access(BASELINE, os.X_OK) and os.path.exists(BASELINE_COMMIT)):
+        print(f"  two-way forwarding before/after the counters split: skipped, {BASELINE} is missing "
+              "(`make bench-baseline` builds it)", flush=True)
+        report["forward_bidir"] = None
+        return
+    commit = baseline_commit()
+    variants = ["mqtapd-before", "mqtapd"]
+    cells = [(1, 1)] if args.quick else [(1, 1), (2, 2)]
+    rows = []
+    for queues, streams in cells:
+        # Per repetition, so the ratios pair the two variants of the same repetition.
+        res = {v: {"gbps": [], "ns_per_kib": []} for v in variants}
+        for rep in range(reps):
+            for v in (variants if rep % 2 == 0 else list(reversed(variants))):
+                gbps, cpu = forward_variant(v, PREFIX + "f", queues, seconds, streams, udp=False, bidir=True)
+                res[v]["gbps"].append(gbps)
+                res[v]["ns_per_kib"].append(cpu)
+
+        def pairs(k):
+            return [a / b for a, b in zip(res["mqtapd"][k], res["mqtapd-before"][k]) if a is not None and b]
+
+        def med(v, k):
+            xs = [x for x in res[v][k] if x is not None]
+            return statistics.median(xs) if xs else None
+        row = {"queues": queues, "streams": streams, "raw": res,
+               "gbps": {v: med(v, "gbps") for v in variants},
+               "ns_per_kib": {v: med(v, "ns_per_kib") for v in variants},
+               "cpu_ratio": pairs("ns_per_kib"), "gbps_ratio": pairs("gbps")}
+        rows.append(row)
+        cr = row["cpu_ratio"]
+        print(f"  two-way, {queues} queue pair(s), {streams} stream(s) each way: " + ", ".join(
+            f"{v} {row['gbps'][v]:.2f} Gbit/s {row['ns_per_kib'][v] or 0:.0f} ns/KiB" for v in variants) +
+            (f" | CPU per KiB after/before {statistics.median(cr):.3f} ({min(cr):.3f}–{max(cr):.3f})" if cr else
+             " | no CPU per KiB measured"), flush=True)
+    report["forward_bidir"] = {"baseline": commit, "rows": rows, "reps": reps, "seconds": seconds}
 
 
 def churn(daemon, name, secs):
@@ -982,8 +1056,56 @@ def write_report(path, report, args):
             f"{statistics.median([x / y for x, y in zip(u['mqtapd'], u['c-plain'])]):.3f}).",
             "",
         ]
+    if "forward_bidir" in report:
+        lines += forward_bidir_report(report["forward_bidir"], table)
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def forward_bidir_report(fb, table):
+    """The forwarding section's before/after table of the counter layout."""
+    title = "Two-way forwarding: counter layout before and after"
+    if not fb:
+        return [f"### {title}", "", "Not measured: no baseline binary (`make bench` builds it).", ""]
+
+    def rng(xs):
+        return f"{statistics.median(xs):.3f} ({min(xs):.3f}–{max(xs):.3f})" if xs else "–"
+
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "–"
+    lines = table(
+        title,
+        f"Commit e8bd636 split each queue's counter block into two cache lines: the queue's own worker's rx, "
+        f"errors and dropped on one, the tx counters that every writer into the queue adds to on the other. Before "
+        f"it (`mqtapd-before`, built from the counters baseline {fb['baseline'][:12]}, the commit just before), "
+        f"all of a queue's counters shared one 64-byte line, so in two-way forwarding a worker on one core "
+        f"`fetch_add`ed the peer queue's tx on the line the peer's worker, on the other core, wrote rx on at every "
+        f"frame. Both binaries run as `mqtapd` above (forward mode both ways, vnet_hdr and offload, 2 workers on "
+        f"CPUs 0 and 1), alternating, {fb['reps']} repetitions of {fb['seconds']} s; iperf3 `--bidir` TCP from ns a "
+        f"to ns b, so both directions forward at once. Gbit/s is the two directions' sum; CPU per KiB the workers' "
+        f"run time over the KiB received in both directions. Ratios are after / before, pairwise in the same "
+        f"repetition, median (min–max):",
+        ["queue pairs", "streams each way", "before Gbit/s", "after Gbit/s", "after / before Gbit/s",
+         "before ns per KiB", "after ns per KiB", "after / before CPU per KiB"],
+        [[str(r["queues"]), str(r["streams"]), num(r["gbps"]["mqtapd-before"], ".2f"), num(r["gbps"]["mqtapd"], ".2f"),
+          rng(r["gbps_ratio"]), num(r["ns_per_kib"]["mqtapd-before"], ".0f"), num(r["ns_per_kib"]["mqtapd"], ".0f"),
+          rng(r["cpu_ratio"])] for r in fb["rows"]])
+    cpu = [r["cpu_ratio"] for r in fb["rows"] if r["cpu_ratio"]]
+    if cpu and all(max(x) < 1 for x in cpu):
+        verdict = "Here every repetition of every cell used less CPU per KiB after the split."
+    elif cpu and all(min(x) > 1 for x in cpu):
+        verdict = "Here every repetition of every cell used more CPU per KiB after the split."
+    else:
+        verdict = ("Here the repetitions do not all fall on one side of 1, in at least one cell: read the medians "
+                   "against the spread.")
+    lines += [
+        "A CPU-per-KiB ratio below 1 means less CPU per KiB after the split: it saves the cache-line traffic; near "
+        "1, within the spread of the repetitions, it has no measurable effect on this machine; above 1, it costs. "
+        "e8bd636 also has a worker read its slot's plain values and raw pointers once per frame, so this compares "
+        "the commit as a whole, not the layout alone. " + verdict,
+        "",
+    ]
+    return lines
 
 
 def main():
