@@ -29,7 +29,9 @@ let package = Package(
         .target(name: "CTunLinux"),
         // Per-queue counter block: one cache line, single-writer relaxed atomics.
         .target(name: "CCounters"),
-        // The syscall layer: the only code that calls open/ioctl/read/write/epoll.
+        // The syscall layer: the only code that calls open/ioctl/read/write/epoll. What only one
+        // client or the daemon uses lives in that target (the client socket in TapClient, exec in
+        // mqtap, spawning in mqtap-cni, signals and systemd in mqtapd).
         .target(name: "TunKit", dependencies: ["CTunLinux"]),
         // The JSON value type: the only importer of jansson (the API's bodies, the state file).
         .target(name: "TapJSON", dependencies: ["CJansson"]),
@@ -45,14 +47,14 @@ let package = Package(
         .target(name: "TapClient", dependencies: ["TapJSON", "TunKit"]),
         .executableTarget(
             name: "mqtap",
-            dependencies: ["TapClient", "TapJSON", "TunKit", "MQTVersion",
+            dependencies: ["TapClient", "TapJSON", "TunKit", "CTunLinux", "MQTVersion",
                            .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         // The CNI plugin: a container runtime runs it to get a tap from the daemon.
-        .executableTarget(name: "mqtap-cni", dependencies: ["TapClient", "TapJSON", "TunKit"]),
+        .executableTarget(name: "mqtap-cni", dependencies: ["TapClient", "TapJSON", "TunKit", "CTunLinux"]),
         .executableTarget(
             name: "mqtapd",
             dependencies: [
-                "TapAPI", "TapCore", "TapJSON", "MQTVersion",
+                "TapAPI", "TapCore", "TapJSON", "TunKit", "MQTVersion",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

@@ -55,9 +55,6 @@ public func writeStderrLine(_ line: String) {
     _ = bytes.withUnsafeBytes { Glibc.write(2, $0.baseAddress, $0.count) }
 }
 
-/// Whether `fd` is a terminal. The corresponding C function is `isatty(3)`.
-public func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
-
 /// Writes one line to stdout at once (unbuffered: a follower's lines show as they come, on a
 /// terminal or in a pipe). False once stdout is gone (EPIPE).
 @discardableResult

@@ -5,13 +5,13 @@ import CTunLinux
 
 /// A socket address (Unix path, IPv4 or IPv6), built once and handed to bind, connect or
 /// sendto. The one place that lays out `sockaddr_*` structures.
-struct SocketAddress {
+public struct SocketAddress {
     private var storage = sockaddr_storage()
     let length: socklen_t
     let family: Int32
 
     /// A Unix address; `@name` is an abstract-namespace name.
-    static func unix(_ path: String) throws(SyscallError) -> SocketAddress {
+    public static func unix(_ path: String) throws(SyscallError) -> SocketAddress {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         var bytes = Array(path.utf8)
@@ -26,7 +26,7 @@ struct SocketAddress {
     }
 
     /// `host` is an IPv4 or IPv6 literal, or `localhost` (127.0.0.1).
-    static func inet(host: String, port: Int) throws(SyscallError) -> SocketAddress {
+    public static func inet(host: String, port: Int) throws(SyscallError) -> SocketAddress {
         let h = host == "localhost" ? "127.0.0.1" : host
         var v4 = sockaddr_in()
         if inet_pton(AF_INET, h, &v4.sin_addr) == 1 {
@@ -53,7 +53,7 @@ struct SocketAddress {
         self.family = family
     }
 
-    func withSockaddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+    public func withSockaddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
         withUnsafeBytes(of: storage) { raw in
             // SAFETY: the storage holds a sockaddr_* whose first field is the family, as the
             // socket calls expect; `length` says how much of it is the address.
@@ -62,7 +62,7 @@ struct SocketAddress {
     }
 
     /// A new socket of this address's family. The corresponding C function is `socket(2)`.
-    func socket(_ type: __socket_type, flags: Int32 = 0) throws(SyscallError) -> Int32 {
+    public func socket(_ type: __socket_type, flags: Int32 = 0) throws(SyscallError) -> Int32 {
         let family = self.family
         return try retryingEINTR("socket(\(family == AF_UNIX ? "AF_UNIX" : family == AF_INET ? "AF_INET" : "AF_INET6"))") {
             Glibc.socket(family, Int32(type.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | flags, 0)

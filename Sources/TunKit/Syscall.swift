@@ -6,7 +6,7 @@ import CTunLinux
 /// Runs `body` until it stops failing with EINTR, and turns -1 into a `SyscallError`
 /// naming `call`. Never used for `close`: a close interrupted on Linux has still closed.
 @inline(__always)
-func retryingEINTR<T: FixedWidthInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws(SyscallError) -> T {
+public func retryingEINTR<T: FixedWidthInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws(SyscallError) -> T {
     while true {
         let rc = body()
         if rc != -1 { return rc }

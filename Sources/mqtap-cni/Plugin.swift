@@ -15,7 +15,7 @@ enum Plugin {
         // A delegated plugin that exits before reading all of its stdin must not kill us.
         signal(SIGPIPE, SIG_IGN)
         var env: [String: String] = [:]
-        let all = TunKit.Process.environment
+        let all = Process.environment
         for e in all {
             let kv = e.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             env[String(kv[0])] = kv.count > 1 ? String(kv[1]) : ""
@@ -235,9 +235,9 @@ enum Plugin {
             throw CNIError(code: CNIError.invalidConfig, msg: "failed to find plugin \"\(type)\" in path \(inv.path)")
         }
         let env = inv.environment.filter { !$0.hasPrefix("CNI_COMMAND=") } + ["CNI_COMMAND=" + command]
-        let outcome: TunKit.Process.Outcome
+        let outcome: Process.Outcome
         do {
-            outcome = try TunKit.Process.run([path], environment: env, input: inv.stdin)
+            outcome = try Process.run([path], environment: env, input: inv.stdin)
         } catch {
             throw CNIError(code: CNIError.ioFailure, msg: "cannot run the IPAM plugin \(path)", details: "\(error)")
         }
@@ -267,10 +267,10 @@ enum Plugin {
             steps.append(cmd + ["dev", inv.ifname])
         }
         for step in steps {
-            let outcome: TunKit.Process.Outcome
+            let outcome: Process.Outcome
             do {
-                outcome = try TunKit.Process.run(["nsenter", "--net=" + inv.netns] + step,
-                                                 environment: ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+                outcome = try Process.run(["nsenter", "--net=" + inv.netns] + step,
+                                          environment: ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
             } catch {
                 throw CNIError(code: CNIError.ioFailure, msg: "cannot run nsenter", details: "\(error)")
             }

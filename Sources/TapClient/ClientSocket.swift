@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunLinux
+import TunKit
 
 /// A connected stream socket for a client (the `mqtap` CLI): Unix or TCP, with a timeout.
 public final class ClientSocket {
@@ -11,12 +11,12 @@ public final class ClientSocket {
 
     deinit { closeFD(fd) }
 
-    public static func unix(_ path: String, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
+    static func unix(_ path: String, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
         try connect(SocketAddress.unix(path), "connect(\(path))", timeoutSeconds)
     }
 
     /// `host` is an IPv4 or IPv6 literal, or `localhost`.
-    public static func tcp(host: String, port: Int, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
+    static func tcp(host: String, port: Int, timeoutSeconds: Int = 30) throws(SyscallError) -> ClientSocket {
         try connect(SocketAddress.inet(host: host, port: port), "connect(\(host):\(port))", timeoutSeconds)
     }
 
@@ -29,7 +29,7 @@ public final class ClientSocket {
         return s
     }
 
-    public func sendAll(_ bytes: [UInt8]) throws(SyscallError) {
+    func sendAll(_ bytes: [UInt8]) throws(SyscallError) {
         var offset = 0
         while offset < bytes.count {
             let n = try retryingEINTR("send") {
@@ -41,14 +41,14 @@ public final class ClientSocket {
 
     /// Reads what has arrived (at most `max` bytes), waiting up to the timeout; empty at end
     /// of file. The corresponding C function is `recv(2)`.
-    public func receive(max: Int = 65536) throws(SyscallError) -> [UInt8] {
+    func receive(max: Int = 65536) throws(SyscallError) -> [UInt8] {
         var chunk = [UInt8](repeating: 0, count: max)
         let n = try retryingEINTR("recv") { chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) } }
         return Array(chunk[0..<n])
     }
 
     /// Reads until the peer closes.
-    public func readAll() throws(SyscallError) -> [UInt8] {
+    func readAll() throws(SyscallError) -> [UInt8] {
         var out: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         while true {

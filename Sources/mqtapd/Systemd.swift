@@ -1,15 +1,15 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunLinux
+import TunKit
 
 /// The two systemd protocols the daemon speaks, without libsystemd: socket activation
 /// (`LISTEN_FDS`) and readiness notification (`NOTIFY_SOCKET`).
-public enum Systemd {
+enum Systemd {
     /// The listening sockets systemd passed (fds 3, 4, … when `LISTEN_PID` is this process),
     /// made close-on-exec and non-blocking. The variables are removed so a child never
     /// takes them for its own.
-    public static func listenFDs() -> [Int32] {
+    static func listenFDs() -> [Int32] {
         defer {
             unsetenv("LISTEN_PID")
             unsetenv("LISTEN_FDS")
@@ -26,7 +26,7 @@ public enum Systemd {
     }
 
     /// The path a Unix listening socket is bound to, nil for another kind of socket.
-    public static func unixPath(of fd: Int32) -> String? {
+    static func unixPath(of fd: Int32) -> String? {
         var addr = sockaddr_un()
         var len = socklen_t(MemoryLayout<sockaddr_un>.size)
         // SAFETY: the kernel writes at most `len` bytes, the size of the sockaddr_un given.
@@ -42,7 +42,7 @@ public enum Systemd {
     /// Sends `state` ("READY=1", "STOPPING=1", …) to the service manager if it asked for it
     /// (`NOTIFY_SOCKET`, a path or an abstract `@name`). Returns whether it was sent.
     @discardableResult
-    public static func notify(_ state: String) -> Bool {
+    static func notify(_ state: String) -> Bool {
         guard let raw = getenv("NOTIFY_SOCKET"), let address = try? SocketAddress.unix(String(cString: raw)),
               let fd = try? address.socket(SOCK_DGRAM) else { return false }
         defer { closeFD(fd) }

@@ -2,49 +2,20 @@
 import Glibc
 #endif
 import CTunLinux
+import TunKit
 
-/// Running another program in place of this one, with some fds inherited.
-public enum Process {
-    /// Lets `fd` survive an exec (clears FD_CLOEXEC). The corresponding C call is
-    /// `fcntl(F_SETFD)`.
-    public static func inherit(_ fd: Int32) throws(SyscallError) {
-        let flags = try retryingEINTR("fcntl(F_GETFD)") { fcntl(fd, F_GETFD) }
-        _ = try retryingEINTR("fcntl(F_SETFD)") { fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) }
-    }
-
-    /// Replaces this process with `argv[0]` (searched in PATH), the environment extended by
-    /// `NAME=value` entries. Returns only on failure, with the errno.
-    /// The corresponding C function is `execvpe(3)`.
-    public static func exec(_ argv: [String], addingEnvironment extra: [String] = []) -> Errno {
-        precondition(!argv.isEmpty, "exec needs a program")
-        var env: [String] = []
-        var p = environ
-        while let e = p.pointee {
-            env.append(String(cString: e))
-            p += 1
-        }
-        let names = Set(extra.map { $0.split(separator: "=", maxSplits: 1).first.map(String.init) ?? $0 })
-        env = env.filter { !names.contains($0.split(separator: "=", maxSplits: 1).first.map(String.init) ?? $0) } + extra
-        let cArgs = argv.map { strdup($0) } + [nil]
-        let cEnv = env.map { strdup($0) } + [nil]
-        let err = Errno(-mqt_execvpe(argv[0], cArgs, cEnv))
-        cArgs.forEach { free($0) }
-        cEnv.forEach { free($0) }
-        return err
-    }
-}
-
-extension Process {
+/// The delegated plugins (IPAM, `nsenter … ip`): run, fed, and waited for.
+enum Process {
     /// What a child process left: its exit status (128 + N for a signal) and its stdout.
-    public struct Outcome: Sendable {
-        public let status: Int32
-        public let output: [UInt8]
+    struct Outcome: Sendable {
+        let status: Int32
+        let output: [UInt8]
     }
 
     /// Runs `argv[0]` (a path, or a name searched in PATH) with `environment` as its whole
     /// environment, `input` on its stdin and our stderr as its own, and waits for it.
     /// The corresponding C functions are `posix_spawnp(3)` and `waitpid(2)`.
-    public static func run(_ argv: [String], environment: [String], input: [UInt8] = []) throws(SyscallError) -> Outcome {
+    static func run(_ argv: [String], environment: [String], input: [UInt8] = []) throws(SyscallError) -> Outcome {
         precondition(!argv.isEmpty, "run needs a program")
         var inPipe: [Int32] = [-1, -1]
         var outPipe: [Int32] = [-1, -1]
@@ -103,7 +74,7 @@ extension Process {
     }
 
     /// This process's environment, as `NAME=value` entries.
-    public static var environment: [String] {
+    static var environment: [String] {
         var env: [String] = []
         var p = environ
         while let e = p.pointee {

@@ -1,19 +1,18 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CTunLinux
 
 /// Signals delivered synchronously: blocked in every thread, then awaited with `sigwait`.
-public enum Signals {
-    public static let terminate = SIGTERM
-    public static let interrupt = SIGINT
+enum Signals {
+    static let terminate = SIGTERM
+    static let interrupt = SIGINT
     /// The terminal hung up: by default the end of the process; the daemon has no terminal
     /// and no file to reopen, so it only logs it.
-    public static let hangUp = SIGHUP
+    static let hangUp = SIGHUP
 
     /// Blocks `signals` in the calling thread and in every thread it starts afterwards (the
     /// mask is inherited), so only `wait` receives them. Call before starting any thread.
-    public static func block(_ signals: [Int32]) {
+    static func block(_ signals: [Int32]) {
         var set = sigset_t()
         sigemptyset(&set)
         for s in signals { sigaddset(&set, s) }
@@ -23,7 +22,7 @@ public enum Signals {
     }
 
     /// Waits for one of `signals` (blocked beforehand) and returns it.
-    public static func wait(_ signals: [Int32]) -> Int32 {
+    static func wait(_ signals: [Int32]) -> Int32 {
         var set = sigset_t()
         sigemptyset(&set)
         for s in signals { sigaddset(&set, s) }
