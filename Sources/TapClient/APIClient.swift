@@ -56,13 +56,22 @@ public struct APIClient: Sendable {
         self.token = token
     }
 
-    private var authorization: String { token.map { "Authorization: Bearer \($0)\r\n" } ?? "" }
+    private var authorization: [String] { token.map { ["Authorization: Bearer \($0)"] } ?? [] }
+
+    /// A request as sent: the request line, Host and User-Agent, `headers` (`Name: value`
+    /// each), then for a JSON `body` its Content-Type; the Content-Length (0 without a body)
+    /// unless `length` is false, then the body.
+    static func message(_ method: String, _ path: String, _ headers: [String], body: JSON?, length: Bool = true) -> [UInt8] {
+        let payload = body?.serialized() ?? []
+        var head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n"
+        for h in headers { head += h + "\r\n" }
+        if body != nil { head += "Content-Type: application/json\r\n" }
+        if length { head += "Content-Length: \(payload.count)\r\n" }
+        return Array((head + "\r\n").utf8) + payload
+    }
 
     public func request(_ method: String, _ path: String, body: JSON? = nil) throws(ConnectionError) -> Response {
-        let payload = body?.serialized() ?? []
-        var head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nUser-Agent: mqtap\r\n" + authorization
-        if body != nil { head += "Content-Type: application/json\r\n" }
-        head += "Content-Length: \(payload.count)\r\n\r\n"
+        let message = Self.message(method, path, ["Connection: close"] + authorization, body: body)
         let raw: [UInt8]
         do {
             let socket: ClientSocket
@@ -70,7 +79,7 @@ public struct APIClient: Sendable {
             case .unix(let path): socket = try .unix(path, timeoutSeconds: timeoutSeconds)
             case .tcp(let host, let port): socket = try .tcp(host: host, port: port, timeoutSeconds: timeoutSeconds)
             }
-            try socket.sendAll(Array(head.utf8) + payload)
+            try socket.sendAll(message)
             raw = try socket.readAll()
         } catch {
             throw ConnectionError(description: "cannot reach mqtapd at \(endpoint): \(error)")
@@ -117,14 +126,11 @@ public struct APIClient: Sendable {
         guard case .unix(let path) = endpoint else {
             throw ConnectionError(description: "a lease needs the daemon's Unix socket (fds cannot cross TCP)")
         }
-        let payload = body?.serialized() ?? []
-        var head = "POST /v1/devices/\(Self.segment(device))/leases HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n"
-        head += "Connection: Upgrade\r\nUpgrade: mqtapd-lease/1\r\n"
-        if body != nil { head += "Content-Type: application/json\r\n" }
-        head += "Content-Length: \(payload.count)\r\n\r\n"
+        let message = Self.message("POST", "/v1/devices/\(Self.segment(device))/leases",
+                                   ["Connection: Upgrade", "Upgrade: mqtapd-lease/1"], body: body)
         do {
             let socket = try ClientSocket.unix(path, timeoutSeconds: timeoutSeconds)
-            try socket.sendAll(Array(head.utf8) + payload)
+            try socket.sendAll(message)
             var raw: [UInt8] = []
             var fds: [Int32] = []
             var headEnd: Int?
@@ -162,7 +168,7 @@ public struct APIClient: Sendable {
     /// keep-alive lines included) and returns false to stop. A refusal comes back as the
     /// API's response; nil when the stream ended.
     public func follow(_ path: String, line: (String) -> Bool) throws(ConnectionError) -> Response? {
-        let head = "GET \(path) HTTP/1.1\r\nHost: localhost\r\nUser-Agent: mqtap\r\n" + authorization + "\r\n"
+        let message = Self.message("GET", path, authorization, body: nil, length: false)
         do {
             let socket: ClientSocket
             // The stream is idle for up to 15 s between keep-alive lines.
@@ -170,7 +176,7 @@ public struct APIClient: Sendable {
             case .unix(let p): socket = try .unix(p, timeoutSeconds: max(timeoutSeconds, 60))
             case .tcp(let host, let port): socket = try .tcp(host: host, port: port, timeoutSeconds: max(timeoutSeconds, 60))
             }
-            try socket.sendAll(Array(head.utf8))
+            try socket.sendAll(message)
             var raw: [UInt8] = []
             var headEnd: Int?
             while headEnd == nil {
@@ -204,24 +210,16 @@ public struct APIClient: Sendable {
             var buffer = Array(raw[h...])
             var text: [UInt8] = []
             while true {
-                while buffer.firstRange(of: [13, 10]) == nil {
+                // Wait for the size line, then (but for the last chunk) the data and its CRLF.
+                guard let chunk = try Self.chunk(in: buffer, at: 0), chunk.data.isEmpty || buffer.count >= chunk.next else {
                     let got = try socket.receive()
                     if got.isEmpty { return nil }
                     buffer += got
+                    continue
                 }
-                let sizeEnd = buffer.firstRange(of: [13, 10])!
-                let sizeText = String(decoding: buffer[..<sizeEnd.lowerBound], as: UTF8.self).split(separator: ";").first ?? ""
-                guard let size = Int(sizeText.trimmingWhitespace, radix: 16) else {
-                    throw ConnectionError(description: "mqtapd sent a chunk size that is not hex")
-                }
-                if size == 0 { return nil }
-                while buffer.count < sizeEnd.upperBound + size + 2 {
-                    let got = try socket.receive()
-                    if got.isEmpty { return nil }
-                    buffer += got
-                }
-                text += buffer[sizeEnd.upperBound..<(sizeEnd.upperBound + size)]
-                buffer.removeFirst(sizeEnd.upperBound + size + 2)
+                if chunk.data.isEmpty { return nil }
+                text += buffer[chunk.data]
+                buffer.removeFirst(chunk.next)
                 while let nl = text.firstIndex(of: 10) {
                     let l = String(decoding: text[..<nl], as: UTF8.self)
                     text.removeFirst(nl + 1)
@@ -270,19 +268,30 @@ public struct APIClient: Sendable {
         return Response(status: status, body: body)
     }
 
+    /// A whole chunked body's data; it stops at the last chunk, at a size that is not hex,
+    /// or where the bytes end (a cut chunk gives what came of it).
     static func dechunk(_ data: [UInt8]) -> [UInt8] {
         var out: [UInt8] = []
         var i = 0
-        while i < data.count {
-            guard let lineEnd = data[i...].firstRange(of: [13, 10]) else { break }
-            let sizeText = String(decoding: data[i..<lineEnd.lowerBound], as: UTF8.self)
-                .split(separator: ";").first.map { $0.filter { $0 != " " && $0 != "\t" } } ?? ""
-            guard let size = Int(sizeText, radix: 16), size > 0 else { break }
-            let start = lineEnd.upperBound
-            out.append(contentsOf: data[start..<min(start + size, data.count)])
-            i = start + size + 2
+        while i < data.count, let chunk = try? Self.chunk(in: data, at: i), !chunk.data.isEmpty {
+            out += data[chunk.data.lowerBound..<min(chunk.data.upperBound, data.count)]
+            i = chunk.next
         }
         return out
+    }
+
+    /// The chunk of a chunked body whose size line starts at `i`: where its data lies (empty
+    /// for the last chunk, size 0) and where the next size line starts, after the data's
+    /// CRLF; the data need not have come yet. Nil while the size line is incomplete.
+    static func chunk(in data: [UInt8], at i: Int) throws(ConnectionError) -> (data: Range<Int>, next: Int)? {
+        guard let lineEnd = data[i...].firstRange(of: [13, 10]) else { return nil }
+        // Chunk extensions (`;name=value`) are ignored.
+        let sizeText = String(decoding: data[i..<lineEnd.lowerBound], as: UTF8.self).split(separator: ";").first ?? ""
+        guard let size = Int(sizeText.trimmingWhitespace, radix: 16), size >= 0 else {
+            throw ConnectionError(description: "mqtapd sent a chunk size that is not hex")
+        }
+        let start = lineEnd.upperBound
+        return (start..<(start + size), start + size + 2)
     }
 }
 
