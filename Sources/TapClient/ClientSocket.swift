@@ -40,7 +40,7 @@ public final class ClientSocket {
     }
 
     /// Reads what has arrived (at most `max` bytes), waiting up to the timeout; empty at end
-    /// of file. The corresponding C function is `recv(2)`.
+    /// of file.
     func receive(max: Int = 65536) throws(SyscallError) -> [UInt8] {
         var chunk = [UInt8](repeating: 0, count: max)
         let n = try retryingEINTR("recv") { chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) } }

@@ -12,7 +12,7 @@ public enum Clock {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
-    /// Sleeps the calling thread. The corresponding C function is `nanosleep(2)`.
+    /// Sleeps the calling thread.
     public static func sleep(_ seconds: Double) {
         var want = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - Double(Int(seconds))) * 1e9))
         var left = timespec()

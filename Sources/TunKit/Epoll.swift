@@ -9,7 +9,6 @@ public struct Epoll: ~Copyable, Sendable {
 
     deinit { closeFD(fd) }
 
-    /// The corresponding C function is `epoll_create1(EPOLL_CLOEXEC)`.
     public init() throws(SyscallError) {
         fd = try retryingEINTR("epoll_create1") { epoll_create1(Int32(EPOLL_CLOEXEC)) }
     }
@@ -22,7 +21,6 @@ public struct Epoll: ~Copyable, Sendable {
     public static let peerHangup = UInt32(EPOLLRDHUP.rawValue)
 
     /// Watches `target` for `events` (input by default), tagging them with `token`.
-    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_ADD)`.
     public func add(_ target: Int32, token: UInt64, events: UInt32 = Epoll.readable) throws(SyscallError) {
         var ev = epoll_event()
         ev.events = events
@@ -31,7 +29,6 @@ public struct Epoll: ~Copyable, Sendable {
     }
 
     /// Stops watching `target`. ENOENT (not watched) is not an error: removal is idempotent.
-    /// The corresponding C function is `epoll_ctl(EPOLL_CTL_DEL)`.
     public func remove(_ target: Int32) throws(SyscallError) {
         var ev = epoll_event()
         do {
@@ -60,7 +57,6 @@ public struct Epoll: ~Copyable, Sendable {
     }
 
     /// Waits for events; returns how many of `events` were filled (0 on EINTR).
-    /// The corresponding C function is `epoll_wait(2)`.
     public func wait(into events: Events, timeoutMilliseconds: Int32) throws(SyscallError) -> Int {
         let n = epoll_wait(fd, events.buffer, Int32(events.capacity), timeoutMilliseconds)
         if n >= 0 { return Int(n) }

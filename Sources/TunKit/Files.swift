@@ -55,7 +55,6 @@ public enum Files {
     /// Why a directory the daemon keeps state in is unsafe, or nil if it is not: it must be
     /// a directory owned by this process's user and writable by no one
     /// else, or another user could plant files or links in it for root to write through.
-    /// The corresponding C function is `stat(2)`.
     public static func unsafeDirectoryReason(_ path: String) -> String? {
         var st = stat()
         guard stat(path, &st) == 0 else { return "cannot stat it: \(Errno.current.message)" }
@@ -74,15 +73,14 @@ public enum Files {
 
     public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
-    /// A file's permission bits (`st_mode & 0o7777`). The corresponding C function is
-    /// `stat(2)`.
+    /// A file's permission bits (`st_mode & 0o7777`).
     public static func permissions(_ path: String) throws(SyscallError) -> UInt32 {
         var st = stat()
         _ = try retryingEINTR("stat(\(path))") { stat(path, &st) }
         return UInt32(st.st_mode) & 0o7777
     }
 
-    /// Gives `path` to `uid`:`gid`. The corresponding C function is `chown(2)`.
+    /// Gives `path` to `uid`:`gid`.
     public static func setOwner(_ path: String, uid: UInt32, gid: UInt32) throws(SyscallError) {
         _ = try retryingEINTR("chown(\(path))") { chown(path, uid_t(uid), gid_t(gid)) }
     }
@@ -141,7 +139,7 @@ public struct FileLock: ~Copyable, Sendable {
     public consuming func release() {}
 
     /// Removes the lock file, then releases the lock: for a lock whose file should not outlive
-    /// a clean stop. The corresponding C function is `unlink(2)`.
+    /// a clean stop.
     public consuming func releaseRemovingFile() {
         _ = unlink(path)
     }
@@ -160,7 +158,7 @@ public func makeDirectories(_ path: String) throws(SyscallError) {
     }
 }
 
-/// Removes a file; a missing file is not an error. The corresponding C function is `unlink(2)`.
+/// Removes a file; a missing file is not an error.
 public func removeFile(_ path: String) {
     _ = unlink(path)
 }

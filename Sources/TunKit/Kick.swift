@@ -43,7 +43,6 @@ extension NamedThread {
 }
 
 /// Sets or clears `O_NONBLOCK` on `fd` (its open file description, so every fd that shares it).
-/// The corresponding C function is `fcntl(F_SETFL)`.
 public func setNonBlocking(_ fd: Int32, _ on: Bool) throws(SyscallError) {
     let rc = mqt_set_nonblocking(fd, on ? 1 : 0)
     if rc != 0 { throw SyscallError(call: "fcntl(F_SETFL, O_NONBLOCK)", errno: Errno(-rc)) }

@@ -16,8 +16,7 @@ public enum Link {
         return try body(s)
     }
 
-    /// Brings the interface up or down. The corresponding C calls are `ioctl(SIOCGIFFLAGS)`
-    /// and `ioctl(SIOCSIFFLAGS)`.
+    /// Brings the interface up or down.
     public static func setUp(_ name: String, _ up: Bool) throws(SyscallError) {
         try withControlSocket { (s) throws(SyscallError) in
             var flags: Int32 = 0
@@ -42,7 +41,6 @@ public enum Link {
         }
     }
 
-    /// The corresponding C call is `ioctl(SIOCSIFMTU)`.
     public static func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
         try withControlSocket { (s) throws(SyscallError) in
             var v = Int32(mtu)
@@ -52,7 +50,6 @@ public enum Link {
         }
     }
 
-    /// The corresponding C call is `ioctl(SIOCGIFMTU)`.
     public static func mtu(_ name: String) throws(SyscallError) -> Int {
         try withControlSocket { (s) throws(SyscallError) in
             var v: Int32 = 0
@@ -63,7 +60,6 @@ public enum Link {
         }
     }
 
-    /// The corresponding C call is `ioctl(SIOCSIFHWADDR)`.
     public static func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
         precondition(mac.count == 6, "a MAC address has 6 bytes")
         try withControlSocket { (s) throws(SyscallError) in
@@ -73,7 +69,6 @@ public enum Link {
         }
     }
 
-    /// The corresponding C call is `ioctl(SIOCGIFHWADDR)`.
     public static func mac(_ name: String) throws(SyscallError) -> [UInt8] {
         try withControlSocket { (s) throws(SyscallError) in
             var mac = [UInt8](repeating: 0, count: 6)
@@ -84,7 +79,6 @@ public enum Link {
         }
     }
 
-    /// The corresponding C call is `ioctl(SIOCGIFINDEX)`.
     public static func ifindex(_ name: String) throws(SyscallError) -> Int {
         try withControlSocket { (s) throws(SyscallError) in
             var v: Int32 = 0
@@ -118,7 +112,6 @@ public enum Link {
 
     /// The interface as rtnetlink has it (one `RTM_GETLINK`), by index, or by name when
     /// `ifindex` is nil; in the calling thread's namespace. nil if there is no such interface.
-    /// The corresponding C function is `mqt_link_info_get`.
     public static func info(ifindex: Int? = nil, name: String? = nil) throws(SyscallError) -> LinkInfo? {
         precondition(ifindex != nil || name != nil, "a link is asked for by index or by name")
         var li = mqt_link_info()

@@ -26,7 +26,6 @@ public enum Netns {
     }
 
     /// A namespace's identity: the inode of its fd (`/proc/PID/ns/net` shows the same).
-    /// The corresponding C function is `fstat(2)`.
     public static func inode(_ fd: Int32) throws(SyscallError) -> UInt64 {
         var st = stat()
         _ = try retryingEINTR("fstat(netns)") { fstat(fd, &st) }
@@ -130,7 +129,7 @@ public enum Netns {
         return stat("/proc/self/ns/net", &st) == 0 ? UInt64(st.st_dev) : 0
     }
 
-    /// The calling thread's namespace's inode. The corresponding C function is `stat(2)`.
+    /// The calling thread's namespace's inode.
     public static func currentInode() throws(SyscallError) -> UInt64 {
         var st = stat()
         _ = try retryingEINTR("stat(/proc/thread-self/ns/net)") { stat("/proc/thread-self/ns/net", &st) }

@@ -61,14 +61,14 @@ public enum ProcessResources {
                      startTime: boot + start / ticks)
     }
 
-    /// The soft and hard `RLIMIT_NOFILE`. The corresponding C function is `getrlimit`.
+    /// The soft and hard `RLIMIT_NOFILE`.
     public static func fileLimit() -> (soft: UInt64, hard: UInt64) {
         var rl = rlimit()
         _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)
         return (UInt64(rl.rlim_cur), UInt64(rl.rlim_max))
     }
 
-    /// Sets the soft `RLIMIT_NOFILE`. The corresponding C function is `setrlimit`.
+    /// Sets the soft `RLIMIT_NOFILE`.
     public static func setFileLimit(soft: UInt64) throws(SyscallError) {
         var rl = rlimit()
         _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &rl)

@@ -61,7 +61,7 @@ public struct SocketAddress {
         }
     }
 
-    /// A new socket of this address's family. The corresponding C function is `socket(2)`.
+    /// A new socket of this address's family.
     public func socket(_ type: __socket_type, flags: Int32 = 0) throws(SyscallError) -> Int32 {
         let family = self.family
         return try retryingEINTR("socket(\(family == AF_UNIX ? "AF_UNIX" : family == AF_INET ? "AF_INET" : "AF_INET6"))") {

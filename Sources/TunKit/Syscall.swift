@@ -18,7 +18,6 @@ public func retryingEINTR<T: FixedWidthInteger>(_ call: @autoclosure () -> Strin
 
 /// Closing an fd we own cannot fail in a way we can act on, except EBADF, which means
 /// the fd was already closed or never ours: a bug, so it traps.
-/// The corresponding C function is `close(2)`.
 public func closeFD(_ fd: Int32) {
     let rc = Glibc.close(fd)
     if rc == -1 {
@@ -74,7 +73,7 @@ public func writeFrame(_ fd: Int32, from buffer: UnsafeRawPointer, count: Int) -
     }
 }
 
-/// Opens a file with O_CLOEXEC added. The corresponding C function is `open(2)`.
+/// Opens a file with O_CLOEXEC added.
 public func openFile(_ path: String, flags: Int32) throws(SyscallError) -> Int32 {
     try retryingEINTR("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC) }
 }

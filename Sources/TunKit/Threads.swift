@@ -16,7 +16,6 @@ public final class NamedThread: Sendable {
     }
 
     /// Starts `body` on a new thread called `name` (the kernel keeps 15 characters).
-    /// The corresponding C functions are `pthread_create` and `pthread_setname_np`.
     public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SyscallError) {
         // SAFETY: the retained Start box is handed to the new thread, which takes it back
         // with takeRetainedValue exactly once; if pthread_create fails we release it here.
@@ -37,7 +36,7 @@ public final class NamedThread: Sendable {
         handle = tid
     }
 
-    /// Waits for the thread to finish. The corresponding C function is `pthread_join`.
+    /// Waits for the thread to finish.
     public func join() {
         let rc = pthread_join(handle, nil)
         precondition(rc == 0, "pthread_join: \(Errno(rc))")
@@ -50,7 +49,6 @@ public final class PeriodicThread: Sendable {
     private let done = DispatchSemaphore(value: 0)
     private let thread = Mutex<NamedThread?>(nil)
 
-    /// The corresponding C functions are those of `NamedThread`.
     public init(name: String, every interval: Double, _ body: @escaping @Sendable () -> Void) throws(SyscallError) {
         let done = self.done
         let t = try NamedThread(name: name) {

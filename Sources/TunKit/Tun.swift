@@ -96,7 +96,6 @@ public enum Tun {
     }
 
     /// Detaches (`enabled == false`) or re-attaches a queue without closing it.
-    /// The corresponding C call is `ioctl(TUNSETQUEUE)`.
     public static func setQueue(_ fd: Int32, enabled: Bool) throws(SyscallError) {
         var f = enabled ? mqt_IFF_ATTACH_QUEUE : mqt_IFF_DETACH_QUEUE
         let call = enabled ? "ioctl(TUNSETQUEUE, IFF_ATTACH_QUEUE)" : "ioctl(TUNSETQUEUE, IFF_DETACH_QUEUE)"
@@ -104,7 +103,6 @@ public enum Tun {
     }
 
     /// Sets or clears `IFF_PERSIST`: a persistent device outlives its last fd.
-    /// The corresponding C call is `ioctl(TUNSETPERSIST)`.
     public static func setPersist(_ fd: Int32, _ persist: Bool) throws(SyscallError) {
         _ = try retryingEINTR("ioctl(TUNSETPERSIST)") {
             mqt_ioctl_value(fd, mqt_TUNSETPERSIST, persist ? 1 : 0)
@@ -112,19 +110,17 @@ public enum Tun {
     }
 
     /// Lets only `uid` (and processes with CAP_NET_ADMIN) attach queues to the device.
-    /// The corresponding C call is `ioctl(TUNSETOWNER)`.
     public static func setOwner(_ fd: Int32, _ uid: UInt32) throws(SyscallError) {
         _ = try retryingEINTR("ioctl(TUNSETOWNER)") { mqt_ioctl_value(fd, mqt_TUNSETOWNER, UInt(uid)) }
     }
 
     /// Lets only members of `gid` (and processes with CAP_NET_ADMIN) attach queues; with an
-    /// owner too, either suffices. The corresponding C call is `ioctl(TUNSETGROUP)`.
+    /// owner too, either suffices.
     public static func setGroup(_ fd: Int32, _ gid: UInt32) throws(SyscallError) {
         _ = try retryingEINTR("ioctl(TUNSETGROUP)") { mqt_ioctl_value(fd, mqt_TUNSETGROUP, UInt(gid)) }
     }
 
     /// The `IFF_*` flags this kernel's tun driver supports, asked on a fresh unbound fd.
-    /// The corresponding C calls are `open(2)` and `ioctl(TUNGETFEATURES)`.
     public static func features() throws(SyscallError) -> TunFlags {
         let fd = try openFile(devicePath, flags: O_RDWR)
         defer { closeFD(fd) }
@@ -134,13 +130,12 @@ public enum Tun {
     }
 
     /// Sets the device's offloads (for every queue: it is the device's setting).
-    /// The corresponding C call is `ioctl(TUNSETOFFLOAD)`.
     public static func setOffload(_ fd: Int32, _ offloads: TunOffloads) throws(SyscallError) {
         _ = try retryingEINTR("ioctl(TUNSETOFFLOAD)") { mqt_ioctl_value(fd, mqt_TUNSETOFFLOAD, UInt(offloads.rawValue)) }
     }
 
     /// The vnet header size the device puts in front of every frame (device-wide: whoever
-    /// holds a queue can change it). The corresponding C call is `ioctl(TUNGETVNETHDRSZ)`.
+    /// holds a queue can change it).
     public static func vnetHeaderSize(_ fd: Int32) throws(SyscallError) -> Int {
         var v: Int32 = 0
         _ = try retryingEINTR("ioctl(TUNGETVNETHDRSZ)") { mqt_ioctl(fd, mqt_TUNGETVNETHDRSZ, &v) }

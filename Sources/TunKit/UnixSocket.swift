@@ -24,7 +24,7 @@ public enum UnixSocket {
     /// The corresponding C function is `getsockname(2)`.
     public static func isUnix(_ fd: Int32) -> Bool { mqt_socket_family(fd) == AF_UNIX }
 
-    /// The peer's pid, uid and gid. The corresponding C call is `getsockopt(SO_PEERCRED)`.
+    /// The peer's pid, uid and gid.
     public static func peerCredentials(_ fd: Int32) throws(SyscallError) -> PeerCredentials {
         var pid: Int32 = 0
         var uid: UInt32 = 0
@@ -101,7 +101,7 @@ public enum UnixSocket {
     }
 
     /// Shuts both directions down, so the peer reads end of file at once (the fd itself stays
-    /// its owner's to close). The corresponding C function is `shutdown(2)`.
+    /// its owner's to close).
     public static func shutdownBoth(_ fd: Int32) { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
     private static func waitWritable(_ fd: Int32, _ timeout: Int32) throws(SyscallError) {

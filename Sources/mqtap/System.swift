@@ -35,5 +35,5 @@ enum Process {
     }
 }
 
-/// Whether `fd` is a terminal. The corresponding C function is `isatty(3)`.
+/// Whether `fd` is a terminal.
 func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
