@@ -16,6 +16,8 @@ public enum DeviceStep: String, Sendable, Hashable {
     /// Looking at what has the name now (sysfs), before restoring a device.
     case inspect = "inspect interface"
     case readQueueState = "read queue state"
+    /// The kernel's count of the device's queues, for a limit check.
+    case countQueues = "count the device's queues"
     case setOffload = "set offloads"
     case duplicateFD = "duplicate queue fd"
     case deleteLink = "delete link"

@@ -312,6 +312,10 @@ public struct DeviceInfo: Hashable, Sendable {
     public var home: NetnsHome?
     public var multiQueue = true
     public var labels: [String: String] = [:]
+    /// A kernel read for this view that failed: the values beside it are the last recorded.
+    public var kernelError: SyscallError?
+    /// The kernel's counters of the link, read with the view (nil if not read).
+    public var kernelStatistics: [String: UInt64]?
 
     public var queueCount: Int { queues.count }
     public var enabledQueues: Int { queues.lazy.filter(\.enabled).count }

@@ -57,6 +57,28 @@ struct HouseTests {
         #expect(s.kernel == nil && s.kernelError?.errno == .accessDenied)
     }
 
+    @Test("a failed link read is said in the device view, and a limit check refuses rather than count 0 foreign queues")
+    func viewAndLimitErrors() throws {
+        let f = try FakeFixture()
+        _ = try f.manager.create(DeviceSpec(name: "d", queues: 2))
+        #expect(try f.manager.device("d").kernelError == nil)
+        f.driver.failStatistics(.accessDenied)
+        let v = try f.manager.device("d")
+        #expect(v.kernelError?.errno == .accessDenied, "said, not answered as if read")
+        #expect(v.queueCount == 2, "beside the values last recorded")
+        // Every check that counts queues others attached needs the kernel's count.
+        #expect(throws: ManagerError.kernel(device: "d", step: .countQueues, call: "RTM_GETLINK(d)", errno: .accessDenied)) {
+            try f.manager.addQueues("d", count: 1)
+        }
+        #expect(throws: ManagerError.kernel(device: "d", step: .countQueues, call: "RTM_GETLINK(d)", errno: .accessDenied)) {
+            try f.manager.setLimit(maxQueues: 8)
+        }
+        #expect(try f.manager.queues("d").count == 2, "a refused change changed nothing")
+        f.driver.failStatistics(nil)
+        #expect(try f.manager.addQueues("d", count: 1).count == 1)
+        #expect(try f.manager.device("d").kernelError == nil)
+    }
+
     @Test("restore: an unreadable sysfs is a failed device with its errno, not an absent name")
     func inspectError() throws {
         let driver = FakeDriver()

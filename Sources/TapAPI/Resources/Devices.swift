@@ -76,6 +76,8 @@ enum DevicesResource {
             if let size = d.vnetHdrSize { o["vnet_hdr_size"] = JSON(size) }
             o["settings_differ"] = .array(d.settingsDiffer.map { .string($0) })
             o["revoked_queues"] = JSON(d.revokedQueues)
+            // A kernel read that failed: the values above are the last recorded.
+            if let e = d.kernelError { o["kernel_error"] = StatsResource.encode(e) }
             if let ns = k.netns {
                 var n: JSONObject = ["inode": JSON(Int(ns.inode)), "own": .bool(ns.isOwn)]
                 if let name = ns.name { n["name"] = .string(name) }

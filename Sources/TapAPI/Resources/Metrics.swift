@@ -82,11 +82,10 @@ enum MetricsResource {
     }
 
     static func get(_ m: DeviceManager) -> HTTPResponse {
+        // Each device is read from the kernel once: its view carries the link's counters.
         let devices = m.devices()
         var kernel: [String: [String: UInt64]] = [:]
-        for d in devices where d.status == .active {
-            if let k = (try? m.stats(d.name))?.kernel { kernel[d.name] = k }
-        }
+        for d in devices { if let k = d.kernelStatistics { kernel[d.name] = k } }
         return .text(200, render(devices: devices, kernel: kernel, limits: m.limits(), usage: ProcessResources.usage()),
                      contentType: contentType)
     }

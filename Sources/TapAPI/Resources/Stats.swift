@@ -1,5 +1,6 @@
 import TapCore
 import TapJSON
+import TunKit
 
 /// `/v1/devices/{name}/stats`: per queue, the total, and the kernel's device counters.
 enum StatsResource {
@@ -14,11 +15,14 @@ enum StatsResource {
         } else {
             // The kernel's counters could not be read: said so, not answered as empty.
             o["kernel"] = .null
-            if let e = s.kernelError {
-                o["kernel_error"] = ["call": .string(e.call), "errno": .string(e.errno.name), "message": .string(e.errno.message)]
-            }
+            if let e = s.kernelError { o["kernel_error"] = encode(e) }
         }
         return .object(o)
+    }
+
+    /// A kernel read that failed, as the device view and the stats say it.
+    static func encode(_ e: SyscallError) -> JSON {
+        ["call": .string(e.call), "errno": .string(e.errno.name), "message": .string(e.errno.message)]
     }
 
     static func get(_ m: DeviceManager, _ device: String) throws -> HTTPResponse {

@@ -33,7 +33,7 @@ extension DeviceManager {
         // Opened before the lock: a slow mount never holds up other changes.
         let netns = try openNetns(spec.netns)
         let home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
-        return try change { (model) throws(ManagerError) in
+        let d = try change { (model) throws(ManagerError) -> ActiveDevice in
             try checkForward(name: spec.name, kind: spec.kind, vnetHdr: spec.vnetHdr, mode: spec.mode, peer: spec.peer,
                              in: model)
             try checkForwardConsumers(device: spec.name, mode: spec.mode, peer: spec.peer, in: model)
@@ -69,8 +69,10 @@ extension DeviceManager {
             model.devices[spec.name] = .active(d)
             journal.publish(.deviceCreated, device: spec.name)
             logger.info("device created", metadata: ["device": "\(spec.name)", "queues": "\(spec.queues)", "ifindex": "\(d.ifindex)"])
-            return view(.active(d))
+            return d.forReaders
         }
+        // Read from the kernel once the lock is let go: a view never holds up other changes.
+        return view(.active(d))
     }
 
     /// The namespace `spec` names (a path, or a bare name under /run/netns), opened; nil for
@@ -194,7 +196,7 @@ extension DeviceManager {
         if let k = patch.enabledQueues, !(0...Tun.kernelMaxQueues).contains(k) {
             throw .invalidField(field: "enabled_queues", reason: "must be between 0 and \(Tun.kernelMaxQueues)")
         }
-        return try change { (model) throws(ManagerError) in
+        let d = try change { (model) throws(ManagerError) -> ActiveDevice in
             var d = try active(name, in: &model)
             let before = d
             let count = patch.queues ?? d.queueCount
@@ -240,7 +242,11 @@ extension DeviceManager {
             // The kernel's view, read once: its link state and MTU are what the PATCH compares
             // with (so it puts back what `ip link` changed behind the daemon's back), and its
             // count of queues others attached is what the limits count.
-            guard case .active(let now) = kernelLink(.active(d)) else { preconditionFailure("active stays active") }
+            let link = try currentLink(d)
+            var now = d
+            now.up = link.up
+            now.mtu = link.mtu
+            now.foreignQueues = foreignQueues(d, link)
             if let m = patch.maxQueues {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
@@ -312,8 +318,10 @@ extension DeviceManager {
             }
             let changes = Self.changes(from: before, to: d, patch: patch, kernel: now)
             if !changes.isEmpty { journal.publish(.deviceChanged, device: name, changes: changes) }
-            return view(.active(d))
+            return d.forReaders
         }
+        // Read from the kernel once the lock is let go: a view never holds up other changes.
+        return view(.active(d))
     }
 
     /// The fields a PATCH changed, with their new values, for `device.changed`.
@@ -384,7 +392,7 @@ extension DeviceManager {
             let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
             // Queues others attached by name, and revoked files the daemon keeps, count too: the
             // kernel's 256 is for all of them.
-            let foreign = foreignQueues(d) + d.revoked.count
+            let foreign = try foreignQueues(d) + d.revoked.count
             // Every term is at most 256: no overflow.
             guard d.queueCount + foreign + count <= limit else {
                 throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil, field: "count")
@@ -438,7 +446,8 @@ extension DeviceManager {
             if was != enabled {
                 journal.publish(enabled ? .queueEnabled : .queueDisabled, device: name, queue: id, by: .api)
             }
-            return q.info(attached: try? driver.isAttached(q.fd))
+            // Just set, and read back by `setEnabled` (a held queue stays detached, as it is).
+            return q.info(attached: q.seen)
         }
     }
 
@@ -448,7 +457,16 @@ extension DeviceManager {
         try change { (model) throws(ManagerError) in
             for entry in model.devices.values.sorted(by: { $0.name < $1.name }) {
                 // Queues others attached, and revoked files kept, are in use too.
-                let foreign = entry.active.map { foreignQueues($0) + $0.revoked.count } ?? 0
+                var foreign = 0
+                if let d = entry.active {
+                    do throws(ManagerError) {
+                        foreign = try foreignQueues(d) + d.revoked.count
+                    } catch .deviceNotFound {
+                        // Gone behind the daemon's back (dropped on the event path): it uses
+                        // nothing, and a device that is going must not hold the limit up.
+                        continue
+                    }
+                }
                 guard entry.queueCount + foreign <= maxQueues else {
                     throw .limitBelowUsage(field: "max_queues", limit: maxQueues, device: entry.name, inUse: entry.queueCount + foreign)
                 }

@@ -87,15 +87,27 @@ extension DeviceManager {
     }
 
     /// The settings as the kernel has them now, through the daemon's own fd; nil when there is
-    /// no fd to ask or the kernel does not answer.
-    func readSettings(_ d: ActiveDevice, link: LinkInfo? = nil) -> DeviceSettings? {
+    /// no fd to ask or the device went.
+    func readSettings(_ d: ActiveDevice, link: LinkInfo? = nil) throws(SyscallError) -> DeviceSettings? {
         guard let file = d.anyFile else { return nil }
-        let found = file.withOpenFD { fd -> DeviceSettings? in
-            guard let vnet = try? driver.vnetSettings(fd) else { return nil }
-            let tun = (link ?? (try? self.link(of: fd)) ?? nil)?.tun
+        let driver = self.driver
+        return try read(through: file) { fd throws(SyscallError) -> DeviceSettings? in
+            let vnet = try driver.vnetSettings(fd)
+            let now: LinkInfo? = if let link { link } else { try self.link(of: fd) }
+            let tun = now?.tun
             return DeviceSettings(vnet: vnet, owner: tun?.owner, group: tun?.group)
         }
-        return found ?? nil
+    }
+
+    /// The same, for the steps that cannot refuse (a lease's end, the observer): a read the
+    /// kernel refuses is logged, and nothing is decided on it.
+    func settingsLogged(_ d: ActiveDevice, link: LinkInfo? = nil) -> DeviceSettings? {
+        do throws(SyscallError) {
+            return try readSettings(d, link: link)
+        } catch {
+            logger.error("device settings not read", metadata: ["device": "\(d.name)", "error": "\(error)"])
+            return nil
+        }
     }
 
     /// The settings the daemon set and puts back: the default vnet header (10 bytes),
@@ -134,7 +146,7 @@ extension DeviceManager {
     /// group. Returns what was put back (for the event and the log).
     @discardableResult
     func restoreSettings(_ d: inout ActiveDevice, why: String) -> [String] {
-        guard let fd = d.anyFD, let now = readSettings(d) else { return [] }
+        guard let fd = d.anyFD, let now = settingsLogged(d) else { return [] }
         let want = wanted(d, from: now)
         var restored: [String] = []
         func attempt(_ what: String, _ body: () throws(SyscallError) -> Void) {
@@ -167,7 +179,7 @@ extension DeviceManager {
         if let gid = d.group, now.group != gid {
             attempt("group") { () throws(SyscallError) in try driver.setGroup(fd, gid) }
         }
-        d.settings = readSettings(d)
+        d.settings = settingsLogged(d) ?? d.settings
         if !restored.isEmpty {
             journal.publish(.deviceChanged, device: d.name, by: .daemon,
                             changes: [("restored", .string(restored.joined(separator: ",")))])
@@ -179,10 +191,12 @@ extension DeviceManager {
 
     /// Reads the settings, puts them back if the daemon is the device's only holder, and holds
     /// or releases the daemon's queues by whether the workers can read the device now.
-    /// `foreign`: queues others attached by name, as just seen. Returns whether anything changed.
+    /// `foreign`: queues others attached by name, as just seen (nil: not known, so the daemon
+    /// is not known to hold the device alone and puts nothing back). Returns whether anything
+    /// changed.
     @discardableResult
-    func checkSettings(_ d: inout ActiveDevice, foreign: Int, link: LinkInfo? = nil, why: String) -> Bool {
-        guard var now = readSettings(d, link: link) else { return false }
+    func checkSettings(_ d: inout ActiveDevice, foreign: Int?, link: LinkInfo? = nil, why: String) -> Bool {
+        guard var now = settingsLogged(d, link: link) else { return false }
         let before = (d.settings, d.unreadable)
         if d.leases.isEmpty && foreign == 0 && !differences(d, now).isEmpty {
             restoreSettings(&d, why: why)

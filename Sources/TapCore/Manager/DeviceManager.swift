@@ -26,8 +26,6 @@ public final class DeviceManager: Sendable {
     public let journal: EventJournal
     /// Looks for attach-state changes made outside the API (a lease holder's TUNSETQUEUE).
     private let observer = Mutex<PeriodicThread?>(nil)
-    /// What forwarding devices write to.
-    let forwarding = ForwardRegistry()
     /// The observer's rounds: some looks are taken only every few.
     let observeTicks = Atomic<Int>(0)
     /// Live leases the daemon takes, over all devices (their connections are counted apart
@@ -108,7 +106,7 @@ public final class DeviceManager: Sendable {
         let d = try activeSnapshot(name)
         if let o = d.orphans[id] { return o.info }
         guard let q = d.queues[id] else { throw .queueNotFound(device: name, id: id) }
-        return q.info(attached: attached(q))
+        return q.info(attached: (try? attached(q).get()) ?? nil)
     }
 
     public func stats(_ name: String) throws(ManagerError) -> DeviceStats {
@@ -132,16 +130,41 @@ public final class DeviceManager: Sendable {
             openFiles: ProcessResources.openFileCount(), openFilesLimit: ProcessResources.fileLimit().soft)
     }
 
-    /// A device as the kernel has it now: link state, MTU, and each queue's attach state read
-    /// from the daemon's own fd (a lease holder, or any process sharing the open file, may
-    /// have changed it).
+    /// A device as the kernel has it now: link state, MTU, settings, and each queue's attach
+    /// state read from the daemon's own fd (a lease holder, or any process sharing the open
+    /// file, may have changed it). Called without the control lock: it reads the kernel
+    /// through the entry's files, each kept open for the length of its read. A read the
+    /// kernel refuses is said in `kernelError`, beside the values last recorded.
     func view(_ entry: DeviceEntry) -> DeviceInfo {
-        guard case .active(let d) = kernelLink(entry) else { return entry.info(global: published.withLock { $0.maxQueues }) }
-        let own = d.queues.values.map { q in q.info(attached: attached(q)) }
+        let (global, devices) = published.withLock { ($0.maxQueues, $0.devices) }
+        guard case .active(var d) = entry else { return entry.info(global: global) }
+        var kernelError: SyscallError?
+        var statistics: [String: UInt64]?
+        do throws(SyscallError) {
+            if let (link, place) = try lookUp(d) {
+                d.up = link.up
+                d.mtu = link.mtu
+                d.ifindex = link.ifindex
+                d.kernelName = link.name
+                d.place = place
+                d.foreignQueues = foreignQueues(d, link)
+                statistics = link.statistics
+                if let now = try readSettings(d, link: link) { d.settings = now }
+            }
+        } catch {
+            kernelError = error
+        }
+        let own = d.queues.values.map { q in
+            switch attached(q) {
+            case .success(let a): return q.info(attached: a)
+            case .failure(let e):
+                kernelError = kernelError ?? e
+                return q.info(attached: nil)
+            }
+        }
         let qs = (own + d.orphans.values.map(\.info)).sorted { $0.id < $1.id }
         let peerState = d.mode != .forward ? nil
-            : (d.peer.flatMap { p in published.withLock { $0.devices[p]?.active } } == nil ? PeerState.missing : .active)
-        let global = published.withLock { $0.maxQueues }
+            : (d.peer.flatMap { p in devices[p]?.active } == nil ? PeerState.missing : .active)
         // Owner and group as the kernel has them (a holder may have changed them).
         var info = DeviceInfo(name: d.name, kind: d.kind, maxQueues: queueLimit(own: d.ownMaxQueues, global: global),
                               maxQueuesSource: d.ownMaxQueues == nil ? .global : .device, persist: d.persist, vnetHdr: d.vnetHdr,
@@ -158,40 +181,40 @@ public final class DeviceManager: Sendable {
         info.home = d.home
         info.multiQueue = d.multiQueue
         info.labels = d.labels
+        info.kernelError = kernelError
+        info.kernelStatistics = statistics
         return info
     }
 
-    /// The entry as the kernel has it now, found through one of its own fds: `up`, `mtu`,
-    /// `ifindex`, its name and namespace (`ip link` may have changed any of them behind the
-    /// daemon's back) and the queues others attached. A kept device keeps what the state file
-    /// asks for.
-    func kernelLink(_ entry: DeviceEntry) -> DeviceEntry {
-        guard case .active(var d) = entry, let (link, place) = lookUp(d) else { return entry }
-        d.up = link.up
-        d.mtu = link.mtu
-        d.ifindex = link.ifindex
-        d.kernelName = link.name
-        d.place = place
-        d.foreignQueues = foreignQueues(d, link)
-        if let now = readSettings(d, link: link) { d.settings = now }
-        return .active(d)
+    /// Runs `read` on one of the device's files while it is open. nil when the file was
+    /// closed since the snapshot, or the device went (EBADFD): the workers, or the next read,
+    /// report that. Any other failure is thrown.
+    func read<T>(through file: QueueHandle, _ read: (Int32) throws(SyscallError) -> T?) throws(SyscallError) -> T? {
+        let r = file.withOpenFD { fd -> Result<T?, SyscallError> in
+            do throws(SyscallError) {
+                return .success(try read(fd))
+            } catch {
+                return error.errno == .badFileDescriptorState ? .success(nil) : .failure(error)
+            }
+        }
+        return try (r ?? .success(nil)).get()
     }
 
     /// The device's link and namespace, through a queue fd while it is open (the snapshot
-    /// may be older than a close); nil if there is none or the kernel did not answer.
-    func lookUp(_ d: ActiveDevice) -> (LinkInfo, Netns.Place)? {
+    /// may be older than a close), or through its anchor; nil if there is neither or the
+    /// device went.
+    func lookUp(_ d: ActiveDevice) throws(SyscallError) -> (LinkInfo, Netns.Place)? {
         if d.anyFile == nil, let a = d.anchor {
-            guard let link = try? anchoredLink(a) else { return nil }
+            guard let link = try anchoredLink(a) else { return nil }
             let own = a.netns == nil
-            let inode = a.netns?.inode ?? ((try? Netns.currentInode()) ?? 0)
+            let inode = if let ns = a.netns { ns.inode } else { try Netns.currentInode() }
             return (link, Netns.Place(inode: inode, name: own ? nil : Netns.name(ofInode: inode), isOwn: own))
         }
         guard let file = d.anyFile else { return nil }
-        let found = file.withOpenFD { fd -> (LinkInfo, Netns.Place)? in
-            guard let link = try? link(of: fd), let place = try? driver.place(of: fd) else { return nil }
-            return (link, place)
+        return try read(through: file) { fd throws(SyscallError) -> (LinkInfo, Netns.Place)? in
+            guard let link = try link(of: fd) else { return nil }
+            return (link, try driver.place(of: fd))
         }
-        return found ?? nil
     }
 
     /// The link of a device the daemon holds no queue of, by its index in its namespace; nil
@@ -238,12 +261,41 @@ public final class DeviceManager: Sendable {
         return max(0, tun.queues - d.accountedQueues)
     }
 
-    /// The same, asked of the kernel now (0 if it does not answer): for the limits of a change.
-    func foreignQueues(_ d: ActiveDevice) -> Int {
+    /// The device's link now, for a change (under the control lock): a link the kernel does
+    /// not give is refused, never taken as empty. A device gone behind the daemon's back is
+    /// not found (and dropped on the event path).
+    func currentLink(_ d: ActiveDevice) throws(ManagerError) -> LinkInfo {
         let driver = self.driver
-        let found: LinkInfo?? = try? onDevice(d) { n throws(SyscallError) in try driver.link(named: n) }
-        guard let link = found ?? nil else { return 0 }
-        return foreignQueues(d, link)
+        let found: LinkInfo?
+        do throws(SyscallError) {
+            found = try onDevice(d) { n throws(SyscallError) in try driver.link(named: n) }
+        } catch where error.errno == .badFileDescriptorState || error.errno == .noDevice {
+            found = nil
+        } catch {
+            throw .from(error, device: d.name, step: .countQueues)
+        }
+        guard let found else {
+            scheduleLost(key: d.key)
+            throw .deviceNotFound(name: d.name)
+        }
+        return found
+    }
+
+    /// Queues others attached, asked of the kernel now: for the limits of a change, so a
+    /// count the kernel does not give is refused (never counted as 0).
+    func foreignQueues(_ d: ActiveDevice) throws(ManagerError) -> Int {
+        foreignQueues(d, try currentLink(d))
+    }
+
+    /// The same, for the steps that cannot refuse (a lease's end): nil, logged, when the
+    /// kernel does not give the count.
+    func foreignQueuesLogged(_ d: ActiveDevice) -> Int? {
+        do throws(ManagerError) {
+            return try foreignQueues(d)
+        } catch {
+            logger.error("queues attached by name not counted", metadata: ["device": "\(d.name)", "error": "\(error)"])
+            return nil
+        }
     }
 
     /// Runs `body` with the name the device of `fd` has now (TUNGETIFF on the fd), in the
@@ -260,15 +312,7 @@ public final class DeviceManager: Sendable {
     func linkStatistics(_ d: ActiveDevice) throws(SyscallError) -> [String: UInt64]? {
         if d.anyFile == nil, let a = d.anchor { return try anchoredLink(a)?.statistics }
         guard let file = d.anyFile else { return nil }
-        let read = file.withOpenFD { fd -> Result<[String: UInt64]?, SyscallError> in
-            do throws(SyscallError) {
-                return .success(try link(of: fd)?.statistics)
-            } catch {
-                // The device went between the snapshot and the read: the workers report it.
-                return error.errno == .badFileDescriptorState ? .success(nil) : .failure(error)
-            }
-        }
-        return try (read ?? .success(nil)).get()
+        return try read(through: file) { fd throws(SyscallError) in try link(of: fd)?.statistics }
     }
 
     /// The published entry of `name`, unless it is gone from the kernel.
@@ -306,10 +350,11 @@ public final class DeviceManager: Sendable {
         return file.withOpenFD { !driver.isBound($0) } ?? false
     }
 
-    /// The kernel's attach state of a queue, read from the daemon's fd (nil if it was closed
-    /// since the snapshot, or the read failed).
-    func attached(_ q: QueueEntry) -> Bool? {
-        q.file.withOpenFD { try? driver.isAttached($0) } ?? nil
+    /// The kernel's attach state of a queue, read from the daemon's fd: nil if it was closed
+    /// since the snapshot or the device went, a failure if the kernel refused.
+    func attached(_ q: QueueEntry) -> Result<Bool?, SyscallError> {
+        let driver = self.driver
+        return Result { () throws(SyscallError) in try read(through: q.file) { fd throws(SyscallError) in try driver.isAttached(fd) } }
     }
 
     // MARK: - The one way to change
@@ -329,14 +374,14 @@ public final class DeviceManager: Sendable {
             journal.hold()
             var made = false
             defer {
-                let copy = model
+                let copy = model.forReaders
                 published.withLock { $0 = copy }
                 journal.release(deliver: made)
             }
             let result = try body(&model)
             made = true
             // Whatever changed, the forwarders write to what their peers have now.
-            retarget(model)
+            retarget(&model)
             if let e = save(&model) { throw e }
             return result
         }
@@ -348,12 +393,12 @@ public final class DeviceManager: Sendable {
         control.withLock { model in
             journal.hold()
             defer {
-                let copy = model
+                let copy = model.forReaders
                 published.withLock { $0 = copy }
                 journal.release(deliver: true)
             }
             let result = body(&model)
-            retarget(model)
+            retarget(&model)
             _ = save(&model)
             return result
         }
@@ -408,7 +453,7 @@ public final class DeviceManager: Sendable {
         let first = control.withLock { model -> Bool in
             guard model.lifecycle != .stopping && model.lifecycle != .stopped else { return false }
             model.lifecycle = .stopping
-            let copy = model
+            let copy = model.forReaders
             published.withLock { $0 = copy }
             return true
         }
@@ -422,7 +467,7 @@ public final class DeviceManager: Sendable {
             model.devices = [:]
             pool.shutdown()
             model.lifecycle = .stopped
-            let copy = model
+            let copy = model.forReaders
             published.withLock { $0 = copy }
         }
     }

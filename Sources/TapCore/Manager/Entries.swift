@@ -111,6 +111,10 @@ struct ActiveDevice: Sendable {
     var mode: DeviceMode
     /// For `forward`: the device frames go to (by name: a new device of that name is picked up).
     var peer: String?
+    /// For `forward`: what its workers write to now (the peer's queues, duplicated), set by
+    /// `retarget` at the end of each change. Never in a reader's copy: a copy held past the
+    /// change would keep a removed peer queue (or a deleted peer) alive in the kernel.
+    var forwardTarget: ForwardTarget?
     let offload: Bool
     /// The offloads TUNSETOFFLOAD took.
     var offloads: Offloads = []
@@ -316,6 +320,24 @@ struct ManagerModel: Sendable {
     mutating func takeKey() -> UInt64 {
         defer { nextKey += 1 }
         return nextKey
+    }
+
+    /// The model as readers get it: without the forward targets (see `ActiveDevice.forwardTarget`).
+    var forReaders: ManagerModel {
+        var copy = self
+        for case .active(let d) in devices.values where d.forwardTarget != nil {
+            copy.devices[d.name] = .active(d.forReaders)
+        }
+        return copy
+    }
+}
+
+extension ActiveDevice {
+    /// The device as readers get it: without its forward target.
+    var forReaders: ActiveDevice {
+        var copy = self
+        copy.forwardTarget = nil
+        return copy
     }
 }
 

@@ -4,13 +4,6 @@ import TunKit
 
 public typealias Offloads = TunOffloads
 
-/// The targets the forwarding devices' workers write to now, by source device name. Touched
-/// only with the manager's control lock held.
-final class ForwardRegistry: @unchecked Sendable {
-    // SAFETY (@unchecked): read and written only under DeviceManager.control.
-    var targets: [String: ForwardTarget] = [:]
-}
-
 extension DeviceManager {
     /// The peer queues a forwarding device writes to: attached through the API and not leased,
     /// in id order (a detached queue's fd refuses writes; a leased one is its holder's).
@@ -21,20 +14,24 @@ extension DeviceManager {
 
     /// What the workers do with `d`'s frames (for `forward`, the target last pushed).
     func action(for d: ActiveDevice) -> QueueAction {
-        .of(d.mode, kind: d.kind, vnetHdr: d.vnetHdr, target: forwarding.targets[d.name])
+        .of(d.mode, kind: d.kind, vnetHdr: d.vnetHdr, target: d.forwardTarget)
     }
 
     /// Brings every forwarding device's workers up to date with its peer's queues, and stops
     /// the ones no longer forwarding. Returns once every worker has its new target, and with
     /// it has let go of the old one: the duplicates of the peer's fds the old target owned are
     /// closed then, so a queue the peer removed is gone from the kernel when the change answers.
-    func retarget(_ model: ManagerModel) {
-        for name in forwarding.targets.keys where model.devices[name]?.active?.mode != .forward {
-            forwarding.targets[name] = nil
-        }
-        for case .active(let d) in model.devices.values where d.mode == .forward {
+    func retarget(_ model: inout ManagerModel) {
+        for case .active(var d) in model.devices.values {
+            guard d.mode == .forward else {
+                if d.forwardTarget != nil {
+                    d.forwardTarget = nil
+                    model.devices[d.name] = .active(d)
+                }
+                continue
+            }
             let queues = peerQueues(of: d, in: model)
-            if let current = forwarding.targets[d.name], current.keys == queues.map(\.key) { continue }
+            if let current = d.forwardTarget, current.keys == queues.map(\.key) { continue }
             var parts: [ForwardTarget.Queue] = []
             for q in queues {
                 do {
@@ -47,7 +44,8 @@ extension DeviceManager {
                 }
             }
             let target = ForwardTarget(parts)
-            forwarding.targets[d.name] = target
+            d.forwardTarget = target
+            model.devices[d.name] = .active(d)
             for q in d.queues.values where q.polled { pool.setAction(key: q.key, .forward(target), on: q.worker) }
         }
     }

@@ -132,7 +132,7 @@ extension DeviceManager {
             if d.mode == .external {
                 throw .consumerConflict(device: name, reason: "is in mode external: its consumers attach by name")
             }
-            if d.leases.isEmpty, foreignQueues(d) > 0 {
+            if d.leases.isEmpty, try foreignQueues(d) > 0 {
                 throw .consumerConflict(device: name, reason: "has queues attached by name by other processes")
             }
             let live = model.devices.values.reduce(0) { $0 + ($1.active?.leases.values.filter { !$0.orphaned }.count ?? 0) }
@@ -232,7 +232,7 @@ extension DeviceManager {
             if d.leases.isEmpty {
                 // The last holder is gone: the device's settings are the daemon's again, before
                 // any worker reads it (unless processes attached by name still use them).
-                let foreign = foreignQueues(d)
+                let foreign = foreignQueuesLogged(d)
                 if foreign == 0 { restoreSettings(&d, why: "lease \(id) ended") }
                 checkSettings(&d, foreign: foreign, why: "lease \(id) ended")
             }
@@ -309,7 +309,7 @@ extension DeviceManager {
                 }
             }
             if d.leases.isEmpty {
-                let foreign = foreignQueues(d)
+                let foreign = foreignQueuesLogged(d)
                 if foreign == 0 { restoreSettings(&d, why: "lease \(id) revoked") }
                 checkSettings(&d, foreign: foreign, why: "lease \(id) revoked")
             }
