@@ -769,7 +769,7 @@ def callgrind(args, report):
             return max(counts, default=0)
         report["callgrind"] = {
             "requests": requests, "frames": received,
-            "per_request": inclusive(r"\$s6TapAPI10HTTPServerC6access") / requests,
+            "per_request": inclusive(r"\$s6TapAPI9MHDDaemonV6access") / requests,
             "per_frame": inclusive(r"\$s7TapCore6WorkerC3run") / max(received, 1),
         }
     finally:

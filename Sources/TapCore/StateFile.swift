@@ -20,10 +20,10 @@ public struct DesiredState: Equatable, Sendable {
         public var id: String
         public var queues: [Int]
         public var holder: String?
-        public var peer: PeerCredentials
+        public var peer: Peer
         public var since: String
 
-        public init(id: String, queues: [Int], holder: String?, peer: PeerCredentials, since: String) {
+        public init(id: String, queues: [Int], holder: String?, peer: Peer, since: String) {
             self.id = id
             self.queues = queues
             self.holder = holder
@@ -240,7 +240,7 @@ public struct StateFile: Sendable {
                     var holder: String?
                     if case .string(let h)? = l["holder"] { holder = h }
                     leases.append(.init(id: id, queues: ids, holder: holder,
-                                        peer: PeerCredentials(pid: Int32(truncatingIfNeeded: pid), uid: UInt32(truncatingIfNeeded: uid),
+                                        peer: Peer(pid: Int32(truncatingIfNeeded: pid), uid: UInt32(truncatingIfNeeded: uid),
                                                               gid: UInt32(truncatingIfNeeded: gid)), since: since))
                 }
             }

@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import CTunLinux
+import Dispatch
+import Synchronization
 
 /// Network namespaces, as far as the daemon needs them: a device moved into another
 /// namespace (`ip link set DEV netns NS`) keeps working through its queue fds, but a new queue
@@ -136,34 +138,117 @@ public enum Netns {
         return UInt64(st.st_ino)
     }
 
-    /// Runs `body` on a thread of its own that has entered the namespace `netns` (the
-    /// calling thread's namespace stays as it is); what `body` opens belongs to `netns`.
-    /// The corresponding C function is `setns(CLONE_NEWNET)`.
+    /// Runs `body` inside the namespace `netns` (the calling thread's namespace stays as it
+    /// is); what `body` opens belongs to `netns`. In the caller's own namespace it runs at
+    /// once; elsewhere on that namespace's helper thread (`NetnsHelpers`), kept between calls.
+    /// `body` must not itself run something in another namespace.
     public static func run<T: Sendable>(in netns: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T {
+        let target = try inode(netns)
+        if try currentInode() == target { return try body() }
+        return try NetnsHelpers.shared.run(inode: target, netns: netns, body)
+    }
+}
+
+/// The threads that run steps in other namespaces: one per namespace (by inode), made on its
+/// first call, kept while calls come and retired after `idleSeconds` without. Between calls a
+/// helper is back in the namespace it started in (the daemon's), so it never keeps alive a
+/// namespace everyone else let go of: `ip netns del` still ends it, and the devices in it.
+final class NetnsHelpers: Sendable {
+    static let shared = NetnsHelpers()
+    static let idleSeconds = 10.0
+
+    /// Runs the step (nil), or fails it without running (the helper cannot serve).
+    typealias Job = @Sendable (SyscallError?) -> Void
+
+    private final class Helper: Sendable {
+        let jobs = Mutex<[Job]>([])
+        let wake = DispatchSemaphore(value: 0)
+    }
+
+    private let helpers = Mutex<[UInt64: Helper]>([:])
+
+    func run<T: Sendable>(inode: UInt64, netns: Int32, _ body: @escaping @Sendable () throws(SyscallError) -> T)
+        throws(SyscallError) -> T {
         let box = ResultBox<T>()
-        let thread = try NamedThread(name: "mqtapd-netns") {
+        let done = DispatchSemaphore(value: 0)
+        // `netns` stays open meanwhile: the caller waits for the job.
+        try submit(inode: inode) { refused in
+            defer { done.signal() }
+            if let refused { return box.result = .failure(refused) }
             let rc = mqt_setns_net(netns)
-            guard rc == 0 else {
-                box.result = .failure(SyscallError(call: "setns(CLONE_NEWNET)", errno: Errno(-rc)))
-                return
-            }
+            guard rc == 0 else { return box.result = .failure(SyscallError(call: "setns(CLONE_NEWNET)", errno: Errno(-rc))) }
             do throws(SyscallError) {
                 box.result = .success(try body())
             } catch {
                 box.result = .failure(error)
             }
         }
-        thread.join()
-        // SAFETY: written by the thread before it ended, read after the join.
+        done.wait()
+        // SAFETY: written by the helper before it signalled `done`, read after the wait.
         switch box.result! {
         case .success(let v): return v
         case .failure(let e): throw e
         }
     }
 
+    /// Queues `job` on the namespace's helper, starting one if there is none. Under the
+    /// registry's lock, so a helper that retires never leaves a job behind.
+    private func submit(inode: UInt64, _ job: @escaping Job) throws(SyscallError) {
+        try helpers.withLock { (all) throws(SyscallError) in
+            let h = all[inode] ?? Helper()
+            if all[inode] == nil {
+                let thread = try NamedThread(name: "mqtapd-netns") { [self] in serve(h, inode: inode) }
+                thread.detach()
+                all[inode] = h
+            }
+            h.jobs.withLock { $0.append(job) }
+            h.wake.signal()
+        }
+    }
+
+    /// A helper's loop: each job enters its namespace, and the helper goes back to its own
+    /// after it. One that cannot go back (or cannot tell where that is) fails what it has and
+    /// retires.
+    private func serve(_ h: Helper, inode: UInt64) {
+        let home: Int32
+        do {
+            home = try openFile("/proc/thread-self/ns/net", flags: O_RDONLY | O_CLOEXEC)
+        } catch {
+            return retire(h, inode: inode, failing: error)
+        }
+        defer { close(home) }
+        while true {
+            if h.wake.wait(timeout: .now() + Self.idleSeconds) == .timedOut {
+                let idle = helpers.withLock { all -> Bool in
+                    guard h.jobs.withLock({ $0.isEmpty }) else { return false }
+                    all[inode] = nil
+                    return true
+                }
+                if idle { return }
+                continue
+            }
+            guard let job = h.jobs.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) else { continue }
+            job(nil)
+            let rc = mqt_setns_net(home)
+            if rc != 0 { return retire(h, inode: inode, failing: SyscallError(call: "setns(CLONE_NEWNET)", errno: Errno(-rc))) }
+        }
+    }
+
+    /// Takes the helper out of the registry and fails what it still has queued.
+    private func retire(_ h: Helper, inode: UInt64, failing error: SyscallError) {
+        let left = helpers.withLock { all -> [Job] in
+            if all[inode] === h { all[inode] = nil }
+            return h.jobs.withLock { jobs in
+                defer { jobs = [] }
+                return jobs
+            }
+        }
+        for job in left { job(error) }
+    }
+
     private final class ResultBox<T>: @unchecked Sendable {
-        // SAFETY (@unchecked): written once by the thread, read after it was joined.
+        // SAFETY (@unchecked): written once by the helper before it signals, read after.
         var result: Result<T, SyscallError>?
     }
 }

@@ -36,6 +36,12 @@ public final class NamedThread: Sendable {
         handle = tid
     }
 
+    /// Lets the thread end on its own: nothing will join it (its resources go when it ends).
+    public func detach() {
+        let rc = pthread_detach(handle)
+        precondition(rc == 0, "pthread_detach: \(Errno(rc))")
+    }
+
     /// Waits for the thread to finish.
     public func join() {
         let rc = pthread_join(handle, nil)

@@ -28,7 +28,7 @@ final class Daemon {
 
         init(_ message: String, _ fields: KeyValuePairs<String, String>) {
             self.message = message
-            metadata = EventLog.metadata(fields)
+            metadata = DaemonLog.metadata(fields)
         }
     }
 
@@ -36,11 +36,11 @@ final class Daemon {
 
     private(set) var state = State.starting
     private let options: Options
-    private let log: EventLog
+    private let log: DaemonLog
     /// What `stop` undoes, in the order the parts started.
     private var started: [(name: String, stop: () -> Void)] = []
 
-    init(options: Options, log: EventLog) {
+    init(options: Options, log: DaemonLog) {
         self.options = options
         self.log = log
     }

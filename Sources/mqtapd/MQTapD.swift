@@ -72,7 +72,7 @@ struct MQTapD: ParsableCommand {
 
     func run() throws {
         let format = LineLogHandler.Format(rawValue: logFormat)!
-        let log = EventLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
+        let log = DaemonLog(logger: Logger(label: "mqtapd", factory: { _ in LineLogHandler(format: format) }))
         let daemon = Daemon(options: .init(listen: listen, stateDir: stateDir, workers: workers, maxQueues: maxQueues,
                                            maxBody: maxBody, socketGroup: socketGroup, tokenFile: tokenFile,
                                            eventRetention: eventRetention, maxLeases: maxLeases), log: log)
@@ -91,7 +91,7 @@ struct MQTapD: ParsableCommand {
 }
 
 /// The executable's log calls: string fields.
-struct EventLog: Sendable {
+struct DaemonLog: Sendable {
     let logger: Logger
 
     func info(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) {

@@ -256,14 +256,20 @@ struct RouterTests {
         #expect(feature.status == 400 && feature.code == "feature_unsupported" && feature.json?["error"]?["field"] == "vnet_hdr")
     }
 
-    @Test("a stats read the kernel refused answers kernel: null with kernel_error")
+    @Test("a read the kernel refused says so: stats answer kernel: null with kernel_error, the device view kernel_error; a queue add that needs the kernel's count is refused")
     func kernelError() throws {
         let f = try RouterFixture()
         #expect(f.call("POST", "/v1/devices", #"{"name":"d"}"#).status == 201)
+        #expect(f.call("GET", "/v1/devices/d").json?["kernel_error"] == nil)
         f.driver.failStatistics(.accessDenied)
         let r = f.call("GET", "/v1/devices/d/stats")
         #expect(r.status == 200 && r.json?["kernel"] == .null)
         #expect(r.json?["kernel_error"]?["errno"] == "EACCES")
+        let d = f.call("GET", "/v1/devices/d")
+        #expect(d.status == 200 && d.json?["kernel_error"]?["errno"] == "EACCES")
+        let add = f.call("POST", "/v1/devices/d/queues", #"{"count":1}"#)
+        #expect(add.status == 500 && add.code == "kernel_error")
+        #expect(f.call("GET", "/v1/devices/d/queues").json?["queues"]?.array?.count == 1, "the refused add changed nothing")
     }
 
     @Test("over TCP every request needs the bearer token, health and metrics included; the Unix socket needs none")

@@ -14,7 +14,7 @@ final class FakeConnection: LeaseConnection {
 
 @Suite("leases over the fake driver (no root)")
 struct LeaseTests {
-    static let peer = PeerCredentials(pid: 4242, uid: 1000, gid: 1000)
+    static let peer = Peer(pid: 4242, uid: 1000, gid: 1000)
 
     /// Grants, "sends" (the offer's duplicates are closed), and connects a lease.
     func lease(_ m: DeviceManager, _ device: String, _ queues: [Int]? = nil, holder: String? = "test") throws

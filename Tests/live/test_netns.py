@@ -280,3 +280,58 @@ def test_the_cli_creates_in_a_namespace(daemon, api, name):
         assert api.delete(f"/v1/devices/{n}").status == 204
     finally:
         netns_del(ns)
+
+
+def netns_threads(pid):
+    """The daemon's namespace helper threads: (tid, the inode of the namespace it is in)."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() != "mqtapd-netns":
+                    continue
+            found.append((tid, os.stat(f"/proc/{pid}/task/{tid}/ns/net").st_ino))
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+    return found
+
+
+def test_one_kept_helper_per_namespace_back_home_between_calls(daemon, api, name):
+    """Reads of devices in another namespace go through one helper thread for that namespace,
+    kept between calls (not one made per call), which waits in the daemon's own namespace: the
+    helper itself never keeps a namespace alive."""
+    own = os.stat(f"/proc/{daemon.proc.pid}/ns/net").st_ino
+    spaces = [unique_name("ns"), unique_name("ns")]
+    devices = []
+    # The session's daemon may have helpers for other tests' namespaces already: only those
+    # that come now are this test's.
+    before = {t for t, _ in netns_threads(daemon.proc.pid)}
+    try:
+        for ns in spaces:
+            netns_add(ns)
+            d = name()
+            assert api.post("/v1/devices", {"name": d, "netns": ns, "queues": 2, "up": False}).status == 201
+            devices.append(d)
+        for _ in range(20):
+            for d in devices:
+                assert api.get(f"/v1/devices/{d}").status == 200
+        helpers = [(t, ino) for t, ino in netns_threads(daemon.proc.pid) if t not in before]
+        # Exactly one helper per namespace reached into, kept.
+        assert len(helpers) == 2, (helpers, before)
+        mine = {t for t, _ in helpers}
+        # Each back home between calls (looked at again if the observer's look at a device
+        # had it in the other namespace at that instant).
+        assert net.settle(lambda: all(ino == own for t, ino in netns_threads(daemon.proc.pid) if t in mine), timeout=5), \
+            (own, netns_threads(daemon.proc.pid))
+        for d in devices:
+            assert api.get(f"/v1/devices/{d}").status == 200
+        now = {t for t, _ in netns_threads(daemon.proc.pid)} - before
+        assert now == mine, "the same threads serve again, and no other is made"
+    finally:
+        # Through the API: the links are in the namespaces, where `name`'s cleanup by host
+        # name does not reach, and the session's daemon must not keep them.
+        for d in devices:
+            api.delete(f"/v1/devices/{d}")
+        for ns in spaces:
+            netns_del(ns)
+

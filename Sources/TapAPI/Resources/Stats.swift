@@ -21,8 +21,8 @@ enum StatsResource {
     }
 
     /// A kernel read that failed, as the device view and the stats say it.
-    static func encode(_ e: SyscallError) -> JSON {
-        ["call": .string(e.call), "errno": .string(e.errno.name), "message": .string(e.errno.message)]
+    static func encode(_ e: KernelError) -> JSON {
+        ["call": .string(e.call), "errno": .string(e.errno), "message": .string(e.message)]
     }
 
     static func get(_ m: DeviceManager, _ device: String) throws -> HTTPResponse {

@@ -5,48 +5,78 @@ import TunKit
 /// All run with the control lock held.
 extension DeviceManager {
     /// Creates the kernel device with its queues (ids `ids`) and settings, or nothing.
-    ///
-    /// With `join`, the device exists already (a persistent one, after a restart): the
-    /// queues attach to it and a failure leaves it as it was, persistent and queue-less.
-    /// `kernelName`: the name the kernel has for a joined device that was renamed behind the
-    /// old process's back (nil: the spec's). `netns`: the namespace it is made (or joined) in;
-    /// nil: the daemon's own. Every step after the first open goes by the first queue's fd,
-    /// so it reaches the device in whatever namespace it is.
-    func build(_ spec: DeviceSpec, ids: [Int], key: UInt64, join: Bool = false, kernelName: String? = nil,
-               netns: NetnsFile? = nil, model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
+    /// `netns`: the namespace it is made in; nil: the daemon's own. Every step after the first
+    /// open goes by the first queue's fd, so it reaches the device in whatever namespace it is.
+    func build(_ spec: DeviceSpec, ids: [Int], key: UInt64, netns: NetnsFile? = nil,
+               model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
         precondition(!ids.isEmpty, "a device has at least one queue")
-        let at = kernelName ?? spec.kernelName
         return try withRollback { (rollback) throws(ManagerError) in
-            let first = try openFirstQueue(spec, at: at, join: join, netns: netns, rollback: &rollback)
-            try configure(spec, fd: first.fd, join: join, rollback: &rollback)
-            var d = try readLink(spec, fd: first.fd, key: key)
-            d.home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
-            if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
+            let first = try openFirstQueue(spec, at: spec.kernelName, exclusive: true, netns: netns, rollback: &rollback)
+            try configure(spec, fd: first.fd)
+            if spec.persist {
+                let driver = self.driver
+                try step(spec.name, .setPersist) { () throws(SyscallError) in try driver.setPersist(first.fd, true) }
+                // Cleared before the first fd closes, so the device goes with it.
+                rollback.add { [driver] in try? driver.setPersist(first.fd, false) }
+            }
+            // A one-queue external device's queue is the consumer's to attach.
             let anchored = !spec.multiQueue && spec.mode == .external
-            if !anchored {
-                let q0 = try startQueue(id: ids[0], file: first, of: d, model: &model, rollback: &rollback)
-                d.queues[q0.id] = q0
-                for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
-                    d.queues[q.id] = q
-                }
-            }
-            let driver = self.driver
-            if spec.up {
-                try step(spec.name, .setLinkUp) { () throws(SyscallError) in
-                    try onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, true) }
-                }
-                d.up = true
-            } else if join {
-                try? onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, false) }
-            }
+            var d = try finish(spec, first: first, ids: anchored ? [] : ids, key: key, netns: netns,
+                               model: &model, rollback: &rollback)
             if anchored {
-                // Its one queue is the consumer's to attach: the daemon lets go of the file (the
-                // device is persistent) and finds the device by its index from now on.
+                // The daemon lets go of the file (the device is persistent) and finds the
+                // device by its index from now on.
                 d.anchor = LinkAnchor(netns: netns, ifindex: d.ifindex)
                 first.close()
             }
             return d
         }
+    }
+
+    /// Joins a device that exists (a persistent one, after a restart), called `at` in the
+    /// kernel now (it may have been renamed behind the old process's back): the queues
+    /// attach to it, and a failure leaves it as it was, persistent and queue-less.
+    func join(_ spec: DeviceSpec, at: String, ids: [Int], key: UInt64, netns: NetnsFile?,
+              model: inout ManagerModel) throws(ManagerError) -> ActiveDevice {
+        precondition(!ids.isEmpty, "a device has at least one queue")
+        return try withRollback { (rollback) throws(ManagerError) in
+            let first = try openFirstQueue(spec, at: at, exclusive: false, netns: netns, rollback: &rollback)
+            try configure(spec, fd: first.fd)
+            let d = try finish(spec, first: first, ids: ids, key: key, netns: netns, model: &model, rollback: &rollback)
+            if !spec.up {
+                let driver = self.driver
+                do throws(SyscallError) {
+                    try onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, false) }
+                } catch {
+                    logger.warning("joined device not set down", metadata: ["device": "\(spec.name)", "error": "\(error)"])
+                }
+            }
+            return d
+        }
+    }
+
+    /// What making and joining share once the first queue is open: the link read back, its
+    /// offloads, the queues started (`ids`, the first on `first`), and the link up if asked.
+    private func finish(_ spec: DeviceSpec, first: QueueHandle, ids: [Int], key: UInt64, netns: NetnsFile?,
+                        model: inout ManagerModel, rollback: inout Rollback) throws(ManagerError) -> ActiveDevice {
+        var d = try readLink(spec, fd: first.fd, key: key)
+        d.home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
+        if spec.offload { d.offloads = try setOffloads(spec.name, fd: first.fd) }
+        if let id = ids.first {
+            let q0 = try startQueue(id: id, file: first, of: d, model: &model, rollback: &rollback)
+            d.queues[q0.id] = q0
+            for q in try openQueues(ids: Array(ids.dropFirst()), for: d, model: &model, rollback: &rollback) {
+                d.queues[q.id] = q
+            }
+        }
+        if spec.up {
+            let driver = self.driver
+            try step(spec.name, .setLinkUp) { () throws(SyscallError) in
+                try onLink(first.fd) { n throws(SyscallError) in try driver.setUp(n, true) }
+            }
+            d.up = true
+        }
+        return d
     }
 
     /// A device that exists and that the daemon must not open (a restart): a one-queue
@@ -61,8 +91,10 @@ extension DeviceManager {
         let anchor = LinkAnchor(netns: netns, ifindex: link.ifindex)
         var mac: MACAddress?
         if spec.kind == .tap {
-            let bytes = try? onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
-            mac = bytes.flatMap { MACAddress(bytes: $0) }
+            let bytes = try step(spec.name, .readMAC) { () throws(SyscallError) in
+                try onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
+            }
+            mac = MACAddress(bytes: bytes)
         }
         var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
                              vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: link.up, mode: spec.mode, peer: spec.peer,
@@ -76,18 +108,18 @@ extension DeviceManager {
         return d
     }
 
-    /// Opens the queue that creates (or joins) the device. Undo: close it, which destroys a
-    /// device it created (a joined one stays, as it was).
-    private func openFirstQueue(_ spec: DeviceSpec, at name: String, join: Bool, netns: NetnsFile?,
+    /// Opens the queue that creates (`exclusive`) or joins the device. Undo: close it, which
+    /// destroys a device it created (a joined one stays, as it was).
+    private func openFirstQueue(_ spec: DeviceSpec, at name: String, exclusive: Bool, netns: NetnsFile?,
                                 rollback: inout Rollback) throws(ManagerError) -> QueueHandle {
-        let flags = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr, multiQueue: spec.multiQueue)
+        let flags = TunFlags.multiqueue(spec.kind.tunKind, vnetHdr: spec.vnetHdr, multiQueue: spec.multiQueue)
         let fd: Int32
         do {
             // IFF_TUN_EXCL makes the kernel refuse (EBUSY) a name that exists, instead of
             // silently joining that interface. In a namespace, the open itself happens there:
             // a tun file makes its device in the namespace it was opened in.
-            fd = try driver.openQueue(name: name, flags: join ? flags : flags.union(.exclusive), netns: netns?.fd)
-        } catch where error.errno == .busy && !join {
+            fd = try driver.openQueue(name: name, flags: exclusive ? flags.union(.exclusive) : flags, netns: netns?.fd)
+        } catch where error.errno == .busy && exclusive {
             throw .nameConflict(name: spec.name, errno: error.errno)
         } catch {
             throw ManagerError.from(error, device: spec.name, step: .openQueue, queuesRequested: spec.queues)
@@ -97,23 +129,21 @@ extension DeviceManager {
         return handle
     }
 
-    /// MAC, MTU and persistence, as the spec asks. Undo: persistence cleared (before the
-    /// first fd closes, so the device goes with it); MAC and MTU go with a made device.
-    private func configure(_ spec: DeviceSpec, fd: Int32, join: Bool,
-                           rollback: inout Rollback) throws(ManagerError) {
+    /// MAC (where it differs), MTU, owner and group, as the spec asks: on a made device and
+    /// on a joined one alike (a restart puts back what was asked). A made device takes them
+    /// with it when its first fd closes; a joined one keeps them.
+    private func configure(_ spec: DeviceSpec, fd: Int32) throws(ManagerError) {
         let driver = self.driver
         let name = spec.name
-        if let m = spec.mac, !join || (try? onLink(fd) { n throws(SyscallError) in try driver.mac(n) }) != m.bytes {
-            try step(name, .setMAC) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.setMAC(n, m.bytes) } }
+        if let m = spec.mac {
+            let now = try step(name, .readMAC) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.mac(n) } }
+            if now != m.bytes {
+                try step(name, .setMAC) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.setMAC(n, m.bytes) } }
+            }
         }
         if let m = spec.mtu {
             try step(name, .setMTU) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.setMTU(n, m) } }
         }
-        if spec.persist && !join {
-            try step(name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, true) }
-            rollback.add { [driver] in try? driver.setPersist(fd, false) }
-        }
-        // Who else may attach: set on a joined device too (a restart puts back what was asked).
         if let uid = spec.owner {
             try step(name, .setOwner) { () throws(SyscallError) in try driver.setOwner(fd, uid) }
         }
@@ -170,12 +200,12 @@ extension DeviceManager {
                 throw ManagerError.from(error, device: d.name, step: .detachQueue)
             }
             q.held = true
-            q.seen = false
+            q.knownAttached = false
             rollback.add { [pool] in pool.release(q.worker) }
             return q
         }
         do {
-            try pool.startPolling(polled(q, of: d), on: q.worker)
+            try pool.startPolling(polledQueue(q, of: d), on: q.worker)
         } catch {
             pool.release(q.worker)
             throw ManagerError.from(error, device: d.name, step: .pollQueue)
@@ -191,7 +221,7 @@ extension DeviceManager {
     /// undo is registered as it succeeds.
     func openQueues(ids: [Int], for d: ActiveDevice, model: inout ManagerModel,
                     rollback: inout Rollback) throws(ManagerError) -> [QueueEntry] {
-        let flags = TunFlags.multiqueue(d.kind, vnetHdr: d.vnetHdr, multiQueue: d.multiQueue)
+        let flags = TunFlags.multiqueue(d.kind.tunKind, vnetHdr: d.vnetHdr, multiQueue: d.multiQueue)
         var added: [QueueEntry] = []
         for id in ids {
             let fd = try step(d.name, .openQueue, queues: d.queues.count + ids.count) { () throws(SyscallError) in
@@ -217,7 +247,7 @@ extension DeviceManager {
         if q.lease != nil {
             let attached = try step(name, .readQueueState) { () throws(SyscallError) in try driver.isAttached(q.fd) }
             // Whatever happens next, the daemon has now seen this state.
-            q.seen = attached
+            q.knownAttached = attached
             if attached != enabled {
                 try step(name, enabled ? .attachQueue : .detachQueue) { () throws(SyscallError) in
                     try driver.setQueue(q.fd, enabled: enabled)
@@ -242,7 +272,7 @@ extension DeviceManager {
                 }
                 if !q.enabled {
                     do throws(SyscallError) {
-                        try pool.startPolling(polled(q, of: entry), on: q.worker)
+                        try pool.startPolling(polledQueue(q, of: entry), on: q.worker)
                     } catch {
                         throw ManagerError.from(error, device: name, step: .pollQueue)
                     }
@@ -253,7 +283,7 @@ extension DeviceManager {
                 // POLLERR forever and is not the worker's to read any more.
                 if q.enabled {
                     pool.stopPolling(key: q.key, on: q.worker)
-                    rollback.add { [pool, q] in try? pool.startPolling(self.polled(q, of: entry), on: q.worker) }
+                    rollback.add { [pool, q] in try? pool.startPolling(self.polledQueue(q, of: entry), on: q.worker) }
                 }
                 if attached {
                     try step(name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
@@ -262,13 +292,13 @@ extension DeviceManager {
             }
         }
         q.enabled = enabled
-        q.seen = enabled
+        q.knownAttached = enabled
         d.queues[id] = q
         logger.info(enabled ? "queue enabled" : "queue disabled", metadata: ["device": "\(name)", "queue": "\(id)"])
         return q
     }
 
-    func polled(_ q: QueueEntry, of d: ActiveDevice) -> PolledQueue {
+    func polledQueue(_ q: QueueEntry, of d: ActiveDevice) -> PolledQueue {
         // SAFETY: the fd is borrowed from `q.file`, which the manager closes only after the
         // worker has completed the `remove` for `q.key` (`close(_:)`).
         PolledQueue(key: q.key, device: d.key, fd: q.fd, counters: q.counters, action: action(for: d), index: q.id,

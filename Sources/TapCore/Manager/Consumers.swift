@@ -37,7 +37,7 @@ extension DeviceManager {
                 // as POLLERR forever).
                 if q.polled {
                     pool.stopPolling(key: q.key, on: q.worker)
-                    rollback.add { [pool] in try? pool.startPolling(self.polled(before, of: entry), on: before.worker) }
+                    rollback.add { [pool] in try? pool.startPolling(self.polledQueue(before, of: entry), on: before.worker) }
                 }
                 if attached {
                     try step(d.name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
@@ -45,7 +45,7 @@ extension DeviceManager {
                     journal.publish(.queueDisabled, device: d.name, queue: id, by: .daemon)
                 }
                 q.held = true
-                q.seen = false
+                q.knownAttached = false
             } else {
                 q.held = false
                 if q.enabled {
@@ -57,7 +57,7 @@ extension DeviceManager {
                     var now = d
                     now.queues[id] = q
                     do throws(SyscallError) {
-                        try pool.startPolling(polled(q, of: now), on: q.worker)
+                        try pool.startPolling(polledQueue(q, of: now), on: q.worker)
                     } catch {
                         throw ManagerError.from(error, device: d.name, step: .pollQueue)
                     }
@@ -67,7 +67,7 @@ extension DeviceManager {
                     try step(d.name, .detachQueue) { () throws(SyscallError) in try driver.setQueue(q.fd, enabled: false) }
                     journal.publish(.queueDisabled, device: d.name, queue: id, by: .daemon)
                 }
-                q.seen = q.enabled
+                q.knownAttached = q.enabled
             }
             d.queues[id] = q
         }

@@ -17,7 +17,7 @@ struct QueueEntry: Sendable {
     var lease: String?
     /// The attach state the daemon last knew the kernel to have (what it set, or what the
     /// observer saw): a difference is someone else's change, reported as an event.
-    var seen = true
+    var knownAttached = true
     /// Held detached for another consumer of the device (its mode is `external`, or a lease
     /// lives): not read, and not attached whatever `enabled` says, until the daemon is the
     /// device's consumer again.
@@ -61,7 +61,7 @@ struct LeaseEntry: Sendable {
     /// Ordered by id.
     let queues: [Int]
     let holder: String?
-    let peer: PeerCredentials
+    let peer: Peer
     let since: String
     /// Where the lease is in its life. It ends once (`Lease.end`, a revoke, or its device's
     /// end), and an ended lease is no longer in the model.

@@ -8,11 +8,11 @@ extension DeviceManager {
     /// A worker saw one of the device's queues fail as if the device were gone (or a read
     /// found it gone): it is dropped under the lock, its fds closed.
     func scheduleLost(key: UInt64) {
-        events.async { [weak self] in self?.deviceLost(key: key) }
+        reports.async { [weak self] in self?.deviceLost(key: key) }
     }
 
     func deviceLost(key: UInt64) {
-        change { model in
+        changeUnrefused { model in
             guard let entry = model.devices.values.first(where: { $0.key == key }), vanished(entry) else { return }
             drop(entry, from: &model)
         }
@@ -33,7 +33,7 @@ extension DeviceManager {
     /// A worker's rate-limited report of failed reads or writes on a queue.
     func reportErrors(device key: UInt64, queue qkey: UInt64, _ report: ErrorReport) {
         // Called on a worker thread: the log write (which may block) happens elsewhere.
-        events.async { [weak self] in self?.logErrors(device: key, queue: qkey, report) }
+        reports.async { [weak self] in self?.logErrors(device: key, queue: qkey, report) }
     }
 
     private func logErrors(device key: UInt64, queue qkey: UInt64, _ report: ErrorReport) {

@@ -2,7 +2,7 @@ import Logging
 import Synchronization
 import TunKit
 
-public typealias Offloads = TunOffloads
+typealias Offloads = TunOffloads
 
 extension DeviceManager {
     /// The peer queues a forwarding device writes to: attached through the API and not leased,

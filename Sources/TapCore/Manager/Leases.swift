@@ -96,7 +96,7 @@ extension DeviceManager {
     /// Leases queues of a device to `peer`: from now on the workers neither read nor write
     /// them. The offer carries duplicates of the queues' fds to send; the lease lasts from
     /// `leaseConnected` until `leaseEnded` (or a revoke). Refusals change nothing.
-    public func grantLease(_ name: String, _ request: LeaseRequest, peer: PeerCredentials) throws(ManagerError) -> Lease {
+    public func grantLease(_ name: String, _ request: LeaseRequest, peer: Peer) throws(ManagerError) -> Lease {
         if let ids = request.queues {
             guard !ids.isEmpty else { throw .invalidField(field: "queues", reason: "must name at least one queue") }
             guard Set(ids).count == ids.count else { throw .invalidField(field: "queues", reason: "names a queue twice") }
@@ -118,7 +118,7 @@ extension DeviceManager {
         }
     }
 
-    private func grant(_ name: String, _ request: LeaseRequest, id: String, peer: PeerCredentials) throws(ManagerError) -> Lease {
+    private func grant(_ name: String, _ request: LeaseRequest, id: String, peer: Peer) throws(ManagerError) -> Lease {
         return try change { (model) throws(ManagerError) in
             var d = try active(name, in: &model)
             // One consumer per device: the holder's frames would also go to a forwarder, and a
@@ -166,7 +166,7 @@ extension DeviceManager {
                         if q.polled {
                             pool.stopPolling(key: q.key, on: q.worker)
                             let was = q
-                            rollback.add { [pool] in try? pool.startPolling(self.polled(was, of: before), on: was.worker) }
+                            rollback.add { [pool] in try? pool.startPolling(self.polledQueue(was, of: before), on: was.worker) }
                         }
                         // Out of the worker's hands (no solo read switches it back to blocking):
                         // non-blocking for good, as the holder shares the open file.
@@ -212,7 +212,7 @@ extension DeviceManager {
     /// The lease's connection is up and its fds are sent (`Lease.connect`). False if the
     /// lease is gone meanwhile (revoked, or its device deleted): the caller closes the connection.
     func leaseConnected(device name: String, lease id: String, _ connection: any LeaseConnection) -> Bool {
-        change { model -> Bool in
+        changeUnrefused { model -> Bool in
             guard case .active(var d)? = model.devices[name], var l = d.leases[id] else { return false }
             guard case .offered = l.state else { return false }
             l.state = .live(connection)
@@ -227,7 +227,7 @@ extension DeviceManager {
     /// state is put back to what the API last set (only where it differs: TUNSETQUEUE to
     /// the state a queue has is EINVAL), and the workers read the attached ones again.
     func leaseEnded(device name: String, lease id: String) {
-        change { model in
+        changeUnrefused { model in
             guard case .active(var d)? = model.devices[name], let l = d.leases.removeValue(forKey: id) else { return }
             if d.leases.isEmpty {
                 // The last holder is gone: the device's settings are the daemon's again, before
@@ -243,7 +243,7 @@ extension DeviceManager {
                 q.held = hold
                 do {
                     var attached = try driver.isAttached(q.fd)
-                    if attached != q.seen {
+                    if attached != q.knownAttached {
                         // The holder's last change, not yet seen by the observer.
                         journal.publish(attached ? .queueEnabled : .queueDisabled, device: name, queue: qid, lease: id, by: .holder)
                     }
@@ -260,8 +260,8 @@ extension DeviceManager {
                             if !hold { q.enabled = attached }
                         }
                     }
-                    q.seen = attached
-                    if q.polled { try pool.startPolling(polled(q, of: d), on: q.worker) }
+                    q.knownAttached = attached
+                    if q.polled { try pool.startPolling(polledQueue(q, of: d), on: q.worker) }
                 } catch {
                     logger.error("queue not taken back", metadata: ["device": "\(name)", "queue": "\(qid)", "lease": "\(id)",
                                                                     "error": "\(error)"])

@@ -34,16 +34,16 @@ extension DeviceManager {
     func observe() {
         let lookAtLinks = observeTicks.add(1, ordering: .relaxed).newValue % 5 == 0
         let snapshot = published.withLock { $0.devices }
-        var seen: [UInt64: Observed] = [:]
-        for case .active(let d) in snapshot.values { seen[d.key] = look(at: d, links: lookAtLinks) }
-        for (key, o) in seen where o.lost { scheduleLost(key: key) }
+        var looks: [UInt64: Observed] = [:]
+        for case .active(let d) in snapshot.values { looks[d.key] = look(at: d, links: lookAtLinks) }
+        for (key, o) in looks where o.lost { scheduleLost(key: key) }
         control.withLock { model in
             journal.hold()
             defer { journal.release(deliver: true) }
             var changed = false
             var renamed = false
             for case .active(var d) in model.devices.values {
-                guard let o = seen[d.key], !o.lost else { continue }
+                guard let o = looks[d.key], !o.lost else { continue }
                 if apply(o, to: &d, renamed: &renamed) {
                     model.devices[d.name] = .active(d)
                     changed = true
@@ -129,7 +129,7 @@ extension DeviceManager {
         for q in d.queues.values {
             guard let seenNow = o.attached[q.key] else { continue }
             let heldButAttached = q.lease == nil && q.held && seenNow
-            guard seenNow != q.seen || heldButAttached else { continue }
+            guard seenNow != q.knownAttached || heldButAttached else { continue }
             if followQueue(q, of: &d) { touched = true }
         }
         return touched
@@ -200,15 +200,15 @@ extension DeviceManager {
                 journal.publish(.queueDisabled, device: d.name, queue: q.id, by: .daemon)
                 logger.warning("a held queue was attached by another holder of its file; detached",
                                metadata: ["device": "\(d.name)", "queue": "\(q.id)"])
-                d.queues[q.id]!.seen = false
+                d.queues[q.id]!.knownAttached = false
                 return true
             } catch {
                 logger.error("a held queue is attached by another holder of its file and was not detached",
                              metadata: ["device": "\(d.name)", "queue": "\(q.id)", "error": "\(error)"])
             }
         }
-        guard attached != q.seen else { return false }
-        d.queues[q.id]!.seen = attached
+        guard attached != q.knownAttached else { return false }
+        d.queues[q.id]!.knownAttached = attached
         journal.publish(attached ? .queueEnabled : .queueDisabled, device: d.name, queue: q.id,
                         lease: q.lease, by: q.lease == nil ? .kernel : .holder)
         return true

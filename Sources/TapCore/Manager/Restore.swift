@@ -11,7 +11,7 @@ extension DeviceManager {
     /// belongs to something else, or that cannot be brought back, is kept with its status
     /// and reason, and untouched. Returns one line per such device.
     public func restore(_ desired: DesiredState) -> [String] {
-        change { model in
+        changeUnrefused { model in
             model.maxQueues = desired.maxQueues
             model.saved = desired
             var problems: [String] = []
@@ -57,53 +57,57 @@ extension DeviceManager {
             }
             netns = found
         }
-        let join: Bool
+        // Whether the device outlived the old process, to be joined (or adopted) as it is.
+        let exists: Bool
         // A device renamed behind the old process's back is looked for under the name it had
         // last; if that finds nothing to join, under the name it was created with.
         var at = spec.kernelName
         if let k = d.kernelName, k != at, case .success(true) = joinable(spec, at: k, netns: netns, leased: !d.leases.isEmpty) {
             at = k
-            join = true
+            exists = true
         } else {
             switch joinable(spec, at: at, netns: netns, leased: !d.leases.isEmpty) {
-            case .success(let j): join = j
+            case .success(let j): exists = j
             case .failure(let why): return kept(why)
             }
         }
         // Leases live on only in a device that outlived the old process (their holders keep
         // it); made anew, it has no holder, and every queue is the daemon's again.
-        let leases = join ? d.leases : []
-        if !d.leases.isEmpty && !join {
+        let leases = exists ? d.leases : []
+        if !d.leases.isEmpty && !exists {
             logger.info("leases ended with the old process", metadata: ["device": "\(spec.name)",
                                                                         "lease": "\(d.leases.map(\.id).joined(separator: ","))"])
         }
         let leased = Set(leases.flatMap(\.queues))
         let own = d.queues.filter { !leased.contains($0.id) }
-        // A one-queue external device is the consumer's to open: taken on as it is, or made.
-        if !spec.multiQueue && spec.mode == .external && join {
-            do {
-                return .active(try adopt(spec, at: at, key: model.takeKey(), netns: netns))
-            } catch {
-                return kept(.failed(error))
-            }
-        }
+        // How the device is taken back, decided once: made anew; joined (its queues attach to
+        // it); or adopted as it is, with nothing opened (every queue a holder's, or a one-queue
+        // external device, whose one queue may be its consumer's).
+        enum Taking { case make, join, adopt }
+        let how: Taking = !exists ? .make : (own.isEmpty || (!spec.multiQueue && spec.mode == .external)) ? .adopt : .join
         do {
             let key = model.takeKey()
             return try withRollback { (rollback) throws(ManagerError) in
                 var a: ActiveDevice
-                if own.isEmpty {
-                    // Every queue is a holder's: nothing to open, only the link to find, where
-                    // it is (never by name on the host for a device of another namespace).
+                switch how {
+                case .adopt:
+                    // Found where it is (never by name on the host for a device of another
+                    // namespace).
                     a = try adopt(spec, at: at, key: key, netns: netns)
-                } else {
-                    a = try build(spec, ids: own.map(\.id), key: key, join: join, kernelName: at, netns: netns, model: &model)
+                case .make:
+                    a = try build(spec, ids: own.map(\.id), key: key, netns: netns, model: &model)
                     let made = a
                     rollback.add { [self] in
-                        if made.persist && !join, let fd = made.anyFD { try? driver.setPersist(fd, false) }
+                        if made.persist, let fd = made.anyFD { try? driver.setPersist(fd, false) }
                         release(made)
                     }
                     for q in own where !q.enabled { _ = try setEnabled(&a, id: q.id, false, rollback: &rollback) }
-                    if join && !spec.persist && leases.isEmpty, let fd = a.anyFD {
+                case .join:
+                    a = try self.join(spec, at: at, ids: own.map(\.id), key: key, netns: netns, model: &model)
+                    let joined = a
+                    rollback.add { [self] in release(joined) }
+                    for q in own where !q.enabled { _ = try setEnabled(&a, id: q.id, false, rollback: &rollback) }
+                    if !spec.persist && leases.isEmpty, let fd = a.anyFD {
                         try step(spec.name, .setPersist) { () throws(SyscallError) in try driver.setPersist(fd, false) }
                         logger.info("device reclaimed: it was persisted from outside; it is not persistent again",
                                     metadata: ["device": "\(spec.name)"])
@@ -182,7 +186,7 @@ extension DeviceManager {
             guard flags.contains(.persist) || leased else {
                 return .failure(.conflict("a tun/tap device of that name is held by another process (it is not persistent)"))
             }
-            let want = TunFlags.multiqueue(spec.kind, vnetHdr: spec.vnetHdr, multiQueue: spec.multiQueue)
+            let want = TunFlags.multiqueue(spec.kind.tunKind, vnetHdr: spec.vnetHdr, multiQueue: spec.multiQueue)
             let have = flags.intersection(.deviceFeatures)
             guard have == want else {
                 return .failure(.conflict("its tun_flags \(have.hex) differ from the state file's \(want.hex); "
