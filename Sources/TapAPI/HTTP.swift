@@ -1,3 +1,4 @@
+import TapCore
 import TapJSON
 import TunKit
 /// An HTTP request as the router sees it: already complete, body included.
@@ -18,7 +19,7 @@ public struct HTTPRequest: Sendable {
 
     /// A Unix socket (with the peer's credentials, from SO_PEERCRED at accept) or TCP.
     public enum Transport: Sendable, Equatable {
-        case unix(PeerCredentials?)
+        case unix(Peer?)
         case tcp
     }
 

@@ -1,3 +1,4 @@
+import TapCore
 import TunKit
 
 /// One request and its answer, kept across MHD's calls for that request (MHD.swift retains
@@ -41,7 +42,7 @@ extension ServerCore {
         // Over TCP, SO_PEERCRED answers pid 0: credentials only for a Unix socket.
         let fd = c.fd
         if fd >= 0 && UnixSocket.isUnix(fd) {
-            x.transport = .unix(try? UnixSocket.peerCredentials(fd))
+            x.transport = .unix((try? UnixSocket.peerCredentials(fd)).map { Peer(pid: $0.pid, uid: $0.uid, gid: $0.gid) })
         }
         if let refusal = refusals.admit(x.transport, c.header("Authorization")) {
             return refuse(c, x, refusal)
@@ -117,7 +118,11 @@ extension ServerCore {
         c?.watchEntry?.waiting()
         guard let x else { return }
         switch x.phase {
-        case .changing, .changed, .answered(counted: true):
+        case .changed(let response):
+            answering.end()
+            // The client went while its change ran: a lease handed over never reaches it.
+            if let upgrade = response.upgrade { onChangeQueue { upgrade.abandon() } }
+        case .changing, .answered(counted: true):
             answering.end()
         case .upgrading(let upgrade):
             // A 101 queued but never sent (the client went first): undo what it was for.

@@ -116,25 +116,23 @@ struct MHDConnection: @unchecked Sendable {
         MHD_lookup_connection_value(handle, .HEADER_KIND, name).map { String(cString: $0) }
     }
 
-    /// Every header, names lower-cased; a header sent more than once has its values joined
-    /// with ", " (RFC 9110 §5.3).
-    var headers: [String: String] {
-        var all = Pairs()
-        collect(.HEADER_KIND, into: &all)
-        var joined: [String: String] = [:]
-        for (name, value) in all.items {
-            let key = name.lowercased()
-            joined[key] = joined[key].map { $0 + ", " + value } ?? value
-        }
-        return joined
-    }
+    /// Every header, names lower-cased; of a header sent more than once, the first (as the
+    /// admission check reads it).
+    var headers: [String: String] { firsts(.HEADER_KIND, lowercased: true) }
 
-    /// Every query parameter, percent-decoded by MHD; the first of a repeated one.
-    var query: [String: String] {
+    /// Every query parameter with a value, percent-decoded by MHD; the first of a repeated one.
+    /// A bare key (`?force`) has none and is absent, so the parameter's default applies.
+    var query: [String: String] { firsts(.GET_ARGUMENT_KIND, lowercased: false) }
+
+    private func firsts(_ kind: MHD_ValueKind, lowercased: Bool) -> [String: String] {
         var all = Pairs()
-        collect(.GET_ARGUMENT_KIND, into: &all)
+        collect(kind, into: &all)
         var first: [String: String] = [:]
-        for (key, value) in all.items where first[key] == nil { first[key] = value }
+        for (name, value) in all.items {
+            guard let value else { continue }
+            let key = lowercased ? name.lowercased() : name
+            if first[key] == nil { first[key] = value }
+        }
         return first
     }
 
@@ -189,7 +187,7 @@ struct MHDConnection: @unchecked Sendable {
     }
 
     /// Name and value pairs as MHD's iterator gives them.
-    private struct Pairs { var items: [(String, String)] = [] }
+    private struct Pairs { var items: [(String, String?)] = [] }
 
     private func collect(_ kind: MHD_ValueKind, into pairs: inout Pairs) {
         withUnsafeMutablePointer(to: &pairs) { p in
@@ -198,7 +196,7 @@ struct MHDConnection: @unchecked Sendable {
             _ = MHD_get_connection_values(handle, kind, { cls, _, key, value in
                 guard let cls, let key else { return .YES }
                 cls.assumingMemoryBound(to: Pairs.self).pointee.items.append(
-                    (String(cString: key), value.map { String(cString: $0) } ?? ""))
+                    (String(cString: key), value.map { String(cString: $0) }))
                 return .YES
             }, p)
         }

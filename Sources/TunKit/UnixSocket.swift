@@ -3,19 +3,6 @@ import Glibc
 #endif
 import CTunLinux
 
-/// Who is at the other end of a Unix socket, as the kernel saw it at connect time.
-public struct PeerCredentials: Sendable, Hashable {
-    public let pid: Int32
-    public let uid: UInt32
-    public let gid: UInt32
-
-    public init(pid: Int32, uid: UInt32, gid: UInt32) {
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-    }
-}
-
 /// What only a connected Unix socket does: peer credentials and passing fds (`SCM_RIGHTS`).
 /// The fds here are borrowed; their owners close them.
 public enum UnixSocket {
@@ -24,14 +11,15 @@ public enum UnixSocket {
     /// The corresponding C function is `getsockname(2)`.
     public static func isUnix(_ fd: Int32) -> Bool { mqt_socket_family(fd) == AF_UNIX }
 
-    /// The peer's pid, uid and gid.
-    public static func peerCredentials(_ fd: Int32) throws(SyscallError) -> PeerCredentials {
+    /// Who is at the other end: the peer's pid, uid and gid, as the kernel saw them at
+    /// connect time.
+    public static func peerCredentials(_ fd: Int32) throws(SyscallError) -> (pid: Int32, uid: UInt32, gid: UInt32) {
         var pid: Int32 = 0
         var uid: UInt32 = 0
         var gid: UInt32 = 0
         let rc = mqt_peer_cred(fd, &pid, &uid, &gid)
         if rc < 0 { throw SyscallError(call: "getsockopt(SO_PEERCRED)", errno: Errno(-rc)) }
-        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+        return (pid, uid, gid)
     }
 
     /// Writes all of `bytes`, the fds travelling with the first write (one SCM_RIGHTS

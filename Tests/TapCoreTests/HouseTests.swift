@@ -74,6 +74,11 @@ struct HouseTests {
             try f.manager.setLimit(maxQueues: 8)
         }
         #expect(try f.manager.queues("d").count == 2, "a refused change changed nothing")
+        // A PATCH that checks no limit goes on with the values last recorded; one that does is refused.
+        #expect(try f.manager.update("d", DevicePatch(up: true)).up == true)
+        #expect(throws: ManagerError.kernel(device: "d", step: .countQueues, call: "RTM_GETLINK(d)", errno: .accessDenied)) {
+            try f.manager.update("d", DevicePatch(maxQueues: 8))
+        }
         f.driver.failStatistics(nil)
         #expect(try f.manager.addQueues("d", count: 1).count == 1)
         #expect(try f.manager.device("d").kernelError == nil)

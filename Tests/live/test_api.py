@@ -324,3 +324,17 @@ def test_head_is_answered_wherever_get_is(daemon, api, name):
     r = api.request("DELETE", "/v1/health")
     assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
     assert api.delete(f"/v1/devices/{n}").status == 204
+
+
+def test_a_bare_query_key_takes_the_default_and_a_repeated_header_its_first_value(daemon, api, name):
+    """`?force` without a value is absent (its default applies), as it was before the transport
+    passed every value through; of a header sent twice, the first counts."""
+    n = name()
+    body = json.dumps({"name": n}).encode()
+    status, _, answer, _ = rawhttp.exchange(daemon.socket, (
+        f"POST /v1/devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+    assert status == 201, answer
+    assert api.get("/v1/events?since&follow=false").status == 200
+    assert api.request("DELETE", f"/v1/devices/{n}?force").status == 204
+    assert not net.exists(n)

@@ -38,7 +38,7 @@ enum LeasesResource {
             throw APIError.upgradeRequired(protocolName)
         }
         let request = try decodeRequest(r.body)
-        let lease = try m.grantLease(device, request, peer: peer.map { Peer(pid: $0.pid, uid: $0.uid, gid: $0.gid) } ?? Peer(pid: 0, uid: 0, gid: 0))
+        let lease = try m.grantLease(device, request, peer: peer ?? Peer(pid: 0, uid: 0, gid: 0))
         return .switching(Upgrade(
             protocolName: protocolName,
             run: { connection in handOver(lease, on: connection, watcher) },

@@ -91,10 +91,10 @@ extension DeviceManager {
         let anchor = LinkAnchor(netns: netns, ifindex: link.ifindex)
         var mac: MACAddress?
         if spec.kind == .tap {
-            let bytes = try step(spec.name, .readMAC) { () throws(SyscallError) in
-                try onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
-            }
-            mac = MACAddress(bytes: bytes)
+            // Shown when it can be read; the device is taken on either way (its consumer may
+            // be using it right now).
+            let bytes = try? onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
+            mac = bytes.flatMap { MACAddress(bytes: $0) }
         }
         var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
                              vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: link.up, mode: spec.mode, peer: spec.peer,
@@ -136,7 +136,8 @@ extension DeviceManager {
         let driver = self.driver
         let name = spec.name
         if let m = spec.mac {
-            let now = try step(name, .readMAC) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.mac(n) } }
+            // Set unless it is known to be set already (a joined device usually has it).
+            let now = try? onLink(fd) { n throws(SyscallError) in try driver.mac(n) }
             if now != m.bytes {
                 try step(name, .setMAC) { () throws(SyscallError) in try onLink(fd) { n throws(SyscallError) in try driver.setMAC(n, m.bytes) } }
             }

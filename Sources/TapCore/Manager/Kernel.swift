@@ -92,11 +92,13 @@ extension DeviceManager {
         } catch {
             throw .from(error, device: d.name, step: .countQueues)
         }
-        guard let found else {
+        if let found { return found }
+        // Not found by the name it had a moment ago: gone, or renamed in between.
+        if vanished(.active(d)) {
             scheduleLost(key: d.key)
             throw .deviceNotFound(name: d.name)
         }
-        return found
+        throw .from(SyscallError(call: "RTM_GETLINK(\(d.kernelName))", errno: .noDevice), device: d.name, step: .countQueues)
     }
 
     /// Queues others attached, asked of the kernel now: for the limits of a change, so a

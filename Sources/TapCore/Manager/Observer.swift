@@ -100,14 +100,22 @@ extension DeviceManager {
     /// decision is made on a read taken again here. Returns whether `d` changed.
     private func apply(_ o: Observed, to d: inout ActiveDevice, renamed: inout Bool) -> Bool {
         var touched = false
-        if let now = o.name, now != d.kernelName {
+        // A name that looked different is read again here before it is taken.
+        if let seenName = o.name, seenName != d.kernelName, let fd = d.anyFD,
+           let now = try? driver.boundName(fd), now != d.kernelName {
             logger.warning("device renamed in the kernel; the API keeps its name",
                            metadata: ["device": "\(d.name)", "from": "\(d.kernelName)", "to": "\(now)"])
             d.kernelName = now
             touched = true
             renamed = true
         }
-        if let (link, place) = o.link, o.accounted == d.accountedQueues {
+        if var (link, place) = o.link, o.accounted == d.accountedQueues {
+            // A count of others' queues, or a place, that looked different is read again here
+            // (a change may have come and gone since the look).
+            if foreignQueues(d, link) != d.foreignQueues || place != d.place {
+                guard let fresh = try? lookUp(d) else { return applyRest(o, to: &d, touched: touched) }
+                (link, place) = fresh
+            }
             if followLink(link, place, of: &d, renamed: &renamed) { touched = true }
             let foreign = foreignQueues(d, link)
             // A holder's settings: put back once the daemon holds the device alone, and the
@@ -119,6 +127,13 @@ extension DeviceManager {
                 touched = true
             }
         }
+        return applyRest(o, to: &d, touched: touched)
+    }
+
+    /// The consumer's hold, revoked files and queues' attach states: what `apply` does after
+    /// the name and the link.
+    private func applyRest(_ o: Observed, to d: inout ActiveDevice, touched: Bool) -> Bool {
+        var touched = touched
         // A hand-over that failed half-way (a lease's end, say) is tried again.
         let hold = holdsQueues(d)
         if d.queues.values.contains(where: { $0.lease == nil && $0.held != hold }) {
