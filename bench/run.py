@@ -13,6 +13,7 @@ Two-way forwarding also runs the counters baseline's mqtapd (.build/baseline/mqt
 `make bench-baseline` from the Makefile's COUNTERS_BASELINE); without it that part is skipped.
 """
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -92,6 +93,11 @@ def gen(dev, mac, size, seconds=None, count=None, flows=1024, pps=None):
 def mac_of(dev):
     with open(f"/sys/class/net/{dev}/address") as f:
         return f.read().strip()
+
+
+def alternating(variants, rep):
+    """The order of the variants in repetition `rep`: as given on even ones, reversed on odd."""
+    return variants if rep % 2 == 0 else list(reversed(variants))
 
 
 def pct(values, p):
@@ -502,10 +508,10 @@ def watchers_row(daemon, name, path, secs, reps):
 
 # ---------------------------------------------------------------- forwarding
 
-def iperf_through(prefix, seconds, streams, udp=False, bidir=False):
-    """iperf3 from ns a to ns b (198.18.0.1 -> .2): TCP Gbit/s and bytes received, or for UDP with
-    18-byte payloads (64-byte frames) the datagrams received per second (kpps). With bidir, TCP
-    both ways at once (`streams` each way): the two directions' Gbit/s and bytes summed."""
+@contextlib.contextmanager
+def iperf_server(prefix):
+    """A one-shot iperf3 server in ns b on 198.18.0.2, once it listens (or after 5 s); killed on
+    leaving the block."""
     server = subprocess.Popen(["ip", "netns", "exec", f"{prefix}b", "iperf3", "-s", "-1", "-B", "198.18.0.2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -514,6 +520,17 @@ def iperf_through(prefix, seconds, streams, udp=False, bidir=False):
                               capture_output=True, text=True).stdout.strip():
                 break
             time.sleep(0.1)
+        yield server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def iperf_through(prefix, seconds, streams, udp=False, bidir=False):
+    """iperf3 from ns a to ns b (198.18.0.1 -> .2): TCP Gbit/s and bytes received, or for UDP with
+    18-byte payloads (64-byte frames) the datagrams received per second (kpps). With bidir, TCP
+    both ways at once (`streams` each way): the two directions' Gbit/s and bytes summed."""
+    with iperf_server(prefix):
         cmd = ["ip", "netns", "exec", f"{prefix}a", "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-P", str(streams), "-J"]
         if udp:
             cmd += ["-u", "-l", "18", "-b", "0"]
@@ -534,9 +551,24 @@ def iperf_through(prefix, seconds, streams, udp=False, bidir=False):
             both = (end["sum_received"], end["sum_received_bidir_reverse"])
             return sum(s["bits_per_second"] for s in both) / 1e9, sum(s["bytes"] for s in both)
         return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"]
-    finally:
-        server.kill()
-        server.wait()
+
+
+def mqtapd_forward(variant, prefix, queues):
+    """mqtapd (`mqtapd-before`: the counters baseline's binary) on CPUs 0 and 1 with two workers,
+    the wire's taps {prefix}A and {prefix}B made by it as a forward pair with `queues` queue pairs,
+    attached to the namespaces set up by NETNS; returns the Daemon (stopped here if this fails)."""
+    daemon = Daemon(workers=2, cpus="0,1", exe=BASELINE if variant == "mqtapd-before" else DAEMON)
+    a, b = f"{prefix}A", f"{prefix}B"
+    try:
+        spec = {"queues": queues, "vnet_hdr": True, "offload": True, "up": False}
+        assert daemon.api.call("POST", "/v1/devices", {"name": b, **spec})[0] == 201
+        assert daemon.api.call("POST", "/v1/devices", {"name": a, **spec, "mode": "forward", "peer": b})[0] == 201
+        assert daemon.api.call("PATCH", f"/v1/devices/{b}", {"mode": "forward", "peer": a})[0] == 200
+        subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
 
 
 def forward_variant(variant, prefix, queues, seconds, streams, udp, bidir=False):
@@ -563,12 +595,7 @@ def forward_variant(variant, prefix, queues, seconds, streams, udp, bidir=False)
             subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
             cpu = lambda: thread_ns(proc.pid, "fwd-")
         else:
-            daemon = Daemon(workers=2, cpus="0,1", exe=BASELINE if variant == "mqtapd-before" else DAEMON)
-            spec = {"queues": queues, "vnet_hdr": True, "offload": True, "up": False}
-            assert daemon.api.call("POST", "/v1/devices", {"name": b, **spec})[0] == 201
-            assert daemon.api.call("POST", "/v1/devices", {"name": a, **spec, "mode": "forward", "peer": b})[0] == 201
-            assert daemon.api.call("PATCH", f"/v1/devices/{b}", {"mode": "forward", "peer": a})[0] == 200
-            subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
+            daemon = mqtapd_forward(variant, prefix, queues)
             cpu = lambda: thread_ns(daemon.proc.pid, "mqtapd-w")
         c0 = cpu()
         r = iperf_through(prefix, seconds, streams, udp, bidir)
@@ -595,8 +622,7 @@ def forward_plane(args, report):
     for queues, streams in cells:
         res = {v: {"gbps": [], "ns_per_kib": []} for v in variants}
         for rep in range(reps):
-            order = variants if rep % 2 == 0 else list(reversed(variants))
-            for v in order:
+            for v in alternating(variants, rep):
                 gbps, cpu = forward_variant(v, PREFIX + "f", queues, seconds, streams, udp=False)
                 res[v]["gbps"].append(gbps)
                 if cpu:
@@ -616,7 +642,7 @@ def forward_plane(args, report):
             f" | mqtapd/C-offload {statistics.median(row['vs_offload_gbps']):.3f}", flush=True)
     udp = {v: [] for v in variants}
     for rep in range(reps):
-        for v in (variants if rep % 2 == 0 else list(reversed(variants))):
+        for v in alternating(variants, rep):
             udp[v].append(forward_variant(v, PREFIX + "f", 1, seconds, 1, udp=True)[0])
     report["forward"] = {"rows": rows, "udp_kpps": udp, "reps": reps, "seconds": seconds}
     print("  64-byte UDP kpps: " + ", ".join(f"{v} {statistics.median(udp[v]):.0f}" for v in variants), flush=True)
@@ -653,7 +679,7 @@ def forward_bidir(args, report, reps, seconds):
         # Per repetition, so the ratios pair the two variants of the same repetition.
         res = {v: {"gbps": [], "ns_per_kib": []} for v in variants}
         for rep in range(reps):
-            for v in (variants if rep % 2 == 0 else list(reversed(variants))):
+            for v in alternating(variants, rep):
                 gbps, cpu = forward_variant(v, PREFIX + "f", queues, seconds, streams, udp=False, bidir=True)
                 res[v]["gbps"].append(gbps)
                 res[v]["ns_per_kib"].append(cpu)
@@ -678,7 +704,7 @@ def forward_bidir(args, report, reps, seconds):
     # moving between the cores at each frame would show most.
     udp = {v: {"kpps": [], "ns_per_frame": []} for v in variants}
     for rep in range(reps):
-        for v in (variants if rep % 2 == 0 else list(reversed(variants))):
+        for v in alternating(variants, rep):
             kpps, ns = forward_udp_bidir(v, PREFIX + "f", seconds)
             udp[v]["kpps"].append(kpps)
             udp[v]["ns_per_frame"].append(ns)
@@ -699,36 +725,23 @@ def forward_udp_bidir(variant, prefix, seconds):
     counters of both devices) and the workers' CPU ns per frame."""
     subprocess.run([NETNS, "setup", prefix], check=True)
     a, b = f"{prefix}A", f"{prefix}B"
-    daemon = Daemon(workers=2, cpus="0,1", exe=BASELINE if variant == "mqtapd-before" else DAEMON)
-    server = None
+    daemon = None
     try:
-        spec = {"queues": 1, "vnet_hdr": True, "offload": True, "up": False}
-        assert daemon.api.call("POST", "/v1/devices", {"name": b, **spec})[0] == 201
-        assert daemon.api.call("POST", "/v1/devices", {"name": a, **spec, "mode": "forward", "peer": b})[0] == 201
-        assert daemon.api.call("PATCH", f"/v1/devices/{b}", {"mode": "forward", "peer": a})[0] == 200
-        subprocess.run([NETNS, "attach", prefix, a, b], check=True, capture_output=True)
+        daemon = mqtapd_forward(variant, prefix, 1)
 
         def forwarded():
             return sum(daemon.api.call("GET", f"/v1/devices/{x}/stats")[1]["total"]["rx_packets"] for x in (a, b))
-        server = subprocess.Popen(["ip", "netns", "exec", f"{prefix}b", "iperf3", "-s", "-1", "-B", "198.18.0.2"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(50):
-            if subprocess.run(["ip", "netns", "exec", f"{prefix}b", "ss", "-Hltn", "sport = :5201"],
-                              capture_output=True, text=True).stdout.strip():
-                break
-            time.sleep(0.1)
-        f0, c0 = forwarded(), thread_ns(daemon.proc.pid, "mqtapd-w")
-        subprocess.run(["ip", "netns", "exec", f"{prefix}a", "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-u", "-l",
-                        "18", "-b", "0", "--bidir", "-J"], capture_output=True, text=True, timeout=seconds + 30, check=True)
-        f1, c1 = forwarded(), thread_ns(daemon.proc.pid, "mqtapd-w")
-        if f1 <= f0:
-            raise RuntimeError(f"two-way UDP through {variant}: nothing forwarded")
-        return (f1 - f0) / seconds / 1000, (c1 - c0) / (f1 - f0)
+        with iperf_server(prefix):
+            f0, c0 = forwarded(), thread_ns(daemon.proc.pid, "mqtapd-w")
+            subprocess.run(["ip", "netns", "exec", f"{prefix}a", "iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-u", "-l",
+                            "18", "-b", "0", "--bidir", "-J"], capture_output=True, text=True, timeout=seconds + 30, check=True)
+            f1, c1 = forwarded(), thread_ns(daemon.proc.pid, "mqtapd-w")
+            if f1 <= f0:
+                raise RuntimeError(f"two-way UDP through {variant}: nothing forwarded")
+            return (f1 - f0) / seconds / 1000, (c1 - c0) / (f1 - f0)
     finally:
-        if server:
-            server.kill()
-            server.wait()
-        daemon.stop()
+        if daemon:
+            daemon.stop()
         subprocess.run([NETNS, "teardown", prefix], capture_output=True)
 
 
