@@ -328,12 +328,17 @@ def test_head_is_answered_wherever_get_is(daemon, api, name):
 
 def test_a_bare_query_key_takes_the_default_and_a_repeated_header_its_first_value(daemon, api, name):
     """`?force` without a value is absent (its default applies), as it was before the transport
-    passed every value through; of a header sent twice, the first counts."""
+    passed every value through; of a header sent twice, the first counts (either order)."""
     n = name()
     body = json.dumps({"name": n}).encode()
-    status, _, answer, _ = rawhttp.exchange(daemon.socket, (
-        f"POST /v1/devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+
+    def create(first, second):
+        return rawhttp.exchange(daemon.socket, (
+            f"POST /v1/devices HTTP/1.1\r\nHost: x\r\nContent-Type: {first}\r\nContent-Type: {second}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+    status, _, answer, _ = create("text/plain", "application/json")
+    assert status == 415, answer
+    status, _, answer, _ = create("application/json", "text/plain")
     assert status == 201, answer
     assert api.get("/v1/events?since&follow=false").status == 200
     assert api.request("DELETE", f"/v1/devices/{n}?force").status == 204
