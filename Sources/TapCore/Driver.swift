@@ -18,10 +18,8 @@ public protocol TunDriver: Sendable {
     func close(_ fd: Int32)
     func setUp(_ name: String, _ up: Bool) throws(SyscallError)
     func setMTU(_ name: String, _ mtu: Int) throws(SyscallError)
-    func mtu(_ name: String) throws(SyscallError) -> Int
     func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError)
     func mac(_ name: String) throws(SyscallError) -> [UInt8]
-    func ifindex(_ name: String) throws(SyscallError) -> Int
     /// Whether the queue fd is still bound to a device. False once the device was deleted
     /// behind the daemon's back (the kernel then answers TUNGETIFF with EBADFD): how the
     /// manager tells, for attached and detached queues alike, without racing sysfs.
@@ -57,8 +55,9 @@ public protocol TunDriver: Sendable {
     func setVnetHeaderSize(_ fd: Int32, _ size: Int) throws(SyscallError)
     /// Sets the byte order flags that are not nil.
     func setVnetByteOrder(_ fd: Int32, littleEndian: Bool?, bigEndian: Bool?) throws(SyscallError)
-    /// Takes away steering and filter eBPF programs and the TX filter (no getter exists).
-    func clearPrograms(_ fd: Int32) throws(SyscallError)
+    /// Takes away steering and filter eBPF programs, and on a TAP device the TX filter (no
+    /// getter exists).
+    func clearPrograms(_ fd: Int32, tap: Bool) throws(SyscallError)
     /// Runs `body` in the network namespace of the device `fd` (one of its queue fds) is in:
     /// names and ifindexes mean that namespace's interfaces there. nil if the device is in
     /// the daemon's own namespace (run `body` directly then).
@@ -105,10 +104,8 @@ public struct LinuxTunDriver: TunDriver {
     public func close(_ fd: Int32) { closeFD(fd) }
     public func setUp(_ name: String, _ up: Bool) throws(SyscallError) { try Link.setUp(name, up) }
     public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) { try Link.setMTU(name, mtu) }
-    public func mtu(_ name: String) throws(SyscallError) -> Int { try Link.mtu(name) }
     public func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) { try Link.setMAC(name, mac) }
     public func mac(_ name: String) throws(SyscallError) -> [UInt8] { try Link.mac(name) }
-    public func ifindex(_ name: String) throws(SyscallError) -> Int { try Link.ifindex(name) }
     public func isBound(_ fd: Int32) -> Bool {
         do {
             _ = try Tun.getInterface(fd)
@@ -141,8 +138,8 @@ public struct LinuxTunDriver: TunDriver {
         if let le = littleEndian { try Tun.setVnetLittleEndian(fd, le) }
         if let be = bigEndian { try Tun.setVnetBigEndian(fd, be) }
     }
-    public func clearPrograms(_ fd: Int32) throws(SyscallError) {
-        try Tun.clearPrograms(fd, tap: ((try? Tun.getInterface(fd))?.flags.contains(.tap)) ?? true)
+    public func clearPrograms(_ fd: Int32, tap: Bool) throws(SyscallError) {
+        try Tun.clearPrograms(fd, tap: tap)
     }
     public func inNamespace<T: Sendable>(_ netns: Int32?, _ body: @escaping @Sendable () throws(SyscallError) -> T)
         throws(SyscallError) -> T {

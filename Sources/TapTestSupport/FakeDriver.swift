@@ -15,7 +15,7 @@ public final class FakeDriver: TunDriver, Sendable {
     }
 
     public enum Op: Hashable, Sendable {
-        case openQueue, setQueue, setPersist, setUp, setMTU, setMAC, ifindex
+        case openQueue, setQueue, setPersist, setUp, setMTU, setMAC, link
     }
 
     public struct Device: Sendable {
@@ -180,17 +180,11 @@ public final class FakeDriver: TunDriver, Sendable {
     public func setMTU(_ name: String, _ mtu: Int) throws(SyscallError) {
         try withDevice(name, .setMTU, "ioctl(SIOCSIFMTU)") { $0.mtu = mtu }
     }
-    public func mtu(_ name: String) throws(SyscallError) -> Int {
-        try read(name, "ioctl(SIOCGIFMTU)") { $0.mtu }
-    }
     public func setMAC(_ name: String, _ mac: [UInt8]) throws(SyscallError) {
         try withDevice(name, .setMAC, "ioctl(SIOCSIFHWADDR)") { $0.mac = mac }
     }
     public func mac(_ name: String) throws(SyscallError) -> [UInt8] {
         try read(name, "ioctl(SIOCGIFHWADDR)") { $0.mac }
-    }
-    public func ifindex(_ name: String) throws(SyscallError) -> Int {
-        try withDevice(name, .ifindex, "ioctl(SIOCGIFINDEX)") { $0.ifindex }
     }
     public func isBound(_ fd: Int32) -> Bool {
         state.withLock { !$0.vanished.contains(fd) && $0.owner[fd] != nil }
@@ -226,6 +220,7 @@ public final class FakeDriver: TunDriver, Sendable {
     public func link(named name: String) throws(SyscallError) -> LinkInfo? {
         try state.withLock { (s) throws(SyscallError) -> LinkInfo? in
             if let e = s.statisticsError { throw SyscallError(call: "RTM_GETLINK(\(name))", errno: e) }
+            try check(.link, &s, call: "RTM_GETLINK(\(name))")
             guard let d = s.devices[name] else { return nil }
             return LinkInfo(ifindex: d.ifindex, name: name, mtu: d.mtu, up: d.up, statistics: [:],
                             tun: LinkInfo.Tun(persist: d.persist,
@@ -320,7 +315,7 @@ public final class FakeDriver: TunDriver, Sendable {
             if let be = bigEndian { d.vnet.bigEndian = be }
         }
     }
-    public func clearPrograms(_ fd: Int32) throws(SyscallError) {
+    public func clearPrograms(_ fd: Int32, tap: Bool) throws(SyscallError) {
         try onDevice(fd, "ioctl(TUNSETSTEERINGEBPF)") { $0.programsCleared += 1 }
     }
     /// What a holder does through its fd: changes the device-wide vnet header settings.

@@ -190,7 +190,7 @@ struct ManagerTests {
             (.setMTU, 0, .invalidArgument),
             (.setPersist, 0, .notPermitted),
             (.setUp, 0, .noMemory),
-            (.ifindex, 0, .noDevice),
+            (.link, 0, .noDevice),
           ])
     func createRollback(op: FakeDriver.Op, after: Int, errno: Errno) throws {
         let f = try FakeFixture()
@@ -442,12 +442,12 @@ struct WorkerTests {
         _ = try f.manager.create(DeviceSpec(name: "d"))
     }
 
-    @Test("counter blocks are cache-line aligned, two lines each: no two blocks share a line")
+    // The two lines' layout (128 bytes, tx at 64) is checked where it is defined, by
+    // _Static_assert in CCounters.h: a distance between allocations could not show it.
+    @Test("counter blocks are cache-line aligned")
     func alignment() {
         let blocks = (0..<16).map { _ in CounterBlock() }
         for b in blocks { #expect(b.address % 64 == 0) }
-        let starts = blocks.map(\.address).sorted()
-        for (a, b) in zip(starts, starts.dropFirst()) { #expect(b - a >= 128) }
     }
 }
 

@@ -96,13 +96,7 @@ extension DeviceManager {
             let bytes = try? onAnchor(anchor) { n throws(SyscallError) in try driver.mac(n) }
             mac = bytes.flatMap { MACAddress(bytes: $0) }
         }
-        var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
-                             vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: link.up, mode: spec.mode, peer: spec.peer,
-                             offload: spec.offload, ifindex: link.ifindex, owner: spec.owner, group: spec.group,
-                             kernelName: link.name, queues: [:], since: Clock.timestamp())
-        d.multiQueue = spec.multiQueue
-        d.labels = spec.labels
-        d.ifname = spec.ifname
+        var d = newDevice(spec, link: link, mac: mac, up: link.up, key: key)
         d.anchor = anchor
         d.home = netns.map { NetnsHome(path: $0.path, inode: $0.inode) }
         return d
@@ -153,33 +147,28 @@ extension DeviceManager {
         }
     }
 
-    /// The device as the kernel has it now (MTU, MAC, ifindex), with no queues yet, read
-    /// through `fd` (one of its queues) wherever it is; by the name `at` in the daemon's own
-    /// namespace when the daemon has no fd of it (every queue a holder's).
-    func readLink(_ spec: DeviceSpec, fd: Int32? = nil, at: String? = nil, key: UInt64) throws(ManagerError) -> ActiveDevice {
+    /// The device as the kernel has it now (MTU, MAC, ifindex, name), with no queues yet,
+    /// read through `fd` (one of its queues) wherever it is: one link query and the MAC.
+    func readLink(_ spec: DeviceSpec, fd: Int32, key: UInt64) throws(ManagerError) -> ActiveDevice {
         let driver = self.driver
-        let fallback = at ?? spec.kernelName
-        func byName<T: Sendable>(_ op: @escaping @Sendable (String) throws(SyscallError) -> T) throws(SyscallError) -> T {
-            guard let fd else { return try op(fallback) }
-            return try onLink(fd, op)
-        }
-        let name = spec.name
-        let mtu = try step(name, .readMTU) { () throws(SyscallError) in try byName { n throws(SyscallError) in try driver.mtu(n) } }
+        let link = try step(spec.name, .inspect) { () throws(SyscallError) in try self.link(of: fd) }
+        guard let link else { throw .deviceNotFound(name: spec.name) }
         var mac: MACAddress?
         if spec.kind == .tap {
-            mac = try step(name, .readMAC) { () throws(SyscallError) in
-                MACAddress(bytes: try byName { n throws(SyscallError) in try driver.mac(n) })
+            mac = try step(spec.name, .readMAC) { () throws(SyscallError) in
+                MACAddress(bytes: try onLink(fd) { n throws(SyscallError) in try driver.mac(n) })
             }
         }
-        let ifindex = try step(name, .readIfindex) { () throws(SyscallError) in try byName { n throws(SyscallError) in try driver.ifindex(n) } }
-        let kernelName = try step(name, .readIfindex) { () throws(SyscallError) in
-            guard let fd else { return fallback }
-            return try driver.boundName(fd)
-        }
+        // Down until the spec's `up` is set, once its queues are in.
+        return newDevice(spec, link: link, mac: mac, up: false, key: key)
+    }
+
+    /// A device of `spec` as the kernel's `link` has it, with no queues yet.
+    private func newDevice(_ spec: DeviceSpec, link: LinkInfo, mac: MACAddress?, up: Bool, key: UInt64) -> ActiveDevice {
         var d = ActiveDevice(key: key, name: spec.name, kind: spec.kind, ownMaxQueues: spec.maxQueues, persist: spec.persist,
-                             vnetHdr: spec.vnetHdr, mtu: mtu, mac: mac, up: false, mode: spec.mode, peer: spec.peer,
-                             offload: spec.offload, ifindex: ifindex, owner: spec.owner, group: spec.group,
-                             kernelName: kernelName, queues: [:], since: Clock.timestamp())
+                             vnetHdr: spec.vnetHdr, mtu: link.mtu, mac: mac, up: up, mode: spec.mode, peer: spec.peer,
+                             offload: spec.offload, ifindex: link.ifindex, owner: spec.owner, group: spec.group,
+                             kernelName: link.name, queues: [:], since: Clock.timestamp())
         d.multiQueue = spec.multiQueue
         d.labels = spec.labels
         d.ifname = spec.ifname

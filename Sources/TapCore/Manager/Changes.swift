@@ -246,11 +246,12 @@ extension DeviceManager {
             // values last recorded if the kernel does not answer.
             let checksLimits = patch.maxQueues != nil || count > d.queueCount
             var now = d
+            var besides = 0
             do throws(ManagerError) {
                 let link = try currentLink(d)
                 now.up = link.up
                 now.mtu = link.mtu
-                now.foreignQueues = foreignQueues(d, link)
+                besides = queuesBesidesOwn(d, link)
             } catch {
                 guard !checksLimits, case .kernel = error else { throw error }
                 logger.warning("device link not read; compared with what was recorded",
@@ -260,8 +261,7 @@ extension DeviceManager {
                 guard m <= model.maxQueues else {
                     throw .aboveGlobalLimit(field: "max_queues", value: m, limit: model.maxQueues)
                 }
-                // Queues others attached, and revoked files kept, are in use too.
-                let inUse = count + now.foreignQueues + d.revoked.count
+                let inUse = count + besides
                 guard m >= inUse else {
                     throw .limitBelowUsage(field: "max_queues", limit: m, device: name, inUse: inUse)
                 }
@@ -269,7 +269,7 @@ extension DeviceManager {
             // Queues others attached count toward the limit of a device that grows.
             let plan = try declaredQueues(d, count: count, enabled: patch.enabledQueues,
                                           limit: queueLimit(own: patch.maxQueues ?? d.ownMaxQueues, global: model.maxQueues),
-                                          foreign: count > d.queueCount ? now.foreignQueues + d.revoked.count : 0)
+                                          foreign: count > d.queueCount ? besides : 0)
             // Another consumer has the device after the change: the daemon's queues stay detached.
             if holdsQueues(after), let k = patch.enabledQueues,
                Set(d.queues.keys).union(d.orphans.keys).union(plan.add).subtracting(plan.remove).sorted().prefix(k)

@@ -169,7 +169,7 @@ extension DeviceManager {
         // No getter exists for these: set whatever they are, and not named unless they failed.
         do throws(SyscallError) {
             if d.kind == .tap || d.offload { try driver.setOffload(fd, d.offloads) }
-            try driver.clearPrograms(fd)
+            try driver.clearPrograms(fd, tap: d.kind == .tap)
         } catch {
             logger.error("offloads or eBPF programs not put back", metadata: ["device": "\(d.name)", "error": "\(error)"])
         }

@@ -360,30 +360,19 @@ extension OrphanQueue {
     }
 }
 
-extension DeviceEntry {
-    /// The device as the API shows it; `global`: the global queue limit now.
+extension KeptDevice {
+    /// The device as the API shows it, from what the state file asks for (an active one is
+    /// shown by `DeviceManager.view`, from the kernel); `global`: the global queue limit now.
     func info(global: Int) -> DeviceInfo {
-        switch self {
-        case .active(let e):
-            let qs = e.queues.values.map(\.info) + e.orphans.values.map(\.info)
-            return DeviceInfo(name: e.name, kind: e.kind, maxQueues: queueLimit(own: e.ownMaxQueues, global: global),
-                              maxQueuesSource: e.ownMaxQueues == nil ? .global : .device, persist: e.persist,
-                              vnetHdr: e.vnetHdr, mtu: e.mtu, mac: e.mac, up: e.up, mode: e.mode, peer: e.peer,
-                              peerState: nil, offload: e.offload, offloads: e.offloads.names, ifindex: e.ifindex,
-                              owner: e.owner, group: e.group,
-                              kernel: KernelView(name: e.kernelName, netns: e.place, foreignQueues: e.foreignQueues),
-                              queues: qs.sorted { $0.id < $1.id }, status: .active, since: e.since)
-        case .kept(let k):
-            let s = k.desired.spec
-            var info = DeviceInfo(name: s.name, kind: s.kind, maxQueues: queueLimit(own: s.maxQueues, global: global),
-                                  maxQueuesSource: s.maxQueues == nil ? .global : .device, persist: s.persist,
-                                  vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
-                                  peerState: nil, offload: s.offload, offloads: [], ifindex: nil, owner: s.owner,
-                                  group: s.group, kernel: nil, queues: [], status: k.status, since: k.since)
-            info.home = k.desired.home
-            info.multiQueue = s.multiQueue
-            info.labels = s.labels
-            return info
-        }
+        let s = desired.spec
+        var info = DeviceInfo(name: s.name, kind: s.kind, maxQueues: queueLimit(own: s.maxQueues, global: global),
+                              maxQueuesSource: s.maxQueues == nil ? .global : .device, persist: s.persist,
+                              vnetHdr: s.vnetHdr, mtu: s.mtu, mac: s.mac, up: s.up, mode: s.mode, peer: s.peer,
+                              peerState: nil, offload: s.offload, offloads: [], ifindex: nil, owner: s.owner,
+                              group: s.group, kernel: nil, queues: [], status: status, since: since)
+        info.home = desired.home
+        info.multiQueue = s.multiQueue
+        info.labels = s.labels
+        return info
     }
 }

@@ -107,6 +107,17 @@ extension DeviceManager {
         foreignQueues(d, try currentLink(d))
     }
 
+    /// What the kernel's queue limit counts besides the daemon's own queues: queues others
+    /// attached by name, and revoked files the daemon keeps (its 256 is for all of them).
+    /// Every limit check counts this, asked of the kernel now (never counted as 0 unread).
+    func queuesBesidesOwn(_ d: ActiveDevice) throws(ManagerError) -> Int {
+        queuesBesidesOwn(d, try currentLink(d))
+    }
+
+    func queuesBesidesOwn(_ d: ActiveDevice, _ link: LinkInfo) -> Int {
+        foreignQueues(d, link) + d.revoked.count
+    }
+
     /// The same, for the steps that cannot refuse (a lease's end): nil, logged, when the
     /// kernel does not give the count.
     func foreignQueuesLogged(_ d: ActiveDevice) -> Int? {

@@ -71,10 +71,11 @@ extension DeviceManager {
             }
         }
         if links {
-            // A device the daemon holds no queue of is gone when its index is.
-            if d.anyFile == nil, d.anchor != nil, vanished(.active(d)) { o.lost = true }
             do throws(SyscallError) {
                 o.link = try lookUp(d)
+                // A device the daemon holds no queue of is gone when its index is (read, and
+                // found to be nothing; a failed look says nothing).
+                if o.link == nil, d.anyFile == nil, d.anchor != nil { o.lost = true }
                 o.accounted = d.accountedQueues
                 if let (link, _) = o.link { o.settings = try readSettings(d, link: link) }
             } catch {

@@ -48,9 +48,7 @@ extension DeviceManager {
             var d = try active(name, in: &model)
             guard d.multiQueue else { throw .notMultiQueue(device: name) }
             let limit = queueLimit(own: d.ownMaxQueues, global: model.maxQueues)
-            // Queues others attached by name, and revoked files the daemon keeps, count too: the
-            // kernel's 256 is for all of them.
-            let foreign = try foreignQueues(d) + d.revoked.count
+            let foreign = try queuesBesidesOwn(d)
             // Every term is at most 256: no overflow.
             guard d.queueCount + foreign + count <= limit else {
                 throw .queueLimitExceeded(device: name, limit: limit, requested: d.queueCount + foreign + count, errno: nil, field: "count")
@@ -114,11 +112,10 @@ extension DeviceManager {
         try Validate.maxQueues(maxQueues)
         try change { (model) throws(ManagerError) in
             for entry in model.devices.values.sorted(by: { $0.name < $1.name }) {
-                // Queues others attached, and revoked files kept, are in use too.
                 var foreign = 0
                 if let d = entry.active {
                     do throws(ManagerError) {
-                        foreign = try foreignQueues(d) + d.revoked.count
+                        foreign = try queuesBesidesOwn(d)
                     } catch .deviceNotFound {
                         // Gone behind the daemon's back (dropped on the event path): it uses
                         // nothing, and a device that is going must not hold the limit up.

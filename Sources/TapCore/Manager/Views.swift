@@ -51,7 +51,11 @@ extension DeviceManager {
     /// kernel refuses is said in `kernelError`, beside the values last recorded.
     func view(_ entry: DeviceEntry) -> DeviceInfo {
         let (global, devices) = published.withLock { ($0.maxQueues, $0.devices) }
-        guard case .active(var d) = entry else { return entry.info(global: global) }
+        var d: ActiveDevice
+        switch entry {
+        case .kept(let k): return k.info(global: global)
+        case .active(let a): d = a
+        }
         var kernelError: SyscallError?
         var statistics: [String: UInt64]?
         do throws(SyscallError) {
