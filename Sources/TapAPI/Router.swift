@@ -191,8 +191,13 @@ public struct Router: Sendable {
     /// is refused at once, on the server's thread.
     public func placement(of r: HTTPRequest) -> HTTPPlacement {
         guard let route = Route(path: r.path) else { return .inline }
-        let method = r.method == "HEAD" ? "GET" : r.method
-        return Self.table[route.kind]?.first(where: { $0.method == method })?.placement ?? .inline
+        return Self.endpoint(route.kind, r.method)?.placement ?? .inline
+    }
+
+    /// The table's endpoint for a method; HEAD is answered by GET's.
+    static func endpoint(_ kind: Route.Kind, _ method: String) -> Endpoint? {
+        let wanted = method == "HEAD" ? "GET" : method
+        return table[kind]?.first { $0.method == wanted }
     }
 
     private func dispatch(_ r: HTTPRequest) throws -> HTTPResponse {
@@ -201,16 +206,15 @@ public struct Router: Sendable {
             throw APIError.unauthorized
         }
         guard let route = Route(path: r.path) else { throw APIError.notFound("no such path: \(r.path)") }
-        let endpoints = Self.table[route.kind, default: []]
+        guard let handler = Self.endpoint(route.kind, r.method)?.handler else {
+            throw APIError.methodNotAllowed(r.method, allow: Self.methods(of: route.kind))
+        }
         var request = r
         if r.method == "HEAD" {
             // GET's answer, whose body the server leaves out; a stream is answered as the
             // kept events are, so a HEAD never waits for one.
             request.method = "GET"
             if route.kind == .events { request.query["follow"] = "false" }
-        }
-        guard let handler = endpoints.first(where: { $0.method == request.method })?.handler else {
-            throw APIError.methodNotAllowed(r.method, allow: Self.methods(of: route.kind))
         }
         if ["POST", "PUT", "PATCH"].contains(r.method) && !r.body.isEmpty && !Self.isJSON(r.contentType) {
             throw APIError.unsupportedMediaType(r.contentType)

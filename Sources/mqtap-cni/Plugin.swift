@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import TapClient
 import TapJSON
 import TunKit
@@ -13,7 +10,7 @@ import TunKit
 enum Plugin {
     static func main() {
         // A delegated plugin that exits before reading all of its stdin must not kill us.
-        signal(SIGPIPE, SIG_IGN)
+        Process.ignoreBrokenPipe()
         var env: [String: String] = [:]
         let all = Process.environment
         for e in all {
@@ -22,13 +19,12 @@ enum Plugin {
         }
         // The network config, whole (the runtime closes the pipe after it).
         let input = ((try? Files.read("/dev/stdin")) ?? nil) ?? []
+        let version = (try? JSON.parse(input))?["cniVersion"]?.string ?? "1.0.0"
         if env["CNI_COMMAND"] == "VERSION" {
             // Needs nothing else: runtimes ask it of every plugin when they load a network.
-            let version = (try? JSON.parse(input))?["cniVersion"]?.string ?? "1.0.0"
             emit(["cniVersion": .string(version), "supportedVersions": .array(supportedVersions.map { .string($0) })])
-            exit(0)
+            Process.exit(0)
         }
-        let version = (try? JSON.parse(input))?["cniVersion"]?.string ?? "1.0.0"
         do throws(CNIError) {
             let inv = try Invocation.from(environment: env, all: all, stdin: input)
             guard supportedVersions.contains(inv.config.cniVersion) else {
@@ -44,10 +40,10 @@ enum Plugin {
             case "GC": try gc(inv, daemon)
             default: throw CNIError(code: CNIError.invalidEnvironment, msg: "unknown CNI_COMMAND \(inv.command)")
             }
-            exit(0)
+            Process.exit(0)
         } catch {
             emit(error.json(version: version))
-            exit(1)
+            Process.exit(1)
         }
     }
 
@@ -231,7 +227,7 @@ enum Plugin {
     /// Runs the IPAM plugin `type` from CNI_PATH with our environment (CNI_COMMAND as given)
     /// and the same stdin, as the spec's delegation says; its result, or its error passed on.
     static func delegate(_ type: String, _ command: String, _ inv: Invocation) throws(CNIError) -> JSON {
-        guard let path = inv.path.map({ $0 + "/" + type }).first(where: { access($0, X_OK) == 0 }) else {
+        guard let path = Process.executable(type, in: inv.path) else {
             throw CNIError(code: CNIError.invalidConfig, msg: "failed to find plugin \"\(type)\" in path \(inv.path)")
         }
         let env = inv.environment.filter { !$0.hasPrefix("CNI_COMMAND=") } + ["CNI_COMMAND=" + command]

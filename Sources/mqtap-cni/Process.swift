@@ -6,6 +6,16 @@ import TunKit
 
 /// The delegated plugins (IPAM, `nsenter … ip`): run, fed, and waited for.
 enum Process {
+    /// A child that exits before reading all its input must not kill this process (SIGPIPE).
+    static func ignoreBrokenPipe() { signal(SIGPIPE, SIG_IGN) }
+
+    static func exit(_ status: Int32) -> Never { Glibc.exit(status) }
+
+    /// The first `dir/name` in `path` this process may execute.
+    static func executable(_ name: String, in path: [String]) -> String? {
+        path.map { $0 + "/" + name }.first { access($0, X_OK) == 0 }
+    }
+
     /// What a child process left: its exit status (128 + N for a signal) and its stdout.
     struct Outcome: Sendable {
         let status: Int32
